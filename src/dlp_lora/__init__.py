@@ -1,0 +1,7 @@
+"""dlp-lora: one small language model, many task LoRA adapters, a router that mixes them per prompt."""
+
+from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.models import load_base_model
+from dlp_lora.types import Routing
+
+__all__ = ["FusedLoRAModel", "Routing", "load_base_model"]

@@ -1,0 +1,106 @@
+"""The adapter bank: N LoRA adapters stacked per target module, checked against one base model.
+
+For every module that at least one adapter targets, the bank keeps
+  A:  (N, r_max, d_in)   lora_A of each adapter, zero-padded to the largest rank (zero rows add nothing)
+  Bt: (N, r_max, d_out)  lora_B transposed, with its scale alpha/r folded in, padded the same way
+Both reshape without copying to the (N*r_max, d) stacks of the dense path. Adapters that do not target
+a module have all-zero rows there, so every adapter has an entry everywhere and the sum stays exact.
+The base model's weights are only read for their shapes: the bank never copies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import nn
+
+from dlp_lora.adapters.io import LoraAdapter, read_peft_adapter
+
+__all__ = ["ModuleStack", "AdapterBank"]
+
+
+@dataclass(frozen=True)
+class ModuleStack:
+    """Stacked LoRA weights of all N adapters for one target module (shapes in the module docstring)."""
+
+    A: torch.Tensor
+    Bt: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        """r_max: rank slots per adapter."""
+        return self.A.shape[1]
+
+
+def _expected_shapes(base: nn.Module, adapter: LoraAdapter, module: str, w) -> None:
+    try:
+        layer = base.get_submodule(module)
+    except AttributeError:
+        raise ValueError(
+            f"adapter {adapter.name!r}: module {module!r} does not exist in the base model "
+            f"({type(base).__name__})"
+        ) from None
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(
+            f"adapter {adapter.name!r}: module {module!r} is a {type(layer).__name__}, expected nn.Linear"
+        )
+    want_a, want_b = (w.rank, layer.in_features), (layer.out_features, w.rank)
+    if tuple(w.A.shape) != want_a or tuple(w.B.shape) != want_b:
+        raise ValueError(
+            f"adapter {adapter.name!r}, module {module!r}: expected lora_A {want_a} and lora_B {want_b}, "
+            f"found {tuple(w.A.shape)} and {tuple(w.B.shape)}"
+        )
+
+
+def _stack(module: str, adapters: list[LoraAdapter], d_in: int, d_out: int, dtype: torch.dtype) -> ModuleStack:
+    ranks = [a.modules[module].rank if module in a.modules else 0 for a in adapters]
+    n, r_max = len(adapters), max(ranks)
+    A = torch.zeros(n, r_max, d_in, dtype=dtype)
+    Bt = torch.zeros(n, r_max, d_out, dtype=dtype)
+    for i, a in enumerate(adapters):
+        w = a.modules.get(module)
+        if w is not None:
+            A[i, : w.rank] = w.A.to(dtype)
+            # Scale in float32 first so fp16 adapters lose nothing before the cast to the base dtype.
+            Bt[i, : w.rank] = (w.B.float() * w.scale).T.to(dtype)
+    return ModuleStack(A=A, Bt=Bt)
+
+
+class AdapterBank:
+    """N adapters over one base model, in a fixed order (index i <-> names[i])."""
+
+    def __init__(self, base: nn.Module, adapters: Mapping[str, str | Path | LoraAdapter]) -> None:
+        if not adapters:
+            raise ValueError("expected at least one adapter, got none")
+        loaded = [a if isinstance(a, LoraAdapter) else read_peft_adapter(a, name) for name, a in adapters.items()]
+        for a in loaded:
+            for module, w in a.modules.items():
+                _expected_shapes(base, a, module, w)
+        dtype = next(base.parameters()).dtype
+        self.names: list[str] = list(adapters)
+        self.adapters = loaded
+        self.modules: dict[str, ModuleStack] = {}
+        for module in sorted({m for a in loaded for m in a.modules}):
+            layer = base.get_submodule(module)
+            self.modules[module] = _stack(module, loaded, layer.in_features, layer.out_features, dtype)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def index(self, name: str) -> int:
+        """Bank index of an adapter name (ValueError listing the known names)."""
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise ValueError(f"unknown adapter {name!r}; known adapters: {self.names}") from None
+
+    @property
+    def total_rank(self) -> int:
+        """Width N * r_max of the widest dense stack over modules."""
+        return max(len(self) * s.rank for s in self.modules.values())
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for s in self.modules.values() for t in (s.A, s.Bt))

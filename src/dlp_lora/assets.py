@@ -1,0 +1,70 @@
+"""The assets manifest: which base model, which adapters in which order, which router, and how each was made.
+
+Layout (DESIGN.md):
+    <root>/manifest.json, <root>/adapters/<task>/ (PEFT dirs), <root>/router/ (router weights + config.json)
+Router class i is adapter i; `Manifest.check` enforces it so a mismatch can never be silent.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Manifest", "MANIFEST_FILE"]
+
+MANIFEST_FILE = "manifest.json"
+_FORMAT = 1
+
+
+@dataclass
+class Manifest:
+    """Contents of manifest.json. Paths are relative to the assets root."""
+
+    base_model: str
+    tasks: list[str] = field(default_factory=list)
+    """Task names in router class order; adapters[i] serves tasks[i]."""
+    adapters: dict[str, str] = field(default_factory=dict)
+    """Task name -> adapter directory (relative)."""
+    router: str | None = None
+    """Router directory (relative), or None before one is trained."""
+    selection: dict[str, Any] = field(default_factory=dict)
+    """SelectionConfig defaults for this asset set."""
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per artifact (task name or 'router'): data source, split sizes, steps, seed, metrics, seconds."""
+
+    @classmethod
+    def load(cls, root: str | Path) -> "Manifest":
+        path = Path(root) / MANIFEST_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"expected an assets folder with {MANIFEST_FILE}, found none at {path}")
+        data = json.loads(path.read_text())
+        if data.pop("format", None) != _FORMAT:
+            raise ValueError(f"{path}: expected manifest format {_FORMAT}")
+        return cls(**data)
+
+    def save(self, root: str | Path) -> None:
+        path = Path(root) / MANIFEST_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"format": _FORMAT, **asdict(self)}, indent=2) + "\n")
+        tmp.replace(path)  # atomic, so an interrupted training run never leaves half a manifest
+
+    def check(self, root: str | Path) -> None:
+        """Strict consistency: every task has an adapter directory on disk and nothing is extra."""
+        root = Path(root)
+        if set(self.adapters) != set(self.tasks):
+            raise ValueError(
+                f"manifest tasks {sorted(self.tasks)} and adapters {sorted(self.adapters)} differ"
+            )
+        for task in self.tasks:
+            d = root / self.adapters[task]
+            if not (d / "adapter_config.json").exists():
+                raise FileNotFoundError(f"manifest names adapter {task!r} at {d}, but it has no adapter_config.json")
+        if self.router is not None and not (root / self.router / "config.json").exists():
+            raise FileNotFoundError(f"manifest names a router at {root / self.router}, but it has no config.json")
+
+    def adapter_paths(self, root: str | Path) -> dict[str, Path]:
+        """Task -> absolute adapter dir, in router class order."""
+        return {t: Path(root) / self.adapters[t] for t in self.tasks}

@@ -1,0 +1,48 @@
+"""Turn a user's text into the base model's chat prompt and token ids, the same way everywhere.
+
+Training, routing-free generation, the pipeline and the server all use these two functions, so an
+adapter sees at inference exactly the prompt format it was trained on.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+__all__ = ["chat_prompt", "encode_prompts"]
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
+    """The chat-template string for one user turn, ending where the assistant's answer begins."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+        )
+    return user_text + "\n"  # tokenizers without a chat template (tiny test models) get the raw text
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chat-format and left-pad a batch -> input_ids, attention_mask: (B, T).
+
+    Raises ValueError for an empty list, an empty/blank prompt or a prompt over max_prompt_tokens.
+    """
+    if not texts:
+        raise ValueError("expected at least one prompt, got an empty list")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"prompt {i} is empty; expected non-blank text")
+    ids = [tokenizer(chat_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in texts]
+    if max_prompt_tokens is not None:
+        for i, row in enumerate(ids):
+            if len(row) > max_prompt_tokens:
+                raise ValueError(f"prompt {i} has {len(row)} tokens; the limit is {max_prompt_tokens}")
+    width = max(len(r) for r in ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        mask[i, width - len(row):] = 1
+    return input_ids, mask

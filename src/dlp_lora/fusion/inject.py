@@ -1,0 +1,116 @@
+"""FusedLoRAModel: swap a base model's targeted linears for fused layers, route them, swap them back."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path as FsPath
+from typing import Iterator, Mapping
+
+import torch
+from torch import nn
+
+from dlp_lora.adapters.bank import AdapterBank
+from dlp_lora.adapters.io import LoraAdapter
+from dlp_lora.config import FusionConfig
+from dlp_lora.fusion.layer import ActiveRouting, FusedLoRALinear, Path, RoutingSlot
+from dlp_lora.types import Routing
+
+__all__ = ["FusedLoRAModel", "choose_path"]
+
+
+def choose_path(dense: torch.Tensor, bank_width: int, cfg: FusionConfig) -> Path:
+    """Execution path for a (B, N) weight matrix: base if all zero, merged if all rows equal, else by width."""
+    uniform = bool((dense == dense[0]).all())
+    if cfg.path == "merged" and not uniform:
+        raise ValueError("path='merged' needs every row to share one mixture; got rows with different weights")
+    if not bool(dense.any()):
+        return "base"
+    if cfg.path != "auto":
+        return cfg.path
+    if uniform:
+        return "merged"
+    return "dense" if bank_width <= cfg.dense_max_rank else "gathered"
+
+
+class FusedLoRAModel:
+    """N LoRA adapters served from one base model, each batch row with its own weighted mixture.
+
+    The base model is modified in place (its targeted nn.Linear modules are wrapped, never copied) and
+    restored bit for bit by `remove()`. Use `with fused.routed(weights): model(...)` to run.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapters: Mapping[str, str | FsPath | LoraAdapter],
+        config: FusionConfig | None = None,
+    ) -> None:
+        if any(isinstance(m, FusedLoRALinear) for m in model.modules()):
+            raise ValueError("this model is already fused; call remove() on the other FusedLoRAModel first")
+        self.model = model
+        self.config = config or FusionConfig()
+        self.bank = AdapterBank(model, adapters)
+        self._names = list(self.bank.names)
+        self._slot = RoutingSlot()
+        self._originals: dict[str, nn.Linear] = {}
+        for name, stack in self.bank.modules.items():
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            original = getattr(parent, child)
+            setattr(parent, child, FusedLoRALinear(original, stack, self._slot, name))
+            self._originals[name] = original
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """Adapter names in bank order: column i of the routing weights is adapter_names[i]."""
+        return list(self._names)
+
+    @property
+    def active_path(self) -> Path | None:
+        """The path chosen for the current routing, or None outside `routed`."""
+        return None if self._slot.active is None else self._slot.active.path
+
+    def _dense(self, weights: torch.Tensor | Routing) -> torch.Tensor:
+        n = len(self.bank)
+        if isinstance(weights, Routing):
+            return weights.to_dense(n)
+        if not isinstance(weights, torch.Tensor) or not torch.is_floating_point(weights):
+            raise TypeError(f"routing weights must be a float tensor (B, {n}) or a Routing, got {type(weights).__name__}"
+                            + (f" of {weights.dtype}" if isinstance(weights, torch.Tensor) else ""))
+        if weights.dim() != 2 or weights.shape[1] != n or weights.shape[0] == 0:
+            raise ValueError(f"routing weights must have shape (B, {n}) with B >= 1, got {tuple(weights.shape)}")
+        if not torch.isfinite(weights).all():
+            raise ValueError("routing weights must be finite, got NaN or inf")
+        if (weights < 0).any():
+            raise ValueError(f"routing weights must be >= 0, got a minimum of {weights.min().item():.4g}")
+        return weights.detach().float().cpu()
+
+    @contextmanager
+    def routed(self, weights: torch.Tensor | Routing) -> Iterator[ActiveRouting]:
+        """Within the block, row b of every batch uses sum_i weights[b, i] * adapter_i.
+
+        weights: (B, N) float >= 0 (rows need not sum to one; a zero row is the base model) or a Routing.
+        The mixture is fixed for every forward pass inside the block: prefill and all decode steps.
+        """
+        if self.bank is None:
+            raise RuntimeError("this FusedLoRAModel was removed; build a new one")
+        if self._slot.active is not None:
+            raise RuntimeError("routing is already set; nested `routed` blocks are not supported")
+        dense = self._dense(weights)
+        path = choose_path(dense, self.bank.total_rank, self.config)
+        active = ActiveRouting(path=path, dense=dense, routing=Routing.from_dense(dense),
+                               mix=dense[0] if path == "merged" else None)
+        self._slot.active = active
+        try:
+            yield active
+        finally:
+            self._slot.active = None
+
+    def remove(self) -> nn.Module:
+        """Put the original linear modules back; the model is then the plain base model again."""
+        for name, original in self._originals.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, original)
+        self._originals.clear()
+        self.bank = None  # type: ignore[assignment]
+        return self.model

@@ -1,0 +1,115 @@
+"""Batched decoding with a KV cache for a model whose routing is already set.
+
+Rows are left padded; each keeps whatever adapter mixture the caller set for the whole call (sentence
+level routing), because the routing lives in the fused layers, not in this loop. A row ends at EOS, at
+a stop string, or after `max_new_tokens`; finished rows stop contributing text while the rest go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dlp_lora.config import GenerationConfig
+
+__all__ = ["GenerationOutput", "generate_ids", "eos_ids", "sample_next"]
+
+StepCallback = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One row's result: decoded text (stop string cut), new token ids, why it ended, token counts."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: int
+
+
+def eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Every token id that ends a row: the tokenizer's EOS and the model's generation-config EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids |= set(gen_eos) if isinstance(gen_eos, (list, tuple)) else ({gen_eos} if gen_eos is not None else set())
+    return ids
+
+
+def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    """logits: (B, V) -> (B,) next token ids, greedy or temperature + nucleus sampling."""
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p; the top token always survives.
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    cuts = [text.find(s) for s in stop if s in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cfg: GenerationConfig,
+    on_step: StepCallback | None = None,
+) -> list[GenerationOutput]:
+    """Decode every row of a left-padded batch. input_ids, attention_mask: (B, T).
+
+    on_step(tokens (B,), finished (B,)) is called after each step (for streaming); finished rows repeat
+    the pad id in `tokens`.
+    """
+    if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
+        raise ValueError(f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
+                         f"and {tuple(attention_mask.shape)}")
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("prompts must be left padded (attention_mask[:, -1] must be 1 for every row)")
+    stops = eos_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
+    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    b = input_ids.shape[0]
+    mask = attention_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    new: list[list[int]] = [[] for _ in range(b)]
+    finished = torch.zeros(b, dtype=torch.bool)
+    stopped = [False] * b
+    for _ in range(cfg.max_new_tokens):
+        token = sample_next(out.logits[:, -1], cfg, generator)
+        token = token.masked_fill(finished, pad)
+        for row in (~finished).nonzero().flatten().tolist():
+            t = int(token[row])
+            if t in stops:
+                stopped[row] = True
+            else:
+                new[row].append(t)
+                if cfg.stop:
+                    stopped[row] = _cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), cfg.stop)[1]
+        finished |= torch.tensor(stopped)
+        if on_step is not None:
+            on_step(token, finished.clone())
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
+                    cache=out.cache, use_cache=True)
+    prompt_lens = attention_mask.sum(-1).tolist()
+    results = []
+    for row in range(b):
+        text, _ = _cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), cfg.stop)
+        results.append(GenerationOutput(text=text, token_ids=new[row], prompt_tokens=int(prompt_lens[row]),
+                                        finish_reason="stop" if stopped[row] else "length"))
+    return results

@@ -1,0 +1,1 @@
+"""Training entry points (adapters, router). Nothing in the library imports this package."""

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny Llama-style model built from a config and random PEFT adapters made with peft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def make_peft_adapter(out: Path, seed: int, r: int = 4, alpha: int = 8, targets=("q_proj", "v_proj"),
+                      base: LlamaForCausalLM | None = None, **extra) -> Path:
+    """A PEFT LoRA directory with random (nonzero) A and B, saved as safetensors by peft itself."""
+    from peft import LoraConfig, get_peft_model
+
+    base = base if base is not None else tiny_llama()
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                     init_lora_weights=False, **extra)
+    peft_model = get_peft_model(base, cfg)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    peft_model.unload()  # leave the base model as it was
+    return out
+
+
+@pytest.fixture
+def tiny_model() -> LlamaForCausalLM:
+    return tiny_llama()
+
+
+@pytest.fixture
+def adapter_dirs(tmp_path: Path) -> dict[str, Path]:
+    """Three adapters with different ranks, alphas and target modules."""
+    specs = {
+        "a": dict(r=4, alpha=8, targets=("q_proj", "v_proj")),
+        "b": dict(r=2, alpha=4, targets=("q_proj", "k_proj", "o_proj")),
+        "c": dict(r=8, alpha=4, targets=("v_proj", "up_proj", "down_proj")),
+    }
+    return {name: make_peft_adapter(tmp_path / name, seed=i + 1, **spec) for i, (name, spec) in enumerate(specs.items())}

@@ -1,0 +1,310 @@
+"""Fused multi-LoRA against peft and against the per-row loop reference."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import make_peft_adapter, tiny_llama
+from dlp_lora import FusedLoRAModel
+from dlp_lora.adapters.bank import AdapterBank
+from dlp_lora.config import FusionConfig, GenerationConfig
+from dlp_lora.fusion import ops
+from dlp_lora.generation import generate_ids
+from dlp_lora.types import Routing
+
+ATOL = 1e-5
+PATHS = ["gathered", "dense", "merged"]
+
+
+def _ids(b: int = 3, t: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 128, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, b):  # left padding of different lengths
+        ids[row, :row] = 0
+        mask[row, :row] = 0
+    return ids, mask
+
+
+def _peft_logits(adapter_dir, ids, mask) -> torch.Tensor:
+    model = PeftModel.from_pretrained(tiny_llama(), adapter_dir).eval()
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_single_adapter_equals_peft(tiny_model, adapter_dirs, path):
+    ids, mask = _ids()
+    want = _peft_logits(adapter_dirs["c"], ids, mask)
+    fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(path=path))
+    weights = torch.tensor([[0.0, 0.0, 1.0]]).repeat(3, 1)
+    with torch.no_grad(), fused.routed(weights) as active:
+        got = tiny_model(input_ids=ids, attention_mask=mask).logits
+    assert active.path == path
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_mixture_equals_peft_cat_weighted_adapter(tiny_model, adapter_dirs):
+    ids, mask = _ids()
+    mix = {"a": 0.7, "b": 0.2, "c": 0.5}
+    ref = PeftModel.from_pretrained(tiny_llama(), adapter_dirs["a"], adapter_name="a")
+    for name in ("b", "c"):
+        ref.load_adapter(adapter_dirs[name], adapter_name=name)
+    ref.add_weighted_adapter(list(mix), list(mix.values()), adapter_name="mix", combination_type="cat")
+    ref.set_adapter("mix")
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    for path in PATHS:
+        fused.config = FusionConfig(path=path)
+        with torch.no_grad(), fused.routed(torch.tensor([list(mix.values())] * 3)):
+            got = tiny_model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0, msg=f"path {path}")
+
+
+def _mixed_weights() -> torch.Tensor:
+    return torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])
+
+
+@pytest.mark.parametrize("path", ["gathered", "dense"])
+def test_mixed_batch_equals_rows_alone(tiny_model, adapter_dirs, path):
+    ids, mask = _ids()
+    weights = _mixed_weights()
+    fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(path=path))
+    with torch.no_grad(), fused.routed(weights):
+        batch = tiny_model(input_ids=ids, attention_mask=mask).logits
+    fused.config = FusionConfig()
+    for b in range(3):
+        keep = mask[b].bool()
+        with torch.no_grad(), fused.routed(weights[b: b + 1]):
+            alone = tiny_model(input_ids=ids[b: b + 1, keep]).logits
+        torch.testing.assert_close(batch[b, keep], alone[0], atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_greedy_tokens_equal_rows_alone(tiny_model, adapter_dirs):
+    from transformers import AutoTokenizer  # noqa: F401  (tokenizer-free: decode is not needed here)
+
+    ids, mask = _ids()
+    weights = _mixed_weights()
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    tok = _FakeTokenizer()
+    cfg = GenerationConfig(max_new_tokens=8)
+    with fused.routed(weights):
+        batch = generate_ids(tiny_model, tok, ids, mask, cfg)
+        hf = tiny_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    for b in range(3):
+        keep = mask[b].bool()
+        with fused.routed(weights[b: b + 1]):
+            alone = generate_ids(tiny_model, tok, ids[b: b + 1, keep], mask[b: b + 1, keep], cfg)
+        assert batch[b].token_ids == alone[0].token_ids
+        assert hf[b, ids.shape[1]:].tolist() == alone[0].token_ids
+
+
+class _FakeTokenizer:
+    """Just what generate_ids needs from a tokenizer, for a model without a real vocabulary."""
+
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_all_paths_equal_loop_reference(tiny_model, adapter_dirs):
+    bank = AdapterBank(tiny_model, adapter_dirs)
+    g = torch.Generator().manual_seed(1)
+    weights = torch.rand(4, 3, generator=g) * (torch.rand(4, 3, generator=g) > 0.3)
+    for name, stack in bank.modules.items():
+        x = torch.randn(4, 5, stack.A.shape[-1], generator=g)
+        terms = [(w.A, w.B, w.scale) if (w := a.modules.get(name)) else None for a in bank.adapters]
+        want = ops.lora_delta_loop(x, terms, weights, stack.Bt.shape[-1])
+        routing = Routing.from_dense(weights)
+        A_sel, Bt_sel = ops.gather_stacks(stack.A, stack.Bt, routing.indices, routing.weights)
+        torch.testing.assert_close(ops.lora_delta_gathered(x, A_sel, Bt_sel), want, atol=ATOL, rtol=0)
+        mask = ops.dense_mask(weights, stack.rank)
+        torch.testing.assert_close(ops.lora_delta_dense(x, stack.A, stack.Bt, mask), want, atol=ATOL, rtol=0)
+        W = torch.randn(stack.Bt.shape[-1], stack.A.shape[-1], generator=g)
+        merged = ops.merged_weight(W, stack.A, stack.Bt, weights[0])
+        ref = x @ W.T + ops.lora_delta_loop(x, terms, weights[:1].expand(4, 3), stack.Bt.shape[-1])
+        torch.testing.assert_close(x @ merged.T, ref, atol=ATOL, rtol=0, msg=name)
+
+
+def test_model_level_paths_equal_loop_reference(tiny_model, adapter_dirs):
+    """Whole-model logits: every path against a model whose layers compute the loop reference."""
+    ids, mask = _ids()
+    uniform = torch.tensor([[0.5, 0.25, 1.0]]).repeat(3, 1)
+    mixed = _mixed_weights()
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    outs = {}
+    for path, w in [("gathered", mixed), ("dense", mixed), ("gathered", uniform), ("merged", uniform)]:
+        fused.config = FusionConfig(path=path)
+        with torch.no_grad(), fused.routed(w):
+            outs[(path, w is mixed)] = tiny_model(input_ids=ids, attention_mask=mask).logits
+    # the loop reference applied row by row through peft-free per-row merged runs
+    for (path, is_mixed), got in outs.items():
+        w = mixed if is_mixed else uniform
+        for b in range(3):
+            fused.config = FusionConfig(path="auto")
+            keep = mask[b].bool()
+            with torch.no_grad(), fused.routed(w[b: b + 1]):
+                ref = tiny_model(input_ids=ids[b: b + 1, keep]).logits
+            torch.testing.assert_close(got[b, keep], ref[0], atol=ATOL, rtol=0, msg=f"{path} row {b}")
+
+
+def test_auto_path_choice(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(dense_max_rank=8))
+    cases = [(torch.zeros(2, 3), "base"), (torch.tensor([[1.0, 0, 0]] * 2), "merged"),
+             (_mixed_weights(), "gathered")]
+    for w, want in cases:
+        with fused.routed(w) as active:
+            assert active.path == want
+    fused.config = FusionConfig(dense_max_rank=1000)
+    with fused.routed(_mixed_weights()) as active:
+        assert active.path == "dense"
+
+
+def test_zero_row_is_base_model(adapter_dirs):
+    model = tiny_llama()
+    ids, mask = _ids()
+    with torch.no_grad():
+        base = model(input_ids=ids, attention_mask=mask).logits
+    fused = FusedLoRAModel(model, adapter_dirs)
+    with torch.no_grad(), fused.routed(_mixed_weights()):
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(got[2], base[2])
+
+
+def test_remove_restores_bit_for_bit(adapter_dirs):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, mask = _ids()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    fused = FusedLoRAModel(model, adapter_dirs)
+    with torch.no_grad(), fused.routed(torch.ones(3, 3)):
+        model(input_ids=ids, attention_mask=mask)
+    fused.remove()
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, want)
+    with pytest.raises(RuntimeError, match="removed"):
+        with fused.routed(torch.ones(1, 3)):
+            pass
+
+
+def test_adapter_names_in_bank_order(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, {"c": adapter_dirs["c"], "a": adapter_dirs["a"]})
+    assert fused.adapter_names == ["c", "a"]
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+def test_weights_errors(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    bad = [
+        (torch.tensor([[1.0, -0.1, 0.0]]), ValueError, ">= 0"),
+        (torch.ones(2, 2), ValueError, r"shape \(B, 3\)"),
+        (torch.ones(3), ValueError, r"shape \(B, 3\)"),
+        (torch.ones(2, 3, dtype=torch.long), TypeError, "float tensor"),
+        ([[1.0, 0.0, 0.0]], TypeError, "float tensor"),
+        (torch.tensor([[float("nan"), 0.0, 0.0]]), ValueError, "finite"),
+    ]
+    for w, exc, msg in bad:
+        with pytest.raises(exc, match=msg):
+            with fused.routed(w):
+                pass
+    assert fused.active_path is None  # a refused routing leaves nothing behind
+
+
+def test_nested_routing_refused(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    with fused.routed(torch.ones(1, 3)):
+        with pytest.raises(RuntimeError, match="already set"):
+            with fused.routed(torch.ones(1, 3)):
+                pass
+    assert fused.active_path is None
+
+
+def test_batch_size_mismatch_refused(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    ids, mask = _ids(b=2)
+    with fused.routed(_mixed_weights()), pytest.raises(ValueError, match="batch of 3 rows"):
+        tiny_model(input_ids=ids, attention_mask=mask)
+
+
+def test_forced_merged_with_mixed_rows_refused(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(path="merged"))
+    with pytest.raises(ValueError, match="share one mixture"):
+        with fused.routed(_mixed_weights()):
+            pass
+
+
+def test_bin_adapter_refused(tiny_model, adapter_dirs, tmp_path):
+    d = tmp_path / "bin"
+    shutil.copytree(adapter_dirs["a"], d)
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+    with pytest.raises(ValueError, match="only safetensors"):
+        FusedLoRAModel(tiny_model, {"bin": d})
+
+
+def test_missing_adapter_dir(tiny_model, tmp_path):
+    with pytest.raises(FileNotFoundError, match="expected a PEFT adapter directory"):
+        FusedLoRAModel(tiny_model, {"x": tmp_path / "nope"})
+
+
+def test_shape_mismatch_names_adapter_module_and_shapes(tiny_model, tmp_path):
+    other = tiny_llama()
+    other.config.hidden_size = 32
+    wide = make_peft_adapter(tmp_path / "wide", seed=3, base=_wider_llama())
+    with pytest.raises(ValueError, match=r"adapter 'wide', module 'model\.layers\.0\.self_attn\.q_proj': "
+                                         r"expected lora_A \(4, 32\).*found \(4, 48\)"):
+        FusedLoRAModel(tiny_model, {"wide": wide})
+
+
+def _wider_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(cfg)
+
+
+def test_unknown_module_refused(tiny_model, adapter_dirs, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = tmp_path / "renamed"
+    shutil.copytree(adapter_dirs["a"], d)
+    f = d / "adapter_model.safetensors"
+    tensors = {k.replace("layers.0.", "layers.9."): v for k, v in load_file(str(f)).items()}
+    save_file(tensors, str(f))
+    with pytest.raises(ValueError, match=r"module 'model\.layers\.9\.self_attn\.q_proj' does not exist"):
+        FusedLoRAModel(tiny_model, {"renamed": d})
+
+
+@pytest.mark.parametrize("key,value,msg", [("use_dora", True, "DoRA"), ("peft_type", "IA3", "peft_type LORA"),
+                                           ("bias", "all", "bias 'none'")])
+def test_unsupported_config_refused(tiny_model, adapter_dirs, tmp_path, key, value, msg):
+    d = tmp_path / "cfg"
+    shutil.copytree(adapter_dirs["a"], d)
+    cfg = json.loads((d / "adapter_config.json").read_text())
+    cfg[key] = value
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=msg):
+        FusedLoRAModel(tiny_model, {"cfg": d})
+
+
+def test_double_fusion_refused(tiny_model, adapter_dirs):
+    FusedLoRAModel(tiny_model, adapter_dirs)
+    with pytest.raises(ValueError, match="already fused"):
+        FusedLoRAModel(tiny_model, adapter_dirs)
+
+
+def test_empty_bank_refused(tiny_model):
+    with pytest.raises(ValueError, match="at least one adapter"):
+        FusedLoRAModel(tiny_model, {})
