@@ -11,7 +11,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -19,35 +19,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dlp_lora.adapters.io import LoraModuleWeights, write_peft_adapter
+from dlp_lora.config import BenchConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 
-__all__ = ["BenchConfig", "run_fusion_benchmark", "markdown_table", "save_json"]
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """What `dlp-lora bench` measures."""
-
-    num_adapters: tuple[int, ...] = (4, 26, 100)
-    """Bank sizes N to load."""
-    batch_sizes: tuple[int, ...] = (1, 8)
-    """Batch sizes; at batch > 1 every row gets a different mixture."""
-    ks: tuple[int, ...] = (1, 2, 3)
-    """Adapters fused per row."""
-    prompt_tokens: int = 128
-    """Prompt length for prefill."""
-    new_tokens: int = 64
-    """Tokens decoded per row."""
-    repeats: int = 3
-    """Timed repeats per configuration (median reported)."""
-    rank: int = 8
-    """Rank of the random q_proj/v_proj adapters."""
-    seed: int = 0
-    """Seed for adapters, prompts and mixtures."""
-
-    @classmethod
-    def quick(cls) -> "BenchConfig":
-        return cls(num_adapters=(4, 26), batch_sizes=(1, 8), ks=(1, 3), prompt_tokens=64, new_tokens=12, repeats=1)
+__all__ = ["run_fusion_benchmark", "markdown_table", "save_json"]
 
 
 def _rss_mb() -> float:

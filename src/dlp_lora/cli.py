@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from pathlib import Path
@@ -48,7 +49,7 @@ def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
 # ---- subcommands -------------------------------------------------------------------------------------
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    from dlp_lora.benchmark import BenchConfig
+    from dlp_lora.config import BenchConfig
 
     add_config_args(p, BenchConfig)
     p.add_argument("--quick", action="store_true", help="a reduced set that runs in under a minute")
@@ -58,7 +59,8 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bench(ns: argparse.Namespace) -> None:
-    from dlp_lora.benchmark import BenchConfig, markdown_table, run_fusion_benchmark, save_json
+    from dlp_lora.benchmark import markdown_table, run_fusion_benchmark, save_json
+    from dlp_lora.config import BenchConfig
     from dlp_lora.models import load_base_model
 
     cfg = BenchConfig.quick() if ns.quick else config_from_args(BenchConfig, ns)
@@ -131,11 +133,180 @@ def _train_adapter(ns: argparse.Namespace) -> None:
         print(f"{t:32s} steps={rec['steps']:4d} loss={rec['final_train_loss']:.3f} dev={rec['dev']}")
 
 
+def _train_router_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
+
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--assets", help="train on the training splits of this assets folder's tasks")
+    src.add_argument("--jsonl", help='labelled prompts, one {"text", "task"} per line')
+    p.add_argument("--dev-jsonl", help="dev prompts for early stopping (with --jsonl; default: 10%% of --jsonl)")
+    p.add_argument("--out", help="router directory (with --jsonl)")
+    p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
+    add_config_args(p, RouterConfig, skip=("task_names",))
+    add_config_args(p, RouterTrainConfig)
+    add_config_args(p, SelectionConfig, skip=("k", "threshold"))
+    add_config_args(p, SplitConfig, skip=("seed",))
+
+
+def _train_router(ns: argparse.Namespace) -> None:
+    from dlp_lora.config import RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
+
+    train_cfg = config_from_args(RouterTrainConfig, ns)
+    fields = {f.name for f in dataclasses.fields(RouterConfig)} - {"task_names"}
+    arch = {k: getattr(ns, k) for k in fields}
+    if ns.assets:
+        from dlp_lora.training.pool import train_pool_router
+
+        split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
+        m = train_pool_router(ns.assets, ns.data_dir, split, RouterConfig(task_names=("_",), **arch), train_cfg,
+                              config_from_args(SelectionConfig, ns))
+        print(json.dumps(m.records["router"], indent=2))
+        return
+    from dlp_lora.training.router import load_labelled_jsonl, train_router
+
+    if not ns.out:
+        raise ValueError("--out is required with --jsonl")
+    texts, labels = load_labelled_jsonl(ns.jsonl)
+    if ns.dev_jsonl:
+        dev_texts, dev_labels = load_labelled_jsonl(ns.dev_jsonl)
+    else:
+        cut = max(1, len(texts) // 10)
+        (texts, dev_texts), (labels, dev_labels) = (texts[cut:], texts[:cut]), (labels[cut:], labels[:cut])
+    names = tuple(dict.fromkeys(labels))
+    router, history = train_router(texts, labels, dev_texts, dev_labels, RouterConfig(task_names=names, **arch),
+                                   train_cfg)
+    router.save(ns.out)
+    print(f"router saved to {ns.out}: best dev accuracy {history['best_dev_acc']:.4f} at epoch {history['best_epoch']}")
+
+
+def _router_report_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import SelectionConfig, SplitConfig
+
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder whose router is evaluated")
+    p.add_argument("--router", default=None, help="a router directory to evaluate instead of the assets' router")
+    p.add_argument("--split", default="test", choices=("dev", "test"), help="held-out split to evaluate on")
+    p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
+    p.add_argument("--out", default="docs/router", help="where report.json, report.md and the PNGs go")
+    add_config_args(p, SelectionConfig)
+    add_config_args(p, SplitConfig, skip=("seed",))
+
+
+def _router_report(ns: argparse.Namespace) -> None:
+    from dlp_lora.assets import Manifest
+    from dlp_lora.config import SelectionConfig, SplitConfig
+    from dlp_lora.evaluation.router_report import router_report
+    from dlp_lora.router import Router
+    from dlp_lora.training.pool import pool_prompts
+
+    manifest = Manifest.load(ns.assets)
+    router_dir = ns.router or Path(ns.assets) / (manifest.router or "router")
+    router = Router.load(router_dir, expected_tasks=manifest.tasks)
+    split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
+    texts, labels = pool_prompts(manifest.tasks, ns.data_dir, split, ns.split)
+    report = router_report(router, texts, labels, ns.out, selection=config_from_args(SelectionConfig, ns))
+    print((Path(ns.out) / "report.md").read_text())
+    print(f"top-1 accuracy {100 * report['top1_accuracy']:.2f}% on {len(texts)} {ns.split} prompts")
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder holding the adapters")
+    p.add_argument("--mix", required=True, help='the mixture, e.g. "task_a=0.7,task_b=0.3"')
+    p.add_argument("--out", required=True, help="directory for the exported PEFT adapter")
+    p.add_argument("--fp16", action="store_true", help="store fp16 (half the size; default fp32, exact)")
+
+
+def _export(ns: argparse.Namespace) -> None:
+    import torch
+
+    from dlp_lora.adapters.mix import parse_mix
+    from dlp_lora.export import export_mixture
+
+    out = export_mixture(ns.assets, parse_mix(ns.mix), ns.out, torch.float16 if ns.fp16 else torch.float32)
+    print(f"wrote a PEFT LoRA adapter to {out} (load it with peft, vLLM or LoRAX)")
+
+
+def _pipeline_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import SelectionConfig
+
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
+    p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
+    add_config_args(p, SelectionConfig)
+
+
+def _load_pipeline(ns: argparse.Namespace):
+    from dlp_lora.config import SelectionConfig
+    from dlp_lora.pipeline import DLPLoRA
+
+    if not (Path(ns.assets) / "manifest.json").exists():
+        raise FileNotFoundError(f"no assets at {ns.assets}; build them with `make assets` or pass --assets DIR")
+    return DLPLoRA.from_assets(ns.assets, ns.base_model, selection=config_from_args(SelectionConfig, ns))
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import GenerationConfig
+
+    _pipeline_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    add_config_args(p, GenerationConfig)
+
+
+def _generate(ns: argparse.Namespace) -> None:
+    from dlp_lora.config import GenerationConfig
+
+    dlp = _load_pipeline(ns)
+    for prompt, r in zip(ns.prompt, dlp.generate(ns.prompt, config=config_from_args(GenerationConfig, ns))):
+        if ns.json:
+            print(json.dumps({"prompt": prompt, **dataclasses.asdict(r)}))
+        else:
+            mix = ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights))
+            print(f"[{mix}] {r.text}")
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    _pipeline_args(p)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", action="append", help="your own prompt (repeat for several)")
+    src.add_argument("--prompts", help="a file of prompts: JSON list, JSONL with 'prompt', or one per line")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+
+
+def _demo(ns: argparse.Namespace) -> None:
+    from dlp_lora.demo import DEMO_PROMPTS, load_prompts, run_demo
+
+    prompts = ns.prompt or (load_prompts(ns.prompts) if ns.prompts else list(DEMO_PROMPTS))
+    print(f"loading {ns.assets} on the base model ...", flush=True)
+    print(run_demo(_load_pipeline(ns), prompts, ns.max_new_tokens))
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import ServerConfig
+
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
+    p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
+    add_config_args(p, ServerConfig)
+
+
+def _serve(ns: argparse.Namespace) -> None:
+    from dlp_lora.config import ServerConfig
+    from dlp_lora.server.app import serve
+
+    serve(ns.assets, config_from_args(ServerConfig, ns), ns.base_model)
+
+
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]
 COMMANDS: dict[str, Command] = {
     "bench": ("time base vs peft vs fused mixtures (prefill, decode, memory)", _bench_args, _bench),
     "tasks": ("list the task pool and its splits (markdown)", _tasks_args, _tasks),
     "train-adapter": ("train one LoRA per task into an assets folder", _train_adapter_args, _train_adapter),
+    "train-router": ("train the task router (on an assets folder's tasks or a labelled JSONL)",
+                     _train_router_args, _train_router),
+    "router-report": ("router accuracy, top-p recall, p sweep, confusion matrix, latency", _router_report_args,
+                      _router_report),
+    "generate": ("answer prompts with routed adapter mixtures", _generate_args, _generate),
+    "demo": ("a mixed batch of prompts from several tasks, with routing and timing", _demo_args, _demo),
+    "serve": ("OpenAI-compatible HTTP server with mixed-task batching", _serve_args, _serve),
+    "export": ("write a fixed mixture as one standard PEFT LoRA adapter", _export_args, _export),
 }
 
 

@@ -17,6 +17,7 @@ __all__ = [
     "RouterTrainConfig",
     "SplitConfig",
     "AdapterTrainConfig",
+    "BenchConfig",
 ]
 
 
@@ -206,3 +207,35 @@ class AdapterTrainConfig:
         _check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
 
 
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `dlp-lora bench` measures."""
+
+    num_adapters: tuple[int, ...] = (4, 26, 100)
+    """Bank sizes N to load."""
+    batch_sizes: tuple[int, ...] = (1, 8)
+    """Batch sizes; at batch > 1 every row gets a different mixture."""
+    ks: tuple[int, ...] = (1, 2, 3)
+    """Adapters fused per row."""
+    prompt_tokens: int = 128
+    """Prompt length for prefill."""
+    new_tokens: int = 64
+    """Tokens decoded per row."""
+    repeats: int = 3
+    """Timed repeats per configuration (median reported)."""
+    rank: int = 8
+    """Rank of the random q_proj/v_proj adapters."""
+    seed: int = 0
+    """Seed for adapters, prompts and mixtures."""
+
+    def __post_init__(self) -> None:
+        _check(all(n >= 1 for n in self.num_adapters) and self.num_adapters, "num_adapters must be >= 1 each")
+        _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes must be >= 1 each")
+        _check(all(k >= 1 for k in self.ks) and self.ks, "ks must be >= 1 each")
+        _check(self.prompt_tokens >= 1 and self.new_tokens >= 2, "prompt_tokens must be >= 1, new_tokens >= 2")
+        _check(self.repeats >= 1 and self.rank >= 1, "repeats and rank must be >= 1")
+
+    @classmethod
+    def quick(cls) -> "BenchConfig":
+        """A reduced set that runs in under a minute on a 2-core CPU."""
+        return cls(num_adapters=(4, 26), batch_sizes=(1, 8), ks=(1, 3), prompt_tokens=64, new_tokens=12, repeats=1)

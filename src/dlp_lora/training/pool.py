@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
 from dlp_lora.assets import Manifest
-from dlp_lora.config import AdapterTrainConfig, SplitConfig
+from dlp_lora.config import AdapterTrainConfig, RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
 from dlp_lora.models import EMBEDDED_MODEL_ID, load_base_model
 from dlp_lora.tasks import get_task, load_splits
 from dlp_lora.training.adapters import train_adapter
+from dlp_lora.training.router import train_router
 
-__all__ = ["train_pool_adapters"]
+__all__ = ["train_pool_adapters", "train_pool_router", "pool_prompts"]
 
 
 def _open_manifest(root: Path, base_model: str) -> Manifest:
@@ -59,4 +60,47 @@ def train_pool_adapters(
         if name not in manifest.tasks:
             manifest.tasks.append(name)
         manifest.save(root)
+    return manifest
+
+
+def pool_prompts(tasks: Sequence[str], data_dir: str | Path | None, split_cfg: SplitConfig,
+                 split: str) -> tuple[list[str], list[str]]:
+    """(prompts, task labels) of one split ('train' | 'dev' | 'test') over the given tasks."""
+    texts: list[str] = []
+    labels: list[str] = []
+    for name in tasks:
+        examples = getattr(load_splits(get_task(name), data_dir, split_cfg), split)
+        texts += [ex.prompt for ex in examples]
+        labels += [name] * len(examples)
+    return texts, labels
+
+
+def train_pool_router(
+    root: str | Path,
+    data_dir: str | Path | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    router_cfg: RouterConfig | None = None,
+    train_cfg: RouterTrainConfig = RouterTrainConfig(),
+    selection: SelectionConfig = SelectionConfig(),
+    progress: bool = True,
+) -> Manifest:
+    """Train the router on the training splits of the assets' tasks (class order = manifest order)."""
+    root = Path(root)
+    manifest = Manifest.load(root)
+    if not manifest.tasks:
+        raise ValueError(f"{root}: the manifest lists no tasks; train adapters first")
+    cfg = replace(router_cfg or RouterConfig(task_names=tuple(manifest.tasks)), task_names=tuple(manifest.tasks))
+    train = pool_prompts(manifest.tasks, data_dir, split_cfg, "train")
+    dev = pool_prompts(manifest.tasks, data_dir, split_cfg, "dev")
+    router, history = train_router(*train, *dev, cfg, train_cfg, progress=progress)
+    router.save(root / "router")
+    manifest.router = "router"
+    manifest.selection = asdict(selection)
+    manifest.records["router"] = {
+        "kind": cfg.kind, "train_prompts": len(train[0]), "dev_prompts": len(dev[0]), "seed": train_cfg.seed,
+        "params": router.num_parameters(), "best_epoch": history["best_epoch"],
+        "dev_accuracy": round(100 * history["best_dev_acc"], 2), "seconds": round(history["seconds"], 1),
+        "splits": asdict(split_cfg),
+    }
+    manifest.save(root)
     return manifest

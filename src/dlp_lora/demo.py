@@ -1,0 +1,90 @@
+"""The demo: a mixed batch of prompts from several tasks, answered with per-prompt adapter mixtures.
+
+The prompts are written for the demo (not taken from the benchmark files). The same batch is then run
+with one plain adapter for every row, to show what the routing costs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+from dlp_lora.config import GenerationConfig
+from dlp_lora.pipeline import DLPLoRA, Result
+
+__all__ = ["DEMO_PROMPTS", "load_prompts", "run_demo", "format_table"]
+
+DEMO_PROMPTS: tuple[str, ...] = (
+    "Question: Which gas do green plants take in from the air to make their food?\nA. oxygen\nB. carbon dioxide\n"
+    "C. nitrogen\nD. helium\nAnswer with the letter of the correct option.",
+    "A baker makes 14 loaves in the morning and 9 in the afternoon, then sells 17. How many loaves are left?\n"
+    "Answer with the number only.",
+    "Sort the following words alphabetically: List: pepper apple mango kiwi banana",
+    "Is the following sentence plausible? \"The goalkeeper hit a home run in the final minute.\"",
+    "Context: The Danube flows through ten countries, more than any other river in the world, before "
+    "emptying into the Black Sea.\nQuestion: Into which sea does the Danube empty?\n"
+    "Answer with a short span from the context.",
+    "Please answer the following question with true or false, question: is a tomato botanically a fruit?\n\n"
+    "Answer format: true/false",
+    "((4 + 3) * 2 - 5) =",
+    "Question: To keep a cut apple from turning brown, what should you do?\nA. brush it with lemon juice\n"
+    "B. leave it in the sun\nAnswer with the letter of the correct option.",
+)
+
+
+def load_prompts(path: str | Path) -> list[str]:
+    """Prompts from a file: a JSON list of strings, JSONL with a "prompt" (or "text") field, or one per line."""
+    text = Path(path).read_text()
+    if text.lstrip().startswith("["):
+        items = json.loads(text)
+        if not all(isinstance(p, str) for p in items):
+            raise ValueError(f"{path}: expected a JSON list of strings")
+        return items
+    prompts = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("{"):
+            row = json.loads(line)
+            value = row.get("prompt", row.get("text"))
+            if not isinstance(value, str):
+                raise ValueError(f"{path}:{i}: expected a \"prompt\" or \"text\" string field, found {sorted(row)}")
+            prompts.append(value)
+        else:
+            prompts.append(line)
+    return prompts
+
+
+def _short(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def format_table(prompts: Sequence[str], results: Sequence[Result], seconds: float) -> str:
+    """A plain-text table: prompt, chosen adapters with weights, answer."""
+    rows = [("prompt", "adapters (weight)", "answer")]
+    for p, r in zip(prompts, results):
+        mix = ", ".join(f"{a} ({w:.2f})" for a, w in zip(r.adapters, r.weights)) or "base model"
+        rows.append((_short(p, 48), _short(mix, 44), _short(r.text, 40)))
+    widths = [max(len(row[c]) for row in rows) for c in range(3)]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"\n{len(prompts)} prompts in one mixed batch: {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def run_demo(dlp: DLPLoRA, prompts: Sequence[str], max_new_tokens: int = 24) -> str:
+    """Answer `prompts` as one routed batch, then time the same batch with one plain adapter per row."""
+    cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    t0 = time.perf_counter()
+    results = dlp.generate(prompts, config=cfg)
+    routed = time.perf_counter() - t0
+    single = results[0].adapters[0] if results[0].adapters else dlp.adapter_names[0]
+    t0 = time.perf_counter()
+    dlp.generate(prompts, config=cfg, routing=dlp.routing_for([{single: 1.0}] * len(prompts)))
+    plain = time.perf_counter() - t0
+    return (format_table(prompts, results, routed)
+            + f"\nsame batch with the single adapter {single!r} on every row: {plain:.1f} s "
+              f"(routing + mixtures cost {routed / plain:.2f}x)")

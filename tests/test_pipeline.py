@@ -1,0 +1,118 @@
+"""DLPLoRA end to end on a tiny model that shares the real tokenizer, and the assets manifest checks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import make_peft_adapter
+from dlp_lora.assets import Manifest
+from dlp_lora.config import GenerationConfig, RouterConfig, SelectionConfig
+from dlp_lora.models import load_tokenizer
+from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.router import Router
+
+
+def _tiny_model(vocab: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture
+def assets(tmp_path, tok):
+    """A complete assets folder: 2 adapters + an untrained router with the same class order."""
+    root = tmp_path / "assets"
+    model = _tiny_model(len(tok))
+    for i, name in enumerate(("maths", "science")):
+        make_peft_adapter(root / "adapters" / name, seed=i + 1, base=model)
+    torch.manual_seed(0)
+    Router(RouterConfig(task_names=("maths", "science"), embed_dim=8, hidden_dim=16)).save(root / "router")
+    Manifest(base_model="tiny", tasks=["maths", "science"],
+             adapters={"maths": "adapters/maths", "science": "adapters/science"}, router="router",
+             selection={"p": 0.9}).save(root)
+    return root
+
+
+def _pipeline(root, tok, **kw) -> DLPLoRA:
+    manifest = Manifest.load(root)
+    router = Router.load(root / "router", expected_tasks=manifest.tasks)
+    return DLPLoRA(_tiny_model(len(tok)), tok, router, manifest.adapter_paths(root), **kw)
+
+
+def test_generate_returns_text_and_routing(assets, tok):
+    dlp = _pipeline(assets, tok, selection=SelectionConfig(p=0.99))
+    prompts = ["What is 3 + 4?", "Which planet is largest?"]
+    results = dlp.generate(prompts, config=GenerationConfig(max_new_tokens=5))
+    routing = dlp.route(prompts)
+    for b, r in enumerate(results):
+        assert r.adapters and set(r.adapters) <= {"maths", "science"}
+        assert abs(sum(r.weights) - 1.0) < 1e-5
+        assert [dlp.adapter_names[i] for i, _ in routing.row(b)] == r.adapters
+        assert 1 <= r.completion_tokens <= 5 and r.prompt_tokens > 5
+
+
+def test_routed_rows_equal_explicit_routing_alone(assets, tok):
+    dlp = _pipeline(assets, tok)
+    prompts = ["What is 3 + 4?", "Name a noble gas.", "Sort: pear apple"]
+    mixes = [{"maths": 1.0}, {"maths": 0.5, "science": 0.5}, {"science": 1.0}]
+    cfg = GenerationConfig(max_new_tokens=6)
+    batch = dlp.generate(prompts, config=cfg, routing=dlp.routing_for(mixes))
+    for p, mix, r in zip(prompts, mixes, batch):
+        alone = dlp.generate([p], config=cfg, routing=dlp.routing_for([mix]))[0]
+        assert alone.text == r.text and alone.adapters == r.adapters
+
+
+def test_router_adapter_mismatch_refused(assets, tok):
+    manifest = Manifest.load(assets)
+    router = Router.load(assets / "router")
+    swapped = dict(reversed(list(manifest.adapter_paths(assets).items())))
+    with pytest.raises(ValueError, match="do not match adapters"):
+        DLPLoRA(_tiny_model(len(tok)), tok, router, swapped)
+
+
+def test_bad_requests(assets, tok):
+    dlp = _pipeline(assets, tok)
+    with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+        dlp.routing_for([{"nope": 1.0}])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        dlp.generate(["fine", "  "])
+    with pytest.raises(ValueError, match="empty list"):
+        dlp.generate([])
+    with pytest.raises(ValueError, match="routing has 1 rows for 2 prompts"):
+        dlp.generate(["a", "b"], routing=dlp.routing_for([{"maths": 1.0}]))
+    dlp.max_prompt_tokens = 8
+    with pytest.raises(ValueError, match="the limit is 8"):
+        dlp.generate(["a long prompt " * 10])
+    assert dlp.fused.active_path is None  # nothing left routed after a refused request
+
+
+def test_manifest_round_trip_and_strict_checks(assets):
+    m = Manifest.load(assets)
+    assert m.tasks == ["maths", "science"] and m.selection == {"p": 0.9}
+    m.check(assets)
+    broken = Manifest(base_model="tiny", tasks=["maths", "science"], adapters={"maths": "adapters/maths"})
+    with pytest.raises(ValueError, match="differ"):
+        broken.check(assets)
+    missing = Manifest(base_model="tiny", tasks=["x"], adapters={"x": "adapters/x"})
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        missing.check(assets)
+    (assets / "manifest.json").write_text(json.dumps({"format": 99, "base_model": "tiny"}))
+    with pytest.raises(ValueError, match="manifest format"):
+        Manifest.load(assets)
+    with pytest.raises(FileNotFoundError, match="expected an assets folder"):
+        Manifest.load(assets / "nowhere")
+
+
+def test_router_class_order_checked_on_load(assets):
+    with pytest.raises(ValueError):
+        Router.load(assets / "router", expected_tasks=["science", "maths"])
