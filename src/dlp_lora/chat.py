@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["chat_prompt", "encode_prompts"]
+__all__ = ["chat_prompt", "encode_prompts", "left_pad"]
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
@@ -38,11 +38,15 @@ def encode_prompts(
         for i, row in enumerate(ids):
             if len(row) > max_prompt_tokens:
                 raise ValueError(f"prompt {i} has {len(row)} tokens; the limit is {max_prompt_tokens}")
-    width = max(len(r) for r in ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, row in enumerate(ids):
+    return left_pad(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> left-padded input_ids, attention_mask: (B, T)."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
         input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
         mask[i, width - len(row):] = 1
     return input_ids, mask

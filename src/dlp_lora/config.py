@@ -18,6 +18,7 @@ __all__ = [
     "SplitConfig",
     "AdapterTrainConfig",
     "BenchConfig",
+    "ServerConfig",
 ]
 
 
@@ -190,8 +191,8 @@ class AdapterTrainConfig:
     """Passes over the training split."""
     batch_size: int = 8
     """Examples per optimiser step."""
-    lr: float = 3e-4
-    """AdamW learning rate."""
+    lr: float = 1e-3
+    """AdamW learning rate (high for LoRA because a task gets only a few dozen steps here)."""
     max_length: int = 384
     """Prompt + answer tokens kept per example (longer prompts lose their head, never the answer)."""
     seed: int = 0
@@ -239,3 +240,36 @@ class BenchConfig:
     def quick(cls) -> "BenchConfig":
         """A reduced set that runs in under a minute on a 2-core CPU."""
         return cls(num_adapters=(4, 26), batch_sizes=(1, 8), ks=(1, 3), prompt_tokens=64, new_tokens=12, repeats=1)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`dlp-lora serve`: address, batching window, queue bound and per-request limits."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+    port: int = 8000
+    """TCP port."""
+    max_batch_size: int = 8
+    """Most requests decoded together in one mixed batch."""
+    batch_window_ms: float = 20.0
+    """How long the scheduler waits for more requests after the first one arrives."""
+    max_queue: int = 64
+    """Requests waiting beyond this are refused with 429."""
+    max_prompt_tokens: int = 1024
+    """Longest accepted prompt (after the chat template), in tokens; longer is a 400."""
+    max_tokens_limit: int = 256
+    """Largest accepted `max_tokens`; larger is a 400."""
+    default_max_tokens: int = 64
+    """`max_tokens` when a request gives none."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.host), "host must be non-empty")
+        _check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(self.batch_window_ms >= 0, f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+        _check(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        _check(1 <= self.default_max_tokens <= self.max_tokens_limit,
+               f"default_max_tokens must be in [1, max_tokens_limit={self.max_tokens_limit}], "
+               f"got {self.default_max_tokens}")

@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
-from dlp_lora.chat import encode_prompts
+from dlp_lora.chat import chat_prompt, encode_prompts, left_pad
 from dlp_lora.config import FusionConfig, GenerationConfig, SelectionConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.generation import GenerationOutput, StepCallback, generate_ids
@@ -111,6 +111,39 @@ class DLPLoRA:
         with self.fused.routed(routing):
             outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step)
         return [self._result(o, routing, b) for b, o in enumerate(outs)]
+
+    @torch.no_grad()
+    def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]], routing: Routing,
+                        batch_size: int = 16) -> list[list[float]]:
+        """Summed log-probability of each option's tokens after its prompt, under each prompt's routing.
+
+        As lm-evaluation-harness scores multiple choice: the option is the continuation of the chat
+        prompt (the assistant's answer). One row per (prompt, option); returns options[b]-shaped lists.
+        """
+        rows, owners, spans = [], [], []
+        for b, (prompt, opts) in enumerate(zip(prompts, options)):
+            ctx = self.tokenizer(chat_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+            for opt in opts:
+                cont = self.tokenizer(opt, add_special_tokens=False)["input_ids"]
+                rows.append(ctx + cont)
+                owners.append(b)
+                spans.append(len(cont))
+        dense = routing.to_dense(len(self.adapter_names))
+        scores: list[float] = []
+        for i in range(0, len(rows), batch_size):
+            chunk, span = rows[i: i + batch_size], spans[i: i + batch_size]
+            ids, mask = left_pad(chunk, self.tokenizer.pad_token_id or 0)
+            with self.fused.routed(dense[owners[i: i + batch_size]]):
+                logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+            for r, n in enumerate(span):
+                # logits at position t predict token t+1: the option's n tokens are the last n of the row
+                pos = torch.arange(ids.shape[1] - n - 1, ids.shape[1] - 1)
+                scores.append(float(logp[r, pos, ids[r, pos + 1]].sum()))
+        out, k = [], 0
+        for opts in options:
+            out.append(scores[k: k + len(opts)])
+            k += len(opts)
+        return out
 
     def _result(self, out: GenerationOutput, routing: Routing, b: int) -> Result:
         pairs = routing.row(b)

@@ -50,16 +50,19 @@ def training_batch(
 
 def dev_score(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Sequence[Example],
-    batch_size: int = 8, max_new_tokens: int = 32,
+    batch_size: int = 8,
 ) -> dict[str, float]:
     """Greedy generation on examples, answers parsed by the task's normaliser, scored by its metric."""
     preds: list[str] = []
+    texts: list[str] = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
         ids, mask = encode_prompts(tokenizer, [ex.prompt for ex in chunk])
-        outs = generate_ids(model, tokenizer, ids, mask, GenerationConfig(max_new_tokens=max_new_tokens))
-        preds += [parse_answer(task, o.text) for o in outs]
-    return score_task(task.metric, preds, [list(ex.references) for ex in examples])
+        outs = generate_ids(model, tokenizer, ids, mask, GenerationConfig(max_new_tokens=task.max_new_tokens))
+        preds += [parse_answer(task, o.text, ex.choices) for o, ex in zip(outs, chunk)]
+        texts += [o.text for o in outs]
+    return score_task(task.metric, preds, [list(ex.references) for ex in examples], texts,
+                      [ex.answer for ex in examples])
 
 
 def _save_fp16(peft_model: PeftModel, out_dir: Path) -> None:

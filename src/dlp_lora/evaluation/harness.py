@@ -1,0 +1,122 @@
+"""The evaluation harness: every method on the same test examples, real generation, resumable.
+
+For each task the router scores the prompts once; each method turns those probabilities into a
+routing; answers are generated greedily (and, for multiple choice, options are also scored by
+log-likelihood). Rows whose routing another method already ran are reused: greedy decoding of a row
+depends only on its prompt and its mixture (tests/test_fusion.py proves batch invariance).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from dlp_lora.config import GenerationConfig, SplitConfig
+from dlp_lora.evaluation.methods import method_weights
+from dlp_lora.evaluation.metrics import mc_loglik_accuracy, score_task
+from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
+from dlp_lora.types import Routing
+
+__all__ = ["EvalConfig", "evaluate_task", "routing_key"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `dlp-lora evaluate` runs."""
+
+    methods: tuple[str, ...] = ("base", "oracle", "dlp", "dlp-paper", "top1", "topk2", "uniform")
+    limit: int = 50
+    """Test examples per task (the first `limit` of the seeded test split)."""
+    batch_size: int = 8
+    max_new_tokens_mcq: int = 8
+    max_new_tokens_qa: int = 48
+    loglik: bool = True
+    """Also score multiple-choice options by log-likelihood."""
+
+
+def routing_key(dense_row: torch.Tensor) -> tuple[tuple[int, float], ...]:
+    """Hashable identity of one row's mixture (weights rounded to 1e-6)."""
+    nz = dense_row.nonzero().flatten().tolist()
+    return tuple((i, round(float(dense_row[i]), 6)) for i in nz)
+
+
+def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torch.Tensor, cfg: EvalConfig,
+              cache: dict) -> list[dict]:
+    """Generate (and score options) for rows not in cache; cache maps (uid, routing key) -> row result."""
+    keys = [(ex.uid, routing_key(dense[b])) for b, ex in enumerate(examples)]
+    todo = [b for b, k in enumerate(keys) if k not in cache]
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens_mcq if task.kind == "mcq" else cfg.max_new_tokens_qa)
+    for i in range(0, len(todo), cfg.batch_size):
+        rows = todo[i: i + cfg.batch_size]
+        prompts = [examples[b].prompt for b in rows]
+        routing = Routing.from_dense(dense[rows])
+        outs = dlp.generate(prompts, config=gen, routing=routing)
+        opts = (dlp.option_logprobs(prompts, [list(examples[b].choices) for b in rows], routing)
+                if task.kind == "mcq" and cfg.loglik else [None] * len(rows))
+        for b, out, lp in zip(rows, outs, opts):
+            cache[keys[b]] = {"text": out.text, "parsed": parse_answer(task, out.text), "option_logprobs": lp,
+                              "adapters": out.adapters, "weights": out.weights}
+    return [cache[k] for k in keys]
+
+
+def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict[str, float]:
+    scores = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples])
+    if task.kind == "mcq" and rows and rows[0]["option_logprobs"] is not None:
+        gold = [ex.choices.index(ex.answer) for ex in examples]
+        scores["loglik_accuracy"] = mc_loglik_accuracy([r["option_logprobs"] for r in rows], gold)
+    scores["mean_k"] = sum(len(r["adapters"]) for r in rows) / max(len(rows), 1)
+    scores["fused_fraction"] = sum(len(r["adapters"]) > 1 for r in rows) / max(len(rows), 1)
+    return scores
+
+
+def evaluate_task(dlp: DLPLoRA, task_name: str, out_dir: Path, cfg: EvalConfig, split_cfg: SplitConfig,
+                  data_dir: str | Path | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
+    """All methods on one task; per-example predictions go to out_dir/predictions/<method>/<task>.jsonl.
+
+    A (method, task) whose prediction file is complete is read back instead of rerun (resume).
+    """
+    task = get_task(task_name)
+    examples = load_splits(task, data_dir, split_cfg).test[: cfg.limit]
+    if task_name not in dlp.adapter_names:
+        raise ValueError(f"task {task_name!r} has no adapter in these assets: {dlp.adapter_names}")
+    probs = dlp.router.predict_proba([ex.prompt for ex in examples])
+    truth = torch.full((len(examples),), dlp.adapter_names.index(task_name), dtype=torch.long)
+    cache: dict = {}
+    results = {}
+    for method in tqdm(cfg.methods, desc=task_name, disable=not progress, leave=False):
+        path = out_dir / "predictions" / method / f"{task_name}.jsonl"
+        rows = _read_complete(path, examples)
+        if rows is None:
+            dense = method_weights(method, probs, truth, dlp.selection)
+            rows = _run_rows(dlp, task, examples, dense, cfg, cache)
+            _write_rows(path, examples, rows)
+        results[method] = _score(task, examples, rows)
+    return results
+
+
+def _read_complete(path: Path, examples: Sequence[Example]) -> list[dict] | None:
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if [r.get("uid") for r in rows] != [ex.uid for ex in examples]:
+        return None  # partial or from other settings: rerun
+    return rows
+
+
+def _write_rows(path: Path, examples: Sequence[Example], rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as fh:
+        for ex, r in zip(examples, rows):
+            fh.write(json.dumps({"uid": ex.uid, "gold": list(ex.references), **r}) + "\n")
+    tmp.replace(path)  # a file exists only once complete, which is what makes resuming safe
+
+
+def config_record(cfg: EvalConfig, split_cfg: SplitConfig) -> dict:
+    return {"eval": asdict(cfg), "splits": asdict(split_cfg)}

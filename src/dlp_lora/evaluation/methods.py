@@ -1,0 +1,56 @@
+"""Evaluation methods: how each baseline turns router probabilities and the true task into weights.
+
+Every method is a pure function (probs (B, N), truth (B,), selection) -> dense weights (B, N), so all
+methods run on the same examples, through the same fused model, in one harness run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from dlp_lora.config import SelectionConfig
+from dlp_lora.router import select_with
+
+__all__ = ["METHODS", "method_weights"]
+
+MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig], torch.Tensor]
+
+
+def _selected(**overrides) -> MethodFn:
+    def fn(probs: torch.Tensor, truth: torch.Tensor, sel: SelectionConfig) -> torch.Tensor:
+        return select_with(probs, replace(sel, **overrides)).to_dense(probs.shape[1])
+    return fn
+
+
+METHODS: dict[str, tuple[str, MethodFn]] = {
+    "base": ("no adapter", lambda probs, truth, sel: torch.zeros_like(probs)),
+    "oracle": ("the true task's adapter alone (the paper's single LoRA)",
+               lambda probs, truth, sel: torch.nn.functional.one_hot(truth, probs.shape[1]).to(probs.dtype)),
+    "dlp": ("router + top-p, renormalised weights (ours)", _selected(strategy="top_p", weighting="renorm")),
+    "dlp-paper": ("router + top-p, softmax of kept probabilities (the paper's code)",
+                  _selected(strategy="top_p", weighting="softmax")),
+    "top1": ("the router's best adapter alone", _selected(strategy="top_k", k=1, max_k=None)),
+    "topk2": ("the router's two best adapters, renormalised", _selected(strategy="top_k", k=2, max_k=None,
+                                                                         weighting="renorm")),
+    "uniform": ("every adapter fused with equal weights (static)",
+                lambda probs, truth, sel: torch.full_like(probs, 1.0 / probs.shape[1])),
+}
+
+
+def method_weights(method: str, probs: torch.Tensor, truth: torch.Tensor, selection: SelectionConfig) -> torch.Tensor:
+    """(B, N) weights for `method`; `dlp@P` is `dlp` at top-p mass P (the p sweep).
+
+    ValueError naming the known methods for an unknown one.
+    """
+    name, _, p = method.partition("@")
+    if name not in METHODS or (p and name != "dlp"):
+        raise ValueError(f"unknown method {method!r}; known methods: {list(METHODS)} and dlp@P for a p sweep")
+    if p:
+        try:
+            selection = replace(selection, p=float(p))
+        except ValueError as exc:
+            raise ValueError(f"method {method!r}: expected dlp@P with P in (0, 1]") from exc
+    return METHODS[name][1](probs, truth, selection)

@@ -1,0 +1,106 @@
+"""Scoring functions, pure: predictions and references in, percentages (0-100) out.
+
+Multiple choice: accuracy of the parsed letter, and option log-likelihood accuracy as
+lm-evaluation-harness scores it. Question answering: SQuAD exact match and token F1 (max over
+references), numeric exact match, corpus BLEU (sacrebleu) and ROUGE-1 / ROUGE-L F1 (rouge-score).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Sequence
+
+from dlp_lora.tasks.prompts import extract_number, normalize_text
+
+__all__ = ["choice_accuracy", "exact_match", "token_f1", "numeric_match", "corpus_bleu", "rouge_scores",
+           "mc_loglik_accuracy", "score_task"]
+
+
+def _check(preds: Sequence, refs: Sequence) -> None:
+    if len(preds) != len(refs):
+        raise ValueError(f"expected as many predictions as references, got {len(preds)} and {len(refs)}")
+
+
+def choice_accuracy(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> float:
+    """Percent of predictions (letters) equal to their gold letter."""
+    _check(preds, refs)
+    return 100.0 * sum(p.strip().upper() in {r.upper() for r in rs} for p, rs in zip(preds, refs)) / max(len(preds), 1)
+
+
+def exact_match(pred: str, refs: Sequence[str]) -> float:
+    """1.0 when the SQuAD-normalised prediction equals any normalised reference."""
+    return float(any(normalize_text(pred) == normalize_text(r) for r in refs))
+
+
+def token_f1(pred: str, refs: Sequence[str]) -> float:
+    """SQuAD token F1 (bag of normalised tokens), max over references, in [0, 1]."""
+    def f1(a: str, b: str) -> float:
+        pt, rt = normalize_text(a).split(), normalize_text(b).split()
+        if not pt or not rt:
+            return float(pt == rt)
+        common = sum((Counter(pt) & Counter(rt)).values())
+        if common == 0:
+            return 0.0
+        precision, recall = common / len(pt), common / len(rt)
+        return 2 * precision * recall / (precision + recall)
+    return max(f1(pred, r) for r in refs)
+
+
+def numeric_match(pred: str, refs: Sequence[str]) -> float:
+    """1.0 when the number read from pred equals a reference number (commas and '.0' ignored)."""
+    got = extract_number(pred)
+    return float(bool(got) and any(got == extract_number(r) for r in refs))
+
+
+def corpus_bleu(hyps: Sequence[str], refs: Sequence[str]) -> float:
+    """sacrebleu corpus BLEU (13a tokenisation, one reference per hypothesis)."""
+    import sacrebleu
+
+    _check(hyps, refs)
+    return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
+
+
+def rouge_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1 and ROUGE-L F1 (rouge-score, Porter stemming), in percent."""
+    from rouge_score import rouge_scorer
+
+    _check(hyps, refs)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rougeL": 0.0}
+    for h, r in zip(hyps, refs):
+        s = scorer.score(r, h)
+        totals["rouge1"] += s["rouge1"].fmeasure
+        totals["rougeL"] += s["rougeL"].fmeasure
+    n = max(len(hyps), 1)
+    return {k: 100.0 * v / n for k, v in totals.items()}
+
+
+def mc_loglik_accuracy(option_logprobs: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
+    """Percent of questions whose gold option has the highest log-likelihood (first wins ties)."""
+    _check(option_logprobs, gold)
+    hits = sum(max(range(len(lp)), key=lambda i: (lp[i], -i)) == g for lp, g in zip(option_logprobs, gold))
+    return 100.0 * hits / max(len(gold), 1)
+
+
+def score_task(metric: str, preds: Sequence[str], references: Sequence[Sequence[str]],
+               texts: Sequence[str] | None = None, targets: Sequence[str] | None = None) -> dict[str, float]:
+    """All scores of one task's predictions.
+
+    preds are parsed answers (see `tasks.parse_answer`) and references the acceptable answers.
+    For free-form metrics, BLEU and ROUGE compare the full generated `texts` with the training
+    `targets` (e.g. the worked GSM8K solution) when given, else preds with the first reference.
+    """
+    _check(preds, references)
+    if metric == "choice":
+        return {"accuracy": choice_accuracy(preds, references)}
+    if metric not in ("squad", "numeric", "exact"):
+        raise ValueError(f"unknown metric {metric!r}; expected choice|squad|numeric|exact")
+    n = max(len(preds), 1)
+    match = numeric_match if metric == "numeric" else exact_match
+    out = {"em": 100.0 * sum(match(p, r) for p, r in zip(preds, references)) / n,
+           "f1": 100.0 * sum(token_f1(p, r) for p, r in zip(preds, references)) / n}
+    hyps = list(texts) if texts is not None else list(preds)
+    golds = list(targets) if targets is not None else [r[0] for r in references]
+    out["bleu"] = corpus_bleu(hyps, golds)
+    out.update(rouge_scores(hyps, golds))
+    return out

@@ -1,0 +1,159 @@
+"""The task registry (26 tasks from ../shared/data: 17 multiple choice, 9 free-form QA) and its splits.
+
+Splits are deterministic: a task's examples are de-duplicated by prompt (so no prompt can sit in two
+splits), shuffled with a seed derived from the task name and `SplitConfig.seed`, then cut into test,
+dev and train in that order; the training split is capped at `train_cap`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from functools import lru_cache
+from pathlib import Path
+
+from dlp_lora.config import SplitConfig
+from dlp_lora.tasks import loaders as L
+from dlp_lora.tasks.types import Example, Splits, Task
+
+__all__ = ["TASKS", "get_task", "task_names", "register_task", "load_examples", "load_splits", "pool_table"]
+
+
+def _mcq(name: str, source: str, load) -> Task:
+    return Task(name=name, kind="mcq", source=source, metric="choice", load=load, max_new_tokens=4)
+
+
+def _mmlu(task: str):
+    def load(root: str) -> list[Example]:
+        folders = sorted(p.name for p in (Path(root) / "nutcracker-db").glob("mmlu-*"))
+        return L.nutcracker(task, folders)(root)
+    return load
+
+
+def _bbh_mcq(name: str) -> Task:
+    return _mcq(f"bbh_{name}", f"bbh/{name}.json", L.bbh_choice(f"bbh_{name}", name))
+
+
+def _bbh_qa(name: str, metric: str, instruction: str, max_new_tokens: int) -> Task:
+    return Task(name=f"bbh_{name}", kind="qa", source=f"bbh/{name}.json", metric=metric,  # type: ignore[arg-type]
+                load=L.bbh_free(f"bbh_{name}", name, instruction), max_new_tokens=max_new_tokens)
+
+
+def _builtin() -> dict[str, Task]:
+    nut = "nutcracker-db/"
+    tasks = [
+        _mcq("arc_challenge", nut + "arc-challenge", L.nutcracker("arc_challenge", ["arc-challenge"])),
+        _mcq("arc_easy", nut + "arc-easy", L.nutcracker("arc_easy", ["arc-easy"])),
+        _mcq("openbookqa", nut + "openbookqa", L.nutcracker("openbookqa", ["openbookqa"])),
+        _mcq("piqa", nut + "piqa", L.nutcracker("piqa", ["piqa"])),
+        _mcq("socialiqa", nut + "socialiqa", L.nutcracker("socialiqa", ["socialiqa"])),
+        _mcq("winogrande", nut + "winogrande", L.nutcracker("winogrande", ["winogrande"])),
+        _mcq("commonsenseqa", nut + "commonsenseqa", L.nutcracker("commonsenseqa", ["commonsenseqa"])),
+        _mcq("truthfulqa_mc1", nut + "truthfulqa-mc1", L.nutcracker("truthfulqa_mc1", ["truthfulqa-mc1"],
+                                                                      ("test.json",))),
+        _mcq("mmlu", nut + "mmlu-* (57 subjects)", _mmlu("mmlu")),
+        _mcq("boolq", "llm-adapters/boolq (question only)", L.llm_adapters_boolq("boolq")),
+        _bbh_mcq("date_understanding"),
+        _bbh_mcq("logical_deduction_three_objects"),
+        _bbh_mcq("tracking_shuffled_objects_three_objects"),
+        _bbh_mcq("navigate"),
+        _bbh_mcq("hyperbaton"),
+        _bbh_mcq("snarks"),
+        _bbh_mcq("movie_recommendation"),
+        Task(name="squad", kind="qa", source="squad-v1.1-dev/dev-v1.1.json", metric="squad", load=L.squad("squad"),
+             max_new_tokens=24),
+        Task(name="gsm8k", kind="qa", source="gsm8k/train.jsonl", metric="numeric", load=L.gsm8k("gsm8k"),
+             max_new_tokens=160),
+        _bbh_qa("object_counting", "numeric", "Answer with a number.", 6),
+        _bbh_qa("multistep_arithmetic_two", "numeric", "Answer with a number.", 8),
+        _bbh_qa("boolean_expressions", "exact", "Answer True or False.", 4),
+        _bbh_qa("web_of_lies", "exact", "Answer Yes or No.", 4),
+        _bbh_qa("sports_understanding", "exact", "Answer yes or no.", 4),
+        _bbh_qa("word_sorting", "exact", "", 64),
+        _bbh_qa("dyck_languages", "exact", "", 24),
+    ]
+    return {t.name: t for t in tasks}
+
+
+TASKS: dict[str, Task] = _builtin()
+"""The built-in pool (read-only by convention; add user tasks with `register_task`)."""
+
+_EXTRA: dict[str, Task] = {}
+
+
+def register_task(task: Task) -> None:
+    """Add a user task (e.g. built with `loaders.user_file`); its name must be new."""
+    if task.name in TASKS or task.name in _EXTRA:
+        raise ValueError(f"a task named {task.name!r} is already registered")
+    _EXTRA[task.name] = task
+
+
+def task_names() -> list[str]:
+    """The built-in pool in registry order (17 mcq first, then 9 qa)."""
+    return list(TASKS)
+
+
+def get_task(name: str) -> Task:
+    """A registered task by name; ValueError listing the known names otherwise."""
+    task = TASKS.get(name) or _EXTRA.get(name)
+    if task is None:
+        raise ValueError(f"unknown task {name!r}; known tasks: {task_names() + list(_EXTRA)}")
+    return task
+
+
+@lru_cache(maxsize=64)
+def _load_cached(name: str, root: str) -> tuple[Example, ...]:
+    return tuple(get_task(name).load(root))
+
+
+def load_examples(task: Task, data_dir: str | os.PathLike | None = None) -> list[Example]:
+    """Every example of a task, de-duplicated by prompt (first occurrence kept), in file order."""
+    root = str(L.resolve_data_dir(data_dir))
+    seen: set[str] = set()
+    out = []
+    for ex in _load_cached(task.name, root) if task.name in TASKS else task.load(root):
+        if ex.prompt not in seen:
+            seen.add(ex.prompt)
+            out.append(ex)
+    return out
+
+
+def _seed(task: str, seed: int) -> int:
+    # Stable across processes (unlike hash()), different per task.
+    return int.from_bytes(hashlib.sha256(f"{task}:{seed}".encode()).digest()[:8], "big")
+
+
+def load_splits(task: Task, data_dir: str | os.PathLike | None = None, cfg: SplitConfig = SplitConfig()) -> Splits:
+    """Seeded disjoint splits: test = min(test_size, 30%), dev = min(dev_size, 10%), train = the rest, capped."""
+    examples = load_examples(task, data_dir)
+    if len(examples) < 3:
+        raise ValueError(f"task {task.name!r}: need at least 3 distinct examples to split, found {len(examples)}")
+    random.Random(_seed(task.name, cfg.seed)).shuffle(examples)
+    n = len(examples)
+    n_test = max(1, min(cfg.test_size, int(0.3 * n)))
+    n_dev = min(cfg.dev_size, n // 10)
+    test, dev = examples[:n_test], examples[n_test:n_test + n_dev]
+    train = examples[n_test + n_dev:][: cfg.train_cap]
+    return Splits(train=train, dev=dev, test=test)
+
+
+def pool_table(data_dir: str | os.PathLike | None = None, cfg: SplitConfig = SplitConfig()) -> str:
+    """The pool as a markdown table: task, kind, source, examples, split sizes, metric."""
+    lines = ["# Task pool", "",
+             f"Generated by `dlp-lora tasks --markdown docs/tasks.md` (split seed {cfg.seed}, train cap "
+             f"{cfg.train_cap}, dev <= {cfg.dev_size}, test <= {cfg.test_size}). Data: ../shared/data "
+             "(see its SOURCES.md). Every multiple-choice task uses one template (question, lettered options, "
+             "'Answer with the letter of the correct option.'); splits are seeded shuffles of the "
+             "de-duplicated examples, so no prompt appears in two splits.", "",
+             "| # | task | kind | source | examples | train | dev | test | metric (headline) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for i, name in enumerate(task_names(), 1):
+        task = get_task(name)
+        total = len(load_examples(task, data_dir))
+        s = load_splits(task, data_dir, cfg)
+        lines.append(f"| {i} | {name} | {task.kind} | {task.source} | {total} | {len(s.train)} | {len(s.dev)} | "
+                     f"{len(s.test)} | {task.metric} ({task.headline}) |")
+    kinds = [get_task(n).kind for n in task_names()]
+    lines += ["", f"{len(kinds)} tasks: {kinds.count('mcq')} multiple choice, {kinds.count('qa')} question answering."]
+    return "\n".join(lines) + "\n"
