@@ -35,6 +35,41 @@ def make_peft_adapter(out: Path, seed: int, r: int = 4, alpha: int = 8, targets=
     return out
 
 
+def tiny_vocab_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
+    """A tiny Llama whose vocabulary matches a real tokenizer (for tests that tokenize real text)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
+
+
+def make_tiny_assets(root: Path, vocab: int, names=("maths", "science"), selection=None) -> Path:
+    """A complete assets folder over `tiny_vocab_model(vocab)`: random adapters, an untrained router, manifest."""
+    from dlp_lora.assets import Manifest
+    from dlp_lora.config import RouterConfig
+    from dlp_lora.router import Router
+
+    model = tiny_vocab_model(vocab)
+    for i, name in enumerate(names):
+        make_peft_adapter(root / "adapters" / name, seed=i + 1, base=model)
+    torch.manual_seed(0)
+    Router(RouterConfig(task_names=tuple(names), embed_dim=8, hidden_dim=16)).save(root / "router")
+    Manifest(base_model="tiny", tasks=list(names), adapters={n: f"adapters/{n}" for n in names}, router="router",
+             selection=selection if selection is not None else {"p": 0.9}).save(root)
+    return root
+
+
+def tiny_pipeline(root: Path, tok, **kw):
+    """DLPLoRA over a `make_tiny_assets` folder (the tiny model stands in for the manifest's base model)."""
+    from dlp_lora.assets import Manifest
+    from dlp_lora.pipeline import DLPLoRA
+    from dlp_lora.router import Router
+
+    manifest = Manifest.load(root)
+    router = Router.load(root / "router", expected_tasks=manifest.tasks)
+    return DLPLoRA(tiny_vocab_model(len(tok)), tok, router, manifest.adapter_paths(root), **kw)
+
+
 @pytest.fixture
 def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()

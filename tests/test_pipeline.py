@@ -8,19 +8,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import make_peft_adapter
+from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
 from dlp_lora.assets import Manifest
 from dlp_lora.config import GenerationConfig, RouterConfig, SelectionConfig
 from dlp_lora.models import load_tokenizer
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.router import Router
-
-
-def _tiny_model(vocab: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
-    return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +24,11 @@ def tok():
 @pytest.fixture
 def assets(tmp_path, tok):
     """A complete assets folder: 2 adapters + an untrained router with the same class order."""
-    root = tmp_path / "assets"
-    model = _tiny_model(len(tok))
-    for i, name in enumerate(("maths", "science")):
-        make_peft_adapter(root / "adapters" / name, seed=i + 1, base=model)
-    torch.manual_seed(0)
-    Router(RouterConfig(task_names=("maths", "science"), embed_dim=8, hidden_dim=16)).save(root / "router")
-    Manifest(base_model="tiny", tasks=["maths", "science"],
-             adapters={"maths": "adapters/maths", "science": "adapters/science"}, router="router",
-             selection={"p": 0.9}).save(root)
-    return root
+    return make_tiny_assets(tmp_path / "assets", len(tok))
 
 
 def _pipeline(root, tok, **kw) -> DLPLoRA:
-    manifest = Manifest.load(root)
-    router = Router.load(root / "router", expected_tasks=manifest.tasks)
-    return DLPLoRA(_tiny_model(len(tok)), tok, router, manifest.adapter_paths(root), **kw)
+    return tiny_pipeline(root, tok, **kw)
 
 
 def test_generate_returns_text_and_routing(assets, tok):
@@ -77,7 +59,7 @@ def test_router_adapter_mismatch_refused(assets, tok):
     router = Router.load(assets / "router")
     swapped = dict(reversed(list(manifest.adapter_paths(assets).items())))
     with pytest.raises(ValueError, match="do not match adapters"):
-        DLPLoRA(_tiny_model(len(tok)), tok, router, swapped)
+        DLPLoRA(tiny_vocab_model(len(tok)), tok, router, swapped)
 
 
 def test_bad_requests(assets, tok):

@@ -33,6 +33,10 @@ def encode_prompts(
     for i, t in enumerate(texts):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"prompt {i} is empty; expected non-blank text")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates from JSON "\ud800": the tokenizer would raise a TypeError
+            raise ValueError(f"prompt {i} is not valid Unicode text (it holds a lone surrogate)") from None
     ids = [tokenizer(chat_prompt(tokenizer, t), add_special_tokens=False)["input_ids"] for t in texts]
     if max_prompt_tokens is not None:
         for i, row in enumerate(ids):

@@ -19,13 +19,20 @@ __all__ = ["main"]
 DEFAULT_ASSETS = "assets/smollm2-135m-26tasks"
 
 
-def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
-    """One --flag per dataclass field (dashes for underscores), defaults and help from the dataclass."""
+def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
+                    overrides_only: bool = False) -> None:
+    """One --flag per dataclass field (dashes for underscores), defaults and help from the dataclass.
+
+    overrides_only: absent flags stay absent from the namespace, so they cannot override settings that
+    come from elsewhere (e.g. an assets manifest's selection defaults).
+    """
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
         flag, hint, default = "--" + f.name.replace("_", "-"), hints[f.name], f.default
+        if overrides_only:
+            default = argparse.SUPPRESS
         origin = typing.get_origin(hint)
         if hint is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
@@ -112,6 +119,8 @@ def _train_adapter_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--task", action="append", help="task name (repeatable)")
     group.add_argument("--all", action="store_true", help="every task in the registry")
+    group.add_argument("--task-file", action="append", metavar="NAME=PATH",
+                       help='your own task: a JSON/JSONL file of {"input", "output"} pairs (repeatable)')
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder to write adapters and manifest into")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--base-model", default=None, help="HF dir or hub id (default: the embedded SmolLM2)")
@@ -124,13 +133,26 @@ def _train_adapter(ns: argparse.Namespace) -> None:
     from dlp_lora.tasks import task_names
     from dlp_lora.training.pool import train_pool_adapters
 
-    tasks = task_names() if ns.all else ns.task
+    tasks = task_names() if ns.all else ns.task or [_user_task(spec) for spec in ns.task_file]
     split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
     manifest = train_pool_adapters(ns.assets, tasks, ns.data_dir, split, config_from_args(AdapterTrainConfig, ns),
                                    ns.base_model)
     for t in tasks:
+        t = getattr(t, "name", t)
         rec = manifest.records[t]
         print(f"{t:32s} steps={rec['steps']:4d} loss={rec['final_train_loss']:.3f} dev={rec['dev']}")
+
+
+def _user_task(spec: str):
+    """NAME=PATH -> a free-form Task over the user's {"input", "output"} file, scored by exact match."""
+    from dlp_lora.tasks import Task
+    from dlp_lora.tasks.loaders import user_file
+
+    name, sep, path = spec.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise ValueError(f"--task-file expects NAME=PATH, got {spec!r}")
+    return Task(name=name.strip(), kind="qa", source=path, metric="exact", load=user_file(name.strip(), path),
+                max_new_tokens=64)
 
 
 def _train_router_args(p: argparse.ArgumentParser) -> None:
@@ -138,9 +160,10 @@ def _train_router_args(p: argparse.ArgumentParser) -> None:
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--assets", help="train on the training splits of this assets folder's tasks")
+    src.add_argument("--tasks", nargs="+", help="train on these registry tasks' training splits ('all': the pool)")
     src.add_argument("--jsonl", help='labelled prompts, one {"text", "task"} per line')
     p.add_argument("--dev-jsonl", help="dev prompts for early stopping (with --jsonl; default: 10%% of --jsonl)")
-    p.add_argument("--out", help="router directory (with --jsonl)")
+    p.add_argument("--out", help="router directory (with --tasks or --jsonl)")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     add_config_args(p, RouterConfig, skip=("task_names",))
     add_config_args(p, RouterTrainConfig)
@@ -162,10 +185,20 @@ def _train_router(ns: argparse.Namespace) -> None:
                               config_from_args(SelectionConfig, ns))
         print(json.dumps(m.records["router"], indent=2))
         return
+    if not ns.out:
+        raise ValueError("--out is required with --tasks or --jsonl")
+    if ns.tasks:
+        from dlp_lora.tasks import task_names
+        from dlp_lora.training.pool import train_task_router
+
+        tasks = task_names() if ns.tasks == ["all"] else ns.tasks
+        split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
+        record = train_task_router(tasks, ns.out, ns.data_dir, split, RouterConfig(task_names=tuple(tasks), **arch),
+                                   train_cfg)
+        print(json.dumps(record, indent=2))
+        return
     from dlp_lora.training.router import load_labelled_jsonl, train_router
 
-    if not ns.out:
-        raise ValueError("--out is required with --jsonl")
     texts, labels = load_labelled_jsonl(ns.jsonl)
     if ns.dev_jsonl:
         dev_texts, dev_labels = load_labelled_jsonl(ns.dev_jsonl)
@@ -183,7 +216,8 @@ def _router_report_args(p: argparse.ArgumentParser) -> None:
     from dlp_lora.config import SelectionConfig, SplitConfig
 
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder whose router is evaluated")
-    p.add_argument("--router", default=None, help="a router directory to evaluate instead of the assets' router")
+    p.add_argument("--router", default=None, help="a router directory to evaluate instead of the assets' router "
+                   "(its own class list names the tasks)")
     p.add_argument("--split", default="test", choices=("dev", "test"), help="held-out split to evaluate on")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--out", default="docs/router", help="where report.json, report.md and the PNGs go")
@@ -198,14 +232,41 @@ def _router_report(ns: argparse.Namespace) -> None:
     from dlp_lora.router import Router
     from dlp_lora.training.pool import pool_prompts
 
-    manifest = Manifest.load(ns.assets)
-    router_dir = ns.router or Path(ns.assets) / (manifest.router or "router")
-    router = Router.load(router_dir, expected_tasks=manifest.tasks)
+    if ns.router:  # a router on its own: its class list names the tasks
+        router = Router.load(ns.router)
+    else:
+        manifest = Manifest.load(ns.assets)
+        router = Router.load(Path(ns.assets) / (manifest.router or "router"), expected_tasks=manifest.tasks)
     split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
-    texts, labels = pool_prompts(manifest.tasks, ns.data_dir, split, ns.split)
+    texts, labels = pool_prompts(list(router.task_names), ns.data_dir, split, ns.split)
     report = router_report(router, texts, labels, ns.out, selection=config_from_args(SelectionConfig, ns))
     print((Path(ns.out) / "report.md").read_text())
     print(f"top-1 accuracy {100 * report['top1_accuracy']:.2f}% on {len(texts)} {ns.split} prompts")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import SplitConfig
+    from dlp_lora.evaluation.harness import EvalConfig
+
+    _pipeline_args(p)
+    p.add_argument("--tasks", nargs="*", default=None, help="tasks to evaluate (default: every task of the assets)")
+    p.add_argument("--out", default="runs/eval", help="where predictions, results.json/.md and plots go")
+    p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
+    add_config_args(p, EvalConfig)
+    add_config_args(p, SplitConfig, skip=("seed",))
+
+
+def _evaluate(ns: argparse.Namespace) -> None:
+    from dlp_lora.config import SplitConfig
+    from dlp_lora.evaluation.harness import EvalConfig
+    from dlp_lora.evaluation.run import run_evaluation
+
+    cfg = config_from_args(EvalConfig, ns)
+    split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
+    dlp = _load_pipeline(ns)
+    run_evaluation(dlp, ns.tasks or dlp.adapter_names, ns.out, cfg, split, ns.data_dir,
+                   command="dlp-lora " + " ".join(sys.argv[1:]))
+    print((Path(ns.out) / "results.md").read_text())
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
@@ -230,16 +291,19 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
-    add_config_args(p, SelectionConfig)
+    add_config_args(p, SelectionConfig, overrides_only=True)
 
 
 def _load_pipeline(ns: argparse.Namespace):
+    from dlp_lora.assets import Manifest
     from dlp_lora.config import SelectionConfig
     from dlp_lora.pipeline import DLPLoRA
 
     if not (Path(ns.assets) / "manifest.json").exists():
         raise FileNotFoundError(f"no assets at {ns.assets}; build them with `make assets` or pass --assets DIR")
-    return DLPLoRA.from_assets(ns.assets, ns.base_model, selection=config_from_args(SelectionConfig, ns))
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SelectionConfig) if hasattr(ns, f.name)}
+    selection = dataclasses.replace(SelectionConfig(**Manifest.load(ns.assets).selection), **given)
+    return DLPLoRA.from_assets(ns.assets, ns.base_model, selection=selection)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -303,6 +367,8 @@ COMMANDS: dict[str, Command] = {
                      _train_router_args, _train_router),
     "router-report": ("router accuracy, top-p recall, p sweep, confusion matrix, latency", _router_report_args,
                       _router_report),
+    "evaluate": ("every method on every task's test split: tables, plots, predictions", _evaluate_args,
+                 _evaluate),
     "generate": ("answer prompts with routed adapter mixtures", _generate_args, _generate),
     "demo": ("a mixed batch of prompts from several tasks, with routing and timing", _demo_args, _demo),
     "serve": ("OpenAI-compatible HTTP server with mixed-task batching", _serve_args, _serve),

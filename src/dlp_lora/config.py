@@ -62,7 +62,10 @@ class GenerationConfig:
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        # Below 1e-4 the logits / temperature overflow to inf and sampling turns into NaN: use greedy instead.
+        _check(1e-4 <= self.temperature < float("inf"),
+               f"temperature must be in [1e-4, inf) (use do_sample=False for greedy), got {self.temperature}")
+        _check(self.seed is None or -2**63 <= self.seed < 2**63, f"seed must fit in 64 bits, got {self.seed}")
         _check(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
         _check(all(isinstance(s, str) and s for s in self.stop), f"stop must be non-empty strings, got {self.stop!r}")
 
@@ -262,6 +265,8 @@ class ServerConfig:
     """Largest accepted `max_tokens`; larger is a 400."""
     default_max_tokens: int = 64
     """`max_tokens` when a request gives none."""
+    model_name: str | None = None
+    """Name of the base model in `/v1/models` and responses (default: the manifest's base model)."""
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must be non-empty")
@@ -273,3 +278,4 @@ class ServerConfig:
         _check(1 <= self.default_max_tokens <= self.max_tokens_limit,
                f"default_max_tokens must be in [1, max_tokens_limit={self.max_tokens_limit}], "
                f"got {self.default_max_tokens}")
+        _check(self.model_name is None or bool(self.model_name.strip()), "model_name must be non-empty when given")

@@ -91,6 +91,8 @@ class DLPLoRA:
         dense = torch.zeros(len(mixtures), len(self.adapter_names))
         for b, mix in enumerate(mixtures):
             for name, w in mix.items():
+                if not (isinstance(w, (int, float)) and 0 <= w <= 1e6):
+                    raise ValueError(f"prompt {b}: weight of adapter {name!r} must be a number in [0, 1e6], got {w!r}")
                 dense[b, self.fused.bank.index(name)] = float(w)
         return Routing.from_dense(dense)
 
@@ -117,32 +119,47 @@ class DLPLoRA:
                         batch_size: int = 16) -> list[list[float]]:
         """Summed log-probability of each option's tokens after its prompt, under each prompt's routing.
 
-        As lm-evaluation-harness scores multiple choice: the option is the continuation of the chat
-        prompt (the assistant's answer). One row per (prompt, option); returns options[b]-shaped lists.
+        As lm-evaluation-harness scores multiple choice: an option is the continuation of the chat prompt
+        (the assistant's answer), tokenised as in training. When every option is one token (letters),
+        one forward pass per prompt gives them all; otherwise each (prompt, option) is its own row.
+        Returns lists shaped like `options`.
         """
-        rows, owners, spans = [], [], []
-        for b, (prompt, opts) in enumerate(zip(prompts, options)):
-            ctx = self.tokenizer(chat_prompt(self.tokenizer, prompt), add_special_tokens=False)["input_ids"]
-            for opt in opts:
-                cont = self.tokenizer(opt, add_special_tokens=False)["input_ids"]
-                rows.append(ctx + cont)
-                owners.append(b)
-                spans.append(len(cont))
+        ctx = [self.tokenizer(chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+        conts = [[self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts] for opts in options]
         dense = routing.to_dense(len(self.adapter_names))
-        scores: list[float] = []
-        for i in range(0, len(rows), batch_size):
-            chunk, span = rows[i: i + batch_size], spans[i: i + batch_size]
-            ids, mask = left_pad(chunk, self.tokenizer.pad_token_id or 0)
-            with self.fused.routed(dense[owners[i: i + batch_size]]):
-                logp = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), -1)
-            for r, n in enumerate(span):
-                # logits at position t predict token t+1: the option's n tokens are the last n of the row
-                pos = torch.arange(ids.shape[1] - n - 1, ids.shape[1] - 1)
-                scores.append(float(logp[r, pos, ids[r, pos + 1]].sum()))
+        if all(len(c) == 1 for cs in conts for c in cs):
+            rows, owners, targets = ctx, list(range(len(ctx))), [[c[0] for c in cs] for cs in conts]
+            last = self._row_logprobs(rows, dense[owners], batch_size, keep_last=1)
+            return [[float(lp[0, t]) for t in ts] for lp, ts in zip(last, targets)]
+        rows, owners, spans = [], [], []
+        for b, cs in enumerate(conts):
+            for c in cs:
+                rows.append(ctx[b] + c)
+                owners.append(b)
+                spans.append(len(c))
+        logps = self._row_logprobs(rows, dense[owners], batch_size, keep_last=max(spans) + 1)
+        scores = []
+        for row, lp, n in zip(rows, logps, spans):
+            # lp[j] predicts the token after position (len(row) - lp.shape[0] + j); the option is the last n tokens.
+            offset = len(row) - lp.shape[0]
+            scores.append(float(sum(lp[len(row) - n - 1 - offset + j, row[len(row) - n + j]] for j in range(n))))
         out, k = [], 0
-        for opts in options:
-            out.append(scores[k: k + len(opts)])
-            k += len(opts)
+        for cs in conts:
+            out.append(scores[k: k + len(cs)])
+            k += len(cs)
+        return out
+
+    def _row_logprobs(self, rows: list[list[int]], dense: torch.Tensor, batch_size: int,
+                      keep_last: int) -> list[torch.Tensor]:
+        """Log-softmax over the vocabulary at each row's last `keep_last` positions: list of (keep_last, V)."""
+        out = []
+        for i in range(0, len(rows), batch_size):
+            ids, mask = left_pad(rows[i: i + batch_size], self.tokenizer.pad_token_id or 0)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+            with self.fused.routed(dense[i: i + batch_size]):
+                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                    logits_to_keep=keep_last).logits
+            out += list(torch.log_softmax(logits.float(), -1))
         return out
 
     def _result(self, out: GenerationOutput, routing: Routing, b: int) -> Result:

@@ -8,14 +8,14 @@ greedy generation so the two settings differ only in the mixture used.
 from __future__ import annotations
 
 import random
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from dlp_lora.config import GenerationConfig
 from dlp_lora.evaluation.metrics import score_task
 from dlp_lora.pipeline import DLPLoRA
-from dlp_lora.tasks import Example, get_task, parse_answer
+from dlp_lora.tasks import Example, Task, parse_answer
 from dlp_lora.types import Routing
 
 __all__ = ["make_pairs", "evaluate_composite"]
@@ -36,29 +36,32 @@ def make_pairs(pools: dict[str, Sequence[Example]], n: int, seed: int = 0) -> li
     return pairs
 
 
-def _part_score(ex: Example, text: str) -> float:
-    task = get_task(ex.task)
-    scores = score_task(task.metric, [parse_answer(task, text)], [list(ex.references)])
-    return scores.get("accuracy", scores.get("f1", scores.get("em", 0.0)))
+def _part_score(task: Task, ex: Example, text: str) -> float:
+    """The part's headline score (accuracy / F1 / EM) in percent."""
+    return score_task(task.metric, [parse_answer(task, text, ex.choices)], [list(ex.references)])[task.headline]
 
 
-def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], max_new_tokens: int = 32,
-                       batch_size: int = 8) -> dict[str, float]:
-    """Mean per-part score and routing accuracy for per-prompt vs per-segment routing."""
+def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], tasks: Mapping[str, Task],
+                       max_new_tokens: int = 64, batch_size: int = 8) -> dict[str, float]:
+    """Mean per-part score (percent), weight on the true task and mean k, per-prompt vs per-segment routing.
+
+    tasks: task name -> Task for every task the pairs draw from.
+    """
     joined = [a.prompt + SEPARATOR + b.prompt for a, b in pairs]
     parts = [ex for pair in pairs for ex in pair]
     per_prompt = dlp.route(joined).to_dense(len(dlp.adapter_names)).repeat_interleave(2, dim=0)
     per_segment = dlp.route([ex.prompt for ex in parts]).to_dense(len(dlp.adapter_names))
     truth = torch.tensor([dlp.adapter_names.index(ex.task) for ex in parts])
-    gen = GenerationConfig(max_new_tokens=max_new_tokens)
     out: dict[str, float] = {"pairs": len(pairs)}
     for name, dense in (("per_prompt", per_prompt), ("per_segment", per_segment)):
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
             rows = slice(i, i + batch_size)
+            gen = GenerationConfig(max_new_tokens=min(max_new_tokens,
+                                                      max(tasks[ex.task].max_new_tokens for ex in parts[rows])))
             res = dlp.generate([ex.prompt for ex in parts[rows]], config=gen, routing=Routing.from_dense(dense[rows]))
             texts += [r.text for r in res]
-        out[f"{name}_score"] = sum(_part_score(ex, t) for ex, t in zip(parts, texts)) / len(parts)
+        out[f"{name}_score"] = sum(_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)) / len(parts)
         out[f"{name}_true_task_weight"] = float(dense[torch.arange(len(parts)), truth].mean())
         out[f"{name}_mean_k"] = float((dense > 0).sum(1).float().mean())
     return out

@@ -31,13 +31,31 @@ class EvalConfig:
     """What `dlp-lora evaluate` runs."""
 
     methods: tuple[str, ...] = ("base", "oracle", "dlp", "dlp-paper", "top1", "topk2", "uniform")
+    """Methods compared on the same examples (see `dlp_lora.evaluation.methods`)."""
+    p_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+    """Extra top-p masses run as `dlp@P` (mean adapters fused vs score)."""
     limit: int = 50
     """Test examples per task (the first `limit` of the seeded test split)."""
     batch_size: int = 8
-    max_new_tokens_mcq: int = 8
-    max_new_tokens_qa: int = 48
+    """Prompts per generation batch."""
     loglik: bool = True
     """Also score multiple-choice options by log-likelihood."""
+    composite_pairs: int = 0
+    """Composite prompts (two questions from different tasks) to score; 0 skips the composite setting."""
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        if self.limit < 1 or self.batch_size < 1 or self.composite_pairs < 0:
+            raise ValueError(f"limit and batch_size must be >= 1 and composite_pairs >= 0; got {self.limit}, "
+                             f"{self.batch_size}, {self.composite_pairs}")
+        bad = [p for p in self.p_sweep if not 0 < p <= 1]
+        if bad:
+            raise ValueError(f"p_sweep values must be in (0, 1], got {bad}")
+
+    @property
+    def all_methods(self) -> tuple[str, ...]:
+        return self.methods + tuple(f"dlp@{p:g}" for p in self.p_sweep)
 
 
 def routing_key(dense_row: torch.Tensor) -> tuple[tuple[int, float], ...]:
@@ -50,8 +68,8 @@ def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torc
               cache: dict) -> list[dict]:
     """Generate (and score options) for rows not in cache; cache maps (uid, routing key) -> row result."""
     keys = [(ex.uid, routing_key(dense[b])) for b, ex in enumerate(examples)]
-    todo = [b for b, k in enumerate(keys) if k not in cache]
-    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens_mcq if task.kind == "mcq" else cfg.max_new_tokens_qa)
+    todo = list(dict.fromkeys(b for b, k in enumerate(keys) if k not in cache))
+    gen = GenerationConfig(max_new_tokens=task.max_new_tokens)
     for i in range(0, len(todo), cfg.batch_size):
         rows = todo[i: i + cfg.batch_size]
         prompts = [examples[b].prompt for b in rows]
@@ -60,13 +78,14 @@ def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torc
         opts = (dlp.option_logprobs(prompts, [list(examples[b].choices) for b in rows], routing)
                 if task.kind == "mcq" and cfg.loglik else [None] * len(rows))
         for b, out, lp in zip(rows, outs, opts):
-            cache[keys[b]] = {"text": out.text, "parsed": parse_answer(task, out.text), "option_logprobs": lp,
-                              "adapters": out.adapters, "weights": out.weights}
+            cache[keys[b]] = {"text": out.text, "parsed": parse_answer(task, out.text, examples[b].choices),
+                              "option_logprobs": lp, "adapters": out.adapters, "weights": out.weights}
     return [cache[k] for k in keys]
 
 
 def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict[str, float]:
-    scores = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples])
+    scores = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples],
+                        [r["text"] for r in rows], [ex.answer for ex in examples])
     if task.kind == "mcq" and rows and rows[0]["option_logprobs"] is not None:
         gold = [ex.choices.index(ex.answer) for ex in examples]
         scores["loglik_accuracy"] = mc_loglik_accuracy([r["option_logprobs"] for r in rows], gold)
@@ -75,13 +94,14 @@ def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict[st
     return scores
 
 
-def evaluate_task(dlp: DLPLoRA, task_name: str, out_dir: Path, cfg: EvalConfig, split_cfg: SplitConfig,
+def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig, split_cfg: SplitConfig,
                   data_dir: str | Path | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
     """All methods on one task; per-example predictions go to out_dir/predictions/<method>/<task>.jsonl.
 
     A (method, task) whose prediction file is complete is read back instead of rerun (resume).
     """
-    task = get_task(task_name)
+    task = get_task(task)
+    task_name = task.name
     examples = load_splits(task, data_dir, split_cfg).test[: cfg.limit]
     if task_name not in dlp.adapter_names:
         raise ValueError(f"task {task_name!r} has no adapter in these assets: {dlp.adapter_names}")
@@ -89,7 +109,7 @@ def evaluate_task(dlp: DLPLoRA, task_name: str, out_dir: Path, cfg: EvalConfig, 
     truth = torch.full((len(examples),), dlp.adapter_names.index(task_name), dtype=torch.long)
     cache: dict = {}
     results = {}
-    for method in tqdm(cfg.methods, desc=task_name, disable=not progress, leave=False):
+    for method in tqdm(cfg.all_methods, desc=task_name, disable=not progress, leave=False):
         path = out_dir / "predictions" / method / f"{task_name}.jsonl"
         rows = _read_complete(path, examples)
         if rows is None:

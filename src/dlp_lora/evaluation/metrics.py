@@ -27,15 +27,26 @@ def choice_accuracy(preds: Sequence[str], refs: Sequence[Sequence[str]]) -> floa
     return 100.0 * sum(p.strip().upper() in {r.upper() for r in rs} for p, rs in zip(preds, refs)) / max(len(preds), 1)
 
 
-def exact_match(pred: str, refs: Sequence[str]) -> float:
-    """1.0 when the SQuAD-normalised prediction equals any normalised reference."""
-    return float(any(normalize_text(pred) == normalize_text(r) for r in refs))
+def _loose(text: str) -> str:
+    """Case and whitespace folded, a trailing period dropped; punctuation kept (it is the answer in Dyck tasks)."""
+    return " ".join(text.lower().split()).removesuffix(".").strip()
 
 
-def token_f1(pred: str, refs: Sequence[str]) -> float:
-    """SQuAD token F1 (bag of normalised tokens), max over references, in [0, 1]."""
+def exact_match(pred: str, refs: Sequence[str], squad: bool = True) -> float:
+    """1.0 when the normalised prediction equals any normalised reference.
+
+    squad=True uses SQuAD normalisation (drops punctuation and articles); False only folds case and spaces.
+    """
+    norm = normalize_text if squad else _loose
+    return float(any(norm(pred) == norm(r) for r in refs))
+
+
+def token_f1(pred: str, refs: Sequence[str], squad: bool = True) -> float:
+    """Token F1 (bag of normalised tokens, SQuAD style), max over references, in [0, 1]."""
+    norm = normalize_text if squad else _loose
+
     def f1(a: str, b: str) -> float:
-        pt, rt = normalize_text(a).split(), normalize_text(b).split()
+        pt, rt = norm(a).split(), norm(b).split()
         if not pt or not rt:
             return float(pt == rt)
         common = sum((Counter(pt) & Counter(rt)).values())
@@ -96,9 +107,13 @@ def score_task(metric: str, preds: Sequence[str], references: Sequence[Sequence[
     if metric not in ("squad", "numeric", "exact"):
         raise ValueError(f"unknown metric {metric!r}; expected choice|squad|numeric|exact")
     n = max(len(preds), 1)
-    match = numeric_match if metric == "numeric" else exact_match
-    out = {"em": 100.0 * sum(match(p, r) for p, r in zip(preds, references)) / n,
-           "f1": 100.0 * sum(token_f1(p, r) for p, r in zip(preds, references)) / n}
+    squad = metric == "squad"
+    if metric == "numeric":  # a number is right or wrong: token overlap means nothing here, so F1 = EM
+        em = f1 = sum(numeric_match(p, r) for p, r in zip(preds, references))
+    else:
+        em = sum(exact_match(p, r, squad) for p, r in zip(preds, references))
+        f1 = sum(token_f1(p, r, squad) for p, r in zip(preds, references))
+    out = {"em": 100.0 * em / n, "f1": 100.0 * f1 / n}
     hyps = list(texts) if texts is not None else list(preds)
     golds = list(targets) if targets is not None else [r[0] for r in references]
     out["bleu"] = corpus_bleu(hyps, golds)

@@ -1,28 +1,39 @@
-"""`dlp-lora evaluate`: every method on every task, then the report (results.json / .md / plots)."""
+"""`dlp-lora evaluate`: every method on every task, the composite setting, then the report."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 from tqdm.auto import tqdm
 
 from dlp_lora.config import SplitConfig
+from dlp_lora.evaluation.composite import evaluate_composite, make_pairs
 from dlp_lora.evaluation.harness import EvalConfig, config_record, evaluate_task
 from dlp_lora.evaluation.report import write_report
 from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.tasks import Task, get_task, load_splits
 
 __all__ = ["run_evaluation"]
 
 
-def run_evaluation(dlp: DLPLoRA, tasks: Sequence[str], out_dir: str | Path, cfg: EvalConfig,
+def run_evaluation(dlp: DLPLoRA, tasks: Sequence[str | Task], out_dir: str | Path, cfg: EvalConfig,
                    split_cfg: SplitConfig = SplitConfig(), data_dir: str | Path | None = None,
                    command: str = "dlp-lora evaluate") -> dict:
-    """Evaluate all methods on all tasks (resumable) and write the report into out_dir."""
+    """Evaluate all methods on all tasks (resumable per method and task) and write the report into out_dir."""
+    task_map = {t.name: t for t in map(get_task, tasks)}
+    unknown = [t for t in task_map if t not in dlp.adapter_names]
+    if unknown:
+        raise ValueError(f"tasks {unknown} have no adapter in these assets; the assets hold {dlp.adapter_names}")
     out = Path(out_dir)
-    per_task = {}
-    for task in tqdm(tasks, desc="tasks"):
-        per_task[task] = evaluate_task(dlp, task, out, cfg, split_cfg, data_dir)
-    meta = {"command": command, "examples_per_task": cfg.limit, "selection": dlp.selection.__dict__,
+    per_task = {name: evaluate_task(dlp, task, out, cfg, split_cfg, data_dir)
+                for name, task in tqdm(task_map.items(), desc="tasks")}
+    composite = None
+    if cfg.composite_pairs:
+        pools = {n: load_splits(t, data_dir, split_cfg).test[: cfg.limit] for n, t in task_map.items()}
+        composite = evaluate_composite(dlp, make_pairs(pools, cfg.composite_pairs, split_cfg.seed), task_map,
+                                       batch_size=cfg.batch_size)
+    meta = {"command": command, "examples_per_task": cfg.limit, "selection": asdict(dlp.selection),
             **config_record(cfg, split_cfg)}
-    return write_report(out, per_task, meta)
+    return write_report(out, per_task, task_map, meta, composite)

@@ -42,7 +42,10 @@ def read_rows(path: Path) -> list[Any]:
         raise FileNotFoundError(f"expected a data file at {path}")
     text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}:{err.colno}: not valid JSON ({err.msg})") from err
     rows = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():

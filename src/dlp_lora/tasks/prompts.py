@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import string
+from decimal import Decimal, InvalidOperation
 from typing import Sequence
 
 from dlp_lora.tasks.types import Example, Task
@@ -45,7 +46,7 @@ def normalize_text(text: str) -> str:
     return " ".join(text.split())
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_NUMBER = re.compile(r"-?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 
 
 def extract_number(text: str) -> str:
@@ -59,10 +60,12 @@ def extract_number(text: str) -> str:
         return ""
     raw = (found[0] if "####" in text else found[-1]).replace(",", "")
     try:
-        value = float(raw)
-    except ValueError:
+        value = Decimal(raw)  # exact: float() would corrupt integers above 2**53
+    except InvalidOperation:
         return raw
-    return str(int(value)) if value.is_integer() else str(value)
+    if value == value.to_integral_value():
+        return str(int(value))
+    return format(value.normalize(), "f")
 
 
 def parse_choice(text: str, choices: Sequence[str]) -> str:

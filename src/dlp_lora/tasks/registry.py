@@ -17,7 +17,7 @@ from dlp_lora.config import SplitConfig
 from dlp_lora.tasks import loaders as L
 from dlp_lora.tasks.types import Example, Splits, Task
 
-__all__ = ["TASKS", "get_task", "task_names", "register_task", "load_examples", "load_splits", "pool_table"]
+__all__ = ["TASKS", "get_task", "task_names", "load_examples", "load_splits", "pool_table"]
 
 
 def _mcq(name: str, source: str, load) -> Task:
@@ -77,16 +77,7 @@ def _builtin() -> dict[str, Task]:
 
 
 TASKS: dict[str, Task] = _builtin()
-"""The built-in pool (read-only by convention; add user tasks with `register_task`)."""
-
-_EXTRA: dict[str, Task] = {}
-
-
-def register_task(task: Task) -> None:
-    """Add a user task (e.g. built with `loaders.user_file`); its name must be new."""
-    if task.name in TASKS or task.name in _EXTRA:
-        raise ValueError(f"a task named {task.name!r} is already registered")
-    _EXTRA[task.name] = task
+"""The built-in pool. User tasks (e.g. `loaders.user_file`) are `Task` objects passed where a task is taken."""
 
 
 def task_names() -> list[str]:
@@ -94,11 +85,13 @@ def task_names() -> list[str]:
     return list(TASKS)
 
 
-def get_task(name: str) -> Task:
-    """A registered task by name; ValueError listing the known names otherwise."""
-    task = TASKS.get(name) or _EXTRA.get(name)
+def get_task(name: str | Task) -> Task:
+    """A built-in task by name (a `Task` is returned as is); ValueError listing the known names otherwise."""
+    if isinstance(name, Task):
+        return name
+    task = TASKS.get(name)
     if task is None:
-        raise ValueError(f"unknown task {name!r}; known tasks: {task_names() + list(_EXTRA)}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {task_names()}")
     return task
 
 
@@ -109,10 +102,12 @@ def _load_cached(name: str, root: str) -> tuple[Example, ...]:
 
 def load_examples(task: Task, data_dir: str | os.PathLike | None = None) -> list[Example]:
     """Every example of a task, de-duplicated by prompt (first occurrence kept), in file order."""
-    root = str(L.resolve_data_dir(data_dir))
+    builtin = TASKS.get(task.name) is task
+    # User tasks read their own files: they must work where no benchmark data exists.
+    root = str(L.resolve_data_dir(data_dir)) if builtin else str(data_dir or "")
     seen: set[str] = set()
     out = []
-    for ex in _load_cached(task.name, root) if task.name in TASKS else task.load(root):
+    for ex in _load_cached(task.name, root) if builtin else task.load(root):
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             out.append(ex)

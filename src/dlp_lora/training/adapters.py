@@ -138,6 +138,6 @@ def _fit(model: PeftModel, tokenizer: PreTrainedTokenizerBase, train: list[Examp
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     return losses

@@ -9,11 +9,11 @@ from typing import Sequence
 from dlp_lora.assets import Manifest
 from dlp_lora.config import AdapterTrainConfig, RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
 from dlp_lora.models import EMBEDDED_MODEL_ID, load_base_model
-from dlp_lora.tasks import get_task, load_splits
+from dlp_lora.tasks import Task, get_task, load_splits
 from dlp_lora.training.adapters import train_adapter
 from dlp_lora.training.router import train_router
 
-__all__ = ["train_pool_adapters", "train_pool_router", "pool_prompts"]
+__all__ = ["train_pool_adapters", "train_pool_router", "train_task_router", "pool_prompts"]
 
 
 def _open_manifest(root: Path, base_model: str) -> Manifest:
@@ -27,7 +27,7 @@ def _open_manifest(root: Path, base_model: str) -> Manifest:
 
 def train_pool_adapters(
     root: str | Path,
-    tasks: Sequence[str],
+    tasks: Sequence[str | Task],
     data_dir: str | Path | None = None,
     split_cfg: SplitConfig = SplitConfig(),
     train_cfg: AdapterTrainConfig = AdapterTrainConfig(),
@@ -42,14 +42,13 @@ def train_pool_adapters(
     root = Path(root)
     base_id = base_model or EMBEDDED_MODEL_ID
     manifest = _open_manifest(root, base_id)
-    todo = [t for t in tasks if not ((root / "adapters" / t / "adapter_model.safetensors").exists()
-                                     and t in manifest.records)]
-    for t in tasks:
-        get_task(t)  # fail on an unknown name before hours of training, not after
+    resolved = [get_task(t) for t in tasks]  # fail on an unknown name before hours of training, not after
+    todo = [t for t in resolved if not ((root / "adapters" / t.name / "adapter_model.safetensors").exists()
+                                        and t.name in manifest.records)]
     if todo:
         model, tok = load_base_model(base_model)
-    for name in todo:
-        task = get_task(name)
+    for task in todo:
+        name = task.name
         splits = load_splits(task, data_dir, split_cfg)
         record = train_adapter(model, tok, task, splits.train, splits.dev, root / "adapters" / name, train_cfg,
                                progress=progress)
@@ -63,16 +62,40 @@ def train_pool_adapters(
     return manifest
 
 
-def pool_prompts(tasks: Sequence[str], data_dir: str | Path | None, split_cfg: SplitConfig,
+def pool_prompts(tasks: Sequence[str | Task], data_dir: str | Path | None, split_cfg: SplitConfig,
                  split: str) -> tuple[list[str], list[str]]:
     """(prompts, task labels) of one split ('train' | 'dev' | 'test') over the given tasks."""
     texts: list[str] = []
     labels: list[str] = []
-    for name in tasks:
-        examples = getattr(load_splits(get_task(name), data_dir, split_cfg), split)
+    for task in map(get_task, tasks):
+        examples = getattr(load_splits(task, data_dir, split_cfg), split)
         texts += [ex.prompt for ex in examples]
-        labels += [name] * len(examples)
+        labels += [task.name] * len(examples)
     return texts, labels
+
+
+def train_task_router(
+    tasks: Sequence[str | Task],
+    out_dir: str | Path,
+    data_dir: str | Path | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    router_cfg: RouterConfig | None = None,
+    train_cfg: RouterTrainConfig = RouterTrainConfig(),
+    progress: bool = True,
+) -> dict:
+    """Train a router on the training splits of `tasks` (class i = tasks[i]), save it, return its record."""
+    names = tuple(get_task(t).name for t in tasks)
+    cfg = replace(router_cfg or RouterConfig(task_names=names), task_names=names)
+    train = pool_prompts(tasks, data_dir, split_cfg, "train")
+    dev = pool_prompts(tasks, data_dir, split_cfg, "dev")
+    router, history = train_router(*train, *dev, cfg, train_cfg, progress=progress)
+    router.save(out_dir)
+    return {
+        "kind": cfg.kind, "train_prompts": len(train[0]), "dev_prompts": len(dev[0]), "seed": train_cfg.seed,
+        "params": router.num_parameters(), "trainable_params": history["trainable_params"],
+        "best_epoch": history["best_epoch"], "dev_accuracy": round(100 * history["best_dev_acc"], 2),
+        "seconds": round(history["seconds"], 1), "splits": asdict(split_cfg),
+    }
 
 
 def train_pool_router(
@@ -84,23 +107,14 @@ def train_pool_router(
     selection: SelectionConfig = SelectionConfig(),
     progress: bool = True,
 ) -> Manifest:
-    """Train the router on the training splits of the assets' tasks (class order = manifest order)."""
+    """Train the router of an assets folder on its tasks' training splits (class order = manifest order)."""
     root = Path(root)
     manifest = Manifest.load(root)
     if not manifest.tasks:
         raise ValueError(f"{root}: the manifest lists no tasks; train adapters first")
-    cfg = replace(router_cfg or RouterConfig(task_names=tuple(manifest.tasks)), task_names=tuple(manifest.tasks))
-    train = pool_prompts(manifest.tasks, data_dir, split_cfg, "train")
-    dev = pool_prompts(manifest.tasks, data_dir, split_cfg, "dev")
-    router, history = train_router(*train, *dev, cfg, train_cfg, progress=progress)
-    router.save(root / "router")
+    record = train_task_router(manifest.tasks, root / "router", data_dir, split_cfg, router_cfg, train_cfg, progress)
     manifest.router = "router"
     manifest.selection = asdict(selection)
-    manifest.records["router"] = {
-        "kind": cfg.kind, "train_prompts": len(train[0]), "dev_prompts": len(dev[0]), "seed": train_cfg.seed,
-        "params": router.num_parameters(), "best_epoch": history["best_epoch"],
-        "dev_accuracy": round(100 * history["best_dev_acc"], 2), "seconds": round(history["seconds"], 1),
-        "splits": asdict(split_cfg),
-    }
+    manifest.records["router"] = record
     manifest.save(root)
     return manifest

@@ -1,0 +1,134 @@
+"""Evaluation: method registry, option log-likelihood scoring, harness resume and the written report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import make_tiny_assets, tiny_pipeline
+from dlp_lora.chat import chat_prompt
+from dlp_lora.config import SelectionConfig, SplitConfig
+from dlp_lora.evaluation.harness import EvalConfig, evaluate_task
+from dlp_lora.evaluation.methods import METHODS, method_weights
+from dlp_lora.evaluation.run import run_evaluation
+from dlp_lora.models import load_tokenizer
+from dlp_lora.tasks import Example, Task
+from dlp_lora.tasks.prompts import mcq_example
+from dlp_lora.types import Routing
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+@pytest.fixture
+def dlp(tmp_path, tok):
+    return tiny_pipeline(make_tiny_assets(tmp_path / "assets", len(tok)), tok)
+
+
+def _tasks() -> dict[str, Task]:
+    """Two tiny tasks named like the tiny assets' adapters: one multiple choice, one free-form."""
+    maths = [Example(uid=f"maths/{i}", task="maths", prompt=f"What is {i} plus {i}?", answer=str(2 * i),
+                     references=(str(2 * i),)) for i in range(12)]
+    science = [mcq_example(f"science/{i}", "science", f"Which gas is number {i}?", ["oxygen", "neon", "argon"], i % 3)
+               for i in range(12)]
+    return {"maths": Task(name="maths", kind="qa", source="test", metric="numeric", load=lambda root: maths,
+                          max_new_tokens=3),
+            "science": Task(name="science", kind="mcq", source="test", metric="choice", load=lambda root: science,
+                            max_new_tokens=2)}
+
+
+SPLIT = SplitConfig(train_cap=4, dev_size=1, test_size=3)
+
+
+def test_every_method_gives_valid_weights():
+    probs = torch.tensor([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]])
+    truth = torch.tensor([1, 0])
+    sel = SelectionConfig(p=0.6)
+    for name in METHODS:
+        w = method_weights(name, probs, truth, sel)
+        assert w.shape == probs.shape and (w >= 0).all(), name
+    assert torch.equal(method_weights("base", probs, truth, sel), torch.zeros(2, 3))
+    assert torch.equal(method_weights("oracle", probs, truth, sel), torch.tensor([[0.0, 1, 0], [1, 0, 0]]))
+    torch.testing.assert_close(method_weights("dlp", probs, truth, sel)[1], torch.tensor([0.4, 0.35, 0]) / 0.75)
+    assert (method_weights("dlp@0.3", probs, truth, sel) > 0).sum(1).tolist() == [1, 1]
+    assert (method_weights("topk2", probs, truth, sel) > 0).sum(1).tolist() == [2, 2]
+    # The paper's weighting: softmax over the kept probabilities, so near-uniform for close probabilities.
+    paper = method_weights("dlp-paper", probs, truth, sel)[1]
+    torch.testing.assert_close(paper[:2], torch.softmax(torch.tensor([0.4, 0.35]), 0))
+
+
+def test_unknown_method_refused():
+    probs, truth = torch.ones(1, 2) / 2, torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="unknown method 'magic'.*known methods"):
+        method_weights("magic", probs, truth, SelectionConfig())
+    with pytest.raises(ValueError, match="unknown method 'top1@0.5'"):
+        method_weights("top1@0.5", probs, truth, SelectionConfig())
+    with pytest.raises(ValueError, match="p_sweep values must be in"):
+        EvalConfig(p_sweep=(1.5,))
+
+
+def _reference_logprob(dlp, prompt: str, option: str, mix: torch.Tensor) -> float:
+    """Plain per-row semantics: one unpadded forward of prompt + option, summed option-token log-probs."""
+    ctx = dlp.tokenizer(chat_prompt(dlp.tokenizer, prompt), add_special_tokens=False)["input_ids"]
+    cont = dlp.tokenizer(option, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad(), dlp.fused.routed(mix[None]):
+        logp = torch.log_softmax(dlp.model(input_ids=ids).logits[0].float(), -1)
+    return float(sum(logp[len(ctx) - 1 + j, cont[j]] for j in range(len(cont))))
+
+
+@pytest.mark.parametrize("options", [["A", "B", "C"], ["the red fox", "a blue whale swimming", "no"]])
+def test_option_logprobs_equal_per_row_reference(dlp, options):
+    prompts = ["Pick one.", "A much longer question that makes the rows of different lengths, pick one."]
+    routing = Routing.from_dense(torch.tensor([[1.0, 0.0], [0.3, 0.7]]))
+    got = dlp.option_logprobs(prompts, [options, options], routing, batch_size=4)
+    dense = routing.to_dense(2)
+    for b, prompt in enumerate(prompts):
+        want = [_reference_logprob(dlp, prompt, o, dense[b]) for o in options]
+        assert got[b] == pytest.approx(want, abs=1e-4)
+
+
+def test_harness_scores_resumes_and_reports(dlp, tmp_path):
+    tasks = _tasks()
+    cfg = EvalConfig(methods=("base", "oracle", "dlp"), p_sweep=(0.5,), limit=3, batch_size=2, composite_pairs=2)
+    calls = []
+    generate = dlp.generate
+
+    def counting_generate(prompts, **kw):  # a test double that counts generation calls
+        calls.append(len(prompts))
+        return generate(prompts, **kw)
+
+    dlp.generate = counting_generate
+    summary = run_evaluation(dlp, list(tasks.values()), tmp_path / "eval", cfg, SPLIT)
+    assert set(summary) == {"base", "oracle", "dlp", "dlp@0.5"}
+    out = tmp_path / "eval"
+    for name in ("results.json", "results.md", "per_task.png", "p_sweep.png"):
+        assert (out / name).stat().st_size > 0, name
+    rows = [json.loads(line) for line in (out / "predictions" / "oracle" / "science.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["adapters"] == ["science"] for r in rows)
+    assert all(len(r["option_logprobs"]) == 3 for r in rows)
+    results = json.loads((out / "results.json").read_text())
+    assert results["per_task"]["maths"]["base"]["mean_k"] == 0
+    assert results["composite"]["pairs"] == 2
+    assert "## Composite prompts" in (out / "results.md").read_text()
+
+    # Resume: every (method, task) file is complete, so nothing is generated again.
+    calls.clear()
+    again = evaluate_task(dlp, tasks["science"], out, cfg, SPLIT, progress=False)
+    assert calls == [] and again["oracle"] == results["per_task"]["science"]["oracle"]
+    # A truncated prediction file is rerun, and only that one.
+    path = out / "predictions" / "base" / "science.jsonl"
+    path.write_text(path.read_text().splitlines()[0] + "\n")
+    evaluate_task(dlp, tasks["science"], out, cfg, SPLIT, progress=False)
+    assert sum(calls) == 3
+
+
+def test_harness_refuses_task_without_adapter(dlp, tmp_path):
+    other = Task(name="poetry", kind="qa", source="test", metric="exact",
+                 load=lambda root: _tasks()["maths"].load(root))
+    with pytest.raises(ValueError, match="'poetry'.*no adapter"):
+        run_evaluation(dlp, [other], tmp_path, EvalConfig(limit=2), SPLIT)

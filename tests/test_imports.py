@@ -1,0 +1,75 @@
+"""Imports flow one way (DESIGN.md): walk every module's own imports and check the layering rules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "dlp_lora"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """Every dlp_lora module a file imports, relative imports resolved."""
+    tree = ast.parse(path.read_text())
+    here = _module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names if a.name.startswith("dlp_lora")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = ".".join(package[: len(package) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if base.startswith("dlp_lora"):
+                out.add(base)
+    return out
+
+
+GRAPH = {_module_name(p): _imports(p) for p in SRC.rglob("*.py")}
+
+
+def _area(module: str) -> str:
+    """Top-level area of a module: 'types', 'fusion', 'router', ..."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def test_graph_is_not_empty():
+    assert {"dlp_lora.types", "dlp_lora.fusion.inject", "dlp_lora.router.model", "dlp_lora.pipeline"} <= set(GRAPH)
+    assert "dlp_lora.adapters.bank" in GRAPH["dlp_lora.fusion.inject"]
+
+
+@pytest.mark.parametrize("leaf", ["types", "config"])
+def test_leaves_import_nothing_of_ours(leaf):
+    assert GRAPH[f"dlp_lora.{leaf}"] == set()
+
+
+def test_router_and_fusion_never_import_each_other():
+    for module, deps in GRAPH.items():
+        areas = {_area(d) for d in deps}
+        if _area(module) == "router":
+            assert "fusion" not in areas, module
+        if _area(module) == "fusion":
+            assert "router" not in areas, module
+
+
+def test_only_pipeline_composes_router_and_fusion():
+    both = [m for m, deps in GRAPH.items() if {"router", "fusion"} <= {_area(d) for d in deps}]
+    assert both == ["dlp_lora.pipeline"]
+
+
+@pytest.mark.parametrize("top", ["cli", "server", "training"])
+def test_entry_points_are_not_imported_from_below(top):
+    # The CLI is the top of the stack: it may call into server and training; nothing else may.
+    offenders = [m for m, deps in GRAPH.items()
+                 if _area(m) not in (top, "cli") and any(_area(d) == top for d in deps)]
+    assert offenders == []

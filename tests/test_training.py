@@ -1,0 +1,258 @@
+"""Adapter training: the masked batch, one LoRA trained on a tiny model with the real tokenizer, pool resume."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_vocab_model
+from dlp_lora import FusedLoRAModel
+from dlp_lora.assets import Manifest
+from dlp_lora.chat import chat_prompt
+from dlp_lora.config import AdapterTrainConfig, SplitConfig
+from dlp_lora.models import EMBEDDED_MODEL_ID, load_tokenizer
+from dlp_lora.tasks import Example, Task
+from dlp_lora.tasks.loaders import user_file
+from dlp_lora.training import pool
+from dlp_lora.training.adapters import train_adapter, training_batch
+
+# Library noise on every step of the tiny runs (float(loss) on a graph tensor; a transformers deprecation).
+pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning",
+                                        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def _examples(n: int, answer: str = "blue") -> list[Example]:
+    return [Example(uid=f"colour/{i}", task="colour", prompt=f"What colour is item {i}?", answer=answer,
+                    references=(answer,)) for i in range(n)]
+
+
+def _task(examples: list[Example]) -> Task:
+    return Task(name="colour", kind="qa", source="test", metric="exact", load=lambda root: examples, max_new_tokens=4)
+
+
+def _ids(tok, text: str) -> list[int]:
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+# ---------------------------------------------------------------- training_batch
+
+def test_training_batch_masks_prompt_and_pads_right(tok):
+    long_ex = Example(uid="t/0", task="t", prompt="What is two plus two, written as a digit?", answer="4",
+                      references=("4",))
+    short_ex = Example(uid="t/1", task="t", prompt="Hi?", answer="Hello there", references=("Hello there",))
+    batch = training_batch(tok, [long_ex, short_ex], max_length=256)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.dtype == labels.dtype == torch.long
+    lengths = mask.sum(1).tolist()
+    assert lengths[0] == ids.shape[1] > lengths[1]  # the longest row sets the width
+    for b, ex in enumerate((long_ex, short_ex)):
+        n = lengths[b]
+        assert mask[b, :n].eq(1).all() and mask[b, n:].eq(0).all()  # right padding
+        assert ids[b, n:].eq(tok.pad_token_id).all() and labels[b, n:].eq(-100).all()
+        kept = labels[b, :n] != -100
+        n_prompt = int((~kept).sum())
+        assert kept[n_prompt:].all()  # one masked prefix, then only answer tokens
+        assert tok.decode(ids[b, :n_prompt]) == chat_prompt(tok, ex.prompt)
+        assert torch.equal(labels[b, n_prompt:n], ids[b, n_prompt:n])
+        assert tok.decode(labels[b, n_prompt:n]) == ex.answer + tok.eos_token
+        assert int(labels[b, n - 1]) == tok.eos_token_id
+
+
+def test_training_batch_truncates_the_prompt_head_not_the_answer(tok):
+    prompt = " ".join(f"filler{i}" for i in range(200)) + " Which colour is the sky?"
+    ex = Example(uid="t/0", task="t", prompt=prompt, answer="blue", references=("blue",))
+    batch = training_batch(tok, [ex], max_length=32)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    assert ids.shape == (32,) and batch["attention_mask"].eq(1).all()
+    answer = _ids(tok, "blue" + tok.eos_token)
+    assert labels[-len(answer):].tolist() == answer and labels[:-len(answer)].eq(-100).all()
+    # The prompt keeps its tail (question, then the assistant turn) and loses its head (system turn).
+    full_prompt = _ids(tok, chat_prompt(tok, prompt))
+    assert ids[: 32 - len(answer)].tolist() == full_prompt[-(32 - len(answer)):]
+    assert "sky?" in tok.decode(ids[: 32 - len(answer)]) and "SmolLM" not in tok.decode(ids)
+
+
+def test_training_batch_caps_an_overlong_answer_at_half_the_length(tok):
+    answer = " ".join(["red"] * 60)
+    ex = Example(uid="t/0", task="t", prompt="Say red many times.", answer=answer, references=(answer,))
+    batch = training_batch(tok, [ex], max_length=40)
+    labels = batch["labels"][0]
+    kept = labels[labels != -100].tolist()
+    assert len(kept) == 20 and kept == _ids(tok, answer + tok.eos_token)[:20]
+    assert batch["input_ids"].shape == (1, 40)
+
+
+# ---------------------------------------------------------------- train_adapter
+
+FAST = AdapterTrainConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
+                          epochs=10, batch_size=2, lr=1e-1, max_length=64)
+
+
+@pytest.fixture(scope="module")
+def trained(tok, tmp_path_factory):
+    """One adapter trained on a tiny model: (model, snapshot of its weights before, record, adapter dir)."""
+    model = tiny_vocab_model(len(tok))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    examples = _examples(6)
+    out = tmp_path_factory.mktemp("adapter") / "colour"
+    record = train_adapter(model, tok, _task(examples), examples[:4], examples[4:], out, FAST, progress=False)
+    return model, before, record, out
+
+
+def test_train_adapter_loss_goes_down_and_record_is_complete(trained):
+    _, _, record, _ = trained
+    assert record["final_train_loss"] < record["first_train_loss"] - 0.1
+    assert record["steps"] == 10 * 2  # 10 epochs of 4 examples in batches of 2
+    assert (record["task"], record["kind"], record["train_examples"], record["dev_examples_scored"]) == \
+           ("colour", "qa", 4, 2)
+    assert (record["r"], record["alpha"], record["lr"], record["target_modules"]) == \
+           (4, 8, 0.1, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    assert set(record["dev"]) == {"em", "f1", "bleu", "rouge1", "rougeL"}
+    assert all(0.0 <= v <= 100.0 for v in record["dev"].values())
+
+
+def test_train_adapter_saves_an_fp16_peft_directory(trained):
+    _, _, _, out = trained
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 8)
+    assert set(config["target_modules"]) == {"q_proj", "v_proj", "o_proj", "down_proj"}
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert len(tensors) == 2 * 2 * 4  # A and B, 2 layers, 4 target modules
+    assert {t.dtype for t in tensors.values()} == {torch.float16}
+    b_norm = sum(float(t.float().abs().sum()) for k, t in tensors.items() if "lora_B" in k)
+    assert b_norm > 0  # B starts at zero: a trained adapter has moved it
+
+
+def test_train_adapter_leaves_the_base_model_unchanged(trained):
+    model, before, _, _ = trained
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_trained_adapter_loads_with_fused_lora_model(trained, tok):
+    from peft import PeftModel
+
+    model, _, _, out = trained
+    ids = torch.tensor([_ids(tok, chat_prompt(tok, "What colour is item 9?"))])
+    with torch.no_grad():
+        base_logits = model(ids).logits
+        reference = PeftModel.from_pretrained(copy.deepcopy(model), out).eval()(ids).logits
+        fused = FusedLoRAModel(model, {"colour": out})
+        try:
+            with fused.routed(torch.ones(1, 1)):
+                fused_logits = model(ids).logits
+        finally:
+            fused.remove()
+        restored = model(ids).logits
+    assert not torch.allclose(fused_logits, base_logits, atol=1e-4)  # the adapter does something
+    torch.testing.assert_close(fused_logits, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(restored, base_logits, atol=0, rtol=0)
+
+
+def test_train_adapter_twice_on_one_base_model(tok, tmp_path):
+    model = tiny_vocab_model(len(tok))
+    examples = _examples(4, answer="green")
+    cfg = AdapterTrainConfig(r=2, alpha=4, dropout=0.0, epochs=1, batch_size=4, max_length=48)
+    train_adapter(model, tok, _task(examples), examples, [], tmp_path / "first", FAST, progress=False)
+    record = train_adapter(model, tok, _task(examples), examples, [], tmp_path / "second", cfg, progress=False)
+    assert record["dev"] == {} and record["dev_examples_scored"] == 0 and record["steps"] == 1
+    tensors = load_file(str(tmp_path / "second" / "adapter_model.safetensors"))
+    # Only the second run's modules and rank: nothing of the first adapter leaks into it.
+    assert {k.split(".")[-3] for k in tensors} == {"q_proj", "v_proj"}
+    assert {t.shape for k, t in tensors.items() if "lora_A" in k} == {torch.Size([2, 32])}
+
+
+def test_train_adapter_refuses_an_empty_training_split(tok, tmp_path):
+    with pytest.raises(ValueError, match="task 'colour': no training examples"):
+        train_adapter(tiny_vocab_model(len(tok)), tok, _task(_examples(3)), [], _examples(3), tmp_path / "x", FAST,
+                      progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------- train_pool_adapters (resume)
+
+class _Calls:
+    """Test doubles for the expensive parts of train_pool_adapters; they record what they were asked."""
+
+    def __init__(self) -> None:
+        self.trained: list[str] = []
+        self.loads = 0
+
+    def load_base_model(self, name=None):
+        self.loads += 1
+        return "base-model", "tokenizer"
+
+    def train_adapter(self, model, tokenizer, task, train, dev, out_dir, cfg, progress=True):
+        assert (model, tokenizer) == ("base-model", "tokenizer")
+        self.trained.append(task.name)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "adapter_model.safetensors").write_bytes(b"fake")
+        return {"task": task.name, "train_examples": len(train)}
+
+
+@pytest.fixture
+def pool_env(tmp_path, monkeypatch):
+    """Four small user tasks, an assets folder where they are in various states, the test doubles in pool."""
+    tasks = {}
+    for name in ("done", "file_only", "record_only", "new"):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"input": f"{name} q{i}?", "output": f"a{i}"}) + "\n" for i in range(10)))
+        tasks[name] = Task(name=name, kind="qa", source=str(path), metric="exact", load=user_file(name, path))
+    calls = _Calls()
+    monkeypatch.setattr(pool, "load_base_model", calls.load_base_model)
+    monkeypatch.setattr(pool, "train_adapter", calls.train_adapter)
+    root = tmp_path / "assets"
+    for name in ("done", "file_only"):
+        (root / "adapters" / name).mkdir(parents=True)
+        (root / "adapters" / name / "adapter_model.safetensors").write_bytes(b"weights")
+    Manifest(base_model=EMBEDDED_MODEL_ID, tasks=["done", "record_only"],
+             adapters={"done": "adapters/done", "record_only": "adapters/record_only"},
+             records={"done": {"task": "done", "kept": True}, "record_only": {"task": "record_only"}}).save(root)
+    return root, tasks, calls
+
+
+def test_pool_resume_skips_only_finished_tasks(pool_env, tmp_path):
+    root, tasks, calls = pool_env
+    split = SplitConfig(train_cap=5, dev_size=1, test_size=2)
+    manifest = pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split,
+                                        progress=False)
+    # 'done' has both its adapter file and its record; the others miss one of them.
+    assert calls.trained == ["file_only", "record_only", "new"] and calls.loads == 1
+    assert manifest.records["done"] == {"task": "done", "kept": True}  # untouched
+    assert manifest.records["new"]["splits"]["train"] == 5 and manifest.records["new"]["splits"]["test"] == 2
+    saved = Manifest.load(root)
+    assert sorted(saved.tasks) == sorted(tasks) and len(saved.tasks) == 4
+    assert saved.adapters["new"] == "adapters/new" and set(saved.records) == set(tasks)
+
+    # A second run finds everything finished: no model load, no training.
+    pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split, progress=False)
+    assert calls.trained == ["file_only", "record_only", "new"] and calls.loads == 1
+
+
+def test_pool_unknown_task_fails_before_any_training(pool_env, tmp_path):
+    root, tasks, calls = pool_env
+    with pytest.raises(ValueError, match="unknown task 'nope'"):
+        pool.train_pool_adapters(root, [tasks["new"], "nope"], data_dir=tmp_path, progress=False)
+    assert calls.trained == [] and calls.loads == 0
+    assert "new" not in Manifest.load(root).records
+
+
+def test_pool_refuses_a_folder_of_another_base_model(pool_env, tmp_path):
+    root, tasks, calls = pool_env
+    with pytest.raises(ValueError, match=r"holds adapters for base model 'embedded:SmolLM2-135M-Instruct', "
+                                         r"not 'other/model'"):
+        pool.train_pool_adapters(root, [tasks["new"]], data_dir=tmp_path, base_model="other/model", progress=False)
+    assert calls.trained == [] and calls.loads == 0
