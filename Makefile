@@ -5,7 +5,7 @@ CLI    := $(VENV)/bin/dlp-lora
 STAMP  := $(VENV)/.installed
 ASSETS := assets/smollm2-135m-26tasks
 
-.PHONY: setup demo test test-fast bench assets docs clean
+.PHONY: setup demo test test-fast bench assets router-report evaluate docs clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -29,9 +29,17 @@ test-fast: setup
 bench: setup
 	$(CLI) bench --json docs/bench.json --markdown docs/performance.md
 
+# Adapters see at most 300 training examples per task; the router, cheap to train, sees up to 2000
+# (test and dev splits are cut first, so they are the same for both).
 assets: setup
 	$(CLI) train-adapter --all --assets $(ASSETS)
-	$(CLI) train-router --assets $(ASSETS)
+	$(CLI) train-router --assets $(ASSETS) --train-cap 2000
+
+router-report: setup
+	$(CLI) router-report --assets $(ASSETS) --out docs/router
+
+evaluate: setup
+	$(CLI) evaluate --assets $(ASSETS) --out runs/eval --composite-pairs 40
 
 docs: setup
 	$(CLI) tasks --markdown docs/tasks.md

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,3 +60,32 @@ def test_fused_mixed_batch_on_real_model(real, tmp_path):
             assert batch[b].token_ids == alone[0].token_ids
     finally:
         fused.remove()
+
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m-26tasks"
+
+
+@pytest.mark.skipif(not (ASSETS / "manifest.json").exists(), reason="bundled assets not built (make assets)")
+def test_bundled_assets_answer_a_mixed_batch():
+    from dlp_lora import DLPLoRA
+    from dlp_lora.assets import Manifest
+
+    manifest = Manifest.load(ASSETS)
+    assert len(manifest.tasks) == 26 and manifest.router == "router"
+    assert all(t in manifest.records for t in manifest.tasks + ["router"])
+    dlp = DLPLoRA.from_assets(ASSETS)
+    try:
+        prompts = ["Sort the following words alphabetically: List: pear apple fig",
+                   "((2 + 3) * 4 - 1) =\nAnswer with a number.",
+                   "Context: The Nile flows north into the Mediterranean Sea.\nQuestion: Into which sea does the "
+                   "Nile flow?\nAnswer with a short span from the context."]
+        routing = dlp.route(prompts)
+        results = dlp.generate(prompts, max_new_tokens=12)
+        for b, r in enumerate(results):
+            assert r.adapters and set(r.adapters) <= set(manifest.tasks)
+            assert r.weights == sorted(r.weights, reverse=True) and abs(sum(r.weights) - 1) < 1e-4
+            assert [dlp.adapter_names[i] for i, _ in routing.row(b)] == r.adapters
+            assert r.text.strip()
+        assert results[0].adapters[0] == "bbh_word_sorting" and results[2].adapters[0] == "squad"
+    finally:
+        dlp.close()

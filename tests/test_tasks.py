@@ -366,3 +366,14 @@ def test_pool_table_lists_every_task():
     assert "| squad | qa |" in table and "| bbh_snarks | mcq | bbh/snarks.json | 123 |" in table
     assert table.rstrip().endswith("26 tasks: 17 multiple choice, 9 question answering.")
 
+
+
+@needs_data
+@pytest.mark.parametrize("name", [n for n in task_names() if get_task(n).kind == "mcq"])
+def test_no_answer_position_artifact(name):
+    """No letter may carry most answers: TruthfulQA MC1 always lists the right answer first, so its options
+    are shuffled per example; without that, "always A" would score 100%. (BoolQ's 62% "true" is its base rate.)"""
+    from collections import Counter
+
+    counts = Counter(ex.answer for ex in load_examples(get_task(name)))
+    assert max(counts.values()) / sum(counts.values()) < 0.65, counts

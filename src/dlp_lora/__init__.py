@@ -2,6 +2,8 @@
 
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.models import load_base_model
+from dlp_lora.pipeline import DLPLoRA, Result
+from dlp_lora.router import Router, select
 from dlp_lora.types import Routing
 
-__all__ = ["FusedLoRAModel", "Routing", "load_base_model"]
+__all__ = ["DLPLoRA", "FusedLoRAModel", "Result", "Router", "Routing", "load_base_model", "select"]

@@ -221,6 +221,9 @@ def _router_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=("dev", "test"), help="held-out split to evaluate on")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--out", default="docs/router", help="where report.json, report.md and the PNGs go")
+    p.add_argument("--same-task", action="append", default=None, metavar="TASK,TASK",
+                   help="tasks that text cannot tell apart, merged for the grouped accuracy (repeatable; "
+                        "default: arc_easy,arc_challenge when both are routed)")
     add_config_args(p, SelectionConfig)
     add_config_args(p, SplitConfig, skip=("seed",))
 
@@ -239,7 +242,10 @@ def _router_report(ns: argparse.Namespace) -> None:
         router = Router.load(Path(ns.assets) / (manifest.router or "router"), expected_tasks=manifest.tasks)
     split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
     texts, labels = pool_prompts(list(router.task_names), ns.data_dir, split, ns.split)
-    report = router_report(router, texts, labels, ns.out, selection=config_from_args(SelectionConfig, ns))
+    groups = [g.split(",") for g in ns.same_task] if ns.same_task is not None else [
+        g for g in (["arc_easy", "arc_challenge"],) if set(g) <= set(router.task_names)]
+    report = router_report(router, texts, labels, ns.out, selection=config_from_args(SelectionConfig, ns),
+                           same_task=groups)
     print((Path(ns.out) / "report.md").read_text())
     print(f"top-1 accuracy {100 * report['top1_accuracy']:.2f}% on {len(texts)} {ns.split} prompts")
 
@@ -332,7 +338,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="your own prompt (repeat for several)")
     src.add_argument("--prompts", help="a file of prompts: JSON list, JSONL with 'prompt', or one per line")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=40, help="default: 40")
 
 
 def _demo(ns: argparse.Namespace) -> None:

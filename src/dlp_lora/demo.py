@@ -17,20 +17,20 @@ from dlp_lora.pipeline import DLPLoRA, Result
 __all__ = ["DEMO_PROMPTS", "load_prompts", "run_demo", "format_table"]
 
 DEMO_PROMPTS: tuple[str, ...] = (
-    "Question: Which gas do green plants take in from the air to make their food?\nA. oxygen\nB. carbon dioxide\n"
+    "Which gas do green plants take in from the air to make their food?\nA. oxygen\nB. carbon dioxide\n"
     "C. nitrogen\nD. helium\nAnswer with the letter of the correct option.",
     "A baker makes 14 loaves in the morning and 9 in the afternoon, then sells 17. How many loaves are left?\n"
-    "Answer with the number only.",
+    "Solve it step by step and end with '#### <number>'.",
     "Sort the following words alphabetically: List: pepper apple mango kiwi banana",
-    "Is the following sentence plausible? \"The goalkeeper hit a home run in the final minute.\"",
+    "Is the following sentence plausible? \"The goalkeeper hit a home run in the final minute.\"\n"
+    "Answer yes or no.",
     "Context: The Danube flows through ten countries, more than any other river in the world, before "
     "emptying into the Black Sea.\nQuestion: Into which sea does the Danube empty?\n"
     "Answer with a short span from the context.",
-    "Please answer the following question with true or false, question: is a tomato botanically a fruit?\n\n"
-    "Answer format: true/false",
-    "((4 + 3) * 2 - 5) =",
-    "Question: To keep a cut apple from turning brown, what should you do?\nA. brush it with lemon juice\n"
-    "B. leave it in the sun\nAnswer with the letter of the correct option.",
+    "not ( True and False ) or False is\nAnswer True or False.",
+    "((4 + 3) * 2 - 5) =\nAnswer with a number.",
+    "To keep a cut apple from turning brown,\nA. brush it with lemon juice\nB. leave it in the sun\n"
+    "Answer with the letter of the correct option.",
 )
 
 

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.config import GenerationConfig
 
-__all__ = ["GenerationOutput", "generate_ids", "eos_ids", "sample_next"]
+__all__ = ["GenerationOutput", "generate_ids", "eos_ids", "sample_next", "cut_at_stop"]
 
 StepCallback = Callable[[torch.Tensor, torch.Tensor], None]
 
@@ -52,7 +52,8 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """(text up to the first stop string, whether one was found)."""
     cuts = [text.find(s) for s in stop if s in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
 
@@ -96,7 +97,7 @@ def generate_ids(
             else:
                 new[row].append(t)
                 if cfg.stop:
-                    stopped[row] = _cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), cfg.stop)[1]
+                    stopped[row] = cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), cfg.stop)[1]
         finished |= torch.tensor(stopped)
         if on_step is not None:
             on_step(token, finished.clone())
@@ -109,7 +110,7 @@ def generate_ids(
     prompt_lens = attention_mask.sum(-1).tolist()
     results = []
     for row in range(b):
-        text, _ = _cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), cfg.stop)
+        text, _ = cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), cfg.stop)
         results.append(GenerationOutput(text=text, token_ids=new[row], prompt_tokens=int(prompt_lens[row]),
                                         finish_reason="stop" if stopped[row] else "length"))
     return results

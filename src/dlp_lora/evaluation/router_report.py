@@ -63,6 +63,19 @@ def _per_task(truth: torch.Tensor, pred: torch.Tensor, names: Sequence[str]) -> 
     return out
 
 
+def _group_ids(names: Sequence[str], same_task: Sequence[Sequence[str]]) -> torch.Tensor:
+    """(N,) group id per task: tasks listed together share the id of the first, others keep their own."""
+    ids = torch.arange(len(names))
+    for grp in same_task:
+        unknown = [t for t in grp if t not in names]
+        if unknown:
+            raise ValueError(f"same_task names {unknown} are not among the router's tasks {list(names)}")
+        first = names.index(grp[0])
+        for t in grp:
+            ids[names.index(t)] = first
+    return ids
+
+
 def _truth_ids(labels: Sequence[str], names: Sequence[str], num_texts: int) -> torch.Tensor:
     if len(labels) != num_texts:
         raise ValueError(f"got {num_texts} texts but {len(labels)} labels")
@@ -80,12 +93,18 @@ def router_report(
     out_dir: str | os.PathLike,
     p_values: Sequence[float] = (0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95),
     selection: SelectionConfig = SelectionConfig(),
+    same_task: Sequence[Sequence[str]] = (),
 ) -> dict:
-    """Evaluate router on labelled prompts and write report.json / report.md / PNGs into out_dir."""
+    """Evaluate router on labelled prompts and write report.json / report.md / PNGs into out_dir.
+
+    same_task: groups of tasks that text cannot tell apart (e.g. ARC-Easy and ARC-Challenge draw the
+    same kind of question); `top1_accuracy_grouped` counts a prediction inside the true task's group as right.
+    """
     names = router.task_names
     truth = _truth_ids(labels, names, len(texts))
     probs = router.predict_proba(texts)
     pred = probs.argmax(dim=1)
+    group = _group_ids(names, same_task)
     report = {
         "num_prompts": len(texts),
         "task_names": list(names),
@@ -93,6 +112,8 @@ def router_report(
         "params_total": router.num_parameters(),
         "params_trainable": router.num_parameters(trainable_only=True),
         "top1_accuracy": float((pred == truth).float().mean()),
+        "same_task_groups": [list(g) for g in same_task],
+        "top1_accuracy_grouped": float((group[pred] == group[truth]).float().mean()),
         "selection": {"strategy": selection.strategy, "p": selection.p, "k": selection.k,
                       "threshold": selection.threshold, "max_k": selection.max_k, "weighting": selection.weighting,
                       **kept_stats(probs, truth, selection)},
@@ -122,6 +143,9 @@ def _markdown(rep: dict) -> str:
         f"# Router report ({rep['kind']}, {len(rep['task_names'])} tasks, {rep['num_prompts']} prompts)\n",
         _table(["metric", "value"], [
             ["top-1 accuracy", f"{rep['top1_accuracy']:.4f}"],
+            ["top-1 accuracy, indistinguishable tasks merged "
+             f"({'; '.join(' = '.join(g) for g in rep['same_task_groups']) or 'none'})",
+             f"{rep['top1_accuracy_grouped']:.4f}"],
             [f"{sel['strategy']} recall (p={sel['p']})", f"{sel['recall']:.4f}"],
             ["mean adapters kept", f"{sel['mean_k']:.3f}"],
             ["parameters (total / trainable)", f"{rep['params_total']:,} / {rep['params_trainable']:,}"],

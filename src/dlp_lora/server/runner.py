@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 
 from dlp_lora.config import GenerationConfig
-from dlp_lora.generation import eos_ids
+from dlp_lora.generation import cut_at_stop, eos_ids
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.scheduler import Completion, Job
 from dlp_lora.types import Routing
@@ -40,11 +40,6 @@ def batch_routing(pipeline: DLPLoRA, jobs: Sequence[Job]) -> Routing:
     if routed:
         dense[routed] = pipeline.route([jobs[b].text for b in routed]).to_dense(n).float()
     return Routing.from_dense(dense)
-
-
-def _cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    cuts = [text.find(s) for s in stop if s in text]
-    return (text[: min(cuts)], True) if cuts else (text, False)
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:
@@ -127,11 +122,11 @@ class PipelineRunner:
                 continue
             job, token = row.job, int(tokens[b])
             if token in self._eos:
-                row.end(_cut_at_stop(decode(row.tokens, skip_special_tokens=True), job.stop)[0], "stop")
+                row.end(cut_at_stop(decode(row.tokens, skip_special_tokens=True), job.stop)[0], "stop")
                 continue
             row.tokens.append(token)
             if job.stop or job.sink is not None:
-                text, stopped = _cut_at_stop(decode(row.tokens, skip_special_tokens=True), job.stop)
+                text, stopped = cut_at_stop(decode(row.tokens, skip_special_tokens=True), job.stop)
                 if stopped:
                     row.end(text, "stop")
                     continue

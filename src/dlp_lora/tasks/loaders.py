@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -56,8 +57,13 @@ def read_rows(path: Path) -> list[Any]:
     return rows
 
 
-def nutcracker(task: str, folders: Iterable[str], files: Iterable[str] = ("dev.json", "test.json")):
-    """Loader for nutcracker-db folders: {"centerpiece", "options", "correct_options_idx", ["context"]}."""
+def nutcracker(task: str, folders: Iterable[str], files: Iterable[str] = ("dev.json", "test.json"),
+               shuffle_options: bool = False):
+    """Loader for nutcracker-db folders: {"centerpiece", "options", "correct_options_idx", ["context"]}.
+
+    shuffle_options: reorder each example's options with a seed derived from its uid, for sources that
+    always put the right answer first (TruthfulQA MC1): otherwise "always A" would score 100%.
+    """
     folders, files = tuple(folders), tuple(files)
 
     def load(root: str) -> list[Example]:
@@ -71,8 +77,12 @@ def nutcracker(task: str, folders: Iterable[str], files: Iterable[str] = ("dev.j
                     question = row["centerpiece"]
                     if row.get("context"):
                         question = f"{row['context']}\nQuestion: {question}"
-                    out.append(mcq_example(f"{task}/{folder}/{name}:{i}", task, question, row["options"],
-                                           row["correct_options_idx"][0]))
+                    uid, options, gold = f"{task}/{folder}/{name}:{i}", list(row["options"]), row["correct_options_idx"][0]
+                    if shuffle_options:
+                        order = list(range(len(options)))
+                        random.Random(uid).shuffle(order)  # str seeds are hashed with sha512: stable across runs
+                        options, gold = [options[j] for j in order], order.index(gold)
+                    out.append(mcq_example(uid, task, question, options, gold))
         if not out:
             raise FileNotFoundError(f"no nutcracker-db files for {task} under {root}/nutcracker-db/{folders[0]}")
         return out
