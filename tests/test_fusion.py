@@ -87,8 +87,6 @@ def test_mixed_batch_equals_rows_alone(tiny_model, adapter_dirs, path):
 
 
 def test_mixed_batch_greedy_tokens_equal_rows_alone(tiny_model, adapter_dirs):
-    from transformers import AutoTokenizer  # noqa: F401  (tokenizer-free: decode is not needed here)
-
     ids, mask = _ids()
     weights = _mixed_weights()
     fused = FusedLoRAModel(tiny_model, adapter_dirs)
