@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dlp_lora.config import RouterConfig, RouterTrainConfig
-from dlp_lora.evaluation.router_report import router_report
+from dlp_lora.evaluation.router_report import comparison_markdown, router_report
 from dlp_lora.router import Router
 from dlp_lora.router.model import head_tail
 from dlp_lora.training.router import load_labelled_jsonl, train_router
@@ -165,6 +165,8 @@ def test_router_report_grouped_accuracy(trained, data, tmp_path):
                            same_task=[TASKS])
     assert report["top1_accuracy_grouped"] == 1.0
     assert "math = translate = sentiment" in (tmp_path / "rep" / "report.md").read_text()
+    table = comparison_markdown([("a", report), ("b", report)])
+    assert table.count("| mini-mlp |") == 2 and "top-1 grouped" in table
     with pytest.raises(ValueError, match=r"same_task names \['poetry'\]"):
         router_report(trained[0], data["dev_x"], data["dev_y"], tmp_path / "rep2", same_task=[("math", "poetry")])
 

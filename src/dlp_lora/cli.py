@@ -221,6 +221,8 @@ def _router_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="test", choices=("dev", "test"), help="held-out split to evaluate on")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--out", default="docs/router", help="where report.json, report.md and the PNGs go")
+    p.add_argument("--compare", action="append", default=[], metavar="ROUTER_DIR",
+                   help="also evaluate this router on the same prompts and add a side-by-side table (repeatable)")
     p.add_argument("--same-task", action="append", default=None, metavar="TASK,TASK",
                    help="tasks that text cannot tell apart, merged for the grouped accuracy (repeatable; "
                         "default: arc_easy,arc_challenge when both are routed)")
@@ -244,8 +246,18 @@ def _router_report(ns: argparse.Namespace) -> None:
     texts, labels = pool_prompts(list(router.task_names), ns.data_dir, split, ns.split)
     groups = [g.split(",") for g in ns.same_task] if ns.same_task is not None else [
         g for g in (["arc_easy", "arc_challenge"],) if set(g) <= set(router.task_names)]
-    report = router_report(router, texts, labels, ns.out, selection=config_from_args(SelectionConfig, ns),
-                           same_task=groups)
+    selection = config_from_args(SelectionConfig, ns)
+    report = router_report(router, texts, labels, ns.out, selection=selection, same_task=groups)
+    if ns.compare:
+        from dlp_lora.evaluation.router_report import comparison_markdown
+
+        reports = [("this router", report)]
+        for i, other_dir in enumerate(ns.compare):
+            other = Router.load(other_dir, expected_tasks=router.task_names)
+            reports.append((str(other_dir), router_report(other, texts, labels, Path(ns.out) / f"compare-{i}",
+                                                          selection=selection, same_task=groups)))
+        with open(Path(ns.out) / "report.md", "a") as fh:
+            fh.write("\n" + comparison_markdown(reports))
     print((Path(ns.out) / "report.md").read_text())
     print(f"top-1 accuracy {100 * report['top1_accuracy']:.2f}% on {len(texts)} {ns.split} prompts")
 

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from ..config import SelectionConfig
 from ..router import Router, select_with
 
-__all__ = ["router_report", "kept_stats", "confusion_matrix", "latency_per_prompt"]
+__all__ = ["router_report", "comparison_markdown", "kept_stats", "confusion_matrix", "latency_per_prompt"]
 
 
 def kept_stats(probs: torch.Tensor, truth: torch.Tensor, cfg: SelectionConfig) -> dict:
@@ -166,6 +166,19 @@ def _markdown(rep: dict) -> str:
                [[t, *row] for t, row in zip(rep["task_names"], rep["confusion"])]),
     ]
     return "\n".join(parts)
+
+
+def comparison_markdown(reports: Sequence[tuple[str, dict]]) -> str:
+    """Routers evaluated on the same prompts, side by side: (label, report) pairs -> a markdown section."""
+    rows = []
+    for label, rep in reports:
+        sel, lat = rep["selection"], rep["latency_ms_per_prompt"]
+        rows.append([label, rep["kind"], f"{rep['params_total']:,}", f"{rep['params_trainable']:,}",
+                     f"{rep['top1_accuracy']:.4f}", f"{rep['top1_accuracy_grouped']:.4f}",
+                     f"{sel['recall']:.4f}", f"{sel['mean_k']:.3f}", f"{lat['batch_1']:.2f}", f"{lat['batch_32']:.3f}"])
+    return "## Router comparison (same prompts)\n\n" + _table(
+        ["router", "kind", "params", "trainable", "top-1", "top-1 grouped", f"recall (p={reports[0][1]['selection']['p']})",
+         "mean k", "ms/prompt b1", "ms/prompt b32"], rows)
 
 
 def _plot_confusion(rep: dict, path: Path) -> None:
