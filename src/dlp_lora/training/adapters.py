@@ -67,6 +67,7 @@ def dev_score(
 
 def _save_fp16(peft_model: PeftModel, out_dir: Path) -> None:
     peft_model.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template; the manifest holds the record
     f = out_dir / "adapter_model.safetensors"
     save_file({k: v.half().contiguous() for k, v in load_file(str(f)).items()}, str(f))
 
