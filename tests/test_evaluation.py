@@ -132,3 +132,28 @@ def test_harness_refuses_task_without_adapter(dlp, tmp_path):
                  load=lambda root: _tasks()["maths"].load(root))
     with pytest.raises(ValueError, match="'poetry'.*no adapter"):
         run_evaluation(dlp, [other], tmp_path, EvalConfig(limit=2), SPLIT)
+
+
+def test_baseline_adapter_is_served_only_when_named_and_evaluated(tmp_path, tok):
+    from conftest import make_peft_adapter, tiny_vocab_model
+    from dlp_lora.pipeline import DLPLoRA
+
+    root = make_tiny_assets(tmp_path / "assets", len(tok))
+    extra = make_peft_adapter(tmp_path / "multitask", seed=9, base=tiny_vocab_model(len(tok)))
+    plain = tiny_pipeline(root, tok)
+    plain.close()  # one model carries one FusedLoRAModel at a time
+    dlp = DLPLoRA(plain.model, tok, plain.router, {"maths": root / "adapters/maths",
+                                                  "science": root / "adapters/science"},
+                  baselines={"multitask": extra})
+    assert dlp.adapter_names == ["maths", "science", "multitask"] and dlp.baselines == ["multitask"]
+    prompts = ["What is 2 plus 2?", "Which gas do plants take in?"]
+    assert all(r.adapters and "multitask" not in r.adapters for r in dlp.generate(prompts, max_new_tokens=2))
+    pinned = dlp.generate(prompts[:1], max_new_tokens=2, routing=dlp.routing_for([{"multitask": 1.0}]))
+    assert pinned[0].adapters == ["multitask"]
+    summary = run_evaluation(dlp, list(_tasks().values()), tmp_path / "eval",
+                             EvalConfig(methods=("base",), p_sweep=(), limit=2, loglik=False), SPLIT)
+    assert set(summary) == {"base", "multitask"}  # baselines join every run
+    with pytest.raises(ValueError, match="share names with routed adapters"):
+        DLPLoRA(plain.model, tok, None, {"maths": root / "adapters/maths"}, baselines={"maths": extra})
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        run_evaluation(dlp, list(_tasks().values()), tmp_path / "e2", EvalConfig(methods=("nope",), limit=2), SPLIT)

@@ -17,7 +17,7 @@ from dlp_lora.chat import chat_prompt
 from dlp_lora.config import AdapterTrainConfig, SplitConfig
 from dlp_lora.models import EMBEDDED_MODEL_ID, load_tokenizer
 from dlp_lora.tasks import Example, Task
-from dlp_lora.tasks.loaders import user_file
+from dlp_lora.tasks.loaders import resolve_data_dir, user_file
 from dlp_lora.training import pool
 from dlp_lora.training.adapters import train_adapter, training_batch
 
@@ -256,3 +256,22 @@ def test_pool_refuses_a_folder_of_another_base_model(pool_env, tmp_path):
                                          r"not 'other/model'"):
         pool.train_pool_adapters(root, [tasks["new"]], data_dir=tmp_path, base_model="other/model", progress=False)
     assert calls.trained == [] and calls.loads == 0
+
+
+def test_multitask_baseline_trains_once_on_every_task_and_is_recorded(tmp_path, monkeypatch):
+    try:
+        resolve_data_dir()
+    except FileNotFoundError:
+        pytest.skip("../shared/data is not present")
+    calls = _Calls()
+    monkeypatch.setattr(pool, "load_base_model", calls.load_base_model)
+    monkeypatch.setattr(pool, "train_adapter", calls.train_adapter)
+    root = tmp_path / "assets"
+    Manifest(base_model=EMBEDDED_MODEL_ID, tasks=["bbh_navigate", "bbh_snarks"],
+             adapters={"bbh_navigate": "adapters/bbh_navigate", "bbh_snarks": "adapters/bbh_snarks"}).save(root)
+    split = SplitConfig(train_cap=5)
+    manifest = pool.train_pool_multitask(root, split_cfg=split, progress=False)
+    assert calls.trained == ["multitask"] and manifest.records["multitask"]["train_examples"] == 10
+    assert Manifest.load(root).baselines == {"multitask": "baselines/multitask"}
+    pool.train_pool_multitask(root, split_cfg=split, progress=False)  # finished: skipped
+    assert calls.trained == ["multitask"] and calls.loads == 1

@@ -29,6 +29,9 @@ class Manifest:
     """Task name -> adapter directory (relative)."""
     router: str | None = None
     """Router directory (relative), or None before one is trained."""
+    baselines: dict[str, str] = field(default_factory=dict)
+    """Adapters outside the router's classes, name -> directory (relative): e.g. the `multitask` LoRA
+    trained on every task's data, which evaluation compares against. Loaded after the routed adapters."""
     selection: dict[str, Any] = field(default_factory=dict)
     """SelectionConfig defaults for this asset set."""
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -62,9 +65,20 @@ class Manifest:
             d = root / self.adapters[task]
             if not (d / "adapter_config.json").exists():
                 raise FileNotFoundError(f"manifest names adapter {task!r} at {d}, but it has no adapter_config.json")
+        clash = sorted(set(self.baselines) & set(self.tasks))
+        if clash:
+            raise ValueError(f"baseline adapters {clash} share names with tasks")
+        for name, rel in self.baselines.items():
+            if not (root / rel / "adapter_config.json").exists():
+                raise FileNotFoundError(f"manifest names baseline {name!r} at {root / rel}, but it has no "
+                                        "adapter_config.json")
         if self.router is not None and not (root / self.router / "config.json").exists():
             raise FileNotFoundError(f"manifest names a router at {root / self.router}, but it has no config.json")
 
     def adapter_paths(self, root: str | Path) -> dict[str, Path]:
         """Task -> absolute adapter dir, in router class order."""
         return {t: Path(root) / self.adapters[t] for t in self.tasks}
+
+    def baseline_paths(self, root: str | Path) -> dict[str, Path]:
+        """Baseline name -> absolute adapter dir."""
+        return {n: Path(root) / rel for n, rel in self.baselines.items()}

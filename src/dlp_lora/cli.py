@@ -121,6 +121,8 @@ def _train_adapter_args(p: argparse.ArgumentParser) -> None:
     group.add_argument("--all", action="store_true", help="every task in the registry")
     group.add_argument("--task-file", action="append", metavar="NAME=PATH",
                        help='your own task: a JSON/JSONL file of {"input", "output"} pairs (repeatable)')
+    group.add_argument("--multitask", action="store_true",
+                       help="the baseline: one LoRA on every task of --assets together (use e.g. --r 64 --alpha 128)")
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder to write adapters and manifest into")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--base-model", default=None, help="HF dir or hub id (default: the embedded SmolLM2)")
@@ -133,8 +135,15 @@ def _train_adapter(ns: argparse.Namespace) -> None:
     from dlp_lora.tasks import task_names
     from dlp_lora.training.pool import train_pool_adapters
 
-    tasks = task_names() if ns.all else ns.task or [_user_task(spec) for spec in ns.task_file]
     split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
+    if ns.multitask:
+        from dlp_lora.training.pool import train_pool_multitask
+
+        rec = train_pool_multitask(ns.assets, ns.data_dir, split, config_from_args(AdapterTrainConfig, ns),
+                                   ns.base_model).records["multitask"]
+        print(f"multitask steps={rec['steps']} loss={rec['final_train_loss']:.3f}")
+        return
+    tasks = task_names() if ns.all else ns.task or [_user_task(spec) for spec in ns.task_file]
     manifest = train_pool_adapters(ns.assets, tasks, ns.data_dir, split, config_from_args(AdapterTrainConfig, ns),
                                    ns.base_model)
     for t in tasks:

@@ -49,14 +49,22 @@ class DLPLoRA:
         selection: SelectionConfig | None = None,
         fusion: FusionConfig | None = None,
         max_prompt_tokens: int | None = None,
+        baselines: Mapping[str, str | Path] | None = None,
     ) -> None:
+        """adapters: the router's classes in its order; baselines: more adapters the router never picks
+        (served only when named, e.g. the `multitask` baseline), placed after them in the bank."""
         if router is not None and list(router.task_names) != list(adapters):
             raise ValueError(f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
                              "(same names in the same order are required)")
+        baselines = dict(baselines or {})
+        clash = sorted(set(baselines) & set(adapters))
+        if clash:
+            raise ValueError(f"baseline adapters {clash} share names with routed adapters")
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.selection = selection or SelectionConfig()
         self.max_prompt_tokens = max_prompt_tokens
-        self.fused = FusedLoRAModel(model, adapters, fusion)
+        self.baselines = list(baselines)
+        self.fused = FusedLoRAModel(model, {**adapters, **baselines}, fusion)
 
     @classmethod
     def from_assets(
@@ -74,10 +82,12 @@ class DLPLoRA:
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks)
         model, tok = load_base_model(base_model or manifest.base_model)
         selection = selection or SelectionConfig(**manifest.selection)
-        return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion)
+        return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
+                   baselines=manifest.baseline_paths(root))
 
     @property
     def adapter_names(self) -> list[str]:
+        """Every adapter in bank order: the router's classes first, then the baselines."""
         return self.fused.adapter_names
 
     def route(self, prompts: Sequence[str]) -> Routing:

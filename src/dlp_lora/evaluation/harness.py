@@ -113,11 +113,23 @@ def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig
         path = out_dir / "predictions" / method / f"{task_name}.jsonl"
         rows = _read_complete(path, examples)
         if rows is None:
-            dense = method_weights(method, probs, truth, dlp.selection)
+            dense = _method_dense(dlp, method, probs, truth)
             rows = _run_rows(dlp, task, examples, dense, cfg, cache)
             _write_rows(path, examples, rows)
         results[method] = _score(task, examples, rows)
     return results
+
+
+def _method_dense(dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """(B, bank width) weights: a baseline adapter alone when `method` names one, else the method's routing
+    over the router's classes (the baseline columns stay zero)."""
+    width = len(dlp.adapter_names)
+    if method in dlp.baselines:
+        dense = torch.zeros(len(probs), width)
+        dense[:, dlp.adapter_names.index(method)] = 1.0
+        return dense
+    dense = method_weights(method, probs, truth, dlp.selection)
+    return torch.nn.functional.pad(dense, (0, width - dense.shape[1]))
 
 
 def _read_complete(path: Path, examples: Sequence[Example]) -> list[dict] | None:

@@ -13,7 +13,7 @@ from dlp_lora.tasks import Task, get_task, load_splits
 from dlp_lora.training.adapters import train_adapter
 from dlp_lora.training.router import train_router
 
-__all__ = ["train_pool_adapters", "train_pool_router", "train_task_router", "pool_prompts"]
+__all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router", "pool_prompts"]
 
 
 def _open_manifest(root: Path, base_model: str) -> Manifest:
@@ -59,6 +59,39 @@ def train_pool_adapters(
         if name not in manifest.tasks:
             manifest.tasks.append(name)
         manifest.save(root)
+    return manifest
+
+
+def train_pool_multitask(
+    root: str | Path,
+    data_dir: str | Path | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    train_cfg: AdapterTrainConfig = AdapterTrainConfig(r=64, alpha=128),
+    base_model: str | None = None,
+    name: str = "multitask",
+    progress: bool = True,
+) -> Manifest:
+    """The paper's composite baseline: one LoRA trained on every task's training split together.
+
+    Saved under root/baselines/<name> and listed in the manifest's `baselines` (the router never picks
+    it; evaluation compares it). Skipped when already trained.
+    """
+    root = Path(root)
+    manifest = Manifest.load(root)
+    if not manifest.tasks:
+        raise ValueError(f"{root}: the manifest lists no tasks; train the task adapters first")
+    out = root / "baselines" / name
+    if (out / "adapter_model.safetensors").exists() and name in manifest.records:
+        return manifest
+    train = [ex for t in manifest.tasks for ex in load_splits(get_task(t), data_dir, split_cfg).train]
+    union = Task(name=name, kind="qa", source="training splits of " + ", ".join(manifest.tasks), metric="exact",
+                 load=lambda _root: train)
+    model, tok = load_base_model(base_model or manifest.base_model)
+    # No dev score: one metric cannot score 26 tasks; `dlp-lora evaluate` scores it per task instead.
+    record = train_adapter(model, tok, union, train, [], out, train_cfg, progress=progress)
+    manifest.records[name] = {**record, "splits": asdict(split_cfg)}
+    manifest.baselines[name] = f"baselines/{name}"
+    manifest.save(root)
     return manifest
 
 
