@@ -76,11 +76,13 @@ def _markdown(per_task: dict, tasks: Mapping[str, Task], summary: dict, meta: di
     lines += _averages_table(summary, main)
     if sweep:
         lines += ["", "## Top-p sweep of `dlp`", ""] + _averages_table(summary, sweep)
+        lines += ["", "![p sweep: mean adapters fused vs score](p_sweep.png)"]
     lines += ["", "## Per task (headline metric)", "", "| task | kind | " + " | ".join(main) + " |",
               "|---|---|" + "---|" * len(main)]
     for t, by_method in per_task.items():
         lines.append(f"| {t} | {tasks[t].kind} | " + " | ".join(f"{headline(tasks[t], by_method[m]):.1f}" for m in main)
                      + " |")
+    lines += ["", "![per-task headline score by method](per_task.png)"]
     if composite:
         lines += ["", "## Composite prompts", "",
                   f"{composite['pairs']} prompts, each two questions from different tasks joined by a blank line; "
