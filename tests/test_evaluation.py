@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -114,7 +115,8 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["per_task"]["maths"]["base"]["mean_k"] == 0
     assert results["composite"]["pairs"] == 2
-    assert "## Composite prompts" in (out / "results.md").read_text()
+    composite_rows = re.findall(r"\| per (?:prompt|segment) \| ([\d.]+) \|", (out / "results.md").read_text())
+    assert len(composite_rows) == 2 and all(0 <= float(v) <= 100 for v in composite_rows)  # percentages
 
     # Resume: every (method, task) file is complete, so nothing is generated again.
     calls.clear()

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
 from dlp_lora.assets import Manifest
-from dlp_lora.config import GenerationConfig, RouterConfig, SelectionConfig
+from dlp_lora.config import GenerationConfig, SelectionConfig
 from dlp_lora.models import load_tokenizer
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.router import Router

@@ -78,6 +78,7 @@ def format_table(prompts: Sequence[str], results: Sequence[Result], seconds: flo
 def run_demo(dlp: DLPLoRA, prompts: Sequence[str], max_new_tokens: int = 24) -> str:
     """Answer `prompts` as one routed batch, then time the same batch with one plain adapter per row."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
+    dlp.generate(prompts, max_new_tokens=1)  # warm-up: first calls pay one-off allocation costs
     t0 = time.perf_counter()
     results = dlp.generate(prompts, config=cfg)
     routed = time.perf_counter() - t0

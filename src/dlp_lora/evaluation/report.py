@@ -90,7 +90,7 @@ def _markdown(per_task: dict, tasks: Mapping[str, Task], summary: dict, meta: di
                   "per segment: each part routed on its own text.", "",
                   "| routing | mean part score | weight on the true task | mean k |", "|---|---|---|---|"]
         for name in ("per_prompt", "per_segment"):
-            lines.append(f"| {name.replace('_', ' ')} | {100 * composite[f'{name}_score']:.2f} | "
+            lines.append(f"| {name.replace('_', ' ')} | {composite[f'{name}_score']:.2f} | "
                          f"{composite[f'{name}_true_task_weight']:.3f} | {composite[f'{name}_mean_k']:.2f} |")
     return "\n".join(lines) + "\n"
 

@@ -62,7 +62,8 @@ class GenerationParams(BaseModel):
                 try:
                     x.encode("utf-8")
                 except UnicodeEncodeError:
-                    raise ValueError(f"{where or 'a string'} is not valid Unicode text (it holds a lone surrogate)")
+                    raise ValueError(f"{where or 'a string'} is not valid Unicode text (it holds a lone surrogate)"
+                                     ) from None
             elif isinstance(x, dict):
                 for k, v in x.items():
                     walk(k, where)

@@ -66,19 +66,19 @@ def _label_ids(texts: Sequence[str], labels: Sequence[str], task_names: Sequence
     return torch.tensor([index[lab] for lab in labels], dtype=torch.long)
 
 
-def _frozen_features(router: Router, ids: list[list[int]]) -> torch.Tensor:
+def _frozen_features(router: Router, ids: list[list[int]], progress: bool = True) -> torch.Tensor:
     """Pooled encoder features (B, D) for every example, computed once in eval mode."""
     router.eval()
+    starts = tqdm(range(0, len(ids), _EVAL_BATCH), desc="encoder features", unit="batch", disable=not progress)
     with torch.no_grad():
-        return torch.cat([router.features(*router.collate(ids[i:i + _EVAL_BATCH]))
-                          for i in range(0, len(ids), _EVAL_BATCH)])
+        return torch.cat([router.features(*router.collate(ids[i:i + _EVAL_BATCH])) for i in starts])
 
 
-def _logits_fn(router: Router, texts: Sequence[str]) -> LogitsFn:
+def _logits_fn(router: Router, texts: Sequence[str], progress: bool = True) -> LogitsFn:
     """Tokenise once; returns positions (b,) -> logits (b, N) (head-only over cached features for encoders)."""
     ids = router.token_ids(texts)
     if router.encoder is not None:
-        feats = _frozen_features(router, ids)
+        feats = _frozen_features(router, ids, progress)
         return lambda pos: router.head(feats[pos])
     return lambda pos: router(*router.collate([ids[i] for i in pos.tolist()]))
 
@@ -132,8 +132,8 @@ def train_router(
         torch.manual_seed(train_cfg.seed)
         router = Router(router_cfg)
         gen = torch.Generator().manual_seed(train_cfg.seed)
-        history = _fit(router, _logits_fn(router, train_texts), y_train, _logits_fn(router, dev_texts), y_dev,
-                       train_cfg, gen, progress)
+        history = _fit(router, _logits_fn(router, train_texts, progress), y_train,
+                       _logits_fn(router, dev_texts, progress), y_dev, train_cfg, gen, progress)
     history["seconds"] = time.perf_counter() - start
     history["trainable_params"] = router.num_parameters(trainable_only=True)
     return router.eval(), history
