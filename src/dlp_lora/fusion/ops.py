@@ -77,7 +77,11 @@ def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mask: t
 
 
 def merged_weight(W: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """A new (d_out, d_in) weight W + sum_i mix_i * B_i A_i for one shared mixture mix (N,); W is untouched."""
-    n, r, d_in = A.shape
-    scaled_A = A.reshape(n * r, d_in) * dense_mask(mix[None, :], r)[0, :, None].to(A.dtype)
-    return W + (Bt.reshape(n * r, -1).T @ scaled_A).to(W.dtype)
+    """A new (d_out, d_in) weight W + sum_i mix_i * B_i A_i for one shared mixture mix (N,); W is untouched.
+
+    Only the adapters with nonzero weight enter the product, so the cost is that of k adapters, not N.
+    """
+    used = mix.nonzero().flatten()
+    k, r, d_in = len(used), A.shape[1], A.shape[2]
+    scaled_A = A[used].reshape(k * r, d_in) * dense_mask(mix[used][None, :], r)[0, :, None].to(A.dtype)
+    return W + (Bt[used].reshape(k * r, -1).T @ scaled_A).to(W.dtype)
