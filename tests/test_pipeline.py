@@ -96,3 +96,20 @@ def test_manifest_round_trip_and_strict_checks(assets):
 def test_router_class_order_checked_on_load(assets):
     with pytest.raises(ValueError):
         Router.load(assets / "router", expected_tasks=["science", "maths"])
+
+
+def test_demo_table_and_prompt_files(assets, tok, tmp_path):
+    from dlp_lora.demo import load_prompts, run_demo
+
+    out = run_demo(_pipeline(assets, tok), ["What is 3 + 4?", "Name a noble gas."], max_new_tokens=3)
+    lines = out.splitlines()
+    assert lines[0].split() == ["prompt", "adapters", "(weight)", "answer"] and len(lines) >= 6
+    assert "2 prompts in one mixed batch" in out and "tok/s" in out and "single adapter" in out
+    (tmp_path / "a.json").write_text('["one", "two"]')
+    (tmp_path / "b.jsonl").write_text('{"prompt": "one"}\n\n{"text": "two"}\n')
+    (tmp_path / "c.txt").write_text("one\ntwo\n")
+    for name in ("a.json", "b.jsonl", "c.txt"):
+        assert load_prompts(tmp_path / name) == ["one", "two"]
+    (tmp_path / "bad.jsonl").write_text('{"question": "one"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a \"prompt\" or \"text\""):
+        load_prompts(tmp_path / "bad.jsonl")
