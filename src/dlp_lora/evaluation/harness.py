@@ -68,7 +68,7 @@ def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torc
               cache: dict) -> list[dict]:
     """Generate (and score options) for rows not in cache; cache maps (uid, routing key) -> row result."""
     keys = [(ex.uid, routing_key(dense[b])) for b, ex in enumerate(examples)]
-    todo = list(dict.fromkeys(b for b, k in enumerate(keys) if k not in cache))
+    todo = [b for b, k in enumerate(keys) if k not in cache]
     gen = GenerationConfig(max_new_tokens=task.max_new_tokens)
     for i in range(0, len(todo), cfg.batch_size):
         rows = todo[i: i + cfg.batch_size]
