@@ -138,21 +138,17 @@ class DLPLoRA:
         conts = [[self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts] for opts in options]
         dense = routing.to_dense(len(self.adapter_names))
         if all(len(c) == 1 for cs in conts for c in cs):
-            rows, owners, targets = ctx, list(range(len(ctx))), [[c[0] for c in cs] for cs in conts]
-            last = self._row_logprobs(rows, dense[owners], batch_size, keep_last=1)
-            return [[float(lp[0, t]) for t in ts] for lp, ts in zip(last, targets)]
-        rows, owners, spans = [], [], []
+            last = self._row_logprobs(ctx, dense, batch_size, keep_last=1)
+            return [[float(lp[0, c[0]]) for c in cs] for lp, cs in zip(last, conts)]
+        rows, owners, opts = [], [], []
         for b, cs in enumerate(conts):
             for c in cs:
                 rows.append(ctx[b] + c)
                 owners.append(b)
-                spans.append(len(c))
-        logps = self._row_logprobs(rows, dense[owners], batch_size, keep_last=max(spans) + 1)
-        scores = []
-        for row, lp, n in zip(rows, logps, spans):
-            # lp[j] predicts the token after position (len(row) - lp.shape[0] + j); the option is the last n tokens.
-            offset = len(row) - lp.shape[0]
-            scores.append(float(sum(lp[len(row) - n - 1 - offset + j, row[len(row) - n + j]] for j in range(n))))
+                opts.append(c)
+        logps = self._row_logprobs(rows, dense[owners], batch_size, keep_last=max(map(len, opts)) + 1)
+        # lp holds the row's last positions; the n option tokens are predicted by lp[-n-1], ..., lp[-2].
+        scores = [float(sum(lp[j - len(c) - 1, t] for j, t in enumerate(c))) for lp, c in zip(logps, opts)]
         out, k = [], 0
         for cs in conts:
             out.append(scores[k: k + len(cs)])
