@@ -14,7 +14,7 @@ import torch
 from dlp_lora.config import SelectionConfig
 from dlp_lora.router import select_with
 
-__all__ = ["METHODS", "method_weights"]
+__all__ = ["METHODS", "check_method", "method_weights"]
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig], torch.Tensor]
 
@@ -40,8 +40,8 @@ METHODS: dict[str, tuple[str, MethodFn]] = {
 }
 
 
-def method_weights(method: str, probs: torch.Tensor, truth: torch.Tensor, selection: SelectionConfig) -> torch.Tensor:
-    """(B, N) weights for `method`; `dlp@P` is `dlp` at top-p mass P (the p sweep).
+def check_method(method: str, selection: SelectionConfig) -> tuple[MethodFn, SelectionConfig]:
+    """The function of `method` and the selection it runs with; `dlp@P` is `dlp` at top-p mass P.
 
     ValueError naming the known methods for an unknown one.
     """
@@ -53,4 +53,10 @@ def method_weights(method: str, probs: torch.Tensor, truth: torch.Tensor, select
             selection = replace(selection, p=float(p))
         except ValueError as exc:
             raise ValueError(f"method {method!r}: expected dlp@P with P in (0, 1]") from exc
-    return METHODS[name][1](probs, truth, selection)
+    return METHODS[name][1], selection
+
+
+def method_weights(method: str, probs: torch.Tensor, truth: torch.Tensor, selection: SelectionConfig) -> torch.Tensor:
+    """(B, N) weights for `method` (see `check_method`)."""
+    fn, selection = check_method(method, selection)
+    return fn(probs, truth, selection)

@@ -6,13 +6,12 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
 from tqdm.auto import tqdm
 
 from dlp_lora.config import SplitConfig
 from dlp_lora.evaluation.composite import evaluate_composite, make_pairs
 from dlp_lora.evaluation.harness import EvalConfig, config_record, evaluate_task
-from dlp_lora.evaluation.methods import method_weights
+from dlp_lora.evaluation.methods import check_method
 from dlp_lora.evaluation.report import write_report
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Task, get_task, load_splits
@@ -30,10 +29,9 @@ def run_evaluation(dlp: DLPLoRA, tasks: Sequence[str | Task], out_dir: str | Pat
         raise ValueError(f"tasks {unknown} have no adapter in these assets; the assets hold {dlp.adapter_names}")
     # Baselines in the assets (e.g. `multitask`) are always compared: they exist for that.
     cfg = replace(cfg, methods=cfg.methods + tuple(b for b in dlp.baselines if b not in cfg.methods))
-    n = len(dlp.adapter_names) - len(dlp.baselines)
     for method in cfg.all_methods:  # an unknown name fails now, not after hours of generation
         if method not in dlp.baselines:
-            method_weights(method, torch.full((1, n), 1.0 / n), torch.zeros(1, dtype=torch.long), dlp.selection)
+            check_method(method, dlp.selection)
     out = Path(out_dir)
     per_task = {name: evaluate_task(dlp, task, out, cfg, split_cfg, data_dir)
                 for name, task in tqdm(task_map.items(), desc="tasks")}
