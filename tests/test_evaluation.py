@@ -148,6 +148,7 @@ def test_baseline_adapter_is_served_only_when_named_and_evaluated(tmp_path, tok)
                                                   "science": root / "adapters/science"},
                   baselines={"multitask": extra})
     assert dlp.adapter_names == ["maths", "science", "multitask"] and dlp.baselines == ["multitask"]
+    assert dlp.task_names == ["maths", "science"]  # what `dlp-lora evaluate` evaluates by default
     prompts = ["What is 2 plus 2?", "Which gas do plants take in?"]
     assert all(r.adapters and "multitask" not in r.adapters for r in dlp.generate(prompts, max_new_tokens=2))
     pinned = dlp.generate(prompts[:1], max_new_tokens=2, routing=dlp.routing_for([{"multitask": 1.0}]))

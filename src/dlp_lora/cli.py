@@ -291,7 +291,7 @@ def _evaluate(ns: argparse.Namespace) -> None:
     cfg = config_from_args(EvalConfig, ns)
     split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
     dlp = _load_pipeline(ns)
-    run_evaluation(dlp, ns.tasks or dlp.adapter_names, ns.out, cfg, split, ns.data_dir,
+    run_evaluation(dlp, ns.tasks or dlp.task_names, ns.out, cfg, split, ns.data_dir,
                    command="dlp-lora " + " ".join(sys.argv[1:]))
     print((Path(ns.out) / "results.md").read_text())
 

@@ -90,6 +90,11 @@ class DLPLoRA:
         """Every adapter in bank order: the router's classes first, then the baselines."""
         return self.fused.adapter_names
 
+    @property
+    def task_names(self) -> list[str]:
+        """The routed adapters (the router's classes), without the baselines."""
+        return self.adapter_names[: len(self.adapter_names) - len(self.baselines)]
+
     def route(self, prompts: Sequence[str]) -> Routing:
         """Router probabilities -> selected adapters and weights, (B, k)."""
         if self.router is None:
