@@ -306,3 +306,64 @@ def test_double_fusion_refused(tiny_model, adapter_dirs):
 def test_empty_bank_refused(tiny_model):
     with pytest.raises(ValueError, match="at least one adapter"):
         FusedLoRAModel(tiny_model, {})
+
+
+def _decode(model, ids, mask, steps, on_step=None):
+    """Greedy prefill + `steps` decode steps with a KV cache; on_step(i) runs before decode step i."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    logits = [out.logits[:, -1]]
+    for i in range(steps):
+        if on_step is not None:
+            on_step(i)
+        token = logits[-1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        positions = positions[:, -1:] + 1
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits, 1)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_reroute_mid_decode_equals_two_blocks_on_one_cache(tiny_model, adapter_dirs, path):
+    """A row switched at step t equals a run of t steps under mixture 1, then mixture 2 on the same cache."""
+    ids, mask = _ids()
+    first = _mixed_weights()
+    second = first.clone()
+    second[1] = torch.tensor([0.0, 0.2, 0.9])  # only row 1 switches
+    if path == "merged":  # one shared mixture: a batch of one row
+        ids, mask, first, second = ids[:1], mask[:1], first[:1], torch.tensor([[0.0, 0.2, 0.9]])
+    fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(path=path))
+    t = 3
+    with torch.no_grad(), fused.routed(first):
+        switched = _decode(tiny_model, ids, mask, 6, lambda i: fused.reroute(second) if i == t else None)
+        assert fused.active_path == path
+    for b in range(ids.shape[0]):
+        keep = mask[b].bool()
+        blocks = [fused.routed(first[b: b + 1])]  # reference: two routed blocks sharing one KV cache
+        blocks[0].__enter__()
+
+        def hop(i):
+            if i == t:
+                blocks[-1].__exit__(None, None, None)
+                blocks.append(fused.routed(second[b: b + 1]))
+                blocks[-1].__enter__()
+
+        try:
+            with torch.no_grad():
+                alone = _decode(tiny_model, ids[b: b + 1, keep], mask[b: b + 1, keep], 6, hop)
+        finally:
+            blocks[-1].__exit__(None, None, None)
+        torch.testing.assert_close(switched[b], alone[0], atol=ATOL, rtol=0)
+    fused.remove()
+
+
+def test_reroute_outside_routed_refused(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    with pytest.raises(RuntimeError, match="inside a `with fused.routed"):
+        fused.reroute(torch.ones(1, 3))
+    with fused.routed(torch.ones(1, 3)):
+        fused.reroute(torch.zeros(2, 3))  # rows may join or leave
+        assert fused.active_path == "base"
+    assert fused.active_path is None
+    fused.remove()

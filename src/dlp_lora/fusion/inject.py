@@ -96,15 +96,31 @@ class FusedLoRAModel:
             raise RuntimeError("this FusedLoRAModel was removed; build a new one")
         if self._slot.active is not None:
             raise RuntimeError("routing is already set; nested `routed` blocks are not supported")
+        active = self._activate(weights)
+        try:
+            yield active
+        finally:
+            self._slot.active = None
+
+    def reroute(self, weights: torch.Tensor | Routing) -> ActiveRouting:
+        """Inside `routed`: every forward pass from now on uses these weights (B', N); B' may differ from
+        the block's B (rows joined or left the running batch).
+
+        What was computed before (the KV cache of earlier tokens) stays as it was computed: a row that
+        switches at step t equals a run of its first t steps under the old mixture and the rest under the
+        new one. The path is chosen anew; on the merged path a new mixture re-merges.
+        """
+        if self._slot.active is None:
+            raise RuntimeError("reroute needs an active routing: call it inside a `with fused.routed(...)` block")
+        return self._activate(weights)
+
+    def _activate(self, weights: torch.Tensor | Routing) -> ActiveRouting:
         dense = self._dense(weights)
         path = choose_path(dense, self.bank.total_rank, self.config)
         active = ActiveRouting(path=path, dense=dense, routing=Routing.from_dense(dense),
                                mix=dense[0] if path == "merged" else None)
         self._slot.active = active
-        try:
-            yield active
-        finally:
-            self._slot.active = None
+        return active
 
     def remove(self) -> nn.Module:
         """Put the original linear modules back; the model is then the plain base model again."""
