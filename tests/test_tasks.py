@@ -87,8 +87,11 @@ def test_example_validation():
         Example(uid="t/1", task="t", prompt="q", answer="\n", references=("x",))
     with pytest.raises(ValueError, match="example t/2: expected at least one reference"):
         Example(uid="t/2", task="t", prompt="q", answer="x", references=())
-    with pytest.raises(ValueError, match=r"answer 'C' is not among choices \('A', 'B'\)"):
+    with pytest.raises(ValueError, match=r"gold 'C' is not among choices \('A', 'B'\)"):
         Example(uid="t/3", task="t", prompt="q", answer="C", references=("C",), choices=("A", "B"))
+    with pytest.raises(ValueError, match="3 option texts for 2 choices"):
+        Example(uid="t/4", task="t", prompt="q", answer="A", references=("A",), choices=("A", "B"),
+                options=("x", "y", "z"))
 
 
 def test_get_task_by_name_or_task_and_unknown_name(tmp_path):

@@ -87,7 +87,7 @@ def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict[st
     scores = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples],
                         [r["text"] for r in rows], [ex.answer for ex in examples])
     if task.kind == "mcq" and rows and rows[0]["option_logprobs"] is not None:
-        gold = [ex.choices.index(ex.answer) for ex in examples]
+        gold = [ex.gold_index for ex in examples]
         scores["loglik_accuracy"] = mc_loglik_accuracy([r["option_logprobs"] for r in rows], gold)
     scores["mean_k"] = sum(len(r["adapters"]) for r in rows) / max(len(rows), 1)
     scores["fused_fraction"] = sum(len(r["adapters"]) > 1 for r in rows) / max(len(rows), 1)

@@ -128,7 +128,7 @@ def bbh_choice(task: str, name: str):
             else:  # '- Yes' / '- No' options, target is the option text
                 options = [ln.lstrip("- ").strip() for ln in lines]
                 gold = options.index(row["target"])
-            out.append(mcq_example(f"{task}/{i}", task, question, options, gold))
+            out.append(mcq_example(f"{task}/{i}", task, question, options, gold, source_prompt=row["input"]))
         return out
     return load
 
@@ -137,7 +137,8 @@ def bbh_free(task: str, name: str, instruction: str):
     """A free-form BIG-Bench Hard task; the answer is the target text."""
     def load(root: str) -> list[Example]:
         return [Example(uid=f"{task}/{i}", task=task, prompt=f"{row['input'].strip()}\n{instruction}".strip(),
-                        answer=row["target"], references=(row["target"],))
+                        answer=row["target"], references=(row["target"],), question=row["input"].strip(),
+                        instruction=instruction, source_prompt=row["input"])
                 for i, row in enumerate(_bbh_examples(root, name))]
     return load
 
@@ -151,10 +152,10 @@ def squad(task: str):
             for para in article["paragraphs"]:
                 for qa in para["qas"]:
                     refs = tuple(dict.fromkeys(a["text"].strip() for a in qa["answers"]))
-                    prompt = (f"Context: {para['context'].strip()}\nQuestion: {qa['question'].strip()}\n"
-                              "Answer with a short span from the context.")
-                    out.append(Example(uid=f"{task}/{qa['id']}", task=task, prompt=prompt, answer=refs[0],
-                                       references=refs))
+                    question = f"Context: {para['context'].strip()}\nQuestion: {qa['question'].strip()}"
+                    instruction = "Answer with a short span from the context."
+                    out.append(Example(uid=f"{task}/{qa['id']}", task=task, prompt=f"{question}\n{instruction}",
+                                       answer=refs[0], references=refs, question=question, instruction=instruction))
         return out
     return load
 
@@ -169,8 +170,10 @@ def gsm8k(task: str):
         for i, row in enumerate(read_rows(Path(root) / "gsm8k" / "train.jsonl")):
             solution = _CALC.sub("", row["answer"]).strip()
             final = solution.rsplit("####", 1)[1].strip().replace(",", "")
-            prompt = f"{row['question'].strip()}\nSolve it step by step and end with '#### <number>'."
-            out.append(Example(uid=f"{task}/{i}", task=task, prompt=prompt, answer=solution, references=(final,)))
+            instruction = "Solve it step by step and end with '#### <number>'."
+            out.append(Example(uid=f"{task}/{i}", task=task, prompt=f"{row['question'].strip()}\n{instruction}",
+                               answer=solution, references=(final,), question=row["question"].strip(),
+                               instruction=instruction))
         return out
     return load
 
@@ -185,7 +188,7 @@ def user_file(task: str, path: str | os.PathLike):
                 raise ValueError(f"{path}: row {i}: expected {{\"input\": str, \"output\": str}} with non-empty "
                                  f"strings, got {row!r:.120}")
             out.append(Example(uid=f"{task}/{i}", task=task, prompt=row["input"], answer=row["output"],
-                               references=(row["output"],)))
+                               references=(row["output"],), question=row["input"]))
         if not out:
             raise ValueError(f"{path}: no rows")
         return out

@@ -29,13 +29,16 @@ def mcq_prompt(question: str, options: Sequence[str]) -> str:
     return "\n".join(lines + [MCQ_INSTRUCTION])
 
 
-def mcq_example(uid: str, task: str, question: str, options: Sequence[str], gold: int) -> Example:
+def mcq_example(uid: str, task: str, question: str, options: Sequence[str], gold: int,
+                source_prompt: str = "") -> Example:
     """A multiple-choice example whose answer is the gold option's letter."""
     if not 0 <= gold < len(options):
         raise ValueError(f"{uid}: gold option index {gold} out of range for {len(options)} options")
     letters = tuple(LETTERS[: len(options)])
     return Example(uid=uid, task=task, prompt=mcq_prompt(question, options), answer=letters[gold],
-                   references=(letters[gold],), choices=letters)
+                   references=(letters[gold],), choices=letters, question=question.strip(),
+                   options=tuple(str(o).strip() for o in options), instruction=MCQ_INSTRUCTION,
+                   source_prompt=source_prompt)
 
 
 def normalize_text(text: str) -> str:

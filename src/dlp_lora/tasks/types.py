@@ -19,6 +19,10 @@ class Example:
     references: every acceptable answer for scoring (for `choice` tasks, the gold letter);
     choices: for multiple choice, the option letters in order (scored by log-likelihood), else ().
     uid: stable id "<task>/<source row>", unique within the task, used for resume and disjointness.
+    The parts the prompt was rendered from, so it can be rendered other ways (router augmentation):
+    question: the stem (with its context), without options or instruction; options: the option texts of a
+    multiple-choice example, aligned with `choices`; instruction: the answer-format line ('' if none);
+    source_prompt: the prompt as the source itself writes it ('' when it is `prompt`).
     """
 
     uid: str
@@ -27,14 +31,25 @@ class Example:
     answer: str
     references: tuple[str, ...]
     choices: tuple[str, ...] = ()
+    question: str = ""
+    options: tuple[str, ...] = ()
+    instruction: str = ""
+    source_prompt: str = ""
 
     def __post_init__(self) -> None:
         if not self.prompt.strip() or not self.answer.strip():
             raise ValueError(f"example {self.uid}: prompt and answer must be non-empty")
         if not self.references:
             raise ValueError(f"example {self.uid}: expected at least one reference answer")
-        if self.choices and self.answer not in self.choices:
-            raise ValueError(f"example {self.uid}: answer {self.answer!r} is not among choices {self.choices}")
+        if self.choices and self.references[0] not in self.choices:
+            raise ValueError(f"example {self.uid}: gold {self.references[0]!r} is not among choices {self.choices}")
+        if self.options and len(self.options) != len(self.choices):
+            raise ValueError(f"example {self.uid}: {len(self.options)} option texts for {len(self.choices)} choices")
+
+    @property
+    def gold_index(self) -> int:
+        """Multiple choice: the position of the gold option (references[0] is its letter)."""
+        return self.choices.index(self.references[0])
 
 
 @dataclass(frozen=True)
