@@ -129,10 +129,10 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     assert sum(calls) == 3
 
 
-def test_harness_refuses_task_without_adapter(dlp, tmp_path):
+def test_harness_refuses_task_outside_router_classes(dlp, tmp_path):
     other = Task(name="poetry", kind="qa", source="test", metric="exact",
                  load=lambda root: _tasks()["maths"].load(root))
-    with pytest.raises(ValueError, match="'poetry'.*no adapter"):
+    with pytest.raises(ValueError, match="'poetry'.*not router classes"):
         run_evaluation(dlp, [other], tmp_path, EvalConfig(limit=2), SPLIT)
 
 

@@ -130,14 +130,23 @@ def test_resolve_data_dir_argument_env_and_errors(tmp_path, monkeypatch):
 
 def test_mcq_prompt_exact_rendering():
     got = mcq_prompt("  Which one is red? ", ["an apple ", " the sky"])
-    assert got == "Which one is red?\nA. an apple\nB. the sky\nAnswer with the letter of the correct option."
+    assert got == "Which one is red?\nA. an apple\nB. the sky\nAnswer with the correct option."
     assert got.endswith(MCQ_INSTRUCTION)
 
 
-def test_mcq_example_answer_is_gold_letter():
+def test_mcq_example_answer_is_gold_option_text_scored_by_letter():
     ex = mcq_example("t/7", "t", "Pick the prime.", [4, 6, 7], gold=2)
-    assert ex.prompt == "Pick the prime.\nA. 4\nB. 6\nC. 7\nAnswer with the letter of the correct option."
-    assert (ex.uid, ex.task, ex.answer, ex.references, ex.choices) == ("t/7", "t", "C", ("C",), ("A", "B", "C"))
+    assert ex.prompt == "Pick the prime.\nA. 4\nB. 6\nC. 7\nAnswer with the correct option."
+    assert (ex.uid, ex.task, ex.answer, ex.references, ex.choices) == ("t/7", "t", "7", ("C",), ("A", "B", "C"))
+    assert (ex.question, ex.options, ex.gold_index) == ("Pick the prime.", ("4", "6", "7"), 2)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("red apple", "B"), ("Red apple.", "B"), ("red", "A"), ("red, I think", "A"),  # longest matching option wins
+    ("B", "B"), ("(C) blue", "C"), ("blue", "C"), ("green", ""),
+])
+def test_parse_choice_reads_option_texts(text, expected):
+    assert parse_choice(text, ("A", "B", "C"), ("red", "red apple", "blue")) == expected
 
 
 def test_mcq_prompt_and_example_errors():
@@ -315,7 +324,8 @@ def test_split_seed_changes_the_split_and_name_too(tmp_path):
 def _check_mcq(ex: Example) -> None:
     k = len(ex.choices)
     assert k >= 2 and ex.choices == tuple(LETTERS[:k]), ex.uid
-    assert ex.answer in ex.choices and ex.references == (ex.answer,), ex.uid
+    assert ex.references == (ex.choices[ex.gold_index],) and ex.answer == ex.options[ex.gold_index], ex.uid
+    assert len(ex.options) == k and all(ex.options), ex.uid
     assert ex.prompt.endswith("\n" + MCQ_INSTRUCTION) and "\nA. " in ex.prompt, ex.uid
     assert all(f"\n{letter}. " in ex.prompt for letter in ex.choices), ex.uid
 

@@ -1,8 +1,10 @@
-"""Adapter training: the masked batch, one LoRA trained on a tiny model with the real tokenizer, pool resume."""
+"""Adapter training: batching, the schedule, one LoRA trained on a tiny model with the real tokenizer (dev curve,
+best checkpoint, resume), the dev gate and collapse check, pool resume."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 import json
 from pathlib import Path
 
@@ -19,7 +21,9 @@ from dlp_lora.models import EMBEDDED_MODEL_ID, load_tokenizer
 from dlp_lora.tasks import Example, Task
 from dlp_lora.tasks.loaders import resolve_data_dir, user_file
 from dlp_lora.training import pool
-from dlp_lora.training.adapters import train_adapter, training_batch
+from dlp_lora.training.adapters import STATE_FILE, lr_factor, planned_steps, train_adapter
+from dlp_lora.training.batching import bucketed_batches, collate, encode_examples
+from dlp_lora.training.gate import COLLAPSE_SHARE, collapsed, dev_gate
 
 # Library noise on every step of the tiny runs (float(loss) on a graph tensor; a transformers deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning",
@@ -44,13 +48,17 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-# ---------------------------------------------------------------- training_batch
+# ---------------------------------------------------------------- batching
 
-def test_training_batch_masks_prompt_and_pads_right(tok):
+def _batch(tok, examples, max_length):
+    return collate(encode_examples(tok, examples, max_length), tok.pad_token_id)
+
+
+def test_collate_masks_prompt_and_pads_right(tok):
     long_ex = Example(uid="t/0", task="t", prompt="What is two plus two, written as a digit?", answer="4",
                       references=("4",))
     short_ex = Example(uid="t/1", task="t", prompt="Hi?", answer="Hello there", references=("Hello there",))
-    batch = training_batch(tok, [long_ex, short_ex], max_length=256)
+    batch = _batch(tok, [long_ex, short_ex], max_length=256)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert ids.shape == mask.shape == labels.shape and ids.dtype == labels.dtype == torch.long
     lengths = mask.sum(1).tolist()
@@ -68,34 +76,62 @@ def test_training_batch_masks_prompt_and_pads_right(tok):
         assert int(labels[b, n - 1]) == tok.eos_token_id
 
 
-def test_training_batch_truncates_the_prompt_head_not_the_answer(tok):
+def test_encode_truncates_the_prompt_head_not_the_answer(tok):
     prompt = " ".join(f"filler{i}" for i in range(200)) + " Which colour is the sky?"
     ex = Example(uid="t/0", task="t", prompt=prompt, answer="blue", references=("blue",))
-    batch = training_batch(tok, [ex], max_length=32)
+    (row,) = encode_examples(tok, [ex], max_length=32)
+    assert row.truncated and len(row.ids) == 32
+    batch = collate([row], tok.pad_token_id)
     ids, labels = batch["input_ids"][0], batch["labels"][0]
-    assert ids.shape == (32,) and batch["attention_mask"].eq(1).all()
     answer = _ids(tok, "blue" + tok.eos_token)
     assert labels[-len(answer):].tolist() == answer and labels[:-len(answer)].eq(-100).all()
     # The prompt keeps its tail (question, then the assistant turn) and loses its head (system turn).
     full_prompt = _ids(tok, chat_prompt(tok, prompt))
     assert ids[: 32 - len(answer)].tolist() == full_prompt[-(32 - len(answer)):]
     assert "sky?" in tok.decode(ids[: 32 - len(answer)]) and "SmolLM" not in tok.decode(ids)
+    assert not encode_examples(tok, _examples(1), max_length=256)[0].truncated
 
 
-def test_training_batch_caps_an_overlong_answer_at_half_the_length(tok):
+def test_encode_caps_an_overlong_answer_at_half_the_length(tok):
     answer = " ".join(["red"] * 60)
     ex = Example(uid="t/0", task="t", prompt="Say red many times.", answer=answer, references=(answer,))
-    batch = training_batch(tok, [ex], max_length=40)
+    batch = _batch(tok, [ex], max_length=40)
     labels = batch["labels"][0]
     kept = labels[labels != -100].tolist()
     assert len(kept) == 20 and kept == _ids(tok, answer + tok.eos_token)[:20]
     assert batch["input_ids"].shape == (1, 40)
 
 
+def test_bucketed_batches_cover_every_row_once_per_epoch_and_group_lengths():
+    lengths = [(i * 37) % 101 for i in range(100)]
+    batches = bucketed_batches(lengths, batch_size=4, seed=3, epochs=2, bucket_batches=5)
+    assert len(batches) == 2 * 25 and all(len(b) == 4 for b in batches)
+    for epoch in (batches[:25], batches[25:]):
+        assert sorted(i for b in epoch for i in b) == list(range(100))
+    # Padding: rows sorted within windows of 20 waste far less than a plain shuffle would.
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
+    shuffled = [list(range(100))[i: i + 4] for i in range(0, 100, 4)] * 2
+    plain = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in shuffled)
+    assert waste < plain / 3
+    assert batches == bucketed_batches(lengths, batch_size=4, seed=3, epochs=2, bucket_batches=5)  # seeded
+    assert batches != bucketed_batches(lengths, batch_size=4, seed=4, epochs=2, bucket_batches=5)
+
+
+def test_lr_schedule_warms_up_then_decays_to_the_floor():
+    cfg = AdapterTrainConfig(warmup_ratio=0.1, min_lr_ratio=0.1)
+    factors = [lr_factor(s, 100, cfg) for s in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)  # 10 warmup steps
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))  # monotone decay
+    assert factors[100] == pytest.approx(0.1)
+    assert planned_steps(100, AdapterTrainConfig(batch_size=8, epochs=3, max_steps=1000)) == 3 * 13
+    assert planned_steps(10_000, AdapterTrainConfig(batch_size=8, epochs=3, max_steps=150)) == 150
+
+
 # ---------------------------------------------------------------- train_adapter
 
 FAST = AdapterTrainConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
-                          epochs=10, batch_size=2, lr=1e-1, max_length=64)
+                          epochs=30, batch_size=2, lr=0.3, max_length=64, eval_every=15, patience=10)
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +148,20 @@ def trained(tok, tmp_path_factory):
 def test_train_adapter_loss_goes_down_and_record_is_complete(trained):
     _, _, record, _ = trained
     assert record["final_train_loss"] < record["first_train_loss"] - 0.1
-    assert record["steps"] == 10 * 2  # 10 epochs of 4 examples in batches of 2
+    assert record["steps"] == record["planned_steps"] == 30 * 2  # 30 epochs of 4 examples in batches of 2
     assert (record["task"], record["kind"], record["train_examples"], record["dev_examples_scored"]) == \
            ("colour", "qa", 4, 2)
     assert (record["r"], record["alpha"], record["lr"], record["target_modules"]) == \
-           (4, 8, 0.1, ["q_proj", "v_proj", "o_proj", "down_proj"])
-    assert set(record["dev"]) == {"em", "f1", "bleu", "rouge1", "rougeL"}
-    assert all(0.0 <= v <= 100.0 for v in record["dev"].values())
+           (4, 8, 0.3, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    # The dev curve: step 0 (the base model) then every eval_every steps; the best one is saved.
+    curve = record["dev_curve"]
+    assert [c["step"] for c in curve] == [0, 15, 30, 45, 60] and curve[0]["train_loss"] is None
+    assert record["best_step"] in {c["step"] for c in curve} and record["best_step"] > 0
+    best = next(c["dev"] for c in curve if c["step"] == record["best_step"])
+    assert best == max(c["dev"] for c in curve) > curve[0]["dev"]  # it learnt the answer, the base did not
+    assert len(record["dev_scores"]) == len(record["base_dev_scores"]) == 2
+    assert sum(record["dev_scores"]) / 2 == best and sum(record["base_dev_scores"]) / 2 == curve[0]["dev"]
+    assert record["dev"] == {"em": best} and record["tokens_per_second"] > 0
 
 
 def test_train_adapter_saves_an_fp16_peft_directory(trained):
@@ -169,6 +212,7 @@ def test_train_adapter_twice_on_one_base_model(tok, tmp_path):
     train_adapter(model, tok, _task(examples), examples, [], tmp_path / "first", FAST, progress=False)
     record = train_adapter(model, tok, _task(examples), examples, [], tmp_path / "second", cfg, progress=False)
     assert record["dev"] == {} and record["dev_examples_scored"] == 0 and record["steps"] == 1
+    assert record["best_step"] == 1  # without dev the last checkpoint is kept
     tensors = load_file(str(tmp_path / "second" / "adapter_model.safetensors"))
     # Only the second run's modules and rank: nothing of the first adapter leaks into it.
     assert {k.split(".")[-3] for k in tensors} == {"q_proj", "v_proj"}
@@ -180,6 +224,55 @@ def test_train_adapter_refuses_an_empty_training_split(tok, tmp_path):
         train_adapter(tiny_vocab_model(len(tok)), tok, _task(_examples(3)), [], _examples(3), tmp_path / "x", FAST,
                       progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_interrupted_training_resumes_to_the_same_adapter(tok, tmp_path):
+    examples = _examples(6)
+    cfg = replace(FAST, epochs=3, eval_every=2)  # 6 steps, checkpoints at 2, 4, 6
+    straight = train_adapter(tiny_vocab_model(len(tok)), tok, _task(examples), examples[:4], examples[4:],
+                             tmp_path / "straight", cfg, progress=False)
+    ckpt, out = tmp_path / "ckpt", tmp_path / "resumed"
+    model = tiny_vocab_model(len(tok))
+    first = train_adapter(model, tok, _task(examples), examples[:4], examples[4:], out, cfg, ckpt_dir=ckpt,
+                          progress=False, should_stop=lambda: True)
+    assert first is None and (ckpt / STATE_FILE).exists() and not out.exists()  # stopped at the step-2 checkpoint
+    assert torch.load(ckpt / STATE_FILE, weights_only=False)["step"] == 2
+    with pytest.raises(ValueError, match="made with other settings or data"):
+        train_adapter(model, tok, _task(examples), examples[:4], examples[4:], out, replace(cfg, lr=0.05),
+                      ckpt_dir=ckpt, progress=False)
+    resumed = train_adapter(model, tok, _task(examples), examples[:4], examples[4:], out, cfg, ckpt_dir=ckpt,
+                            progress=False)
+    assert not ckpt.exists()  # removed once the adapter is saved
+    for key in ("steps", "best_step", "dev_curve", "dev_scores", "base_dev_scores", "first_train_loss",
+                "final_train_loss"):
+        assert resumed[key] == straight[key], key
+    a, b = load_file(str(tmp_path / "straight" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------- dev gate and collapse
+
+def test_gate_deploys_only_beyond_noise():
+    gain = dev_gate({"dev_scores": [100.0] * 30 + [0.0] * 10, "base_dev_scores": [0.0] * 30 + [0.0] * 10})
+    assert gain["deployed"] and gain["diff"] == 75.0 and gain["low"] > 0
+    noise = dev_gate({"dev_scores": [100.0, 0.0] * 20, "base_dev_scores": [0.0, 100.0] * 10 + [100.0, 0.0] * 10})
+    assert not noise["deployed"] and noise["low"] < 0 < noise["high"] and "not better" in noise["reason"]
+    worse = dev_gate({"dev_scores": [0.0] * 40, "base_dev_scores": [100.0] * 40})
+    assert not worse["deployed"] and worse["high"] < 0
+    assert not dev_gate({"dev_scores": [], "base_dev_scores": []})["deployed"]
+
+
+def test_gate_refuses_an_adapter_collapsed_onto_one_option():
+    gold = [0, 1, 2, 3] * 10
+    chosen = [0] * 36 + [1, 2, 3, 1]  # 90% one option: right on every gold-0 prompt only
+    scores = [100.0 * (c == g) for c, g in zip(chosen, gold)]
+    record = {"dev_scores": scores, "base_dev_scores": [0.0] * 40, "dev_chosen": chosen}
+    decision = dev_gate(record, gold)
+    assert collapsed(chosen, gold) and not decision["deployed"] and decision["majority_share"] == 0.9
+    assert "collapsed" in decision["reason"]
+    # A task whose gold answers are themselves mostly one option may be answered that way.
+    assert not collapsed([0] * 40, [0] * 36 + [1] * 4)
+    assert not collapsed(gold, gold) and COLLAPSE_SHARE == 0.8
 
 
 # ---------------------------------------------------------------- train_pool_adapters (resume)
@@ -195,12 +288,16 @@ class _Calls:
         self.loads += 1
         return "base-model", "tokenizer"
 
-    def train_adapter(self, model, tokenizer, task, train, dev, out_dir, cfg, progress=True):
+    def train_adapter(self, model, tokenizer, task, train, dev, out_dir, cfg, ckpt_dir=None, progress=True,
+                      on_step=None, should_stop=None):
         assert (model, tokenizer) == ("base-model", "tokenizer")
+        assert Path(ckpt_dir).name == task.name and Path(ckpt_dir).parent.name == "checkpoints"
         self.trained.append(task.name)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "adapter_model.safetensors").write_bytes(b"fake")
-        return {"task": task.name, "train_examples": len(train)}
+        # 'new' ties with the base model on dev (the gate maps it to the base model); the others win.
+        won = [0.0 if task.name == "new" else 100.0] * len(dev)
+        return {"task": task.name, "train_examples": len(train), "dev_scores": won, "base_dev_scores": [0.0] * len(dev)}
 
 
 @pytest.fixture
@@ -226,7 +323,7 @@ def pool_env(tmp_path, monkeypatch):
 
 def test_pool_resume_skips_only_finished_tasks(pool_env, tmp_path):
     root, tasks, calls = pool_env
-    split = SplitConfig(train_cap=5, dev_size=1, test_size=2)
+    split = SplitConfig(train_cap=5, dev_size=3, test_size=2)
     manifest = pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split,
                                         progress=False)
     # 'done' has both its adapter file and its record; the others miss one of them.
@@ -235,7 +332,11 @@ def test_pool_resume_skips_only_finished_tasks(pool_env, tmp_path):
     assert manifest.records["new"]["splits"]["train"] == 5 and manifest.records["new"]["splits"]["test"] == 2
     saved = Manifest.load(root)
     assert sorted(saved.tasks) == sorted(tasks) and len(saved.tasks) == 4
-    assert saved.adapters["new"] == "adapters/new" and set(saved.records) == set(tasks)
+    assert set(saved.records) == set(tasks)
+    # The dev gate: 'file_only' beat the base model and is deployed; 'new' did not and is served by the base.
+    assert saved.records["file_only"]["gate"]["deployed"] and saved.adapters["file_only"] == "adapters/file_only"
+    assert not saved.records["new"]["gate"]["deployed"] and saved.adapters["new"] is None
+    assert "new" not in saved.deployed and "file_only" in saved.deployed
 
     # A second run finds everything finished: no model load, no training.
     pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split, progress=False)

@@ -2,7 +2,9 @@
 
 Layout (DESIGN.md):
     <root>/manifest.json, <root>/adapters/<task>/ (PEFT dirs), <root>/router/ (router weights + config.json)
-Router class i is adapter i; `Manifest.check` enforces it so a mismatch can never be silent.
+Router class i is adapter i; `Manifest.check` enforces it so a mismatch can never be silent. A class may map
+to no adapter (null): the dev gate found the task's adapter no better than the base model, so routing to
+it means "no adapter" (its weight falls on nothing).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ class Manifest:
     base_model: str
     tasks: list[str] = field(default_factory=list)
     """Task names in router class order; adapters[i] serves tasks[i]."""
-    adapters: dict[str, str] = field(default_factory=dict)
-    """Task name -> adapter directory (relative)."""
+    adapters: dict[str, str | None] = field(default_factory=dict)
+    """Task name -> adapter directory (relative), or None where the base model serves the task (dev gate)."""
     router: str | None = None
     """Router directory (relative), or None before one is trained."""
     baselines: dict[str, str] = field(default_factory=dict)
@@ -61,8 +63,8 @@ class Manifest:
             raise ValueError(
                 f"manifest tasks {sorted(self.tasks)} and adapters {sorted(self.adapters)} differ"
             )
-        for task in self.tasks:
-            d = root / self.adapters[task]
+        for task in self.deployed:
+            d = root / self.adapters[task]  # type: ignore[operator]
             if not (d / "adapter_config.json").exists():
                 raise FileNotFoundError(f"manifest names adapter {task!r} at {d}, but it has no adapter_config.json")
         clash = sorted(set(self.baselines) & set(self.tasks))
@@ -75,9 +77,14 @@ class Manifest:
         if self.router is not None and not (root / self.router / "config.json").exists():
             raise FileNotFoundError(f"manifest names a router at {root / self.router}, but it has no config.json")
 
-    def adapter_paths(self, root: str | Path) -> dict[str, Path]:
-        """Task -> absolute adapter dir, in router class order."""
-        return {t: Path(root) / self.adapters[t] for t in self.tasks}
+    @property
+    def deployed(self) -> list[str]:
+        """Tasks served by their own adapter, in router class order (the others get the base model)."""
+        return [t for t in self.tasks if self.adapters.get(t) is not None]
+
+    def adapter_paths(self, root: str | Path) -> dict[str, Path | None]:
+        """Task -> absolute adapter dir (None: the base model serves it), in router class order."""
+        return {t: None if self.adapters[t] is None else Path(root) / self.adapters[t] for t in self.tasks}
 
     def baseline_paths(self, root: str | Path) -> dict[str, Path]:
         """Baseline name -> absolute adapter dir."""

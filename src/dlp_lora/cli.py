@@ -126,6 +126,8 @@ def _train_adapter_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder to write adapters and manifest into")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--base-model", default=None, help="HF dir or hub id (default: the embedded SmolLM2)")
+    p.add_argument("--time-budget-min", type=float, default=None,
+                   help="stop at the first checkpoint past this many minutes; run again to continue")
     add_config_args(p, AdapterTrainConfig)
     add_config_args(p, SplitConfig, skip=("seed",))
 
@@ -144,12 +146,18 @@ def _train_adapter(ns: argparse.Namespace) -> None:
         print(f"multitask steps={rec['steps']} loss={rec['final_train_loss']:.3f}")
         return
     tasks = task_names() if ns.all else ns.task or [_user_task(spec) for spec in ns.task_file]
+    budget = None if ns.time_budget_min is None else 60 * ns.time_budget_min
     manifest = train_pool_adapters(ns.assets, tasks, ns.data_dir, split, config_from_args(AdapterTrainConfig, ns),
-                                   ns.base_model)
+                                   ns.base_model, time_budget_s=budget)
     for t in tasks:
         t = getattr(t, "name", t)
-        rec = manifest.records[t]
-        print(f"{t:32s} steps={rec['steps']:4d} loss={rec['final_train_loss']:.3f} dev={rec['dev']}")
+        rec = manifest.records.get(t)
+        if rec is None:
+            print(f"{t:32s} not finished (run again to continue)")
+            continue
+        gate = rec.get("gate", {})
+        print(f"{t:32s} steps={rec['steps']:4d} best={rec.get('best_step')} dev={rec['dev']} "
+              f"gate={'deployed' if gate.get('deployed') else 'base'} ({gate.get('reason', '')})")
 
 
 def _user_task(spec: str):

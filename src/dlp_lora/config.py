@@ -180,7 +180,8 @@ class SplitConfig:
 
 @dataclass(frozen=True)
 class AdapterTrainConfig:
-    """One task's LoRA training run (peft)."""
+    """One task's LoRA training run (peft): warmup + cosine decay, dev evaluation every `eval_every` steps,
+    the best checkpoint kept, early stopping. Defaults come from the sweep in docs/training.md."""
 
     r: int = 8
     """LoRA rank."""
@@ -190,16 +191,28 @@ class AdapterTrainConfig:
     """LoRA dropout."""
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     """Linear layers that get an adapter."""
-    epochs: int = 1
-    """Passes over the training split."""
+    epochs: int = 3
+    """Most passes over the training split (`max_steps` usually ends a large task sooner)."""
+    max_steps: int = 150
+    """Most optimiser steps per task: the compute budget (see docs/training.md)."""
     batch_size: int = 8
     """Examples per optimiser step."""
-    lr: float = 1e-3
-    """AdamW learning rate (high for LoRA because a task gets only a few dozen steps here)."""
+    lr: float = 5e-4
+    """AdamW peak learning rate."""
+    warmup_ratio: float = 0.06
+    """Share of the planned steps spent warming the learning rate up linearly."""
+    min_lr_ratio: float = 0.1
+    """The cosine decay ends at lr * min_lr_ratio."""
+    eval_every: int = 25
+    """Optimiser steps between dev evaluations (and resumable checkpoints)."""
+    patience: int = 3
+    """Dev evaluations without improvement before training stops early."""
+    dev_limit: int = 50
+    """Most dev examples scored at each evaluation."""
     max_length: int = 384
     """Prompt + answer tokens kept per example (longer prompts lose their head, never the answer)."""
     seed: int = 0
-    """Seed for initialisation and shuffling."""
+    """Seed for initialisation, shuffling and dropout."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, f"r must be >= 1, got {self.r}")
@@ -207,7 +220,12 @@ class AdapterTrainConfig:
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(len(self.target_modules) >= 1, "target_modules must name at least one module")
         _check(self.epochs >= 1 and self.batch_size >= 1, "epochs and batch_size must be >= 1")
+        _check(self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}")
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        _check(0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.eval_every >= 1 and self.patience >= 1, "eval_every and patience must be >= 1")
+        _check(self.dev_limit >= 1, f"dev_limit must be >= 1, got {self.dev_limit}")
         _check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
 
 

@@ -25,7 +25,11 @@ def export_mixture(assets: str | Path, mix: Mapping[str, float], out_dir: str | 
     paths = manifest.adapter_paths(assets)
     unknown = [n for n in mix if n not in paths]
     if unknown:
-        raise ValueError(f"unknown adapter(s) {unknown}; the assets hold: {list(paths)}")
+        raise ValueError(f"unknown adapter(s) {unknown}; the assets hold: {manifest.deployed}")
+    gated = [n for n in mix if paths[n] is None]
+    if gated:  # the dev gate kept the base model for these tasks: they add nothing to a mixture
+        raise ValueError(f"task(s) {gated} have no deployed adapter (the dev gate kept the base model); "
+                         f"leave them out of the mixture. Deployed adapters: {manifest.deployed}")
     adapters = {n: read_peft_adapter(paths[n], n) for n in mix}
     base = manifest.base_model
     return write_peft_adapter(out_dir, mix_adapters(adapters, mix), base, dtype=dtype)

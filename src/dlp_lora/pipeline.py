@@ -14,12 +14,13 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
-from dlp_lora.chat import chat_prompt, encode_prompts, left_pad
+from dlp_lora.chat import encode_prompts
 from dlp_lora.config import FusionConfig, GenerationConfig, SelectionConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.generation import GenerationOutput, StepCallback, generate_ids
 from dlp_lora.models import load_base_model
 from dlp_lora.router import Router, select_with
+from dlp_lora.scoring import continuation_logprobs
 from dlp_lora.types import Routing
 
 __all__ = ["DLPLoRA", "Result"]
@@ -45,14 +46,15 @@ class DLPLoRA:
         model: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         router: Router | None,
-        adapters: Mapping[str, str | Path],
+        adapters: Mapping[str, str | Path | None],
         selection: SelectionConfig | None = None,
         fusion: FusionConfig | None = None,
         max_prompt_tokens: int | None = None,
         baselines: Mapping[str, str | Path] | None = None,
     ) -> None:
-        """adapters: the router's classes in its order; baselines: more adapters the router never picks
-        (served only when named, e.g. the `multitask` baseline), placed after them in the bank."""
+        """adapters: the router's classes in its order, each with its adapter, or None where the base model
+        serves the class (the dev gate: routing to it puts weight on nothing); baselines: more adapters the
+        router never picks (served only when named, e.g. the `multitask` baseline), after them in the bank."""
         if router is not None and list(router.task_names) != list(adapters):
             raise ValueError(f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
                              "(same names in the same order are required)")
@@ -60,11 +62,19 @@ class DLPLoRA:
         clash = sorted(set(baselines) & set(adapters))
         if clash:
             raise ValueError(f"baseline adapters {clash} share names with routed adapters")
+        deployed = {name: path for name, path in adapters.items() if path is not None}
+        if not deployed and not baselines:
+            raise ValueError("no adapter to serve: every class maps to the base model and there are no baselines")
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.selection = selection or SelectionConfig()
         self.max_prompt_tokens = max_prompt_tokens
         self.baselines = list(baselines)
-        self.fused = FusedLoRAModel(model, {**adapters, **baselines}, fusion)
+        self.classes = list(adapters)
+        self.fused = FusedLoRAModel(model, {**deployed, **baselines}, fusion)
+        names = self.fused.adapter_names
+        # Bank column of each router class; -1 where the class has no adapter.
+        self._columns = torch.tensor([names.index(c) if c in deployed else -1 for c in self.classes],
+                                     dtype=torch.long)
 
     @classmethod
     def from_assets(
@@ -92,14 +102,29 @@ class DLPLoRA:
 
     @property
     def task_names(self) -> list[str]:
-        """The routed adapters (the router's classes), without the baselines."""
-        return self.adapter_names[: len(self.adapter_names) - len(self.baselines)]
+        """The router's classes in order, with or without a deployed adapter."""
+        return list(self.classes)
+
+    @property
+    def base_served(self) -> list[str]:
+        """Classes the base model serves (no deployed adapter)."""
+        return [c for c, col in zip(self.classes, self._columns.tolist()) if col < 0]
+
+    def to_bank(self, class_weights: torch.Tensor) -> torch.Tensor:
+        """(B, classes) weights -> (B, bank) weights; a class without adapter drops its weight (base model)."""
+        if class_weights.dim() != 2 or class_weights.shape[1] != len(self.classes):
+            raise ValueError(f"expected class weights (B, {len(self.classes)}), got {tuple(class_weights.shape)}")
+        dense = class_weights.new_zeros(class_weights.shape[0], len(self.adapter_names))
+        keep = self._columns >= 0
+        dense[:, self._columns[keep]] = class_weights[:, keep]
+        return dense
 
     def route(self, prompts: Sequence[str]) -> Routing:
-        """Router probabilities -> selected adapters and weights, (B, k)."""
+        """Router probabilities -> selected adapters and weights, (B, k) over the bank."""
         if self.router is None:
             raise ValueError("this pipeline has no router; pass an explicit routing")
-        return select_with(self.router.predict_proba(list(prompts)), self.selection)
+        chosen = select_with(self.router.predict_proba(list(prompts)), self.selection)
+        return Routing.from_dense(self.to_bank(chosen.to_dense(len(self.classes))))
 
     def routing_for(self, mixtures: Sequence[Mapping[str, float]]) -> Routing:
         """Explicit routing by adapter name, one {name: weight} per prompt (weights used as given)."""
@@ -108,6 +133,9 @@ class DLPLoRA:
             for name, w in mix.items():
                 if not (isinstance(w, (int, float)) and 0 <= w <= 1e6):
                     raise ValueError(f"prompt {b}: weight of adapter {name!r} must be a number in [0, 1e6], got {w!r}")
+                if name in self.base_served:
+                    raise ValueError(f"task {name!r} has no deployed adapter (the dev gate kept the base model for "
+                                     f"it); deployed adapters: {self.adapter_names}")
                 dense[b, self.fused.bank.index(name)] = float(w)
         return Routing.from_dense(dense)
 
@@ -129,49 +157,16 @@ class DLPLoRA:
             outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step)
         return [self._result(o, routing, b) for b, o in enumerate(outs)]
 
-    @torch.no_grad()
     def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]], routing: Routing,
                         batch_size: int = 16) -> list[list[float]]:
         """Summed log-probability of each option's tokens after its prompt, under each prompt's routing.
 
-        As lm-evaluation-harness scores multiple choice: an option is the continuation of the chat prompt
-        (the assistant's answer), tokenised as in training. When every option is one token (letters),
-        one forward pass per prompt gives them all; otherwise each (prompt, option) is its own row.
+        As lm-evaluation-harness scores multiple choice (see `dlp_lora.scoring.continuation_logprobs`).
         Returns lists shaped like `options`.
         """
-        ctx = [self.tokenizer(chat_prompt(self.tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-        conts = [[self.tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts] for opts in options]
         dense = routing.to_dense(len(self.adapter_names))
-        if all(len(c) == 1 for cs in conts for c in cs):
-            last = self._row_logprobs(ctx, dense, batch_size, keep_last=1)
-            return [[float(lp[0, c[0]]) for c in cs] for lp, cs in zip(last, conts)]
-        rows, owners, opts = [], [], []
-        for b, cs in enumerate(conts):
-            for c in cs:
-                rows.append(ctx[b] + c)
-                owners.append(b)
-                opts.append(c)
-        logps = self._row_logprobs(rows, dense[owners], batch_size, keep_last=max(map(len, opts)) + 1)
-        # lp holds the row's last positions; the n option tokens are predicted by lp[-n-1], ..., lp[-2].
-        scores = [float(sum(lp[j - len(c) - 1, t] for j, t in enumerate(c))) for lp, c in zip(logps, opts)]
-        out, k = [], 0
-        for cs in conts:
-            out.append(scores[k: k + len(cs)])
-            k += len(cs)
-        return out
-
-    def _row_logprobs(self, rows: list[list[int]], dense: torch.Tensor, batch_size: int,
-                      keep_last: int) -> list[torch.Tensor]:
-        """Log-softmax over the vocabulary at each row's last `keep_last` positions: list of (keep_last, V)."""
-        out = []
-        for i in range(0, len(rows), batch_size):
-            ids, mask = left_pad(rows[i: i + batch_size], self.tokenizer.pad_token_id or 0)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-            with self.fused.routed(dense[i: i + batch_size]):
-                logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                    logits_to_keep=keep_last).logits
-            out += list(torch.log_softmax(logits.float(), -1))
-        return out
+        return continuation_logprobs(self.model, self.tokenizer, prompts, options, batch_size,
+                                     scope=lambda owners: self.fused.routed(dense[owners]))
 
     def _result(self, out: GenerationOutput, routing: Routing, b: int) -> Result:
         pairs = routing.row(b)

@@ -38,7 +38,7 @@ def make_pairs(pools: dict[str, Sequence[Example]], n: int, seed: int = 0) -> li
 
 def _part_score(task: Task, ex: Example, text: str) -> float:
     """The part's headline score (accuracy / F1 / EM) in percent."""
-    return score_task(task.metric, [parse_answer(task, text, ex.choices)], [list(ex.references)])[task.headline]
+    return score_task(task.metric, [parse_answer(task, text, ex.choices, ex.options)], [list(ex.references)])[task.headline]
 
 
 def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], tasks: Mapping[str, Task],

@@ -78,7 +78,7 @@ def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torc
         opts = (dlp.option_logprobs(prompts, [list(examples[b].choices) for b in rows], routing)
                 if task.kind == "mcq" and cfg.loglik else [None] * len(rows))
         for b, out, lp in zip(rows, outs, opts):
-            cache[keys[b]] = {"text": out.text, "parsed": parse_answer(task, out.text, examples[b].choices),
+            cache[keys[b]] = {"text": out.text, "parsed": parse_answer(task, out.text, examples[b].choices, examples[b].options),
                               "option_logprobs": lp, "adapters": out.adapters, "weights": out.weights}
     return [cache[k] for k in keys]
 
@@ -103,10 +103,10 @@ def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig
     task = get_task(task)
     task_name = task.name
     examples = load_splits(task, data_dir, split_cfg).test[: cfg.limit]
-    if task_name not in dlp.adapter_names:
-        raise ValueError(f"task {task_name!r} has no adapter in these assets: {dlp.adapter_names}")
+    if task_name not in dlp.task_names:
+        raise ValueError(f"task {task_name!r} is not a router class of these assets: {dlp.task_names}")
     probs = dlp.router.predict_proba([ex.prompt for ex in examples])
-    truth = torch.full((len(examples),), dlp.adapter_names.index(task_name), dtype=torch.long)
+    truth = torch.full((len(examples),), dlp.task_names.index(task_name), dtype=torch.long)
     cache: dict = {}
     results = {}
     for method in tqdm(cfg.all_methods, desc=task_name, disable=not progress, leave=False):
@@ -122,14 +122,12 @@ def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig
 
 def _method_dense(dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     """(B, bank width) weights: a baseline adapter alone when `method` names one, else the method's routing
-    over the router's classes (the baseline columns stay zero)."""
-    width = len(dlp.adapter_names)
+    over the router's classes mapped to the bank (classes the base model serves drop their weight)."""
     if method in dlp.baselines:
-        dense = torch.zeros(len(probs), width)
+        dense = torch.zeros(len(probs), len(dlp.adapter_names))
         dense[:, dlp.adapter_names.index(method)] = 1.0
         return dense
-    dense = method_weights(method, probs, truth, dlp.selection)
-    return torch.nn.functional.pad(dense, (0, width - dense.shape[1]))
+    return dlp.to_bank(method_weights(method, probs, truth, dlp.selection))
 
 
 def _read_complete(path: Path, examples: Sequence[Example]) -> list[dict] | None:

@@ -24,9 +24,9 @@ def run_evaluation(dlp: DLPLoRA, tasks: Sequence[str | Task], out_dir: str | Pat
                    command: str = "dlp-lora evaluate") -> dict:
     """Evaluate all methods on all tasks (resumable per method and task) and write the report into out_dir."""
     task_map = {t.name: t for t in map(get_task, tasks)}
-    unknown = [t for t in task_map if t not in dlp.adapter_names]
+    unknown = [t for t in task_map if t not in dlp.task_names]
     if unknown:
-        raise ValueError(f"tasks {unknown} have no adapter in these assets; the assets hold {dlp.adapter_names}")
+        raise ValueError(f"tasks {unknown} are not router classes of these assets; they hold {dlp.task_names}")
     # Baselines in the assets (e.g. `multitask`) are always compared: they exist for that.
     cfg = replace(cfg, methods=cfg.methods + tuple(b for b in dlp.baselines if b not in cfg.methods))
     for method in cfg.all_methods:  # an unknown name fails now, not after hours of generation

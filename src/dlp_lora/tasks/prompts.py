@@ -1,8 +1,11 @@
 """Prompt templates and answer normalisers shared by every task.
 
 Multiple-choice tasks all use one template (question, lettered options, an instruction to answer with
-the letter), so the router has to recognise a task by its content, not by its formatting, as it must
-for real traffic. `parse_answer` turns a generated text back into what the task's metric compares.
+the correct option), so the router has to recognise a task by its content, not by its formatting, as it
+must for real traffic. The training target of a multiple-choice example is the gold option's text, the
+continuation whose log-likelihood the headline metric (`acc_norm`) reads; a letter alone gave the model
+one token of signal per example and adapters collapsed onto one letter (docs/training.md).
+`parse_answer` turns a generated text back into what the task's metric compares.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ __all__ = ["LETTERS", "mcq_prompt", "mcq_example", "parse_answer", "normalize_te
            "parse_choice"]
 
 LETTERS = string.ascii_uppercase
-MCQ_INSTRUCTION = "Answer with the letter of the correct option."
+MCQ_INSTRUCTION = "Answer with the correct option."
 
 
 def mcq_prompt(question: str, options: Sequence[str]) -> str:
@@ -31,13 +34,14 @@ def mcq_prompt(question: str, options: Sequence[str]) -> str:
 
 def mcq_example(uid: str, task: str, question: str, options: Sequence[str], gold: int,
                 source_prompt: str = "") -> Example:
-    """A multiple-choice example whose answer is the gold option's letter."""
+    """A multiple-choice example: trained to answer the gold option's text, scored by its letter (reference)."""
     if not 0 <= gold < len(options):
         raise ValueError(f"{uid}: gold option index {gold} out of range for {len(options)} options")
     letters = tuple(LETTERS[: len(options)])
-    return Example(uid=uid, task=task, prompt=mcq_prompt(question, options), answer=letters[gold],
+    texts = tuple(str(o).strip() for o in options)
+    return Example(uid=uid, task=task, prompt=mcq_prompt(question, options), answer=texts[gold],
                    references=(letters[gold],), choices=letters, question=question.strip(),
-                   options=tuple(str(o).strip() for o in options), instruction=MCQ_INSTRUCTION,
+                   options=texts, instruction=MCQ_INSTRUCTION,
                    source_prompt=source_prompt)
 
 
@@ -71,17 +75,27 @@ def extract_number(text: str) -> str:
     return format(value.normalize(), "f")
 
 
-def parse_choice(text: str, choices: Sequence[str]) -> str:
-    """The option letter a generated text names: 'B', '(B)', 'B.', 'Answer: B' ...; '' when none does."""
+def parse_choice(text: str, choices: Sequence[str], options: Sequence[str] = ()) -> str:
+    """The option a generated text names, as its letter; '' when none does.
+
+    With option texts: the option whose normalised text the answer starts with (the longest such option,
+    so 'red apple' beats 'red'), else a letter: 'B', '(B)', 'B.', 'Answer: B' ...
+    """
+    said = normalize_text(text)
+    if options and said:
+        hits = [(len(normalize_text(o)), i) for i, o in enumerate(options)
+                if normalize_text(o) and (said == normalize_text(o) or said.startswith(normalize_text(o) + " "))]
+        if hits:
+            return choices[max(hits)[1]]
     allowed = "".join(choices)
     match = re.search(rf"(?<![A-Za-z])\(?([{allowed}])\)?(?![A-Za-z])", text.strip())
     return match.group(1) if match else ""
 
 
-def parse_answer(task: Task, text: str, choices: Sequence[str] = ()) -> str:
+def parse_answer(task: Task, text: str, choices: Sequence[str] = (), options: Sequence[str] = ()) -> str:
     """What the task's metric compares against the references, read from a generated text."""
     if task.metric == "choice":
-        return parse_choice(text, choices or LETTERS)
+        return parse_choice(text, choices or LETTERS, options)
     if task.metric == "numeric":
         return extract_number(text)
     return text.strip().split("\n", 1)[0].strip() if task.metric in ("squad", "exact") else text.strip()

@@ -1,5 +1,8 @@
 """The task registry (26 tasks from ../shared/data: 17 multiple choice, 9 free-form QA) and its splits.
 
+The pool is what the bundled assets serve. Tasks replaced in it (docs/tasks.md says why) stay loadable
+by name (`EXTRA_TASKS`), e.g. for evaluation or as out-of-pool prompts for the router.
+
 Splits are deterministic: a task's examples are de-duplicated by prompt (so no prompt can sit in two
 splits), shuffled with a seed derived from the task name and `SplitConfig.seed`, then cut into test,
 dev and train in that order; the training split is capped at `train_cap`.
@@ -17,7 +20,7 @@ from dlp_lora.config import SplitConfig
 from dlp_lora.tasks import loaders as L
 from dlp_lora.tasks.types import Example, Splits, Task
 
-__all__ = ["TASKS", "get_task", "task_names", "load_examples", "load_splits", "pool_table"]
+__all__ = ["TASKS", "EXTRA_TASKS", "get_task", "task_names", "load_examples", "load_splits", "pool_table"]
 
 
 def _mcq(name: str, source: str, load) -> Task:
@@ -63,10 +66,9 @@ def _builtin() -> dict[str, Task]:
         _bbh_mcq("movie_recommendation"),
         Task(name="squad", kind="qa", source="squad-v1.1-dev/dev-v1.1.json", metric="squad", load=L.squad("squad"),
              max_new_tokens=24),
-        Task(name="gsm8k", kind="qa", source="gsm8k/train.jsonl", metric="numeric", load=L.gsm8k("gsm8k"),
-             max_new_tokens=160),
+        _bbh_qa("formal_fallacies", "exact", "Answer valid or invalid.", 4),
+        _bbh_qa("causal_judgement", "exact", "Answer Yes or No.", 4),
         _bbh_qa("object_counting", "numeric", "Answer with a number.", 6),
-        _bbh_qa("multistep_arithmetic_two", "numeric", "Answer with a number.", 8),
         _bbh_qa("boolean_expressions", "exact", "Answer True or False.", 4),
         _bbh_qa("web_of_lies", "exact", "Answer Yes or No.", 4),
         _bbh_qa("sports_understanding", "exact", "Answer yes or no.", 4),
@@ -76,8 +78,19 @@ def _builtin() -> dict[str, Task]:
     return {t.name: t for t in tasks}
 
 
+def _replaced() -> dict[str, Task]:
+    tasks = [
+        Task(name="gsm8k", kind="qa", source="gsm8k/train.jsonl", metric="numeric", load=L.gsm8k("gsm8k"),
+             max_new_tokens=160),
+        _bbh_qa("multistep_arithmetic_two", "numeric", "Answer with a number.", 8),
+    ]
+    return {t.name: t for t in tasks}
+
+
 TASKS: dict[str, Task] = _builtin()
 """The built-in pool. User tasks (e.g. `loaders.user_file`) are `Task` objects passed where a task is taken."""
+EXTRA_TASKS: dict[str, Task] = _replaced()
+"""Built-in tasks outside the pool (replaced as unlearnable at 135M: 0 and 3 points for every method)."""
 
 
 def task_names() -> list[str]:
@@ -89,9 +102,9 @@ def get_task(name: str | Task) -> Task:
     """A built-in task by name (a `Task` is returned as is); ValueError listing the known names otherwise."""
     if isinstance(name, Task):
         return name
-    task = TASKS.get(name)
+    task = TASKS.get(name) or EXTRA_TASKS.get(name)
     if task is None:
-        raise ValueError(f"unknown task {name!r}; known tasks: {task_names()}")
+        raise ValueError(f"unknown task {name!r}; known tasks: {task_names()} and {list(EXTRA_TASKS)}")
     return task
 
 
@@ -102,7 +115,7 @@ def _load_cached(name: str, root: str) -> tuple[Example, ...]:
 
 def load_examples(task: Task, data_dir: str | os.PathLike | None = None) -> list[Example]:
     """Every example of a task, de-duplicated by prompt (first occurrence kept), in file order."""
-    builtin = TASKS.get(task.name) is task
+    builtin = (TASKS.get(task.name) or EXTRA_TASKS.get(task.name)) is task
     # User tasks read their own files: they must work where no benchmark data exists.
     root = str(L.resolve_data_dir(data_dir)) if builtin else str(data_dir or "")
     seen: set[str] = set()

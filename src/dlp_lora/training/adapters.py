@@ -1,68 +1,58 @@
-"""Train one PEFT LoRA adapter per task on the base model (loss on answer tokens only)."""
+"""Train one PEFT LoRA adapter per task on the base model (loss on answer tokens only).
+
+The recipe (docs/training.md): length-bucketed batches, linear warmup then cosine decay, a dev
+evaluation every `eval_every` steps, the best checkpoint kept, early stopping after `patience`
+evaluations without improvement. Step 0 is evaluated too: a fresh LoRA (B = 0) is exactly the base
+model, so the base model's dev scores come with the curve. A checkpoint (weights, optimiser, schedule,
+RNG, curve) is written at every evaluation, so an interrupted run resumes at its last evaluation.
+"""
 
 from __future__ import annotations
 
-import random
+import math
+import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dlp_lora.chat import chat_prompt, encode_prompts
-from dlp_lora.config import AdapterTrainConfig, GenerationConfig
-from dlp_lora.evaluation.metrics import score_task
-from dlp_lora.generation import generate_ids
-from dlp_lora.tasks import Example, Task, parse_answer
+from dlp_lora.config import AdapterTrainConfig
+from dlp_lora.evaluation.examples import ExampleScores, example_scores
+from dlp_lora.tasks import Example, Task
+from dlp_lora.training.batching import bucketed_batches, collate, encode_examples
 
-__all__ = ["training_batch", "train_adapter", "dev_score"]
+__all__ = ["train_adapter", "planned_steps", "lr_factor"]
 
-
-def _example_ids(tokenizer: PreTrainedTokenizerBase, ex: Example, max_length: int) -> tuple[list[int], int]:
-    prompt = tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
-    answer = tokenizer(ex.answer + (tokenizer.eos_token or ""), add_special_tokens=False)["input_ids"]
-    answer = answer[: max_length // 2]
-    # Over-long prompts lose their head: the question and the answer instruction sit at the end.
-    prompt = prompt[-(max_length - len(answer)):]
-    return prompt + answer, len(prompt)
+STATE_FILE = "state.pt"
 
 
-def training_batch(
-    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int
-) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids, attention_mask, labels: (B, T); labels are -100 except on answer tokens."""
-    rows = [_example_ids(tokenizer, ex, max_length) for ex in examples]
-    width = max(len(ids) for ids, _ in rows)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for i, (ids, n_prompt) in enumerate(rows):
-        input_ids[i, : len(ids)] = torch.tensor(ids)
-        mask[i, : len(ids)] = 1
-        labels[i, n_prompt: len(ids)] = torch.tensor(ids[n_prompt:])
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+def planned_steps(n_train: int, cfg: AdapterTrainConfig) -> int:
+    """Optimiser steps a task of n_train examples is planned for (early stopping may end it sooner)."""
+    return min(cfg.max_steps, cfg.epochs * math.ceil(n_train / cfg.batch_size))
 
 
-def dev_score(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, examples: Sequence[Example],
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """Greedy generation on examples, answers parsed by the task's normaliser, scored by its metric."""
-    preds: list[str] = []
-    texts: list[str] = []
-    for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
-        ids, mask = encode_prompts(tokenizer, [ex.prompt for ex in chunk])
-        outs = generate_ids(model, tokenizer, ids, mask, GenerationConfig(max_new_tokens=task.max_new_tokens))
-        preds += [parse_answer(task, o.text, ex.choices) for o, ex in zip(outs, chunk)]
-        texts += [o.text for o in outs]
-    return score_task(task.metric, preds, [list(ex.references) for ex in examples], texts,
-                      [ex.answer for ex in examples])
+def lr_factor(step: int, total: int, cfg: AdapterTrainConfig) -> float:
+    """Multiplier of the peak lr at `step`: linear warmup, then cosine decay to `min_lr_ratio`."""
+    warmup = max(1, round(cfg.warmup_ratio * total))
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _evaluate(model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: Task, dev: Sequence[Example]) -> ExampleScores:
+    model.eval()
+    try:
+        with torch.no_grad():
+            return example_scores(model, tokenizer, task, dev)
+    finally:
+        model.train()
 
 
 def _save_fp16(peft_model: PeftModel, out_dir: Path) -> None:
@@ -70,6 +60,10 @@ def _save_fp16(peft_model: PeftModel, out_dir: Path) -> None:
     (out_dir / "README.md").unlink(missing_ok=True)  # peft's empty model-card template; the manifest holds the record
     f = out_dir / "adapter_model.safetensors"
     save_file({k: v.half().contiguous() for k, v in load_file(str(f)).items()}, str(f))
+
+
+def _lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
 
 
 def train_adapter(
@@ -80,11 +74,19 @@ def train_adapter(
     dev: Sequence[Example],
     out_dir: str | Path,
     cfg: AdapterTrainConfig = AdapterTrainConfig(),
-    dev_limit: int = 40,
+    ckpt_dir: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, Any]:
-    """Train a LoRA for one task, save it (fp16 safetensors) and return its record.
+    on_step: Callable[[], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any] | None:
+    """Train a LoRA for one task, save its best checkpoint (fp16 safetensors) and return its record.
 
+    `should_stop` is asked after each checkpoint: when it says yes, training ends there and None is
+    returned (nothing saved but the checkpoint; the next call with the same `ckpt_dir` resumes).
+
+    With `dev`, the record holds the dev curve, the best step, and per-example dev scores of the base
+    model (`base_dev_scores`, step 0) and of the saved adapter (`dev_scores`) for the dev gate. With
+    `ckpt_dir`, training resumes from the checkpoint there; it is deleted once the adapter is saved.
     The base model is wrapped by peft for the run and unwrapped afterwards: it leaves unchanged.
     """
     if not train:
@@ -93,52 +95,151 @@ def train_adapter(
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                       target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lora)
+    dev = list(dev)[: cfg.dev_limit]
+    ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
     try:
-        t0 = time.time()
-        losses = _fit(peft_model, tokenizer, list(train), cfg, task.name, progress)
-        train_seconds = time.time() - t0
+        run = _Run(peft_model, tokenizer, task, list(train), dev, cfg, ckpt)
+        if not run.fit(progress, on_step, should_stop):
+            return None
+        set_peft_model_state_dict(peft_model, run.best["lora"])
         peft_model.eval()
-        score = dev_score(peft_model, tokenizer, task, list(dev)[:dev_limit]) if dev else {}
         _save_fp16(peft_model, Path(out_dir))
     finally:
         peft_model.unload()
         model.requires_grad_(False)
         model.eval()
-    return {
-        "task": task.name, "kind": task.kind, "source": task.source, "train_examples": len(train),
-        "dev_examples_scored": min(len(dev), dev_limit), "steps": len(losses), "seed": cfg.seed,
-        "r": cfg.r, "alpha": cfg.alpha, "target_modules": list(cfg.target_modules), "lr": cfg.lr,
-        "epochs": cfg.epochs, "batch_size": cfg.batch_size,
-        "final_train_loss": round(sum(losses[-5:]) / len(losses[-5:]), 4), "first_train_loss": round(losses[0], 4),
-        "dev": {k: round(v, 2) for k, v in score.items()}, "train_seconds": round(train_seconds, 1),
-    }
+    if ckpt is not None:
+        shutil.rmtree(ckpt, ignore_errors=True)
+    return run.record()
 
 
-def _fit(model: PeftModel, tokenizer: PreTrainedTokenizerBase, train: list[Example], cfg: AdapterTrainConfig,
-         name: str, progress: bool) -> list[float]:
-    order = list(range(len(train)))
-    batches = []
-    rng = random.Random(cfg.seed)
-    for _ in range(cfg.epochs):
-        rng.shuffle(order)
-        batches += [order[i: i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, len(batches) // 10)
-    # Linear warm-up then linear decay: stable for the few dozen steps a small task gets.
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warmup, max(0.0, (len(batches) - s) / max(1, len(batches) - warmup))))
-    model.train()
-    losses: list[float] = []
-    bar = tqdm(batches, desc=f"train {name}", disable=not progress, dynamic_ncols=True)
-    for idx in bar:
-        batch = training_batch(tokenizer, [train[i] for i in idx], cfg.max_length)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
-    return losses
+class _Run:
+    """The state of one adapter's training: what a checkpoint saves and a resume restores."""
+
+    def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: Task, train: list[Example],
+                 dev: list[Example], cfg: AdapterTrainConfig, ckpt: Path | None) -> None:
+        self.model, self.tokenizer, self.task, self.dev, self.cfg, self.ckpt = model, tokenizer, task, dev, cfg, ckpt
+        self.rows = encode_examples(tokenizer, train, cfg.max_length)
+        self.total = planned_steps(len(train), cfg)
+        epochs = math.ceil(self.total * cfg.batch_size / len(train))
+        self.batches = bucketed_batches([len(r.ids) for r in self.rows], cfg.batch_size, cfg.seed, epochs)[: self.total]
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, self.total, cfg))
+        self.step, self.losses, self.curve, self.bad_evals = 0, [], [], 0
+        self.train_seconds, self.eval_seconds, self.tokens = 0.0, 0.0, 0
+        self.best: dict[str, Any] = {}
+        self.base: ExampleScores | None = None
+        self.stopped_early = False
+        if ckpt is not None and (ckpt / STATE_FILE).exists():
+            self._load()
+
+    def fit(self, progress: bool, on_step: Callable[[], None] | None,
+            should_stop: Callable[[], bool] | None = None) -> bool:
+        """Train to the end (True) or until `should_stop` says so after a checkpoint (False)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if self.step == 0 and not self.curve:
+            self._eval_and_checkpoint()
+        bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.task.name}", disable=not progress,
+                   dynamic_ncols=True)
+        self.model.train()
+        while self.step < self.total and not self.stopped_early:
+            batch = collate([self.rows[i] for i in self.batches[self.step]], pad)
+            t0 = time.perf_counter()
+            loss = self.model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.train_seconds += time.perf_counter() - t0
+            self.tokens += int(batch["attention_mask"].sum())
+            self.losses.append(float(loss.detach()))
+            self.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{self.losses[-1]:.3f}", dev=f"{self.best.get('score', float('nan')):.1f}")
+            if on_step is not None:
+                on_step()
+            if self.step % self.cfg.eval_every == 0 or self.step == self.total:
+                self._eval_and_checkpoint()
+                if should_stop is not None and should_stop() and self.step < self.total and not self.stopped_early:
+                    bar.close()
+                    return False
+        bar.close()
+        return True
+
+    def _eval_and_checkpoint(self) -> None:
+        t0 = time.perf_counter()
+        scores = _evaluate(self.model, self.tokenizer, self.task, self.dev) if self.dev else None
+        self.eval_seconds += time.perf_counter() - t0
+        # Without a dev split (the multitask baseline) the last checkpoint is kept.
+        score = scores.mean if scores is not None else float(self.step)
+        recent = self._recent_loss() if self.losses else None
+        self.curve.append({"step": self.step, "dev": round(score, 2) if scores else None,
+                           "train_loss": None if recent is None else round(recent, 4)})
+        if self.step == 0:
+            self.base = scores
+        # Strictly better only: on a tie the earlier (less trained) checkpoint stays.
+        if not self.best or score > self.best["score"]:
+            self.best = {"step": self.step, "score": score, "lora": _lora_state(self.model), "scores": scores}
+            self.bad_evals = 0
+        elif self.step > 0:
+            self.bad_evals += 1
+            self.stopped_early = self.bad_evals >= self.cfg.patience
+        if self.ckpt is not None:
+            self._save()
+
+    def _recent_loss(self) -> float:
+        tail = self.losses[-self.cfg.eval_every:]
+        return sum(tail) / len(tail)
+
+    def _save(self) -> None:
+        assert self.ckpt is not None
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        state = {"cfg": asdict(self.cfg), "n_train": len(self.rows), "step": self.step, "losses": self.losses,
+                 "curve": self.curve, "bad_evals": self.bad_evals, "best": self.best, "base": self.base,
+                 "stopped_early": self.stopped_early, "lora": _lora_state(self.model),
+                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": torch.get_rng_state(),
+                 "seconds": (self.train_seconds, self.eval_seconds), "tokens": self.tokens}
+        tmp = self.ckpt / (STATE_FILE + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.ckpt / STATE_FILE)  # a checkpoint exists only once complete
+
+    def _load(self) -> None:
+        assert self.ckpt is not None
+        state = torch.load(self.ckpt / STATE_FILE, weights_only=False)
+        if state["cfg"] != asdict(self.cfg) or state["n_train"] != len(self.rows):
+            raise ValueError(f"checkpoint {self.ckpt} was made with other settings or data; delete it to start over "
+                             f"(saved {state['cfg']}, {state['n_train']} examples; now {asdict(self.cfg)}, "
+                             f"{len(self.rows)} examples)")
+        set_peft_model_state_dict(self.model, state["lora"])
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.losses, self.curve = state["step"], state["losses"], state["curve"]
+        self.bad_evals, self.best, self.base = state["bad_evals"], state["best"], state["base"]
+        self.stopped_early = state["stopped_early"]
+        self.train_seconds, self.eval_seconds = state["seconds"]
+        self.tokens = state["tokens"]
+
+    def record(self) -> dict[str, Any]:
+        cfg, best = self.cfg, self.best
+        scores: ExampleScores | None = best.get("scores")
+        tail = self.losses[-5:]
+        return {
+            "task": self.task.name, "kind": self.task.kind, "source": self.task.source,
+            "train_examples": len(self.rows), "truncated_examples": sum(r.truncated for r in self.rows),
+            "dev_examples_scored": len(self.dev), "steps": self.step, "planned_steps": self.total,
+            "best_step": best["step"], "stopped_early": self.stopped_early, **asdict(cfg),
+            "target_modules": list(cfg.target_modules),
+            "first_train_loss": round(self.losses[0], 4) if self.losses else None,
+            "final_train_loss": round(sum(tail) / len(tail), 4) if tail else None,
+            "dev_curve": self.curve,
+            "dev": {k: round(sum(v) / len(v), 2) for k, v in scores.metrics.items()} if scores else {},
+            "dev_scores": scores.headline if scores else [],
+            "dev_chosen": scores.chosen if scores else [],
+            "base_dev_scores": self.base.headline if self.base else [],
+            "train_seconds": round(self.train_seconds, 1), "eval_seconds": round(self.eval_seconds, 1),
+            "train_tokens": self.tokens,
+            "tokens_per_second": round(self.tokens / self.train_seconds, 1) if self.train_seconds else None,
+        }

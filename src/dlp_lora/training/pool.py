@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
 
 from dlp_lora.assets import Manifest
 from dlp_lora.config import AdapterTrainConfig, RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
 from dlp_lora.models import EMBEDDED_MODEL_ID, load_base_model
 from dlp_lora.tasks import Task, get_task, load_splits
-from dlp_lora.training.adapters import train_adapter
+from dlp_lora.training.adapters import STATE_FILE, planned_steps, train_adapter
+from dlp_lora.training.gate import dev_gate
 from dlp_lora.training.router import train_router
 
 __all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router", "pool_prompts"]
@@ -33,33 +38,63 @@ def train_pool_adapters(
     train_cfg: AdapterTrainConfig = AdapterTrainConfig(),
     base_model: str | None = None,
     progress: bool = True,
+    time_budget_s: float | None = None,
 ) -> Manifest:
-    """Train (or skip, when already finished) one adapter per task under root/adapters/<task>.
+    """Train (or skip, when already finished) one adapter per task under root/adapters/<task>, gated on dev.
 
-    A task counts as finished when its adapter file exists and the manifest holds its record, so an
-    interrupted run picks up at the first unfinished task. The manifest is saved after every task.
+    Resumable per task and per checkpoint: a task is finished when the manifest holds its record (and its
+    adapter file, if deployed); an unfinished one resumes from root/checkpoints/<task>. With `time_budget_s`, training stops at the first
+    checkpoint past the budget (run it again to continue). The manifest is saved after every task, with
+    the task mapped to its adapter if the dev gate deploys it, else to the base model (None).
     """
     root = Path(root)
     base_id = base_model or EMBEDDED_MODEL_ID
     manifest = _open_manifest(root, base_id)
     resolved = [get_task(t) for t in tasks]  # fail on an unknown name before hours of training, not after
-    todo = [t for t in resolved if not ((root / "adapters" / t.name / "adapter_model.safetensors").exists()
-                                        and t.name in manifest.records)]
-    if todo:
-        model, tok = load_base_model(base_model)
+    todo = [t for t in resolved if not _finished(root, manifest, t.name)]
+    if not todo:
+        return manifest
+    model, tok = load_base_model(base_model)
+    splits = {t.name: load_splits(t, data_dir, split_cfg) for t in todo}
+    total = sum(planned_steps(len(splits[t.name].train), train_cfg) for t in todo)
+    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    pool_bar = tqdm(total=total, desc="all tasks (steps)", disable=not progress, dynamic_ncols=True, position=1)
     for task in todo:
-        name = task.name
-        splits = load_splits(task, data_dir, split_cfg)
-        record = train_adapter(model, tok, task, splits.train, splits.dev, root / "adapters" / name, train_cfg,
-                               progress=progress)
-        record["splits"] = {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test),
+        name, split = task.name, splits[task.name]
+        ckpt = root / "checkpoints" / name
+        pool_bar.update(_resumed_steps(ckpt))
+        record = train_adapter(model, tok, task, split.train, split.dev, root / "adapters" / name, train_cfg,
+                               ckpt_dir=ckpt, progress=progress, on_step=lambda: pool_bar.update(1),
+                               should_stop=None if deadline is None else lambda: time.monotonic() > deadline)
+        if record is None:
+            break  # out of time: the checkpoint holds the progress
+        gold = [ex.gold_index for ex in split.dev[: train_cfg.dev_limit]] if task.kind == "mcq" else None
+        record["gate"] = dev_gate(record, gold)
+        record["splits"] = {"train": len(split.train), "dev": len(split.dev), "test": len(split.test),
                             **asdict(split_cfg)}
         manifest.records[name] = record
-        manifest.adapters[name] = f"adapters/{name}"
+        manifest.adapters[name] = f"adapters/{name}" if record["gate"]["deployed"] else None
         if name not in manifest.tasks:
             manifest.tasks.append(name)
         manifest.save(root)
+        if deadline is not None and time.monotonic() > deadline:
+            break
+    pool_bar.close()
     return manifest
+
+
+def _finished(root: Path, manifest: Manifest, name: str) -> bool:
+    """A task is finished when it has a record and, if the gate deployed its adapter, the adapter file."""
+    if name not in manifest.records:
+        return False
+    path = manifest.adapters.get(name)
+    return path is None or (root / path / "adapter_model.safetensors").exists()
+
+
+def _resumed_steps(ckpt: Path) -> int:
+    """Steps already done in a checkpoint (for the pool's progress bar)."""
+    state = ckpt / STATE_FILE
+    return int(torch.load(state, weights_only=False)["step"]) if state.exists() else 0
 
 
 def train_pool_multitask(
@@ -88,7 +123,8 @@ def train_pool_multitask(
                  load=lambda _root: train)
     model, tok = load_base_model(base_model or manifest.base_model)
     # No dev score: one metric cannot score 26 tasks; `dlp-lora evaluate` scores it per task instead.
-    record = train_adapter(model, tok, union, train, [], out, train_cfg, progress=progress)
+    record = train_adapter(model, tok, union, train, [], out, train_cfg, ckpt_dir=root / "checkpoints" / name,
+                           progress=progress)
     manifest.records[name] = {**record, "splits": asdict(split_cfg)}
     manifest.baselines[name] = f"baselines/{name}"
     manifest.save(root)

@@ -1,0 +1,100 @@
+"""Per-example scores of one model on one task's examples: what dev curves, the dev gate and paired
+bootstrap intervals need (a mean alone cannot be paired).
+
+Multiple choice is scored by the log-likelihood of each full option text after the prompt, as
+lm-evaluation-harness does: `acc` (summed) and `acc_norm` (per byte, the headline). Free-form tasks are
+generated greedily and scored by their headline metric (token F1 for SQuAD, exact match otherwise).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from dlp_lora.chat import encode_prompts
+from dlp_lora.config import GenerationConfig
+from dlp_lora.evaluation.metrics import exact_match, numeric_match, token_f1
+from dlp_lora.generation import generate_ids
+from dlp_lora.scoring import continuation_logprobs, option_choice
+from dlp_lora.tasks import Example, Task, parse_answer
+
+__all__ = ["ExampleScores", "example_scores", "headline_score", "majority_share", "MCQ_HEADLINE"]
+
+MCQ_HEADLINE = "acc_norm"
+"""The multiple-choice headline: length-normalised option-text log-likelihood accuracy."""
+
+
+@dataclass
+class ExampleScores:
+    """Scores of each example (0 or 100 for accuracy, 0-100 for F1), in example order.
+
+    headline: the task's headline metric; metrics: every per-example metric by name; chosen: for
+    multiple choice the option index picked by the headline (for the collapse check), else the parsed
+    answer; texts: generated texts (free-form tasks only).
+    """
+
+    headline: list[float]
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    chosen: list = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return sum(self.headline) / max(len(self.headline), 1)
+
+
+def headline_score(metric: str, parsed: str, references: Sequence[str]) -> float:
+    """One free-form answer's headline score in [0, 100] (see `Task.headline`)."""
+    if metric == "squad":
+        return 100.0 * token_f1(parsed, references)
+    if metric == "numeric":
+        return 100.0 * numeric_match(parsed, references)
+    if metric == "exact":
+        return 100.0 * exact_match(parsed, references, squad=False)
+    raise ValueError(f"no free-form headline for metric {metric!r}; expected squad|numeric|exact")
+
+
+def example_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
+                   examples: Sequence[Example], batch_size: int = 8) -> ExampleScores:
+    """Score `model` (a plain or peft model, routing already set if fused) on `examples` of `task`."""
+    if task.kind == "mcq":
+        missing = [ex.uid for ex in examples if not ex.options]
+        if missing:
+            raise ValueError(f"task {task.name!r}: examples {missing[:3]} have no option texts to score")
+        logps = continuation_logprobs(model, tokenizer, [ex.prompt for ex in examples],
+                                      [list(ex.options) for ex in examples], batch_size=2 * batch_size)
+        return mcq_scores(logps, examples)
+    scores = ExampleScores(headline=[])
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i: i + batch_size]
+        ids, mask = encode_prompts(tokenizer, [ex.prompt for ex in chunk])
+        outs = generate_ids(model, tokenizer, ids, mask, GenerationConfig(max_new_tokens=task.max_new_tokens))
+        for ex, out in zip(chunk, outs):
+            parsed = parse_answer(task, out.text, ex.choices, ex.options)
+            scores.headline.append(headline_score(task.metric, parsed, ex.references))
+            scores.chosen.append(parsed)
+            scores.texts.append(out.text)
+    scores.metrics[task.headline] = scores.headline
+    return scores
+
+
+def mcq_scores(logprobs: Sequence[Sequence[float]], examples: Sequence[Example]) -> ExampleScores:
+    """acc and acc_norm per example from each example's option log-likelihoods."""
+    acc, norm, chosen = [], [], []
+    for lp, ex in zip(logprobs, examples):
+        pick = option_choice(lp, ex.options, normalize=True)
+        acc.append(100.0 * (option_choice(lp, ex.options, normalize=False) == ex.gold_index))
+        norm.append(100.0 * (pick == ex.gold_index))
+        chosen.append(pick)
+    return ExampleScores(headline=norm if MCQ_HEADLINE == "acc_norm" else acc,
+                         metrics={"acc": acc, "acc_norm": norm}, chosen=chosen)
+
+
+def majority_share(chosen: Sequence) -> float:
+    """Share (0-1) of the most frequent prediction: near 1 when a model answers one option for everything."""
+    if not chosen:
+        return 0.0
+    return Counter(chosen).most_common(1)[0][1] / len(chosen)
