@@ -137,7 +137,7 @@ def _train_adapter(ns: argparse.Namespace) -> None:
     from dlp_lora.tasks import task_names
     from dlp_lora.training.pool import train_pool_adapters
 
-    split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
+    split = config_from_args(SplitConfig, ns)
     if ns.multitask:
         from dlp_lora.training.pool import train_pool_multitask
 
@@ -173,60 +173,55 @@ def _user_task(spec: str):
 
 
 def _train_router_args(p: argparse.ArgumentParser) -> None:
-    from dlp_lora.config import RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
+    from dlp_lora.config import RouterConfig, RouterDataConfig, RouterTrainConfig, SelectionConfig, SplitConfig
 
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--assets", help="train on the training splits of this assets folder's tasks")
     src.add_argument("--tasks", nargs="+", help="train on these registry tasks' training splits ('all': the pool)")
     src.add_argument("--jsonl", help='labelled prompts, one {"text", "task"} per line')
-    p.add_argument("--dev-jsonl", help="dev prompts for early stopping (with --jsonl; default: 10%% of --jsonl)")
+    p.add_argument("--dev-jsonl", help="dev prompts for early stopping and calibration (with --jsonl; default: a "
+                   "seeded stratified --dev-fraction of --jsonl)")
+    p.add_argument("--dev-fraction", type=float, default=0.1, help="default: 0.1")
     p.add_argument("--out", help="router directory (with --tasks or --jsonl)")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
-    add_config_args(p, RouterConfig, skip=("task_names",))
+    add_config_args(p, RouterConfig, skip=("task_names", "temperature"))
     add_config_args(p, RouterTrainConfig)
-    add_config_args(p, SelectionConfig, skip=("k", "threshold"))
+    add_config_args(p, RouterDataConfig, skip=("seed",))
+    add_config_args(p, SelectionConfig, skip=("k", "threshold", "p"))
     add_config_args(p, SplitConfig, skip=("seed",))
 
 
 def _train_router(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
+    from dlp_lora.config import RouterConfig, RouterDataConfig, RouterTrainConfig, SelectionConfig, SplitConfig
 
     train_cfg = config_from_args(RouterTrainConfig, ns)
-    fields = {f.name for f in dataclasses.fields(RouterConfig)} - {"task_names"}
-    arch = {k: getattr(ns, k) for k in fields}
-    if ns.assets:
-        from dlp_lora.training.pool import train_pool_router
+    arch = RouterConfig(task_names=("_",), **{f.name: getattr(ns, f.name) for f in dataclasses.fields(RouterConfig)
+                                              if hasattr(ns, f.name)})
+    if ns.jsonl:
+        from dlp_lora.training.router import train_jsonl_router
 
-        split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
-        m = train_pool_router(ns.assets, ns.data_dir, split, RouterConfig(task_names=("_",), **arch), train_cfg,
-                              config_from_args(SelectionConfig, ns))
-        print(json.dumps(m.records["router"], indent=2))
+        if not ns.out:
+            raise ValueError("--out is required with --jsonl")
+        h = train_jsonl_router(ns.jsonl, ns.out, arch, train_cfg, ns.dev_jsonl, ns.dev_fraction)
+        print(f"router saved to {ns.out}: best dev accuracy {h['best_dev_acc']:.4f} at epoch {h['best_epoch']}, "
+              f"temperature {h['temperature']:.3f}")
+        return
+    split, data = config_from_args(SplitConfig, ns), config_from_args(RouterDataConfig, ns)
+    selection = config_from_args(SelectionConfig, ns)
+    if ns.assets:
+        from dlp_lora.training.router_pool import train_pool_router
+
+        m = train_pool_router(ns.assets, ns.data_dir, split, arch, train_cfg, data, selection)
+        print(json.dumps({k: v for k, v in m.records["router"].items() if k != "p_curve"}, indent=2))
         return
     if not ns.out:
-        raise ValueError("--out is required with --tasks or --jsonl")
-    if ns.tasks:
-        from dlp_lora.tasks import task_names
-        from dlp_lora.training.pool import train_task_router
+        raise ValueError("--out is required with --tasks")
+    from dlp_lora.tasks import task_names
+    from dlp_lora.training.router_pool import train_task_router
 
-        tasks = task_names() if ns.tasks == ["all"] else ns.tasks
-        split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
-        record = train_task_router(tasks, ns.out, ns.data_dir, split, RouterConfig(task_names=tuple(tasks), **arch),
-                                   train_cfg)
-        print(json.dumps(record, indent=2))
-        return
-    from dlp_lora.training.router import load_labelled_jsonl, train_router
-
-    texts, labels = load_labelled_jsonl(ns.jsonl)
-    if ns.dev_jsonl:
-        dev_texts, dev_labels = load_labelled_jsonl(ns.dev_jsonl)
-    else:
-        cut = max(1, len(texts) // 10)
-        (texts, dev_texts), (labels, dev_labels) = (texts[cut:], texts[:cut]), (labels[cut:], labels[:cut])
-    names = tuple(dict.fromkeys(labels))
-    router, history = train_router(texts, labels, dev_texts, dev_labels, RouterConfig(task_names=names, **arch),
-                                   train_cfg)
-    router.save(ns.out)
-    print(f"router saved to {ns.out}: best dev accuracy {history['best_dev_acc']:.4f} at epoch {history['best_epoch']}")
+    tasks = task_names() if ns.tasks == ["all"] else ns.tasks
+    record = train_task_router(tasks, ns.out, ns.data_dir, split, arch, train_cfg, data, selection)
+    print(json.dumps({k: v for k, v in record.items() if k != "p_curve"}, indent=2))
 
 
 def _router_report_args(p: argparse.ArgumentParser) -> None:
@@ -243,40 +238,46 @@ def _router_report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--same-task", action="append", default=None, metavar="TASK,TASK",
                    help="tasks that text cannot tell apart, merged for the grouped accuracy (repeatable; "
                         "default: arc_easy,arc_challenge when both are routed)")
-    add_config_args(p, SelectionConfig)
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    add_config_args(p, SelectionConfig, overrides_only=True)
     add_config_args(p, SplitConfig, skip=("seed",))
 
 
 def _router_report(ns: argparse.Namespace) -> None:
-    from dlp_lora.assets import Manifest
-    from dlp_lora.config import SelectionConfig, SplitConfig
-    from dlp_lora.evaluation.router_report import router_report
-    from dlp_lora.router import Router
-    from dlp_lora.training.pool import pool_prompts
+    from dlp_lora.config import SelectionConfig
+    from dlp_lora.evaluation.router_eval import router_report_for
 
-    if ns.router:  # a router on its own: its class list names the tasks
-        router = Router.load(ns.router)
-    else:
-        manifest = Manifest.load(ns.assets)
-        router = Router.load(Path(ns.assets) / (manifest.router or "router"), expected_tasks=manifest.tasks)
-    split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
-    texts, labels = pool_prompts(list(router.task_names), ns.data_dir, split, ns.split)
-    groups = [g.split(",") for g in ns.same_task] if ns.same_task is not None else [
-        g for g in (["arc_easy", "arc_challenge"],) if set(g) <= set(router.task_names)]
-    selection = config_from_args(SelectionConfig, ns)
-    report = router_report(router, texts, labels, ns.out, selection=selection, same_task=groups)
-    if ns.compare:
-        from dlp_lora.evaluation.router_report import comparison_markdown
-
-        reports = [("this router", report)]
-        for i, other_dir in enumerate(ns.compare):
-            other = Router.load(other_dir, expected_tasks=router.task_names)
-            reports.append((str(other_dir), router_report(other, texts, labels, Path(ns.out) / f"compare-{i}",
-                                                          selection=selection, same_task=groups)))
-        with open(Path(ns.out) / "report.md", "a") as fh:
-            fh.write("\n" + comparison_markdown(reports))
+    given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SelectionConfig) if hasattr(ns, f.name)}
+    groups = [g.split(",") for g in ns.same_task] if ns.same_task is not None else None
+    report = router_report_for(ns.assets, ns.router, ns.out, ns.split, ns.data_dir, _split(ns), given, groups,
+                               ns.compare, latency=not ns.no_latency, command="dlp-lora " + " ".join(sys.argv[1:]))
     print((Path(ns.out) / "report.md").read_text())
-    print(f"top-1 accuracy {100 * report['top1_accuracy']:.2f}% on {len(texts)} {ns.split} prompts")
+    print(f"top-1 accuracy {100 * report['top1_accuracy']:.2f}% on {report['overall']['prompts']} in-pool "
+          f"{ns.split} prompts")
+
+
+def _split(ns: argparse.Namespace):
+    from dlp_lora.config import SplitConfig
+
+    return config_from_args(SplitConfig, ns)
+
+
+def _add_task_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="the new task's name (its router class and adapter folder)")
+    p.add_argument("--adapter", required=True, help="the task's PEFT LoRA directory")
+    p.add_argument("--examples", required=True, help='its examples: a JSON list or JSONL of {"input", "output"}')
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder to add it to")
+    p.add_argument("--data-dir", default=None, help="benchmark data root, for the other tasks' replay prompts")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps on the new head row (default: 300)")
+
+
+def _add_task(ns: argparse.Namespace) -> None:
+    from dlp_lora.training.add_task import add_task_to_assets
+
+    rec = add_task_to_assets(ns.assets, ns.name, ns.adapter, ns.examples, ns.data_dir, steps=ns.steps)
+    head = rec["router_head"]
+    print(f"added {ns.name} in {rec['seconds']} s: new-task dev accuracy {head['new_task_dev_accuracy']}, other "
+          f"classes' dev accuracy dropped by at most {head['max_drop_points']} points")
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -297,7 +298,7 @@ def _evaluate(ns: argparse.Namespace) -> None:
     from dlp_lora.evaluation.run import run_evaluation
 
     cfg = config_from_args(EvalConfig, ns)
-    split = SplitConfig(train_cap=ns.train_cap, dev_size=ns.dev_size, test_size=ns.test_size)
+    split = config_from_args(SplitConfig, ns)
     dlp = _load_pipeline(ns)
     run_evaluation(dlp, ns.tasks or dlp.task_names, ns.out, cfg, split, ns.data_dir,
                    command="dlp-lora " + " ".join(sys.argv[1:]))
@@ -400,8 +401,9 @@ COMMANDS: dict[str, Command] = {
     "train-adapter": ("train one LoRA per task into an assets folder", _train_adapter_args, _train_adapter),
     "train-router": ("train the task router (on an assets folder's tasks or a labelled JSONL)",
                      _train_router_args, _train_router),
-    "router-report": ("router accuracy, top-p recall, p sweep, confusion matrix, latency", _router_report_args,
-                      _router_report),
+    "router-report": ("router accuracy per rendering, top-p recall, calibration, none-of-the-above, latency",
+                      _router_report_args, _router_report),
+    "add-task": ("add a task (adapter + router class) without retraining the router", _add_task_args, _add_task),
     "evaluate": ("every method on every task's test split: tables, plots, predictions", _evaluate_args,
                  _evaluate),
     "generate": ("answer prompts with routed adapter mixtures", _generate_args, _generate),

@@ -15,6 +15,7 @@ __all__ = [
     "SelectionConfig",
     "RouterConfig",
     "RouterTrainConfig",
+    "RouterDataConfig",
     "SplitConfig",
     "AdapterTrainConfig",
     "BenchConfig",
@@ -122,6 +123,9 @@ class RouterConfig:
     """Dropout between MLP layers during training."""
     max_length: int = 256
     """Tokens kept per prompt; longer prompts keep their head and tail halves."""
+    temperature: float = 1.0
+    """Logits are divided by this before the softmax; fitted on dev after training (temperature scaling),
+    so the probabilities top-p selection sums are calibrated."""
 
     def __post_init__(self) -> None:
         _check(self.kind in ("mini-mlp", "encoder"), f"kind must be mini-mlp|encoder, got {self.kind!r}")
@@ -132,6 +136,7 @@ class RouterConfig:
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         _check(bool(self.tokenizer) and bool(self.encoder), "tokenizer and encoder must be non-empty strings")
+        _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,25 @@ class RouterTrainConfig:
         _check(self.lr > 0, f"lr must be > 0, got {self.lr}")
         _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         _check(self.patience >= 1, f"patience must be >= 1, got {self.patience}")
+
+
+@dataclass(frozen=True)
+class RouterDataConfig:
+    """What a task router is trained on besides the project's prompts: other renderings and `none`."""
+
+    renderings_per_example: int = 3
+    """Training renderings drawn per example (from `tasks.renderings.TRAIN_RENDERINGS`); 1 = template only."""
+    none_class: bool = True
+    """Add a `none` class trained on out-of-pool prompts (routed to the base model alone)."""
+    none_train_cap: int = 300
+    """Most training examples per out-of-pool source."""
+    seed: int = 0
+    """Seed of the rendering draws."""
+
+    def __post_init__(self) -> None:
+        _check(self.renderings_per_example >= 1, f"renderings_per_example must be >= 1, got "
+               f"{self.renderings_per_example}")
+        _check(self.none_train_cap >= 1, f"none_train_cap must be >= 1, got {self.none_train_cap}")
 
 
 @dataclass(frozen=True)

@@ -180,8 +180,8 @@ class Router(nn.Module):
         """input_ids, attention_mask (B, T) -> logits (B, N)."""
         return self.head(self.features(input_ids, attention_mask))
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
-        """Task probabilities (B, N) float32 on CPU, computed in eval mode without gradients."""
+    def predict_logits(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Raw logits (B, N) float32 on CPU (before the temperature), in eval mode without gradients."""
         texts = _checked_texts(texts)
         device = next(self.head.parameters()).device
         was_training = self.training
@@ -191,10 +191,14 @@ class Router(nn.Module):
                 chunks = []
                 for start in range(0, len(texts), batch_size):
                     ids, mask = self.encode(texts[start:start + batch_size])
-                    chunks.append(self(ids.to(device), mask.to(device)).float().softmax(dim=-1).cpu())
+                    chunks.append(self(ids.to(device), mask.to(device)).float().cpu())
         finally:
             self.train(was_training)
         return torch.cat(chunks)
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+        """Calibrated task probabilities (B, N) float32 on CPU: softmax(logits / cfg.temperature)."""
+        return (self.predict_logits(texts, batch_size) / self.cfg.temperature).softmax(dim=-1)
 
     # ---- persistence --------------------------------------------------------------------------
     def _saved_modules(self) -> dict[str, nn.Module]:

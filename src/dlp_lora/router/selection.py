@@ -5,6 +5,11 @@ index), keep a prefix of that order whose length the strategy decides (top-1 alw
 capped by `max_k`), and weight the kept adapters (renormalised probabilities or a softmax over them).
 `plain_select_row` states this per row in plain Python; `select_with` computes it for a whole batch
 with tensor ops, and the tests check the two agree.
+
+Classes without an adapter (`no_adapter`, e.g. the router's `none` class: "no task fits, use the base
+model alone") are selected like any other class, then: a row whose top-1 is such a class gets all-zero
+weights (the base model alone); elsewhere such a class's kept weight is dropped, not renormalised away,
+so that share of the mixture stays with the base model.
 """
 
 from __future__ import annotations
@@ -33,20 +38,23 @@ def select(
     threshold: float = 0.1,
     max_k: int | None = None,
     weighting: Literal["renorm", "softmax"] = "renorm",
+    no_adapter: Sequence[int] = (),
 ) -> Routing:
     """Keyword form of :func:`select_with`; probs (B, N) -> Routing with indices/weights (B, kmax)."""
     cfg = SelectionConfig(strategy=strategy, p=p, k=k, threshold=threshold, max_k=max_k, weighting=weighting)
-    return select_with(probs, cfg)
+    return select_with(probs, cfg, no_adapter)
 
 
-def select_with(probs: torch.Tensor, cfg: SelectionConfig) -> Routing:
+def select_with(probs: torch.Tensor, cfg: SelectionConfig, no_adapter: Sequence[int] = ()) -> Routing:
     """Select adapters for every row of probs (B, N) at once.
 
     Returns a Routing whose indices/weights are (B, kmax), kmax the largest kept count in the batch;
     slots past a row's own count carry weight 0. Kept adapters come heaviest first. Weights are float32
-    (float64 when probs are float64).
+    (float64 when probs are float64). no_adapter: class indices with no adapter (module docstring); their
+    slots keep their index with weight 0, so a caller maps class indices to its adapters before fusing.
     """
     probs = _checked(probs)
+    base = _checked_classes(no_adapter, probs.shape[1])
     if probs.shape[0] == 0:
         return Routing(indices=torch.zeros(0, 1, dtype=torch.long), weights=torch.zeros(0, 1, dtype=probs.dtype))
     vals, order = probs.sort(dim=1, descending=True, stable=True)
@@ -55,7 +63,21 @@ def select_with(probs: torch.Tensor, cfg: SelectionConfig) -> Routing:
     vals, order = vals[:, :kmax], order[:, :kmax]
     keep = torch.arange(kmax, device=probs.device).unsqueeze(0) < counts.unsqueeze(1)  # (B, kmax)
     weights = _weights(vals, keep, cfg.weighting)
+    if base:
+        is_base = torch.isin(order, torch.tensor(base, device=order.device))  # (B, kmax)
+        # A base top-1 zeroes the row (base model alone); a base class further down only loses its share.
+        weights = weights.masked_fill(is_base | is_base[:, :1], 0.0)
     return Routing(indices=order.contiguous(), weights=weights.contiguous())
+
+
+def _checked_classes(no_adapter: Sequence[int], num: int) -> list[int]:
+    if isinstance(no_adapter, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                        for i in no_adapter):
+        raise TypeError(f"no_adapter must be a sequence of class indices (int), got {no_adapter!r}")
+    bad = [i for i in no_adapter if not 0 <= i < num]
+    if bad:
+        raise ValueError(f"no_adapter indices {bad} are outside the router's {num} classes")
+    return sorted(set(no_adapter))
 
 
 def _checked(probs: torch.Tensor) -> torch.Tensor:
@@ -108,7 +130,8 @@ def _weights(vals: torch.Tensor, keep: torch.Tensor, weighting: str) -> torch.Te
     return kept / kept.sum(dim=1, keepdim=True)
 
 
-def plain_select_row(probs_row: Sequence[float] | torch.Tensor, cfg: SelectionConfig) -> list[tuple[int, float]]:
+def plain_select_row(probs_row: Sequence[float] | torch.Tensor, cfg: SelectionConfig,
+                     no_adapter: Sequence[int] = ()) -> list[tuple[int, float]]:
     """Reference semantics for one row (N,): the kept (index, weight) pairs, heaviest first.
 
     Plain Python, one row at a time; only used to check :func:`select_with` in tests.
@@ -134,5 +157,8 @@ def plain_select_row(probs_row: Sequence[float] | torch.Tensor, cfg: SelectionCo
         weights = [e / sum(exps) for e in exps]
     else:
         weights = [x / sum(kept) for x in kept]
+    if order[0] in no_adapter:
+        weights = [0.0] * count
+    weights = [0.0 if i in no_adapter else w for i, w in zip(order, weights)]
     return list(zip(order[:count], weights))
 

@@ -1,9 +1,12 @@
-"""Train the adapters of a task pool into an assets folder, one task at a time, resumable per task."""
+"""Train the adapters of a task pool into an assets folder, one task at a time, resumable per task.
+
+The pool's router is trained by `training.router_pool` (re-exported here).
+"""
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
@@ -11,14 +14,16 @@ import torch
 from tqdm.auto import tqdm
 
 from dlp_lora.assets import Manifest
-from dlp_lora.config import AdapterTrainConfig, RouterConfig, RouterTrainConfig, SelectionConfig, SplitConfig
+from dlp_lora.config import AdapterTrainConfig, SplitConfig
 from dlp_lora.models import EMBEDDED_MODEL_ID, load_base_model
 from dlp_lora.tasks import Task, get_task, load_splits
+from dlp_lora.tasks.out_of_pool import NONE
+from dlp_lora.tasks.registry import TASKS
 from dlp_lora.training.adapters import STATE_FILE, planned_steps, train_adapter
 from dlp_lora.training.gate import dev_gate
-from dlp_lora.training.router import train_router
+from dlp_lora.training.router_pool import train_pool_router, train_task_router
 
-__all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router", "pool_prompts"]
+__all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router"]
 
 
 def _open_manifest(root: Path, base_model: str) -> Manifest:
@@ -72,10 +77,13 @@ def train_pool_adapters(
         record["gate"] = dev_gate(record, gold)
         record["splits"] = {"train": len(split.train), "dev": len(split.dev), "test": len(split.test),
                             **asdict(split_cfg)}
+        if TASKS.get(name) is not task:  # a user task: name its file so the router can be retrained from it
+            record["examples_file"] = str(Path(task.source).resolve())
         manifest.records[name] = record
         manifest.adapters[name] = f"adapters/{name}" if record["gate"]["deployed"] else None
-        if name not in manifest.tasks:
-            manifest.tasks.append(name)
+        if name not in manifest.tasks:  # before a router's `none` class, which stays last
+            at = manifest.tasks.index(NONE) if NONE in manifest.tasks else len(manifest.tasks)
+            manifest.tasks.insert(at, name)
         manifest.save(root)
         if deadline is not None and time.monotonic() > deadline:
             break
@@ -127,63 +135,5 @@ def train_pool_multitask(
                            progress=progress)
     manifest.records[name] = {**record, "splits": asdict(split_cfg)}
     manifest.baselines[name] = f"baselines/{name}"
-    manifest.save(root)
-    return manifest
-
-
-def pool_prompts(tasks: Sequence[str | Task], data_dir: str | Path | None, split_cfg: SplitConfig,
-                 split: str) -> tuple[list[str], list[str]]:
-    """(prompts, task labels) of one split ('train' | 'dev' | 'test') over the given tasks."""
-    texts: list[str] = []
-    labels: list[str] = []
-    for task in map(get_task, tasks):
-        examples = getattr(load_splits(task, data_dir, split_cfg), split)
-        texts += [ex.prompt for ex in examples]
-        labels += [task.name] * len(examples)
-    return texts, labels
-
-
-def train_task_router(
-    tasks: Sequence[str | Task],
-    out_dir: str | Path,
-    data_dir: str | Path | None = None,
-    split_cfg: SplitConfig = SplitConfig(),
-    router_cfg: RouterConfig | None = None,
-    train_cfg: RouterTrainConfig = RouterTrainConfig(),
-    progress: bool = True,
-) -> dict:
-    """Train a router on the training splits of `tasks` (class i = tasks[i]), save it, return its record."""
-    names = tuple(get_task(t).name for t in tasks)
-    cfg = replace(router_cfg or RouterConfig(task_names=names), task_names=names)
-    train = pool_prompts(tasks, data_dir, split_cfg, "train")
-    dev = pool_prompts(tasks, data_dir, split_cfg, "dev")
-    router, history = train_router(*train, *dev, cfg, train_cfg, progress=progress)
-    router.save(out_dir)
-    return {
-        "kind": cfg.kind, "train_prompts": len(train[0]), "dev_prompts": len(dev[0]), "seed": train_cfg.seed,
-        "params": router.num_parameters(), "trainable_params": history["trainable_params"],
-        "best_epoch": history["best_epoch"], "dev_accuracy": round(100 * history["best_dev_acc"], 2),
-        "seconds": round(history["seconds"], 1), "splits": asdict(split_cfg),
-    }
-
-
-def train_pool_router(
-    root: str | Path,
-    data_dir: str | Path | None = None,
-    split_cfg: SplitConfig = SplitConfig(),
-    router_cfg: RouterConfig | None = None,
-    train_cfg: RouterTrainConfig = RouterTrainConfig(),
-    selection: SelectionConfig = SelectionConfig(),
-    progress: bool = True,
-) -> Manifest:
-    """Train the router of an assets folder on its tasks' training splits (class order = manifest order)."""
-    root = Path(root)
-    manifest = Manifest.load(root)
-    if not manifest.tasks:
-        raise ValueError(f"{root}: the manifest lists no tasks; train adapters first")
-    record = train_task_router(manifest.tasks, root / "router", data_dir, split_cfg, router_cfg, train_cfg, progress)
-    manifest.router = "router"
-    manifest.selection = asdict(selection)
-    manifest.records["router"] = record
     manifest.save(root)
     return manifest

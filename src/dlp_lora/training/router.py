@@ -1,4 +1,5 @@
-"""Train a router on labelled prompts: AdamW + cross-entropy, early stopping on dev accuracy.
+"""Train a router on labelled prompts: AdamW + cross-entropy, early stopping on dev accuracy, then
+temperature scaling on dev (so its probabilities are calibrated for top-p selection).
 
 Fully seeded: the same data and configs give bit-identical weights (on the same machine and threads).
 For the encoder router the frozen sentence features are computed once per call, so an epoch only
@@ -9,8 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -18,8 +22,9 @@ from tqdm.auto import tqdm
 
 from ..config import RouterConfig, RouterTrainConfig
 from ..router import Router
+from ..router.calibration import fit_temperature
 
-__all__ = ["train_router", "load_labelled_jsonl"]
+__all__ = ["train_router", "load_labelled_jsonl", "stratified_split", "calibrate", "train_jsonl_router"]
 
 # Rows per forward pass when computing frozen features or dev accuracy (no gradients, so bigger is fine).
 _EVAL_BATCH = 128
@@ -51,6 +56,30 @@ def load_labelled_jsonl(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     if not texts:
         raise ValueError(f"{path}: no labelled rows")
     return texts, tasks
+
+
+def stratified_split(texts: Sequence[str], labels: Sequence[str], dev_fraction: float = 0.1,
+                     seed: int = 0) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(train_texts, train_labels, dev_texts, dev_labels): a seeded shuffle of each label's rows, of which
+    round(dev_fraction * n) (at least 1 when the label has 2 or more rows) go to dev; order within each
+    side follows the input. A file sorted by label still gives every label a dev share."""
+    if len(texts) != len(labels):
+        raise ValueError(f"got {len(texts)} texts but {len(labels)} labels")
+    if not 0 < dev_fraction < 1:
+        raise ValueError(f"dev_fraction must be in (0, 1), got {dev_fraction}")
+    rng = random.Random(seed)
+    by_label: dict[str, list[int]] = {}
+    for i, lab in enumerate(labels):
+        by_label.setdefault(lab, []).append(i)
+    dev: set[int] = set()
+    for lab in sorted(by_label):  # sorted: the draw does not depend on which label comes first
+        rows = by_label[lab]
+        n_dev = max(1, round(dev_fraction * len(rows))) if len(rows) >= 2 else 0
+        dev.update(rng.sample(rows, n_dev))
+    train_idx = [i for i in range(len(texts)) if i not in dev]
+    dev_idx = sorted(dev)
+    return ([texts[i] for i in train_idx], [labels[i] for i in train_idx],
+            [texts[i] for i in dev_idx], [labels[i] for i in dev_idx])
 
 
 def _label_ids(texts: Sequence[str], labels: Sequence[str], task_names: Sequence[str], split: str) -> torch.Tensor:
@@ -120,9 +149,12 @@ def train_router(
     Early stopping keeps the epoch with the best dev accuracy (ties: lowest dev loss) and stops after
     ``patience`` epochs without a better one.
 
+    The best weights are then calibrated: the temperature that minimises dev cross-entropy is stored in
+    ``router.cfg.temperature`` (saved with the router, applied by ``predict_proba``).
+
     Returns the router (eval mode, best weights restored) and a history dict: ``epochs`` (list of
     {epoch, loss, dev_acc, dev_loss}), ``best_epoch``, ``best_dev_acc``, ``best_dev_loss``,
-    ``stopped_early``, ``seconds``, ``trainable_params``.
+    ``stopped_early``, ``temperature``, ``seconds``, ``trainable_params``.
     """
     start = time.perf_counter()
     y_train = _label_ids(train_texts, train_labels, router_cfg.task_names, "train")
@@ -132,11 +164,47 @@ def train_router(
         torch.manual_seed(train_cfg.seed)
         router = Router(router_cfg)
         gen = torch.Generator().manual_seed(train_cfg.seed)
-        history = _fit(router, _logits_fn(router, train_texts, progress), y_train,
-                       _logits_fn(router, dev_texts, progress), y_dev, train_cfg, gen, progress)
+        dev_logits = _logits_fn(router, dev_texts, progress)
+        history = _fit(router, _logits_fn(router, train_texts, progress), y_train, dev_logits, y_dev, train_cfg,
+                       gen, progress)
+        history["temperature"] = _calibrate(router, dev_logits, y_dev)
     history["seconds"] = time.perf_counter() - start
     history["trainable_params"] = router.num_parameters(trainable_only=True)
     return router.eval(), history
+
+
+def _calibrate(router: Router, dev_logits: LogitsFn, y_dev: torch.Tensor) -> float:
+    """Fit the temperature on dev logits and store it in router.cfg; returns it."""
+    router.eval()
+    with torch.no_grad():
+        out = torch.cat([dev_logits(pos) for pos in torch.arange(len(y_dev)).split(_EVAL_BATCH)])
+    router.cfg = replace(router.cfg, temperature=fit_temperature(out, y_dev))
+    return router.cfg.temperature
+
+
+def calibrate(router: Router, dev_texts: Sequence[str], dev_labels: Sequence[str]) -> float:
+    """Refit a trained router's temperature on labelled prompts (task names); stored in router.cfg."""
+    y_dev = _label_ids(dev_texts, dev_labels, router.task_names, "dev")
+    return _calibrate(router, _logits_fn(router, dev_texts, progress=False), y_dev)
+
+
+def train_jsonl_router(path: str | os.PathLike, out_dir: str | os.PathLike, router_cfg: RouterConfig,
+                       train_cfg: RouterTrainConfig, dev_path: str | os.PathLike | None = None,
+                       dev_fraction: float = 0.1, progress: bool = True) -> dict:
+    """Train a router on a labelled JSONL file and save it; classes in order of first appearance.
+
+    Dev: `dev_path` when given, else a seeded stratified `dev_fraction` of the file (seed train_cfg.seed).
+    Returns the history of :func:`train_router` with ``out_dir``.
+    """
+    texts, labels = load_labelled_jsonl(path)
+    if dev_path is not None:
+        dev_texts, dev_labels = load_labelled_jsonl(dev_path)
+    else:
+        texts, labels, dev_texts, dev_labels = stratified_split(texts, labels, dev_fraction, train_cfg.seed)
+    cfg = replace(router_cfg, task_names=tuple(dict.fromkeys(labels)))
+    router, history = train_router(texts, labels, dev_texts, dev_labels, cfg, train_cfg, progress)
+    router.save(out_dir)
+    return {**history, "out_dir": str(Path(out_dir))}
 
 
 def _fit(router: Router, train_logits: LogitsFn, y_train: torch.Tensor, dev_logits: LogitsFn, y_dev: torch.Tensor,
