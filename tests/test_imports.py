@@ -74,3 +74,46 @@ def test_entry_points_are_not_imported_from_below(top):
     offenders = [m for m, deps in GRAPH.items()
                  if _area(m) not in (top, "cli") and any(_area(d) == top for d in deps)]
     assert offenders == []
+
+
+# Heavy libraries `dlp-lora --help` must not load: they take seconds to import (issue 14, item 4).
+HEAVY = ("torch", "transformers", "numpy", "safetensors", "peft")
+
+
+def _modules_loaded_by(code: str) -> set[str]:
+    """Top-level modules a fresh interpreter has loaded after running `code` (src/ first on the path)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = f"{code}\nimport json, sys\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    env = {"PYTHONPATH": str(SRC.parent), "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_help_of_every_command_imports_no_heavy_library():
+    # main() builds every subcommand's parser, so this covers `dlp-lora <any command> --help` too.
+    code = ("import contextlib, io\nfrom dlp_lora.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    main(['--help'])\n"
+            "for c in ('evaluate', 'serve', 'generate', 'export', 'bench'):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main([c, '--help'])")
+    loaded = _modules_loaded_by(code)
+    assert "dlp_lora" in loaded
+    assert loaded.isdisjoint(HEAVY), sorted(loaded & set(HEAVY))
+
+
+def test_package_exports_are_lazy_and_resolve():
+    assert _modules_loaded_by("import dlp_lora").isdisjoint(HEAVY)
+    import dlp_lora
+    from dlp_lora.fusion.inject import FusedLoRAModel
+    from dlp_lora.pipeline import DLPLoRA
+
+    assert dlp_lora.FusedLoRAModel is FusedLoRAModel and dlp_lora.DLPLoRA is DLPLoRA
+    for name in dlp_lora.__all__:  # every advertised export really exists
+        assert getattr(dlp_lora, name) is not None
+    assert set(dlp_lora.__all__) <= set(dir(dlp_lora))
+    with pytest.raises(AttributeError, match="no attribute 'Nope'.*exports"):
+        dlp_lora.Nope

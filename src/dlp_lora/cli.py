@@ -281,8 +281,7 @@ def _add_task(ns: argparse.Namespace) -> None:
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    from dlp_lora.config import SplitConfig
-    from dlp_lora.evaluation.harness import EvalConfig
+    from dlp_lora.config import EvalConfig, SplitConfig
 
     _pipeline_args(p)
     p.add_argument("--tasks", nargs="*", default=None, help="tasks to evaluate (default: every task of the assets)")
@@ -293,8 +292,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import SplitConfig
-    from dlp_lora.evaluation.harness import EvalConfig
+    from dlp_lora.config import EvalConfig, SplitConfig
     from dlp_lora.evaluation.run import run_evaluation
 
     cfg = config_from_args(EvalConfig, ns)

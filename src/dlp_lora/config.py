@@ -19,6 +19,7 @@ __all__ = [
     "SplitConfig",
     "AdapterTrainConfig",
     "BenchConfig",
+    "EvalConfig",
     "ServerConfig",
 ]
 
@@ -321,3 +322,35 @@ class ServerConfig:
                f"default_max_tokens must be in [1, max_tokens_limit={self.max_tokens_limit}], "
                f"got {self.default_max_tokens}")
         _check(self.model_name is None or bool(self.model_name.strip()), "model_name must be non-empty when given")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What `dlp-lora evaluate` runs."""
+
+    methods: tuple[str, ...] = ("base", "oracle", "dlp", "dlp-paper", "top1", "topk2", "uniform")
+    """Methods compared on the same examples (see `dlp_lora.evaluation.methods`)."""
+    p_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
+    """Extra top-p masses run as `dlp@P` (mean adapters fused vs score)."""
+    limit: int = 50
+    """Test examples per task (the first `limit` of the seeded test split)."""
+    batch_size: int = 8
+    """Prompts per generation batch."""
+    loglik: bool = True
+    """Also score multiple-choice options by log-likelihood."""
+    composite_pairs: int = 0
+    """Composite prompts (two questions from different tasks) to score; 0 skips the composite setting."""
+
+    def __post_init__(self) -> None:
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        if self.limit < 1 or self.batch_size < 1 or self.composite_pairs < 0:
+            raise ValueError(f"limit and batch_size must be >= 1 and composite_pairs >= 0; got {self.limit}, "
+                             f"{self.batch_size}, {self.composite_pairs}")
+        bad = [p for p in self.p_sweep if not 0 < p <= 1]
+        if bad:
+            raise ValueError(f"p_sweep values must be in (0, 1], got {bad}")
+
+    @property
+    def all_methods(self) -> tuple[str, ...]:
+        return self.methods + tuple(f"dlp@{p:g}" for p in self.p_sweep)

@@ -9,14 +9,15 @@ depends only on its prompt and its mixture (tests/test_fusion.py proves batch in
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from dlp_lora.config import GenerationConfig, SplitConfig
+# EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
+from dlp_lora.config import EvalConfig, GenerationConfig, SplitConfig
 from dlp_lora.evaluation.methods import method_weights
 from dlp_lora.evaluation.metrics import mc_loglik_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
@@ -24,38 +25,6 @@ from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
 from dlp_lora.types import Routing
 
 __all__ = ["EvalConfig", "evaluate_task", "routing_key"]
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """What `dlp-lora evaluate` runs."""
-
-    methods: tuple[str, ...] = ("base", "oracle", "dlp", "dlp-paper", "top1", "topk2", "uniform")
-    """Methods compared on the same examples (see `dlp_lora.evaluation.methods`)."""
-    p_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
-    """Extra top-p masses run as `dlp@P` (mean adapters fused vs score)."""
-    limit: int = 50
-    """Test examples per task (the first `limit` of the seeded test split)."""
-    batch_size: int = 8
-    """Prompts per generation batch."""
-    loglik: bool = True
-    """Also score multiple-choice options by log-likelihood."""
-    composite_pairs: int = 0
-    """Composite prompts (two questions from different tasks) to score; 0 skips the composite setting."""
-
-    def __post_init__(self) -> None:
-        if not self.methods:
-            raise ValueError("methods must name at least one method")
-        if self.limit < 1 or self.batch_size < 1 or self.composite_pairs < 0:
-            raise ValueError(f"limit and batch_size must be >= 1 and composite_pairs >= 0; got {self.limit}, "
-                             f"{self.batch_size}, {self.composite_pairs}")
-        bad = [p for p in self.p_sweep if not 0 < p <= 1]
-        if bad:
-            raise ValueError(f"p_sweep values must be in (0, 1], got {bad}")
-
-    @property
-    def all_methods(self) -> tuple[str, ...]:
-        return self.methods + tuple(f"dlp@{p:g}" for p in self.p_sweep)
 
 
 def routing_key(dense_row: torch.Tensor) -> tuple[tuple[int, float], ...]:

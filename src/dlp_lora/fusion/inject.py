@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from pathlib import Path as FsPath
 from typing import Iterator, Mapping
@@ -52,6 +53,11 @@ class FusedLoRAModel:
         self.bank = AdapterBank(model, adapters)
         self._names = list(self.bank.names)
         self._slot = RoutingSlot()
+        # One routing at a time per model: `routed` holds this lock for its whole block, so threads sharing
+        # the model (e.g. two callers of DLPLoRA.generate) run one after the other instead of swapping
+        # each other's routings. _owner is the holding thread, to refuse nesting instead of deadlocking.
+        self._lock = threading.Lock()
+        self._owner: int | None = None
         self._originals: dict[str, nn.Linear] = {}
         for name, stack in self.bank.modules.items():
             parent_name, _, child = name.rpartition(".")
@@ -91,16 +97,21 @@ class FusedLoRAModel:
 
         weights: (B, N) float >= 0 (rows need not sum to one; a zero row is the base model) or a Routing.
         The mixture is fixed for every forward pass inside the block: prefill and all decode steps.
+        Thread-safe: a second thread entering `routed` waits until the first one's block has ended.
         """
         if self.bank is None:
             raise RuntimeError("this FusedLoRAModel was removed; build a new one")
-        if self._slot.active is not None:
+        if self._owner == threading.get_ident():
             raise RuntimeError("routing is already set; nested `routed` blocks are not supported")
-        active = self._activate(weights)
-        try:
-            yield active
-        finally:
-            self._slot.active = None
+        with self._lock:
+            self._owner = threading.get_ident()
+            try:
+                if self.bank is None:  # removed while this thread waited for the lock
+                    raise RuntimeError("this FusedLoRAModel was removed; build a new one")
+                yield self._activate(weights)
+            finally:
+                self._slot.active = None
+                self._owner = None
 
     def reroute(self, weights: torch.Tensor | Routing) -> ActiveRouting:
         """Inside `routed`: every forward pass from now on uses these weights (B', N); B' may differ from
@@ -110,8 +121,9 @@ class FusedLoRAModel:
         switches at step t equals a run of its first t steps under the old mixture and the rest under the
         new one. The path is chosen anew; on the merged path a new mixture re-merges.
         """
-        if self._slot.active is None:
-            raise RuntimeError("reroute needs an active routing: call it inside a `with fused.routed(...)` block")
+        if self._slot.active is None or self._owner != threading.get_ident():
+            raise RuntimeError("reroute needs an active routing: call it inside a `with fused.routed(...)` block "
+                               "(in the thread that opened it)")
         return self._activate(weights)
 
     def _activate(self, weights: torch.Tensor | Routing) -> ActiveRouting:
