@@ -74,3 +74,14 @@ def test_entry_points_are_not_imported_from_below(top):
     offenders = [m for m, deps in GRAPH.items()
                  if _area(m) not in (top, "cli") and any(_area(d) == top for d in deps)]
     assert offenders == []
+
+
+def test_nothing_imports_the_ray_deployment():
+    # server/ray.py needs the optional `ray` extra: only the CLI may reach it (inside `serve --ray`).
+    offenders = [m for m, deps in GRAPH.items() if m != "dlp_lora.cli" and "dlp_lora.server.ray" in deps]
+    assert "dlp_lora.server.ray" in GRAPH and offenders == []
+
+
+def test_the_ray_deployment_reuses_the_app():
+    # DESIGN.md: scale-out serves the same FastAPI app, no second serving stack.
+    assert "dlp_lora.server.app" in GRAPH["dlp_lora.server.ray"]
