@@ -28,7 +28,7 @@ from dlp_lora.models import load_tokenizer  # noqa: E402
 from dlp_lora.pipeline import DLPLoRA  # noqa: E402
 from dlp_lora.router import Router  # noqa: E402
 from dlp_lora.server import create_app  # noqa: E402
-from dlp_lora.server.ray import APP_NAME, REPLICA_HEADER, deployment, deployment_options  # noqa: E402
+from dlp_lora.server.ray import APP_NAME, REPLICA_HEADER, app_builder, deployment, deployment_options  # noqa: E402
 
 ADAPTERS = ("maths", "science", "code")
 PROMPTS = ["What is 3 + 4?", "Name a noble gas.", "Sort: pear apple", "Translate 'cat' to French.",
@@ -131,6 +131,16 @@ def test_config_errors_name_the_field(kw, match):
 def test_missing_assets_fail_before_deploying(tmp_path):
     with pytest.raises(FileNotFoundError):
         deployment(tmp_path / "nowhere", CFG, RayServeConfig())
+
+
+def test_app_builder_takes_config_fields_by_name(assets):
+    assert isinstance(app_builder({"assets": str(assets), "replicas": 2, "max_tokens_limit": 128}), serve.Application)
+    with pytest.raises(ValueError, match="unknown replica"):
+        app_builder({"assets": str(assets), "replica": 2})
+    with pytest.raises(ValueError, match="no assets"):
+        app_builder({"replicas": 2})
+    with pytest.raises(ValueError, match="replicas must be >= 1"):
+        app_builder({"assets": str(assets), "replicas": 0})
 
 
 def test_greedy_answers_equal_the_single_process_server(cluster, assets):

@@ -13,8 +13,9 @@ Nothing else in the package imports this module (it needs the optional `ray` ext
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 try:
     from ray import serve
@@ -26,7 +27,7 @@ from dlp_lora.config import RayServeConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.app import create_app
 
-__all__ = ["REPLICA_HEADER", "deployment", "deployment_options", "replica_app", "serve_ray"]
+__all__ = ["REPLICA_HEADER", "app_builder", "deployment", "deployment_options", "replica_app", "serve_ray"]
 
 REPLICA_HEADER = "X-Replica-Id"
 APP_NAME = "dlp-lora"
@@ -86,17 +87,53 @@ def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
     return serve.deployment(ingress, name="DLPLoRA", **deployment_options(ray_cfg)).bind()
 
 
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """The application for `serve run` / a KubeRay `RayService` (`import_path: dlp_lora.server.ray:app_builder`).
+
+    `args` holds `assets` (required), optionally `base_model`, and any `ServerConfig` or `RayServeConfig`
+    field by name (e.g. `replicas`, `max_ongoing_requests`, `max_tokens_limit`); unknown keys are an error.
+    """
+    fields = {"server": {f.name for f in dataclasses.fields(ServerConfig)},
+              "ray": {f.name for f in dataclasses.fields(RayServeConfig)}}
+    unknown = sorted(set(args) - fields["server"] - fields["ray"] - {"assets", "base_model"})
+    if unknown or "assets" not in args:
+        raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig fields, got "
+                         f"{'unknown ' + ', '.join(unknown) if unknown else 'no assets'}")
+    cfg = ServerConfig(**{k: v for k, v in args.items() if k in fields["server"]})
+    ray_cfg = RayServeConfig(**{k: v for k, v in args.items() if k in fields["ray"]})
+    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"))
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None) -> None:
-    """Start (or join) a Ray cluster, deploy the app on `cfg.host:cfg.port` and block until interrupted."""
+    """Deploy the app on `cfg.host:cfg.port` and block until interrupted (Ctrl-C or SIGTERM).
+
+    With `ray_cfg.address` None this starts a local Ray cluster sized for the most replicas it may run
+    (logical CPUs: more replicas than cores is allowed, and then they share the cores), else joins that one.
+    """
+    import os
+    import signal
+
     import ray
 
     app = deployment(assets, cfg, ray_cfg, base_model)
-    ray.init(address=ray_cfg.address, include_dashboard=False)
+    if ray_cfg.address is None:
+        most = ray_cfg.max_replicas or ray_cfg.replicas
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * ray_cfg.cpus_per_replica)),
+                 include_dashboard=False)
+    else:
+        ray.init(address=ray_cfg.address)
+    # A terminated server stops its replicas and the local cluster it started, not only the driver.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=True)
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        # Our own local cluster goes entirely; on a shared cluster only our application does.
+        serve.shutdown() if ray_cfg.address is None else serve.delete(APP_NAME)
         ray.shutdown()
