@@ -117,3 +117,14 @@ def test_package_exports_are_lazy_and_resolve():
     assert set(dlp_lora.__all__) <= set(dir(dlp_lora))
     with pytest.raises(AttributeError, match="no attribute 'Nope'.*exports"):
         dlp_lora.Nope
+
+
+def test_nothing_imports_the_ray_deployment():
+    # server/ray.py needs the optional `ray` extra: only the CLI may reach it (inside `serve --ray`).
+    offenders = [m for m, deps in GRAPH.items() if m != "dlp_lora.cli" and "dlp_lora.server.ray" in deps]
+    assert "dlp_lora.server.ray" in GRAPH and offenders == []
+
+
+def test_the_ray_deployment_reuses_the_app():
+    # DESIGN.md: scale-out serves the same FastAPI app, no second serving stack.
+    assert "dlp_lora.server.app" in GRAPH["dlp_lora.server.ray"]

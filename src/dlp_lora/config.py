@@ -21,6 +21,7 @@ __all__ = [
     "BenchConfig",
     "EvalConfig",
     "ServerConfig",
+    "RayServeConfig",
 ]
 
 
@@ -354,3 +355,35 @@ class EvalConfig:
     @property
     def all_methods(self) -> tuple[str, ...]:
         return self.methods + tuple(f"dlp@{p:g}" for p in self.p_sweep)
+
+
+@dataclass(frozen=True)
+class RayServeConfig:
+    """`dlp-lora serve --ray`: replicas of the same app on Ray Serve, each with the whole adapter bank."""
+
+    replicas: int = 1
+    """Replicas to run (each loads the base model, every adapter and the router); the minimum when autoscaling."""
+    max_replicas: int | None = None
+    """Autoscale between `replicas` and this many replicas on the ongoing requests per replica (None: fixed)."""
+    target_ongoing_requests: float = 4.0
+    """Autoscaling target: ongoing requests per replica that Ray Serve aims for."""
+    max_ongoing_requests: int = 16
+    """Requests one replica takes at once; Ray Serve holds the rest back (back-pressure)."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond this are refused with 503 by Ray Serve (-1: no bound)."""
+    cpus_per_replica: float = 1.0
+    """Logical CPUs Ray reserves for each replica (also its torch thread count when a whole number)."""
+    address: str | None = None
+    """Ray cluster to join ("auto": the one this node belongs to); None starts a local one."""
+
+    def __post_init__(self) -> None:
+        _check(self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
+        _check(self.max_replicas is None or self.max_replicas >= self.replicas,
+               f"max_replicas must be >= replicas={self.replicas} when given, got {self.max_replicas}")
+        _check(self.target_ongoing_requests > 0,
+               f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}")
+        _check(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        _check(self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+               f"max_queued_requests must be >= 1 or -1 (no bound), got {self.max_queued_requests}")
+        _check(self.cpus_per_replica > 0, f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        _check(self.address is None or bool(self.address.strip()), "address must be non-empty when given")
