@@ -29,11 +29,18 @@ test-fast: setup
 bench: setup
 	$(CLI) bench --json docs/bench.json --markdown docs/performance.md
 
-# Adapters see at most 300 training examples per task; the router, cheap to train, sees up to 2000
-# (test and dev splits are cut first, so they are the same for both).
+# Rebuild the bundled assets: 26 adapters, then the router. Resumable per task and per checkpoint: run it
+# again and it continues where it stopped. BUDGET=MIN stops at the first checkpoint past MIN minutes, so it
+# runs in slices, e.g. in the background: `nohup make assets BUDGET=120 > assets.log 2>&1 &`. The router is
+# trained once every adapter is done (and only if the folder has none yet). Data: DATA=../shared/data.
+DATA ?= ../shared/data
+BUDGET ?=
 assets: setup
-	$(CLI) train-adapter --all --assets $(ASSETS)
-	$(CLI) train-router --assets $(ASSETS) --train-cap 2000
+	@$(CLI) train-adapter --all --assets $(ASSETS) --data-dir $(DATA) $(if $(BUDGET),--time-budget-min $(BUDGET)); \
+	rc=$$?; \
+	if [ $$rc -eq 75 ]; then echo "make assets: stopped at the budget; run it again to continue"; exit 0; fi; \
+	[ $$rc -eq 0 ] || exit $$rc; \
+	[ -f $(ASSETS)/router/config.json ] || $(CLI) train-router --assets $(ASSETS) --data-dir $(DATA)
 
 # The paper's composite baseline (one rank-64 LoRA on all 26 tasks' training data); about an hour here.
 multitask: setup

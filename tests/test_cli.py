@@ -74,3 +74,20 @@ def test_missing_embedded_model_package_names_the_pip_command(monkeypatch):
 def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("DLP_LORA_CACHE", str(tmp_path))
     assert embedded_cache_dir() == tmp_path / "smollm2-135m-instruct-fp32"
+
+
+def test_train_adapter_out_of_budget_exits_75_so_make_assets_can_continue(monkeypatch, tmp_path, capsys):
+    # `make assets BUDGET=...` tells "stopped at the budget, run again" (75) from done (0) and failed (other).
+    from dlp_lora.assets import Manifest
+    from dlp_lora.training import pool
+
+    def stop_after_one(root, tasks, *args, **kwargs):
+        return Manifest(base_model="b", tasks=["piqa"], adapters={"piqa": None},
+                        records={"piqa": {"steps": 5, "dev": {}, "gate": {"deployed": False, "reason": "r"}}})
+
+    monkeypatch.setattr(pool, "train_pool_adapters", stop_after_one)
+    with pytest.raises(SystemExit) as stopped:
+        main(["train-adapter", "--task", "piqa", "--task", "boolq", "--assets", str(tmp_path), "--time-budget-min", "1"])
+    assert stopped.value.code == 75
+    assert "boolq" in capsys.readouterr().out.split("not finished")[0].splitlines()[-1]
+    assert main(["train-adapter", "--task", "piqa", "--assets", str(tmp_path)]) in (None, 0)

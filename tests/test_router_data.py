@@ -129,3 +129,13 @@ def test_stratified_split_gives_every_label_a_dev_share_of_a_sorted_file():
     assert sorted(stratified_split([t for t, _ in shuffled], [y for _, y in shuffled], 0.1)[3]) == sorted(dev_y)
     with pytest.raises(ValueError, match="dev_fraction must be in"):
         stratified_split(texts, labels, 1.5)
+
+
+def test_tasks_the_dev_gate_sent_to_the_base_model_stay_router_classes():
+    # A gated task's prompts must still be recognised (and sent to no adapter), not rerouted to another task.
+    from dlp_lora.assets import Manifest
+    from dlp_lora.tasks.router_prompts import task_classes
+
+    m = Manifest(base_model="b", tasks=["arc_easy", "piqa", "none"],
+                 adapters={"arc_easy": "adapters/arc_easy", "piqa": None, "none": None})
+    assert task_classes(m) == ["arc_easy", "piqa"]

@@ -17,6 +17,7 @@ from typing import Any, Callable, Sequence
 __all__ = ["main"]
 
 DEFAULT_ASSETS = "assets/smollm2-135m-26tasks"
+EXIT_UNFINISHED = 75  # train-adapter stopped at --time-budget-min with tasks left (EX_TEMPFAIL: run again)
 
 
 def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = (),
@@ -149,15 +150,20 @@ def _train_adapter(ns: argparse.Namespace) -> None:
     budget = None if ns.time_budget_min is None else 60 * ns.time_budget_min
     manifest = train_pool_adapters(ns.assets, tasks, ns.data_dir, split, config_from_args(AdapterTrainConfig, ns),
                                    ns.base_model, time_budget_s=budget)
+    unfinished = 0
     for t in tasks:
         t = getattr(t, "name", t)
         rec = manifest.records.get(t)
         if rec is None:
+            unfinished += 1
             print(f"{t:32s} not finished (run again to continue)")
             continue
         gate = rec.get("gate", {})
         print(f"{t:32s} steps={rec['steps']:4d} best={rec.get('best_step')} dev={rec['dev']} "
               f"gate={'deployed' if gate.get('deployed') else 'base'} ({gate.get('reason', '')})")
+    if unfinished:
+        # A distinct status, so a script (make assets) can tell "stopped at the budget" from done or failed.
+        raise SystemExit(EXIT_UNFINISHED)
 
 
 def _user_task(spec: str):

@@ -18,7 +18,7 @@ from ..config import RouterDataConfig, SelectionConfig, SplitConfig
 from ..router import Router
 from ..tasks.out_of_pool import NONE, is_unseen_source
 from ..tasks.renderings import HELD_OUT_RENDERINGS
-from ..tasks.router_prompts import adapter_tasks, manifest_task, pool_test_prompts
+from ..tasks.router_prompts import task_classes, manifest_task, pool_test_prompts
 from .router_report import comparison_markdown, router_report
 
 __all__ = ["router_report_for"]
@@ -53,7 +53,7 @@ def router_report_for(
             raise ValueError("pass an assets folder or a router directory")
         manifest = Manifest.load(assets)
         router = Router.load(Path(assets) / (manifest.router or "router"), expected_tasks=manifest.tasks)
-        tasks = [manifest_task(manifest, t, assets) for t in adapter_tasks(manifest)]
+        tasks = [manifest_task(manifest, t, assets) for t in task_classes(manifest)]
         base = SelectionConfig(**manifest.selection)
     chosen = replace(base, **(selection or {}))
     groups = list(same_task) if same_task is not None else [g for g in (_ARC,) if set(g) <= set(router.task_names)]

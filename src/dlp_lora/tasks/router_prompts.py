@@ -23,7 +23,7 @@ from dlp_lora.tasks.registry import TASKS, get_task, load_splits
 from dlp_lora.tasks.renderings import RENDERINGS, TRAIN_RENDERINGS, render, render_many
 from dlp_lora.tasks.types import Example, Task
 
-__all__ = ["RoutedPrompts", "routed_prompts", "pool_test_prompts", "none_prompts", "adapter_tasks", "manifest_task"]
+__all__ = ["RoutedPrompts", "routed_prompts", "pool_test_prompts", "none_prompts", "task_classes", "manifest_task"]
 
 _SPLITS = ("train", "dev", "test")
 
@@ -111,9 +111,10 @@ def pool_test_prompts(tasks: Sequence[str | Task], data_dir: str | os.PathLike |
     return routed_prompts(tasks, split, data_dir, split_cfg, data_cfg, every_rendering=True)
 
 
-def adapter_tasks(manifest: Manifest) -> list[str]:
-    """The manifest's tasks that have an adapter (the router's `none` class has none)."""
-    return [t for t in manifest.tasks if t != NONE and manifest.adapters.get(t) is not None]
+def task_classes(manifest: Manifest) -> list[str]:
+    """The manifest's tasks, each a router class: those the dev gate mapped to the base model (adapter None)
+    included, since their prompts must still be recognised (and sent to no adapter); not `none`."""
+    return [t for t in manifest.tasks if t != NONE]
 
 
 def manifest_task(manifest: Manifest, name: str, root: str | Path) -> Task:

@@ -24,7 +24,7 @@ from dlp_lora.tasks import Task, load_splits
 from dlp_lora.tasks.loaders import user_file
 from dlp_lora.tasks.out_of_pool import NONE
 from dlp_lora.tasks.router_prompts import RoutedPrompts, routed_prompts
-from dlp_lora.training.router_pool import adapter_tasks, manifest_task
+from dlp_lora.training.router_pool import task_classes, manifest_task
 
 __all__ = ["add_task", "add_task_to_assets"]
 
@@ -121,7 +121,7 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
     splits = load_splits(task, data_dir, split_cfg)  # validates the file before anything is written
     own = replace(data_cfg, none_class=False)
     new_train = routed_prompts([task], "train", data_dir, split_cfg, own)
-    others = [manifest_task(manifest, t, root) for t in adapter_tasks(manifest)]
+    others = [manifest_task(manifest, t, root) for t in task_classes(manifest)]
     with_none = replace(data_cfg, none_class=NONE in router.task_names)
     replay = _replay(routed_prompts(others, "train", data_dir, split_cfg, with_none), replay_per_class, seed)
     dev_others = _replay(routed_prompts(others, "dev", data_dir, split_cfg, with_none), replay_per_class, seed)

@@ -20,10 +20,10 @@ from dlp_lora.evaluation.router_report import choose_p
 from dlp_lora.router import Router
 from dlp_lora.tasks import Task, get_task
 from dlp_lora.tasks.out_of_pool import NONE
-from dlp_lora.tasks.router_prompts import RoutedPrompts, adapter_tasks, manifest_task, routed_prompts
+from dlp_lora.tasks.router_prompts import RoutedPrompts, task_classes, manifest_task, routed_prompts
 from dlp_lora.training.router import train_router
 
-__all__ = ["train_task_router", "train_pool_router", "manifest_task", "adapter_tasks", "router_classes"]
+__all__ = ["train_task_router", "train_pool_router", "manifest_task", "task_classes", "router_classes"]
 
 
 def router_classes(tasks: Sequence[str | Task], none_class: bool) -> tuple[str, ...]:
@@ -91,9 +91,9 @@ def train_pool_router(
     `none` class, ``tasks[-1] = 'none'`` with ``adapters['none'] = None`` (no adapter: the base model)."""
     root = Path(root)
     manifest = Manifest.load(root)
-    names = adapter_tasks(manifest)
+    names = task_classes(manifest)
     if not names:
-        raise ValueError(f"{root}: the manifest lists no tasks with adapters; train adapters first")
+        raise ValueError(f"{root}: the manifest lists no tasks; train adapters first")
     tasks = [manifest_task(manifest, n, root) for n in names]
     record = train_task_router(tasks, root / "router", data_dir, split_cfg, router_cfg, train_cfg, data_cfg,
                                selection, progress)
