@@ -61,8 +61,15 @@ def test_tasks_table(tmp_path):
         resolve_data_dir()
     except FileNotFoundError:
         pytest.skip("../shared/data is not present")
-    assert main(["tasks", "--markdown", str(tmp_path / "tasks.md")]) == 0
-    assert (tmp_path / "tasks.md").read_text().count("\n| ") == 27  # header + 26 tasks
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"per_task": {"arc_easy": {"base": {"acc_norm": 31.5}, "oracle": {"acc_norm": 40.25}},
+                                                "squad": {"base": {"f1": 20.0}}}}))
+    assert main(["tasks", "--markdown", str(tmp_path / "tasks.md"), "--results", str(results)]) == 0
+    text = (tmp_path / "tasks.md").read_text()
+    pool, replaced = text.split("## Replaced tasks")
+    assert pool.count("\n| ") == 27  # header + 26 tasks
+    assert "| 31.5 | 40.2 |" in pool and "| 20.0 | - |" in pool
+    assert "| gsm8k | bbh_formal_fallacies |" in replaced
 
 
 def test_missing_embedded_model_package_names_the_pip_command(monkeypatch):

@@ -114,6 +114,14 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     assert all(len(r["option_logprobs"]) == 3 for r in rows)
     results = json.loads((out / "results.json").read_text())
     assert results["per_task"]["maths"]["base"]["mean_k"] == 0
+    # Multiple choice headline: option-text acc_norm; every method paired with the base model on the same examples.
+    assert {"acc", "acc_norm", "accuracy"} <= set(results["per_task"]["science"]["oracle"])
+    for task in ("maths", "science"):
+        d = results["vs_base"][task]["oracle"]
+        assert d["low"] <= d["estimate"] <= d["high"] and d["n"] == 3
+    vs = results["summary"]["oracle"]["vs_base"]
+    assert set(vs) == {"mcq", "qa", "all", "tasks"} and sum(vs["tasks"].values()) == 2
+    assert "base" not in results["vs_base"]["maths"] and "Against the base model" in (out / "results.md").read_text()
     assert results["composite"]["pairs"] == 2
     composite_rows = re.findall(r"\| per (?:prompt|segment) \| ([\d.]+) \|", (out / "results.md").read_text())
     assert len(composite_rows) == 2 and all(0 <= float(v) <= 100 for v in composite_rows)  # percentages
@@ -121,7 +129,8 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     # Resume: every (method, task) file is complete, so nothing is generated again.
     calls.clear()
     again = evaluate_task(dlp, tasks["science"], out, cfg, SPLIT, progress=False)
-    assert calls == [] and again["oracle"] == results["per_task"]["science"]["oracle"]
+    assert calls == [] and {k: v for k, v in again["oracle"].items() if k != "headline_scores"} == \
+        results["per_task"]["science"]["oracle"]
     # A truncated prediction file is rerun, and only that one.
     path = out / "predictions" / "base" / "science.jsonl"
     path.write_text(path.read_text().splitlines()[0] + "\n")

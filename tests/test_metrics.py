@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from dlp_lora.evaluation.metrics import (choice_accuracy, corpus_bleu, exact_match, mc_loglik_accuracy, numeric_match,
+from dlp_lora.evaluation.metrics import (choice_accuracy, corpus_bleu, exact_match, numeric_match,
                                          rouge_scores, score_task, token_f1)
 
 
@@ -106,16 +106,6 @@ def test_rouge_is_a_mean_over_pairs():
         rouge_scores(["a", "b"], ["a"])
 
 
-def test_mc_loglik_accuracy_first_wins_ties():
-    logprobs = [[-1.0, -2.0, -3.0], [-3.0, -0.5], [-1.0, -1.0, -4.0], [-2.0, -1.0, -1.0]]
-    # argmax per question: 0, 1, 0 (tie between 0 and 1: first wins), 1 (tie between 1 and 2: first wins)
-    assert mc_loglik_accuracy(logprobs, [0, 1, 0, 1]) == 100.0
-    assert mc_loglik_accuracy(logprobs, [0, 1, 1, 2]) == 50.0
-    assert mc_loglik_accuracy(logprobs[:3], [2, 0, 1]) == 0.0
-    with pytest.raises(ValueError, match="got 4 and 3"):
-        mc_loglik_accuracy(logprobs, [0, 1, 0])
-
-
 def test_score_task_choice():
     assert score_task("choice", ["A", "B", "C", ""], [["A"], ["C"], ["C"], ["D"]]) == {"accuracy": 50.0}
 
@@ -166,3 +156,20 @@ def test_score_task_errors():
         score_task("squad", ["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="got 1 and 2"):
         score_task("choice", ["A"], [["A"], ["B"]])
+
+
+def test_option_text_acc_and_acc_norm_by_hand():
+    from dlp_lora.evaluation.examples import mcq_scores
+    from dlp_lora.scoring import option_choice
+    from dlp_lora.tasks import Example
+
+    # Summed, "no" (-4) beats "a long answer" (-6); per byte, -6/13 beats -4/2: acc and acc_norm disagree.
+    options = ("no", "a long answer")
+    assert option_choice([-4.0, -6.0], options, normalize=False) == 0
+    assert option_choice([-4.0, -6.0], options, normalize=True) == 1
+    assert option_choice([-2.0, -2.0], ("ab", "cd"), normalize=True) == 0  # the first wins ties
+    exs = [Example(uid=str(i), task="t", prompt="q", answer=options[g], references=("AB"[g],), choices=("A", "B"),
+                   options=options) for i, g in enumerate((1, 0))]
+    got = mcq_scores([[-4.0, -6.0], [-4.0, -6.0]], exs)
+    assert got.metrics == {"acc": [0.0, 100.0], "acc_norm": [100.0, 0.0]}
+    assert got.headline == got.metrics["acc_norm"] and got.chosen == [1, 1]

@@ -101,13 +101,15 @@ def _tasks_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, SplitConfig)
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--markdown", default=None, help="write the pool table here (e.g. docs/tasks.md)")
+    p.add_argument("--results", default=None, help="an evaluation's results.json: add base and oracle test scores")
 
 
 def _tasks(ns: argparse.Namespace) -> None:
     from dlp_lora.config import SplitConfig
     from dlp_lora.tasks import pool_table
 
-    table = pool_table(ns.data_dir, config_from_args(SplitConfig, ns))
+    results = json.loads(Path(ns.results).read_text()) if ns.results else None
+    table = pool_table(ns.data_dir, config_from_args(SplitConfig, ns), results)
     print(table)
     if ns.markdown:
         Path(ns.markdown).parent.mkdir(parents=True, exist_ok=True)

@@ -333,8 +333,8 @@ class EvalConfig:
     """Methods compared on the same examples (see `dlp_lora.evaluation.methods`)."""
     p_sweep: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95)
     """Extra top-p masses run as `dlp@P` (mean adapters fused vs score)."""
-    limit: int = 50
-    """Test examples per task (the first `limit` of the seeded test split)."""
+    limit: int = 200
+    """Most test examples per task: each task's whole seeded test split (SplitConfig.test_size) up to this."""
     batch_size: int = 8
     """Prompts per generation batch."""
     loglik: bool = True

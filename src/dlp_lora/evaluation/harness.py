@@ -1,9 +1,11 @@
 """The evaluation harness: every method on the same test examples, real generation, resumable.
 
 For each task the router scores the prompts once; each method turns those probabilities into a
-routing; answers are generated greedily (and, for multiple choice, options are also scored by
-log-likelihood). Rows whose routing another method already ran are reused: greedy decoding of a row
-depends only on its prompt and its mixture (tests/test_fusion.py proves batch invariance).
+routing; answers are generated greedily (and, for multiple choice, the full option texts are also
+scored by log-likelihood: `acc` and `acc_norm`, the headline, as lm-evaluation-harness does). Rows
+whose routing another method already ran are reused: greedy decoding of a row depends only on its
+prompt and its mixture (tests/test_fusion.py proves batch invariance). Each method's per-example
+headline scores are kept (`HEADLINE_SCORES`) so the report can pair methods example by example.
 """
 
 from __future__ import annotations
@@ -19,12 +21,22 @@ from tqdm.auto import tqdm
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
 from dlp_lora.config import EvalConfig, GenerationConfig, SplitConfig
 from dlp_lora.evaluation.methods import method_weights
-from dlp_lora.evaluation.metrics import mc_loglik_accuracy, score_task
+from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, mcq_scores
+from dlp_lora.evaluation.metrics import choice_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
 from dlp_lora.types import Routing
 
-__all__ = ["EvalConfig", "evaluate_task", "routing_key"]
+__all__ = ["EvalConfig", "evaluate_task", "routing_key", "HEADLINE_SCORES", "headline_key"]
+
+HEADLINE_SCORES = "headline_scores"
+"""Key of a method's per-example headline scores (0-100, in test-example order) in `evaluate_task`'s result."""
+
+
+def headline_key(task: Task, loglik: bool) -> str:
+    """The score that summarises a task: option-text acc_norm for multiple choice when options are scored
+    by log-likelihood (else the generated answer's accuracy), F1 for SQuAD, exact match otherwise."""
+    return MCQ_HEADLINE if task.kind == "mcq" and loglik else task.headline
 
 
 def routing_key(dense_row: torch.Tensor) -> tuple[tuple[int, float], ...]:
@@ -44,7 +56,7 @@ def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torc
         prompts = [examples[b].prompt for b in rows]
         routing = Routing.from_dense(dense[rows])
         outs = dlp.generate(prompts, config=gen, routing=routing)
-        opts = (dlp.option_logprobs(prompts, [list(examples[b].choices) for b in rows], routing)
+        opts = (dlp.option_logprobs(prompts, [list(examples[b].options) for b in rows], routing)
                 if task.kind == "mcq" and cfg.loglik else [None] * len(rows))
         for b, out, lp in zip(rows, outs, opts):
             cache[keys[b]] = {"text": out.text, "parsed": parse_answer(task, out.text, examples[b].choices, examples[b].options),
@@ -52,20 +64,29 @@ def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torc
     return [cache[k] for k in keys]
 
 
-def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict[str, float]:
-    scores = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples],
-                        [r["text"] for r in rows], [ex.answer for ex in examples])
-    if task.kind == "mcq" and rows and rows[0]["option_logprobs"] is not None:
-        gold = [ex.gold_index for ex in examples]
-        scores["loglik_accuracy"] = mc_loglik_accuracy([r["option_logprobs"] for r in rows], gold)
+def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
+    """Means of every metric, plus the per-example headline scores under HEADLINE_SCORES."""
+    scores: dict = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples],
+                              [r["text"] for r in rows], [ex.answer for ex in examples])
+    loglik = task.kind == "mcq" and bool(rows) and rows[0]["option_logprobs"] is not None
+    if loglik:
+        per = mcq_scores([r["option_logprobs"] for r in rows], examples)
+        scores.update({k: sum(v) / len(v) for k, v in per.metrics.items()})
+        scores[HEADLINE_SCORES] = per.headline
+    elif task.kind == "mcq":
+        scores[HEADLINE_SCORES] = [choice_accuracy([r["parsed"]], [ex.references]) for ex, r in zip(examples, rows)]
+    else:
+        scores[HEADLINE_SCORES] = [headline_score(task.metric, r["parsed"], ex.references)
+                                   for ex, r in zip(examples, rows)]
     scores["mean_k"] = sum(len(r["adapters"]) for r in rows) / max(len(rows), 1)
     scores["fused_fraction"] = sum(len(r["adapters"]) > 1 for r in rows) / max(len(rows), 1)
     return scores
 
 
 def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig, split_cfg: SplitConfig,
-                  data_dir: str | Path | None = None, progress: bool = True) -> dict[str, dict[str, float]]:
-    """All methods on one task; per-example predictions go to out_dir/predictions/<method>/<task>.jsonl.
+                  data_dir: str | Path | None = None, progress: bool = True) -> dict[str, dict]:
+    """All methods on one task: method -> metric means and HEADLINE_SCORES (per example); per-example
+    predictions go to out_dir/predictions/<method>/<task>.jsonl.
 
     A (method, task) whose prediction file is complete is read back instead of rerun (resume).
     """

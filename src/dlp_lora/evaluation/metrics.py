@@ -13,7 +13,7 @@ from typing import Sequence
 from dlp_lora.tasks.prompts import extract_number, normalize_text
 
 __all__ = ["choice_accuracy", "exact_match", "token_f1", "numeric_match", "corpus_bleu", "rouge_scores",
-           "mc_loglik_accuracy", "score_task"]
+           "score_task"]
 
 
 def _check(preds: Sequence, refs: Sequence) -> None:
@@ -84,13 +84,6 @@ def rouge_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
         totals["rougeL"] += s["rougeL"].fmeasure
     n = max(len(hyps), 1)
     return {k: 100.0 * v / n for k, v in totals.items()}
-
-
-def mc_loglik_accuracy(option_logprobs: Sequence[Sequence[float]], gold: Sequence[int]) -> float:
-    """Percent of questions whose gold option has the highest log-likelihood (first wins ties)."""
-    _check(option_logprobs, gold)
-    hits = sum(max(range(len(lp)), key=lambda i: (lp[i], -i)) == g for lp, g in zip(option_logprobs, gold))
-    return 100.0 * hits / max(len(gold), 1)
 
 
 def score_task(metric: str, preds: Sequence[str], references: Sequence[Sequence[str]],

@@ -1,4 +1,9 @@
-"""Turn per-task, per-method scores into results.json, a markdown table and plots."""
+"""Turn per-task, per-method scores into results.json, a markdown table and plots.
+
+Every method is compared with the plain base model on the same test examples: per task by a paired
+bootstrap interval of the headline difference, and over tasks by a stratified one (examples resampled
+within each task). A difference whose 95% interval contains 0 is reported as no difference.
+"""
 
 from __future__ import annotations
 
@@ -10,43 +15,75 @@ from typing import Mapping
 
 from matplotlib.figure import Figure
 
+from dlp_lora.evaluation.harness import HEADLINE_SCORES, headline_key
+from dlp_lora.evaluation.stats import Interval, paired_difference, stratified_mean_difference
 from dlp_lora.tasks import Task
 
-__all__ = ["headline", "summarise", "write_report"]
+__all__ = ["headline", "summarise", "differences", "write_report"]
 
-_AVERAGES = (("mcq_accuracy", "MCQ acc"), ("mcq_loglik_accuracy", "MCQ loglik acc"), ("qa_headline", "QA headline"),
+BASE = "base"
+_AVERAGES = (("mcq_headline", "MCQ acc_norm"), ("mcq_accuracy", "MCQ generated acc"), ("qa_headline", "QA headline"),
              ("qa_bleu", "QA BLEU"), ("qa_rouge1", "QA ROUGE-1"), ("qa_rougeL", "QA ROUGE-L"))
 
 
-def headline(task: Task, scores: dict[str, float]) -> float:
-    """The one number per task that the averages use: accuracy for mcq, F1 for SQuAD, else exact match."""
-    return scores[task.headline]
+def headline(task: Task, scores: dict) -> float:
+    """The one number per task that the averages use (see `harness.headline_key`)."""
+    return scores[headline_key(task, "acc_norm" in scores)]
 
 
 def _avg(values: list[float]) -> float:
     return mean(values) if values else float("nan")
 
 
-def summarise(per_task: dict[str, dict[str, dict[str, float]]], tasks: Mapping[str, Task]) -> dict[str, dict]:
-    """Averages per method over tasks: MCQ accuracy (generated, log-likelihood), QA headline, BLEU, ROUGE.
+def summarise(per_task: dict[str, dict[str, dict]], tasks: Mapping[str, Task]) -> dict[str, dict]:
+    """Averages per method over tasks: MCQ headline (acc_norm) and generated accuracy, QA headline, BLEU,
+    ROUGE, mean adapters fused; with a `base` method, each other method's difference from it.
 
-    per_task: task name -> method -> scores; tasks: task name -> Task (for its kind and headline metric).
+    per_task: task name -> method -> scores (with HEADLINE_SCORES); tasks: task name -> Task.
     """
     methods = list(next(iter(per_task.values())))
     mcq = [t for t in per_task if tasks[t].kind == "mcq"]
     qa = [t for t in per_task if tasks[t].kind == "qa"]
+    diffs = differences(per_task)
     out = {}
     for m in methods:
         out[m] = {
+            "mcq_headline": _avg([headline(tasks[t], per_task[t][m]) for t in mcq]),
             "mcq_accuracy": _avg([per_task[t][m]["accuracy"] for t in mcq]),
-            "mcq_loglik_accuracy": _avg([per_task[t][m]["loglik_accuracy"] for t in mcq
-                                         if "loglik_accuracy" in per_task[t][m]]),
             "qa_headline": _avg([headline(tasks[t], per_task[t][m]) for t in qa]),
             **{f"qa_{k}": _avg([per_task[t][m][k] for t in qa]) for k in ("bleu", "rouge1", "rougeL")},
             "mean_k": _avg([per_task[t][m]["mean_k"] for t in per_task]),
             "fused_fraction": _avg([per_task[t][m]["fused_fraction"] for t in per_task]),
         }
+        if m != BASE and BASE in methods:
+            vs = {}
+            for group, names in (("mcq", mcq), ("qa", qa), ("all", list(per_task))):
+                if names:
+                    vs[group] = _as_dict(stratified_mean_difference(
+                        {t: per_task[t][m][HEADLINE_SCORES] for t in names},
+                        {t: per_task[t][BASE][HEADLINE_SCORES] for t in names}))
+            signs = [_sign(Interval(**diffs[t][m])) for t in per_task]
+            vs["tasks"] = {"better": signs.count(1), "same": signs.count(0), "worse": signs.count(-1)}
+            out[m]["vs_base"] = vs
     return out
+
+
+def differences(per_task: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
+    """task -> method -> paired bootstrap interval (as a dict) of its headline minus the base model's."""
+    out: dict[str, dict[str, dict]] = {}
+    for t, by_method in per_task.items():
+        if BASE in by_method:
+            base = by_method[BASE][HEADLINE_SCORES]
+            out[t] = {m: _as_dict(paired_difference(s[HEADLINE_SCORES], base)) for m, s in by_method.items() if m != BASE}
+    return out
+
+
+def _as_dict(i: Interval) -> dict:
+    return {"estimate": i.estimate, "low": i.low, "high": i.high, "n": i.n}
+
+
+def _sign(i: Interval) -> int:
+    return 0 if not i.excludes_zero else (1 if i.low > 0 else -1)
 
 
 def _fmt(x: float) -> str:
@@ -63,25 +100,58 @@ def _averages_table(summary: dict, methods: list[str]) -> list[str]:
     return lines
 
 
-def _markdown(per_task: dict, tasks: Mapping[str, Task], summary: dict, meta: dict, composite: dict | None) -> str:
+def _vs_base_table(summary: dict, methods: list[str]) -> list[str]:
+    lines = ["| method | MCQ (acc_norm) | QA (headline) | all tasks | tasks better / same / worse |",
+             "|---|---|---|---|---|"]
+    for m in methods:
+        vs = summary[m].get("vs_base")
+        if vs is None:
+            continue
+        cell = [Interval(**vs[g]).fmt() + ("" if Interval(**vs[g]).excludes_zero else " (no difference)")
+                if g in vs else "-" for g in ("mcq", "qa", "all")]
+        c = vs["tasks"]
+        lines.append(f"| {m} | " + " | ".join(cell) + f" | {c['better']} / {c['same']} / {c['worse']} |")
+    return lines
+
+
+def _task_cell(score: float, diff: dict | None) -> str:
+    if diff is None:
+        return f"{score:.1f}"
+    i = Interval(**diff)
+    mark = {1: " ↑", -1: " ↓", 0: ""}[_sign(i)]
+    return f"{score:.1f} ({i.estimate:+.1f}{mark})"
+
+
+def _markdown(per_task: dict, tasks: Mapping[str, Task], summary: dict, diffs: dict, meta: dict,
+              composite: dict | None) -> str:
     main = [m for m in summary if "@" not in m]
     sweep = [m for m in summary if "@" in m]
     lines = ["# Results", "", f"Produced by `{meta['command']}`.", "",
-             f"{meta['examples_per_task']} test examples per task (the first of each seeded test split), "
-             "greedy generation (no sampling, so one run is exact and seeds do not apply). MCQ accuracy parses "
-             "the generated letter; `loglik` picks the option letter with the highest log-likelihood, as "
-             "lm-evaluation-harness does. QA headline: token F1 for SQuAD, exact match otherwise; BLEU "
-             "(sacrebleu) and ROUGE (rouge-score) compare the generated text with the reference answer "
-             "(the worked solution for GSM8K).", "", "## Averages", ""]
+             f"Up to {meta['examples_per_task']} test examples per task (each task's whole seeded test split up to "
+             "that many; the count per task is in the table), greedy generation (no sampling, so one run is exact "
+             "and seeds do not apply). Multiple choice headline: `acc_norm`, the option whose full text has the "
+             "highest log-likelihood per byte after the prompt, as lm-evaluation-harness scores it (the adapters "
+             "are trained on that target); `MCQ generated acc` parses the generated answer instead. QA headline: "
+             "token F1 for SQuAD, exact match otherwise; BLEU (sacrebleu) and ROUGE (rouge-score) compare the "
+             "generated text with the reference answer.", "", "## Averages", ""]
     lines += _averages_table(summary, main)
+    if any("vs_base" in summary[m] for m in main):
+        lines += ["", "## Against the base model", "",
+                  "Mean difference of the headline score from the plain base model on the same examples, with a "
+                  "95% bootstrap interval (examples resampled within each task, tasks weighted equally); "
+                  "'better' / 'worse' count the tasks whose own paired interval excludes 0.", ""]
+        lines += _vs_base_table(summary, main)
     if sweep:
         lines += ["", "## Top-p sweep of `dlp`", ""] + _averages_table(summary, sweep)
         lines += ["", "![p sweep: mean adapters fused vs score](p_sweep.png)"]
-    lines += ["", "## Per task (headline metric)", "", "| task | kind | " + " | ".join(main) + " |",
-              "|---|---|" + "---|" * len(main)]
+    lines += ["", "## Per task (headline metric)", "",
+              "Each method's score, and in brackets its difference from `base` (↑ / ↓ where the paired 95% "
+              "interval excludes 0).", "", "| task | kind | n | " + " | ".join(main) + " |",
+              "|---|---|---|" + "---|" * len(main)]
     for t, by_method in per_task.items():
-        lines.append(f"| {t} | {tasks[t].kind} | " + " | ".join(f"{headline(tasks[t], by_method[m]):.1f}" for m in main)
-                     + " |")
+        n = len(by_method[main[0]][HEADLINE_SCORES])
+        lines.append(f"| {t} | {tasks[t].kind} | {n} | " + " | ".join(
+            _task_cell(headline(tasks[t], by_method[m]), diffs.get(t, {}).get(m)) for m in main) + " |")
     lines += ["", "![per-task headline score by method](per_task.png)"]
     if composite:
         lines += ["", "## Composite prompts", "",
@@ -114,7 +184,7 @@ def _sweep_plot(summary: dict, path: Path) -> None:
     sweep = sorted((float(m.split("@")[1]), summary[m]) for m in summary if m.startswith("dlp@"))
     fig = Figure(figsize=(5.5, 4))
     ax = fig.add_subplot()
-    for key, label in (("mcq_accuracy", "MCQ accuracy"), ("qa_headline", "QA headline")):
+    for key, label in (("mcq_headline", "MCQ acc_norm"), ("qa_headline", "QA headline")):
         ax.plot([s["mean_k"] for _, s in sweep], [s[key] for _, s in sweep], marker="o", label=label)
         for p, s in sweep:
             ax.annotate(f"p={p:g}", (s["mean_k"], s[key]), textcoords="offset points", xytext=(3, 3), fontsize=7)
@@ -129,12 +199,17 @@ def _sweep_plot(summary: dict, path: Path) -> None:
 
 def write_report(out_dir: Path, per_task: dict, tasks: Mapping[str, Task], meta: dict,
                  composite: dict | None = None) -> dict:
-    """Write results.json, results.md, per_task.png and (with a sweep) p_sweep.png; returns the summary."""
+    """Write results.json, results.md, per_task.png and (with a sweep) p_sweep.png; returns the summary.
+
+    results.json keeps the means and intervals; the per-example scores stay in the prediction files."""
     summary = summarise(per_task, tasks)
+    diffs = differences(per_task)
+    means = {t: {m: {k: v for k, v in s.items() if k != HEADLINE_SCORES} for m, s in by.items()}
+             for t, by in per_task.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "per_task": per_task,
-                                                      "composite": composite}, indent=2) + "\n")
-    (out_dir / "results.md").write_text(_markdown(per_task, tasks, summary, meta, composite))
+    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "per_task": means,
+                                                      "vs_base": diffs, "composite": composite}, indent=2) + "\n")
+    (out_dir / "results.md").write_text(_markdown(per_task, tasks, summary, diffs, meta, composite))
     _bar_plot(per_task, tasks, [m for m in summary if "@" not in m], out_dir / "per_task.png")
     if any(m.startswith("dlp@") for m in summary):
         _sweep_plot(summary, out_dir / "p_sweep.png")

@@ -25,7 +25,7 @@ MCQ_INSTRUCTION = "Answer with the correct option."
 
 
 def mcq_prompt(question: str, options: Sequence[str]) -> str:
-    """'question\\nA. opt\\nB. opt\\n...\\nAnswer with the letter of the correct option.'"""
+    """'question\\nA. opt\\nB. opt\\n...\\nAnswer with the correct option.'"""
     if not 2 <= len(options) <= len(LETTERS):
         raise ValueError(f"expected 2 to {len(LETTERS)} options, got {len(options)}")
     lines = [question.strip()] + [f"{LETTERS[i]}. {str(o).strip()}" for i, o in enumerate(options)]
