@@ -376,3 +376,30 @@ def test_multitask_baseline_trains_once_on_every_task_and_is_recorded(tmp_path, 
     assert Manifest.load(root).baselines == {"multitask": "baselines/multitask"}
     pool.train_pool_multitask(root, split_cfg=split, progress=False)  # finished: skipped
     assert calls.trained == ["multitask"] and calls.loads == 1
+
+
+def test_bundled_assets_deploy_no_collapsed_or_ungated_adapter():
+    # On the real trained records: every deployed multiple-choice adapter answers more than one option on
+    # dev (a collapsed adapter must have been gated out), and the manifest maps exactly the gated tasks to
+    # the base model.
+    from pathlib import Path
+
+    from dlp_lora.assets import Manifest
+    from dlp_lora.tasks import get_task, load_splits
+    from dlp_lora.tasks.loaders import resolve_data_dir
+
+    root = Path(__file__).resolve().parents[1] / "assets" / "smollm2-135m-26tasks"
+    manifest = Manifest.load(root)
+    gated = {t: r for t, r in manifest.records.items() if "gate" in r}
+    if not gated:
+        pytest.skip("the bundled assets predate the dev gate")
+    for name, rec in gated.items():
+        assert (manifest.adapters[name] is not None) == rec["gate"]["deployed"], name
+        if rec["gate"]["deployed"] and rec["kind"] == "mcq":
+            try:
+                dev = load_splits(get_task(name), resolve_data_dir(), SplitConfig(**{k: rec["splits"][k] for k in
+                                  ("train_cap", "dev_size", "test_size", "seed")})).dev
+            except FileNotFoundError:
+                pytest.skip("../shared/data is not present")
+            gold = [ex.gold_index for ex in dev[: len(rec["dev_chosen"])]]
+            assert not collapsed(rec["dev_chosen"], gold), (name, rec["gate"])
