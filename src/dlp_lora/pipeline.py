@@ -96,6 +96,11 @@ class DLPLoRA:
                    baselines=manifest.baseline_paths(root))
 
     @property
+    def device(self) -> torch.device:
+        """The base model's device (where prompts are sent); move the whole model with `model.to()`."""
+        return next(self.model.parameters()).device
+
+    @property
     def adapter_names(self) -> list[str]:
         """Every adapter in bank order: the router's classes first, then the baselines."""
         return self.fused.adapter_names
@@ -150,6 +155,7 @@ class DLPLoRA:
         """Answer a batch of prompts, each with its routed mixture fixed for every generated token."""
         config = config or GenerationConfig(max_new_tokens=max_new_tokens)
         ids, mask = encode_prompts(self.tokenizer, list(prompts), self.max_prompt_tokens)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         routing = routing if routing is not None else self.route(prompts)
         if routing.batch_size != len(prompts):
             raise ValueError(f"routing has {routing.batch_size} rows for {len(prompts)} prompts")

@@ -22,8 +22,9 @@ Path = Literal["base", "gathered", "dense", "merged"]
 class ActiveRouting:
     """One request's routing, fixed for all its forward passes (prefill and every decode step).
 
-    dense: (B, N) weights; routing: the same as (B, k) indices/weights; mix: (N,) when all rows share one
-    mixture. `prepared` caches what each layer derives from it (gathered stacks or a merged weight) so the
+    dense: (B, N) weights, on the adapter stacks' device; routing: the same as (B, k) indices/weights and
+    mix: (N,) when all rows share one mixture, both on the caller's device (layers move what they use).
+    `prepared` caches what each layer derives from it (gathered stacks or a merged weight) so the
     work is done once per request, not once per token.
     """
 
@@ -52,40 +53,65 @@ class FusedLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.name = name
-        # Plain attributes, not buffers: the bank owns these tensors and they must not enter state_dict.
+        # A child module of non-persistent buffers (shared with the bank): it moves with model.to() and
+        # stays out of state_dict.
         self.stack = stack
         self.slot = slot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d_in) -> (B, T, d_out)."""
+        """x: (B, T, d_in) -> (B, T, d_out).
+
+        The LoRA branch runs in `compute` = at least float32 (as peft's does over a half-precision base):
+        the base output is added to it in that dtype and the sum is rounded once to x's dtype.
+        """
         active = self.slot.active
         if active is None or active.path == "base":
             return self.base(x)
-        if active.path == "merged":
-            (weight,) = self._prepare(active)
-            return F.linear(x, weight, self.base.bias)
-        if x.shape[0] != active.dense.shape[0]:
+        prepared = self._prepare(active)
+        if active.path == "merged" and len(prepared) == 1:
+            return F.linear(x, prepared[0], self.base.bias)
+        if active.path != "merged" and x.shape[0] != active.dense.shape[0]:
             raise ValueError(
                 f"routing was set for a batch of {active.dense.shape[0]} rows, but layer {self.name} got "
                 f"{x.shape[0]} rows (beam search and num_return_sequences > 1 are not supported)"
             )
         y = self.base(x)
-        if active.path == "dense":
-            (mask,) = self._prepare(active)
-            return y + ops.lora_delta_dense(x, self.stack.A, self.stack.Bt, mask)
-        A_sel, Bt_sel = self._prepare(active)
-        return y + ops.lora_delta_gathered(x, A_sel, Bt_sel)
+        compute = self._compute_dtype(x)
+        xc = x.to(compute)
+        if active.path == "merged":  # half precision: the shared mixture as one low-rank pair, unmerged
+            A_mix, Bt_mix = prepared
+            delta = torch.matmul(torch.matmul(xc, A_mix.T), Bt_mix)
+        elif active.path == "dense":
+            (mask,) = prepared
+            delta = ops.lora_delta_dense(xc, self.stack.A.to(compute), self.stack.Bt.to(compute), mask)
+        else:
+            A_sel, Bt_sel = prepared
+            delta = ops.lora_delta_gathered(xc, A_sel, Bt_sel)
+        return (y.to(compute) + delta).to(x.dtype)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(torch.promote_types(x.dtype, self.stack.A.dtype), torch.float32)
 
     def _prepare(self, active: ActiveRouting) -> tuple[torch.Tensor, ...]:
+        """What this layer derives from a routing, once per routing: on the stacks' device, in the
+        compute dtype (a merged weight is in the base weight's dtype)."""
         cached = active.prepared.get(self.name)
         if cached is None:
+            A, Bt = self.stack.A, self.stack.Bt
+            compute = self._compute_dtype(self.base.weight)
             if active.path == "merged":
                 assert active.mix is not None
-                cached = (ops.merged_weight(self.base.weight, self.stack.A, self.stack.Bt, active.mix),)
+                if self.base.weight.dtype in (torch.float16, torch.bfloat16):
+                    # Added into a half-precision copy of W, much of the delta would fall below W's
+                    # resolution; kept as one rank k*r pair it is applied in float32 like the other paths.
+                    cached = ops.merged_factors(A.to(compute), Bt.to(compute), active.mix)
+                else:
+                    cached = (ops.merged_weight(self.base.weight, A, Bt, active.mix),)
             elif active.path == "dense":
-                cached = (ops.dense_mask(active.dense, self.stack.rank),)
+                cached = (ops.dense_mask(active.dense.to(A.device, compute), self.stack.rank),)
             else:
-                cached = ops.gather_stacks(self.stack.A, self.stack.Bt, active.routing.indices, active.routing.weights)
+                cached = ops.gather_stacks(A.to(compute), Bt.to(compute), active.routing.indices.to(A.device),
+                                           active.routing.weights.to(A.device))
             active.prepared[self.name] = cached
         return cached
 

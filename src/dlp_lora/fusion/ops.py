@@ -18,6 +18,7 @@ __all__ = [
     "dense_mask",
     "lora_delta_dense",
     "merged_weight",
+    "merged_factors",
 ]
 
 
@@ -29,7 +30,7 @@ def lora_delta_loop(
     x: (B, T, d_in); adapters[i]: (A_i (r_i, d_in), B_i (d_out, r_i), scale_i), or None when adapter i does
     not target this module; weights: (B, N) -> (B, T, d_out).
     """
-    out = torch.zeros(*x.shape[:-1], d_out, dtype=x.dtype)
+    out = torch.zeros(*x.shape[:-1], d_out, dtype=x.dtype, device=x.device)
     for b in range(x.shape[0]):
         for i, term in enumerate(adapters):
             if term is not None and weights[b, i] != 0:
@@ -76,12 +77,22 @@ def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mask: t
     return torch.matmul(h, Bt.reshape(n * r, -1))
 
 
+def merged_factors(A: torch.Tensor, Bt: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shared mixture mix (N,) as a single LoRA: A_mix (k*r, d_in), Bt_mix (k*r, d_out), mix folded
+    into A_mix, with only the k adapters of nonzero weight. B_mix A_mix = sum_i mix_i * B_i A_i."""
+    used = mix.nonzero().flatten()  # mix may stay on the host: only k indices and weights move
+    k, r, d_in = len(used), A.shape[1], A.shape[2]
+    w = dense_mask(mix[used][None, :], r)[0].to(A.device, A.dtype)
+    used = used.to(A.device)
+    return A[used].reshape(k * r, d_in) * w[:, None], Bt[used].reshape(k * r, -1)
+
+
 def merged_weight(W: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """A new (d_out, d_in) weight W + sum_i mix_i * B_i A_i for one shared mixture mix (N,); W is untouched.
 
     Only the adapters with nonzero weight enter the product, so the cost is that of k adapters, not N.
+    The sum is formed in the wider of W's and the stacks' dtypes and rounded once to W's dtype.
     """
-    used = mix.nonzero().flatten()
-    k, r, d_in = len(used), A.shape[1], A.shape[2]
-    scaled_A = A[used].reshape(k * r, d_in) * dense_mask(mix[used][None, :], r)[0, :, None].to(A.dtype)
-    return W + (Bt[used].reshape(k * r, -1).T @ scaled_A).to(W.dtype)
+    A_mix, Bt_mix = merged_factors(A, Bt, mix)
+    wide = torch.promote_types(W.dtype, A.dtype)
+    return (W.to(wide) + (Bt_mix.T @ A_mix).to(wide)).to(W.dtype)
