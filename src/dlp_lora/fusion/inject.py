@@ -134,11 +134,12 @@ class FusedLoRAModel:
     def _activate(self, weights: torch.Tensor | Routing) -> ActiveRouting:
         given = self._dense(weights)
         path = choose_path(given, self.bank.total_rank, self.config)
-        # The choices that read values (path, k, the merged mixture's nonzeros) are made on the caller's
-        # tensors; the (B, N) weights the layers read move to the stacks' device once per routing, and
-        # each layer moves its gathered indices once in `_prepare`: nothing crosses devices per step.
-        active = ActiveRouting(path=path, dense=given.to(self.device), routing=Routing.from_dense(given),
-                               mix=given[0] if path == "merged" else None)
+        # The choices that read values (path, k) are made on the caller's tensors; what the layers read
+        # moves to the stacks' device here, once per routing: nothing crosses devices in a forward pass.
+        routing, device = Routing.from_dense(given), self.device
+        dense = given.to(device)
+        active = ActiveRouting(path=path, dense=dense, routing=routing, indices=routing.indices.to(device),
+                               weights=routing.weights.to(device), mix=dense[0] if path == "merged" else None)
         self._slot.active = active
         return active
 

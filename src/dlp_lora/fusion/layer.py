@@ -22,15 +22,17 @@ Path = Literal["base", "gathered", "dense", "merged"]
 class ActiveRouting:
     """One request's routing, fixed for all its forward passes (prefill and every decode step).
 
-    dense: (B, N) weights, on the adapter stacks' device; routing: the same as (B, k) indices/weights and
-    mix: (N,) when all rows share one mixture, both on the caller's device (layers move what they use).
-    `prepared` caches what each layer derives from it (gathered stacks or a merged weight) so the
+    routing: the (B, k) indices/weights as the caller gave them (any device). On the adapter stacks'
+    device: dense (B, N) weights, indices and weights (B, k) (routing's, moved once), and mix (N,) when
+    all rows share one mixture. `prepared` caches what each layer derives from it (gathered stacks or a merged weight) so the
     work is done once per request, not once per token.
     """
 
     path: Path
     dense: torch.Tensor
     routing: Routing
+    indices: torch.Tensor
+    weights: torch.Tensor
     mix: torch.Tensor | None = None
     prepared: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
@@ -99,19 +101,18 @@ class FusedLoRALinear(nn.Module):
         if cached is None:
             A, Bt = self.stack.A, self.stack.Bt
             compute = self._compute_dtype(self.base.weight)
-            if active.path == "merged":
-                assert active.mix is not None
+            if active.path == "merged":  # every row shares row 0's adapters (k,) and weights (k,)
+                factors = ops.merged_factors(A.to(compute), Bt.to(compute), active.indices[0], active.weights[0])
                 if self.base.weight.dtype in (torch.float16, torch.bfloat16):
                     # Added into a half-precision copy of W, much of the delta would fall below W's
-                    # resolution; kept as one rank k*r pair it is applied in float32 like the other paths.
-                    cached = ops.merged_factors(A.to(compute), Bt.to(compute), active.mix)
+                    # resolution; kept as one float32 rank-k*r pair it is applied like the other paths.
+                    cached = factors
                 else:
-                    cached = (ops.merged_weight(self.base.weight, A, Bt, active.mix),)
+                    cached = (ops.merge_into(self.base.weight, *factors),)
             elif active.path == "dense":
-                cached = (ops.dense_mask(active.dense.to(A.device, compute), self.stack.rank),)
+                cached = (ops.dense_mask(active.dense.to(compute), self.stack.rank),)
             else:
-                cached = ops.gather_stacks(A.to(compute), Bt.to(compute), active.routing.indices.to(A.device),
-                                           active.routing.weights.to(A.device))
+                cached = ops.gather_stacks(A.to(compute), Bt.to(compute), active.indices, active.weights)
             active.prepared[self.name] = cached
         return cached
 

@@ -19,6 +19,7 @@ __all__ = [
     "lora_delta_dense",
     "merged_weight",
     "merged_factors",
+    "merge_into",
 ]
 
 
@@ -77,22 +78,27 @@ def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mask: t
     return torch.matmul(h, Bt.reshape(n * r, -1))
 
 
-def merged_factors(A: torch.Tensor, Bt: torch.Tensor, mix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One shared mixture mix (N,) as a single LoRA: A_mix (k*r, d_in), Bt_mix (k*r, d_out), mix folded
-    into A_mix, with only the k adapters of nonzero weight. B_mix A_mix = sum_i mix_i * B_i A_i."""
-    used = mix.nonzero().flatten()  # mix may stay on the host: only k indices and weights move
-    k, r, d_in = len(used), A.shape[1], A.shape[2]
-    w = dense_mask(mix[used][None, :], r)[0].to(A.device, A.dtype)
-    used = used.to(A.device)
-    return A[used].reshape(k * r, d_in) * w[:, None], Bt[used].reshape(k * r, -1)
+def merged_factors(
+    A: torch.Tensor, Bt: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shared mixture as a single LoRA: indices, weights (k,) -> A_mix (k*r, d_in) with the weights
+    folded in, Bt_mix (k*r, d_out); B_mix A_mix = sum_j weights_j * B_{indices_j} A_{indices_j}.
+
+    Only the k selected adapters enter, so the cost is that of k adapters, not N.
+    """
+    k, r, d_in = indices.shape[0], A.shape[1], A.shape[2]
+    w = weights.to(A.dtype).repeat_interleave(r)
+    return A[indices].reshape(k * r, d_in) * w[:, None], Bt[indices].reshape(k * r, -1)
+
+
+def merge_into(W: torch.Tensor, A_mix: torch.Tensor, Bt_mix: torch.Tensor) -> torch.Tensor:
+    """A new (d_out, d_in) weight W + B_mix A_mix, formed in the wider of the two dtypes and rounded once
+    to W's dtype; W is untouched."""
+    wide = torch.promote_types(W.dtype, A_mix.dtype)
+    return (W.to(wide) + (Bt_mix.T @ A_mix).to(wide)).to(W.dtype)
 
 
 def merged_weight(W: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """A new (d_out, d_in) weight W + sum_i mix_i * B_i A_i for one shared mixture mix (N,); W is untouched.
-
-    Only the adapters with nonzero weight enter the product, so the cost is that of k adapters, not N.
-    The sum is formed in the wider of W's and the stacks' dtypes and rounded once to W's dtype.
-    """
-    A_mix, Bt_mix = merged_factors(A, Bt, mix)
-    wide = torch.promote_types(W.dtype, A.dtype)
-    return (W.to(wide) + (Bt_mix.T @ A_mix).to(wide)).to(W.dtype)
+    """W + sum_i mix_i * B_i A_i for one dense mixture mix (N,) (its nonzeros are read on mix's device)."""
+    used = mix.nonzero().flatten()
+    return merge_into(W, *merged_factors(A, Bt, used, mix[used]))
