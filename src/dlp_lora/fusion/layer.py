@@ -22,10 +22,10 @@ Path = Literal["base", "gathered", "dense", "merged"]
 class ActiveRouting:
     """One request's routing, fixed for all its forward passes (prefill and every decode step).
 
-    routing: the (B, k) indices/weights as the caller gave them (any device). On the adapter stacks'
-    device: dense (B, N) weights, indices and weights (B, k) (routing's, moved once), and mix (N,) when
-    all rows share one mixture. `prepared` caches what each layer derives from it (gathered stacks or a merged weight) so the
-    work is done once per request, not once per token.
+    routing: the (B, k) indices/weights on the caller's device. On the adapter stacks' device: dense (B, N)
+    weights, indices and weights (B, k) (routing's, moved once), and mix (N,) when all rows share one
+    mixture. `prepared` caches what each layer derives from it (gathered stacks, a merged weight or a
+    merged low-rank pair) so the work is done once per request, not once per token.
     """
 
     path: Path
