@@ -195,3 +195,39 @@ def test_device_and_dtype_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
+def test_cli_device_cuda_without_cuda_is_a_clear_error(tmp_path, tok, capsys):
+    from dlp_lora.cli import main
+
+    assets = make_tiny_assets(tmp_path / "assets", len(tok))
+    assert main(["generate", "--assets", str(assets), "--prompt", "hi", "--device", "cuda"]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_from_assets_in_bfloat16_serves_the_same_answers(tmp_path, tok):
+    """`DLPLoRA.from_assets(device=...)` (what `--device/--dtype` build) loads base, adapters and router
+    there; the server answers greedy requests in bfloat16 exactly as the pipeline does."""
+    from fastapi.testclient import TestClient
+
+    from dlp_lora.assets import Manifest
+    from dlp_lora.config import ServerConfig
+    from dlp_lora.pipeline import DLPLoRA
+    from dlp_lora.server import create_app
+
+    root = make_tiny_assets(tmp_path / "assets", len(tok))
+    tiny_vocab_model(len(tok)).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    manifest = Manifest.load(root)
+    manifest.base_model = str(root / "base")
+    manifest.save(root)
+    dlp = DLPLoRA.from_assets(root, device=DeviceConfig(device="cpu", dtype="bfloat16"))
+    assert {p.dtype for p in dlp.model.parameters()} == {torch.bfloat16} and dlp.device == torch.device("cpu")
+    assert all(s.A.dtype == torch.float32 for s in dlp.fused.bank.modules.values())
+    prompt = "What is 3 + 4?"
+    want = dlp.generate([prompt], config=GenerationConfig(max_new_tokens=5))[0]
+    with TestClient(create_app(dlp, ServerConfig(model_name="tiny"))) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want.text
