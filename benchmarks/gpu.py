@@ -116,9 +116,9 @@ def _one_repeat(model, args, paths: dict[str, Path], prompts: dict[int, torch.Te
 
 
 def run(args: argparse.Namespace) -> dict:
-    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
-    if args.device.startswith("cuda") and device.type != "cuda":
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("no CUDA device here: this benchmark needs one (use --device cpu for a smoke run)")
+    device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
     model, _ = load_base_model(args.base_model, dtype=dtype, device=device)
     g = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings

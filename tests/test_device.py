@@ -231,3 +231,34 @@ def test_from_assets_in_bfloat16_serves_the_same_answers(tmp_path, tok):
         r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 5})
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == want.text
+
+
+def test_gpu_benchmark_script_runs_on_cpu_as_a_smoke_run(tmp_path, tok):
+    """benchmarks/gpu.py's code path (no timing claims): a tiny model on CPU, every method and N."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    tiny_vocab_model(len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gpu.json"
+    bench.main(["--device", "cpu", "--dtype", "bfloat16", "--base-model", str(tmp_path / "base"), "--num-adapters",
+                "2", "3", "--batch-sizes", "1", "2", "--new-tokens", "3", "--prompt-tokens", "8", "--repeats", "1",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["N"]) for r in rows} == {("base", 0), ("peft", 1), ("fused", 2), ("fused", 3)}
+    assert all(r["prefill_ms"] > 0 and r["path"] for r in rows)  # no speed claim: tiny noisy timings
+    with pytest.raises(SystemExit, match="no CUDA device") if not torch.cuda.is_available() else _nothing():
+        bench.main(["--device", "cuda", "--base-model", str(tmp_path / "base")])
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
