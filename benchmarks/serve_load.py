@@ -10,6 +10,13 @@ completion tokens/s, p50/p99 end-to-end latency, errors, and the mean batch size
     python benchmarks/serve_load.py --tiny
     python benchmarks/serve_load.py --assets assets/smollm2-135m-26tasks --json docs/serve_load.json \
         --markdown docs/performance.md
+
+`--ray` compares, in one run, the single-process server with `dlp-lora serve --ray` at each of `--replicas`
+(each replica gets `--cpus-per-replica` Ray CPUs and as many torch threads; by default the cores split
+evenly) and writes a "## Ray Serve" section instead:
+
+    python benchmarks/serve_load.py --ray --replicas 1 2 --json docs/serve_load_ray.json \
+        --markdown docs/performance.md
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -41,6 +49,10 @@ PROMPTS = [
     "Does 'The man is sleeping' follow from 'A man naps on a bench'? Answer yes or no.",
     "Name the capital of Canada.",
 ]
+
+
+# Ray in a benchmark: no usage report (the machine may be offline), no metrics agent, quiet replicas.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0", "RAY_SERVE_LOG_TO_STDERR": "0"}
 
 
 def build_tiny_assets(root: Path) -> Path:
@@ -95,9 +107,23 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise TimeoutError(f"no healthy server at {url} after {timeout:.0f} s")
 
 
+def _cpus(ns: argparse.Namespace, replicas: int) -> float:
+    """Ray CPUs (and torch threads) per replica: as asked, or the machine's cores split evenly."""
+    return ns.cpus_per_replica or max(1, (os.cpu_count() or 1) // replicas)
+
+
+def _ray_args(ns: argparse.Namespace, replicas: int | None) -> list[str]:
+    """`dlp-lora serve` flags for Ray Serve with this many replicas (none for the single-process server)."""
+    if replicas is None:
+        return []
+    return ["--ray", "--replicas", str(replicas), "--cpus-per-replica", str(_cpus(ns, replicas)),
+            "--max-ongoing-requests", str(2 * ns.max_batch_size), "--max-queued-requests", "-1"]
+
+
 @contextmanager
-def running_server(ns: argparse.Namespace) -> Iterator[str]:
-    """The base URL of a healthy server: the given --url, or a `dlp-lora serve` subprocess we stop after."""
+def running_server(ns: argparse.Namespace, replicas: int | None = None) -> Iterator[str]:
+    """The base URL of a healthy server: the given --url, or a `dlp-lora serve` subprocess we stop after
+    (on Ray Serve with `replicas` replicas when given)."""
     if ns.url:
         _wait_healthy(ns.url.rstrip("/"), None, ns.startup_timeout)
         yield ns.url.rstrip("/")
@@ -110,10 +136,13 @@ def running_server(ns: argparse.Namespace) -> Iterator[str]:
         cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--host", "127.0.0.1",
                "--port", str(port), "--max-batch-size", str(ns.max_batch_size), "--batch-window-ms",
                str(ns.batch_window_ms), "--max-queue", str(max(64, 2 * max(ns.concurrency))),
-               "--max-tokens-limit", str(max(256, ns.max_tokens))]
+               "--max-tokens-limit", str(max(256, ns.max_tokens))] + _ray_args(ns, replicas)
         if ns.base_model:
             cmd += ["--base-model", ns.base_model]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if ns.verbose else subprocess.DEVNULL)
+        # Its own session: should the server not stop on SIGTERM, killing the group also ends the local
+        # Ray cluster it started (raylet, GCS, replicas), not only the driver.
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if ns.verbose else subprocess.DEVNULL,
+                                env={**os.environ, **(RAY_ENV if replicas else {})}, start_new_session=True)
         try:
             url = f"http://127.0.0.1:{port}"
             _wait_healthy(url, proc, ns.startup_timeout)
@@ -121,9 +150,9 @@ def running_server(ns: argparse.Namespace) -> Iterator[str]:
         finally:
             proc.terminate()
             try:
-                proc.wait(30)
+                proc.wait(60)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _batch_stats(url: str) -> tuple[float, float]:
@@ -211,15 +240,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--markdown", default=None, help="replace/append the '## Serving load' section of this file")
     p.add_argument("--verbose", action="store_true", help="show the server's log")
+    p.add_argument("--ray", action="store_true", help="compare the single-process server with Ray Serve replicas")
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="Ray Serve replica counts (--ray)")
+    p.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="Ray CPUs (and torch threads) per replica (--ray; default: the cores split evenly)")
     ns = p.parse_args(argv)
     if min(ns.concurrency) < 1 or ns.requests < 1 or ns.max_tokens < 1:
         p.error("--concurrency, --requests and --max-tokens must be >= 1")
+    if ns.ray and (ns.url or min(ns.replicas) < 1):
+        p.error("--ray starts its own servers (no --url) and needs --replicas >= 1")
     return ns
+
+
+def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str) -> str:
+    """The "## Ray Serve" section: one table, the single-process server and each replica count side by side."""
+    target = "a tiny random model (smoke run)" if ns.tiny else f"`{ns.assets}`"
+    lines = [
+        "## Ray Serve", "",
+        f"Produced by `{command}` against {target} on this machine ({os.cpu_count()} CPUs, {platform.machine()}). "
+        f"Each level sends {ns.requests} greedy `/v1/completions` requests (max_tokens={ns.max_tokens}) from that "
+        f"many concurrent clients, first to the single-process server (`dlp-lora serve`, uvicorn), then to "
+        f"`dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters and "
+        f"the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
+        "per replica.", "",
+        "| server | threads | concurrency | requests | errors | seconds | req/s | completion tok/s | p50 ms | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['server']} | {r['threads']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
+              f"{r['seconds']} | {r['requests_per_s']} | {r['completion_tokens_per_s']} | {r['p50_ms']} | "
+              f"{r['p99_ms']} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def run_ray(ns: argparse.Namespace, command: str) -> int:
+    """The single-process server, then Ray Serve at each replica count, on the same levels."""
+    import torch  # only to report the single-process server's default thread count
+
+    results, torch_threads = [], torch.get_num_threads()
+    for replicas in [None, *ns.replicas]:
+        with running_server(ns, replicas) as url:
+            # Warm-up on every replica: first-call allocations and lazy loading stay out of the figures.
+            warm = 2 * (replicas or 1)
+            run_level(url, warm, warm, 4, ns.timeout)
+            label = "uvicorn, 1 process" if replicas is None else f"Ray Serve, {replicas} replica(s)"
+            threads = max(1, int(_cpus(ns, replicas))) if replicas else torch_threads
+            for c in ns.concurrency:
+                r = run_level(url, c, ns.requests, ns.max_tokens, ns.timeout)
+                r.update(server=label, replicas=replicas, threads=threads)
+                r["mean_batch"] = None if replicas else r["mean_batch"]  # /metrics is one replica's only
+                results.append(r)
+                print(json.dumps(r), flush=True)
+    table = ray_markdown(results, ns, command)
+    print(table)
+    if ns.json:
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "max_tokens": ns.max_tokens,
+                                             "results": results}, indent=2) + "\n")
+    if ns.markdown:
+        from dlp_lora.cli import _write_section
+
+        _write_section(Path(ns.markdown), "## Ray Serve", table)
+    return 0 if all(r["errors"] == 0 for r in results) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if ns.ray:
+        return run_ray(ns, command)
     with running_server(ns) as url:
         for i in range(2):  # warm-up: first-call allocations and lazy loading stay out of the figures
             httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[i], "max_tokens": 4}, timeout=ns.timeout)
