@@ -51,8 +51,11 @@ PROMPTS = [
 ]
 
 
-# Ray in a benchmark: no usage report (the machine may be offline), no metrics agent, quiet replicas.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0", "RAY_SERVE_LOG_TO_STDERR": "0"}
+# Ray in a benchmark: no usage report (the machine may be offline), no metrics agent, quiet replicas, and
+# replicas at the same priority as the single-process server (Ray runs workers at nice 15 by default, which
+# on a machine shared with other work would hand the comparison to the single-process server).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0", "RAY_SERVE_LOG_TO_STDERR": "0",
+           "RAY_worker_niceness": "0"}
 
 
 def build_tiny_assets(root: Path) -> Path:
@@ -252,7 +255,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ns
 
 
-def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str) -> str:
+def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load: float) -> str:
     """The "## Ray Serve" section: one table, the single-process server and each replica count side by side."""
     target = "a tiny random model (smoke run)" if ns.tiny else f"`{ns.assets}`"
     lines = [
@@ -262,7 +265,7 @@ def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str) -> s
         f"many concurrent clients, first to the single-process server (`dlp-lora serve`, uvicorn), then to "
         f"`dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters and "
         f"the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
-        "per replica.", "",
+        f"per replica. Load average (1 min) when the run started: {load:.2f} (other work on the machine).", "",
         "| server | threads | concurrency | requests | errors | seconds | req/s | completion tok/s | p50 ms | p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -276,7 +279,7 @@ def run_ray(ns: argparse.Namespace, command: str) -> int:
     """The single-process server, then Ray Serve at each replica count, on the same levels."""
     import torch  # only to report the single-process server's default thread count
 
-    results, torch_threads = [], torch.get_num_threads()
+    results, torch_threads, load = [], torch.get_num_threads(), os.getloadavg()[0]
     for replicas in [None, *ns.replicas]:
         with running_server(ns, replicas) as url:
             # Warm-up on every replica: first-call allocations and lazy loading stay out of the figures.
@@ -290,12 +293,12 @@ def run_ray(ns: argparse.Namespace, command: str) -> int:
                 r["mean_batch"] = None if replicas else r["mean_batch"]  # /metrics is one replica's only
                 results.append(r)
                 print(json.dumps(r), flush=True)
-    table = ray_markdown(results, ns, command)
+    table = ray_markdown(results, ns, command, load)
     print(table)
     if ns.json:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "max_tokens": ns.max_tokens,
-                                             "results": results}, indent=2) + "\n")
+                                             "load_average": load, "results": results}, indent=2) + "\n")
     if ns.markdown:
         from dlp_lora.cli import _write_section
 
