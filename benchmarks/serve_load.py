@@ -265,13 +265,14 @@ def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load
         f"many concurrent clients, first to the single-process server (`dlp-lora serve`, uvicorn), then to "
         f"`dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters and "
         f"the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
-        f"per replica. Load average (1 min) when the run started: {load:.2f} (other work on the machine).", "",
-        "| server | threads | concurrency | requests | errors | seconds | req/s | completion tok/s | p50 ms | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"per replica. Load is the machine's 1-minute load average after each row (other work shares these 2 cores; it "
+        f"was {load:.2f} when the run started).", "",
+        "| server | threads | concurrency | requests | errors | seconds | req/s | completion tok/s | p50 ms | p99 ms | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {r['server']} | {r['threads']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
               f"{r['seconds']} | {r['requests_per_s']} | {r['completion_tokens_per_s']} | {r['p50_ms']} | "
-              f"{r['p99_ms']} |" for r in results]
+              f"{r['p99_ms']} | {r['load_average']} |" for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +290,7 @@ def run_ray(ns: argparse.Namespace, command: str) -> int:
             threads = max(1, int(_cpus(ns, replicas))) if replicas else torch_threads
             for c in ns.concurrency:
                 r = run_level(url, c, ns.requests, ns.max_tokens, ns.timeout)
-                r.update(server=label, replicas=replicas, threads=threads)
+                r.update(server=label, replicas=replicas, threads=threads, load_average=round(os.getloadavg()[0], 2))
                 r["mean_batch"] = None if replicas else r["mean_batch"]  # /metrics is one replica's only
                 results.append(r)
                 print(json.dumps(r), flush=True)
@@ -306,8 +307,15 @@ def run_ray(ns: argparse.Namespace, command: str) -> int:
     return 0 if all(r["errors"] == 0 for r in results) else 1
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    # `timeout` or a scheduler ends us with SIGTERM: unwind, so the server we started (its own session,
+    # with its Ray cluster) is stopped too.
+    signal.signal(signal.SIGTERM, _terminated)
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if ns.ray:
         return run_ray(ns, command)
