@@ -143,6 +143,14 @@ def test_app_builder_takes_config_fields_by_name(assets):
         app_builder({"assets": str(assets), "replicas": 0})
 
 
+def test_app_builder_takes_serve_run_strings(assets):
+    """`serve run dlp_lora.server.ray:app_builder assets=... replicas=2` passes every value as a string."""
+    app = app_builder({"assets": str(assets), "replicas": "2", "cpus_per_replica": "0.5", "max_batch_size": "4"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="replicas"):
+        app_builder({"assets": str(assets), "replicas": "two"})
+
+
 def test_kuberay_example_is_a_valid_serve_config(assets):
     """deploy/kuberay/rayservice.yaml: Ray Serve accepts its config, `app_builder` its args, and the image
     deploy/Dockerfile builds from carries the Ray version the RayService names."""

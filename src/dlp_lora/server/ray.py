@@ -92,15 +92,20 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
     `args` holds `assets` (required), optionally `base_model`, and any `ServerConfig` or `RayServeConfig`
     field by name (e.g. `replicas`, `max_ongoing_requests`, `max_tokens_limit`); unknown keys are an error.
+    Values may be strings (`serve run ... replicas=2` passes them so): each becomes its field's type.
     """
+    from pydantic import TypeAdapter
+
     fields = {"server": {f.name for f in dataclasses.fields(ServerConfig)},
               "ray": {f.name for f in dataclasses.fields(RayServeConfig)}}
     unknown = sorted(set(args) - fields["server"] - fields["ray"] - {"assets", "base_model"})
     if unknown or "assets" not in args:
         raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig fields, got "
                          f"{'unknown ' + ', '.join(unknown) if unknown else 'no assets'}")
-    cfg = ServerConfig(**{k: v for k, v in args.items() if k in fields["server"]})
-    ray_cfg = RayServeConfig(**{k: v for k, v in args.items() if k in fields["ray"]})
+    # pydantic's lax mode turns "2" into 2 for an int field (and refuses "two" naming the field), then
+    # the dataclass's own __post_init__ checks run as usual.
+    cfg = TypeAdapter(ServerConfig).validate_python({k: v for k, v in args.items() if k in fields["server"]})
+    ray_cfg = TypeAdapter(RayServeConfig).validate_python({k: v for k, v in args.items() if k in fields["ray"]})
     return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"))
 
 
