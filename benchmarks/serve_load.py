@@ -276,6 +276,20 @@ def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load
     return "\n".join(lines) + "\n"
 
 
+def _save_ray(results: list[dict], ns: argparse.Namespace, command: str, load: float) -> str:
+    """Write the figures so far (after every row: a run cut short still leaves what it measured)."""
+    table = ray_markdown(results, ns, command, load)
+    if ns.json:
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "max_tokens": ns.max_tokens,
+                                             "load_average": load, "results": results}, indent=2) + "\n")
+    if ns.markdown:
+        from dlp_lora.cli import _write_section
+
+        _write_section(Path(ns.markdown), "## Ray Serve", table)
+    return table
+
+
 def run_ray(ns: argparse.Namespace, command: str) -> int:
     """The single-process server, then Ray Serve at each replica count, on the same levels."""
     import torch  # only to report the single-process server's default thread count
@@ -294,16 +308,8 @@ def run_ray(ns: argparse.Namespace, command: str) -> int:
                 r["mean_batch"] = None if replicas else r["mean_batch"]  # /metrics is one replica's only
                 results.append(r)
                 print(json.dumps(r), flush=True)
-    table = ray_markdown(results, ns, command, load)
-    print(table)
-    if ns.json:
-        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "max_tokens": ns.max_tokens,
-                                             "load_average": load, "results": results}, indent=2) + "\n")
-    if ns.markdown:
-        from dlp_lora.cli import _write_section
-
-        _write_section(Path(ns.markdown), "## Ray Serve", table)
+                _save_ray(results, ns, command, load)
+    print(_save_ray(results, ns, command, load))
     return 0 if all(r["errors"] == 0 for r in results) else 1
 
 
