@@ -266,7 +266,8 @@ def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load
         f"`dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters and "
         f"the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
         f"per replica. Load is the machine's 1-minute load average after each row (other work shares these 2 cores; it "
-        f"was {load:.2f} when the run started).", "",
+        f"was {load:.2f} when the run started). Servers run one after another: compare rows only where their loads are "
+        "close.", "",
         "| server | threads | concurrency | requests | errors | seconds | req/s | completion tok/s | p50 ms | p99 ms | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -294,7 +295,7 @@ def run_ray(ns: argparse.Namespace, command: str) -> int:
     """The single-process server, then Ray Serve at each replica count, on the same levels."""
     import torch  # only to report the single-process server's default thread count
 
-    results, torch_threads, load = [], torch.get_num_threads(), os.getloadavg()[0]
+    results, torch_threads, load = [], torch.get_num_threads(), round(os.getloadavg()[0], 2)
     for replicas in [None, *ns.replicas]:
         with running_server(ns, replicas) as url:
             # Warm-up on every replica: first-call allocations and lazy loading stay out of the figures.
