@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -68,6 +69,20 @@ def test_router_of_user_tasks_is_retrained_from_the_files_the_manifest_names(use
     assert record["classes"] == ["maths", "science"] and record["dev_accuracy"] >= 90
     assert 0 < record["temperature"] and manifest.selection["p"] == record["selection"]["p"]
     assert Router.load(root / "router", expected_tasks=manifest.tasks).cfg.temperature == pytest.approx(record["temperature"], abs=1e-4)
+
+
+def test_a_base_served_task_keeps_its_router_class(tmp_path):
+    # The dev gate maps a failed task to the base model (adapter None); its prompts must still route to it.
+    root = make_tiny_assets(tmp_path / "assets", len(load_tokenizer()))
+    maths, science, _ = _files(tmp_path)
+    manifest = Manifest.load(root)
+    manifest.adapters["science"] = None
+    manifest.records = {"maths": {"examples_file": str(maths)}, "science": {"examples_file": str(science)}}
+    manifest.save(root)
+    train_pool_router(root, None, SPLIT, TINY, replace(FAST, epochs=2), DATA, progress=False)
+    manifest = Manifest.load(root)
+    assert manifest.tasks == ["maths", "science"] and manifest.adapters["science"] is None
+    manifest.check(root)
 
 
 def test_add_task_extends_the_head_and_leaves_other_classes_alone(user_assets, tmp_path):
