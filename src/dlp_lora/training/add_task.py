@@ -86,6 +86,8 @@ def _capped_bias(h: torch.Tensor, old: torch.Tensor, old_truth: torch.Tensor, w:
     Only the new logit h @ w + b changes, and it takes a prompt exactly when it beats the old top logit, so
     each class's accuracy drop is a step function of b: the cap is an order statistic of the margins.
     """
+    if not 0 <= max_drop <= 1:
+        raise ValueError(f"max_replay_drop must be in [0, 1], got {max_drop}")
     right = old.argmax(dim=1) == old_truth
     margin = old.max(dim=1).values - h @ w  # the new class wins a prompt when b > margin
     cap = b.clone()
@@ -187,9 +189,10 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
 
 
 def add_task_to_assets(root: str | Path, name: str, adapter_dir: str | Path, examples_file: str | Path,
-                       data_dir: str | Path | None = None, steps: int = 300) -> dict:
+                       data_dir: str | Path | None = None, steps: int = 300, max_replay_drop: float = 0.0025) -> dict:
     """`add_task` with the split and rendering settings the assets' router was trained with (its record)."""
     record = Manifest.load(root).records.get("router", {})
     split_cfg = SplitConfig(**record["splits"]) if "splits" in record else SplitConfig()
     data_cfg = RouterDataConfig(**record["data"]) if "data" in record else RouterDataConfig()
-    return add_task(root, name, adapter_dir, examples_file, data_dir, split_cfg, data_cfg, steps=steps)
+    return add_task(root, name, adapter_dir, examples_file, data_dir, split_cfg, data_cfg, steps=steps,
+                    max_replay_drop=max_replay_drop)
