@@ -277,12 +277,17 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder to add it to")
     p.add_argument("--data-dir", default=None, help="benchmark data root, for the other tasks' replay prompts")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps on the new head row (default: 300)")
+    p.add_argument("--max-replay-drop", type=float, default=0.0025,
+                   help="most of any other class's replay prompts the new class may take; its bias is capped to "
+                        "keep it (default: 0.0025; 1 = no cap: the new task is recognised more often, at the "
+                        "others' expense)")
 
 
 def _add_task(ns: argparse.Namespace) -> None:
     from dlp_lora.training.add_task import add_task_to_assets
 
-    rec = add_task_to_assets(ns.assets, ns.name, ns.adapter, ns.examples, ns.data_dir, steps=ns.steps)
+    rec = add_task_to_assets(ns.assets, ns.name, ns.adapter, ns.examples, ns.data_dir, steps=ns.steps,
+                             max_replay_drop=ns.max_replay_drop)
     head = rec["router_head"]
     print(f"added {ns.name} in {rec['seconds']} s: new-task dev accuracy {head['new_task_dev_accuracy']}, other "
           f"classes' dev accuracy dropped by at most {head['max_drop_points']} points")
