@@ -24,7 +24,12 @@ __all__ = [
     "EvalConfig",
     "ServerConfig",
     "RayServeConfig",
+    "Quantization",
 ]
+
+Quantization = Literal["none", "int8"]
+"""Base weights: `none` keeps them as loaded (fp32); `int8` is int8 weights with per-token int8 activations
+(`dlp_lora.quantize`, CPU only). Adapters stay fp32 either way."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -298,9 +303,19 @@ class BenchConfig:
     """Rank of the random q_proj/v_proj adapters."""
     seed: int = 0
     """Seed for adapters, prompts and mixtures."""
+    quantize: tuple[str, ...] = ("none", "int8")
+    """Base weights to time side by side in the same run: none (fp32) and/or int8."""
+    llamacpp: bool = False
+    """Also time llama.cpp on the embedded GGUF at batch 1 (needs `pip install 'dlp-lora[llamacpp]'`)."""
+    clock: Literal["wall", "cpu"] = "wall"
+    """wall: elapsed time; cpu: this process's CPU time (all its threads), which holds on a machine shared
+    with other jobs; use it with one thread (OMP_NUM_THREADS=1), where CPU time equals idle wall time."""
 
     def __post_init__(self) -> None:
         _check(all(n >= 1 for n in self.num_adapters) and self.num_adapters, "num_adapters must be >= 1 each")
+        _check(self.clock in ("wall", "cpu"), f"clock must be wall or cpu, got {self.clock!r}")
+        _check(bool(self.quantize) and set(self.quantize) <= {"none", "int8"} and len(set(self.quantize)) == len(
+            self.quantize), f"quantize must be distinct values among none, int8; got {self.quantize}")
         _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes must be >= 1 each")
         _check(all(k >= 1 for k in self.ks) and self.ks, "ks must be >= 1 each")
         _check(self.prompt_tokens >= 1 and self.new_tokens >= 2, "prompt_tokens must be >= 1, new_tokens >= 2")

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
 from dlp_lora.chat import encode_prompts
-from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, SelectionConfig
+from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, Quantization, SelectionConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.generation import GenerationOutput, StepCallback, generate_ids
 from dlp_lora.models import load_base_model
@@ -79,20 +79,23 @@ class DLPLoRA:
     @classmethod
     def from_assets(
         cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
-        fusion: FusionConfig | None = None, device: DeviceConfig | None = None,
+        fusion: FusionConfig | None = None, device: DeviceConfig | None = None, quantize: Quantization = "none",
     ) -> "DLPLoRA":
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
         `base_model` overrides the manifest's base model (it must be the one the adapters were trained on).
         `device` places the base model, the adapters and the router (default: float32 on cuda when
-        available, else on cpu).
+        available, else on cpu). `quantize="int8"` loads the base in int8 (:mod:`dlp_lora.quantize`, CPU
+        only: with it `device="auto"` means cpu); the adapters stay float32 on top.
         """
         device = device or DeviceConfig()
         manifest = Manifest.load(root)
         manifest.check(root)
         if manifest.router is None:
             raise ValueError(f"{root}: the manifest names no router; train one with `dlp-lora train-router`")
-        model, tok = load_base_model(base_model or manifest.base_model, device.dtype, device.device)
+        # The int8 base runs on CPU kernels only, so `auto` resolves to cpu there (an explicit cuda errors).
+        where = "cpu" if quantize != "none" and device.device == "auto" else device.device
+        model, tok = load_base_model(base_model or manifest.base_model, device.dtype, where, quantize=quantize)
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)
         return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
