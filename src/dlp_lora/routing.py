@@ -1,0 +1,164 @@
+"""Routing granularity: which text the router sees, and when a row's mixture changes during its answer.
+
+Three granularities (`RoutingConfig.granularity`):
+
+- `prompt`: the router sees the whole prompt once; the mixture is fixed for every generated token.
+- `segment`: the prompt is split into segments on `segment_marker` (a blank line by default) and each
+  segment is routed on its own. The answer is generated under the mixture of the segment it answers,
+  and the rule for which is: **the last segment** (the text the prompt ends with, which is what a chat
+  model answers first: the question after a context, the last of several questions). The mixture is
+  then fixed for the whole answer; no router call happens while decoding.
+- `sentence`: the answer starts as in `segment`; every time a row ends a generated sentence (its newest
+  token ends with one of `sentence_ends`, at least `min_sentence_tokens` tokens after the last switch),
+  the row is routed again on a window of recent text (the last `window_chars` characters of prompt +
+  answer so far) and continues under the new mixture from the next token on. The KV cache of earlier
+  tokens stays as it was computed. Rows that end a sentence at the same step share one router call;
+  rows that did not end a sentence, or whose new mixture equals their current one, are left untouched.
+
+This module knows neither the router nor the fused model: `SentencePolicy` takes a `route` function
+(texts -> (B', N) weights) and returns new weights for some rows; the pipeline applies them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
+
+import torch
+
+__all__ = ["Granularity", "RoutingConfig", "split_segments", "routing_text", "SentencePolicy", "Switch"]
+
+Granularity = Literal["prompt", "segment", "sentence"]
+GRANULARITIES: tuple[str, ...] = ("prompt", "segment", "sentence")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How often the router is consulted for one request, and on which text."""
+
+    granularity: Granularity = "prompt"
+    """`prompt`: route the whole prompt once; `segment`: route the prompt's last segment (see
+    `segment_marker`) and answer under it; `sentence`: start as `segment`, then re-route after each
+    generated sentence on a window of recent text."""
+    segment_marker: str = "\n\n"
+    """Separator of the prompt's segments (`segment` and `sentence`); empty segments are dropped."""
+    sentence_ends: tuple[str, ...] = (".", "!", "?", "\n")
+    """A generated token whose text (trailing spaces ignored) ends with one of these ends a sentence."""
+    window_chars: int = 400
+    """Characters of recent text (prompt tail + answer so far) the router sees at a sentence end."""
+    min_sentence_tokens: int = 3
+    """Tokens a sentence needs since the row's last re-route before its end triggers another one (so
+    '1.' or a blank line does not call the router)."""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be prompt|segment|sentence, got {self.granularity!r}")
+        if not isinstance(self.segment_marker, str) or not self.segment_marker:
+            raise ValueError(f"segment_marker must be a non-empty string, got {self.segment_marker!r}")
+        if not self.sentence_ends or not all(isinstance(s, str) and s for s in self.sentence_ends):
+            raise ValueError(f"sentence_ends must be non-empty strings, got {self.sentence_ends!r}")
+        if self.window_chars < 16:
+            raise ValueError(f"window_chars must be >= 16, got {self.window_chars}")
+        if self.min_sentence_tokens < 1:
+            raise ValueError(f"min_sentence_tokens must be >= 1, got {self.min_sentence_tokens}")
+
+
+def split_segments(text: str, marker: str = "\n\n") -> list[str]:
+    """The prompt's non-blank segments, in order, stripped; [text] when there is no marker."""
+    parts = [p.strip() for p in text.split(marker)]
+    return [p for p in parts if p] or [text]
+
+
+def routing_text(prompt: str, cfg: RoutingConfig) -> str:
+    """The text the router sees before the answer starts: the whole prompt, or its last segment."""
+    if cfg.granularity == "prompt":
+        return prompt
+    return split_segments(prompt, cfg.segment_marker)[-1]
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Row `row` samples its answer tokens from index `token` on under `weights` (N,).
+
+    token 0 is the prefill; for token > 0 the forward pass on answer token `token - 1` (and that token's
+    KV cache entries) is the first computed under the new weights.
+    """
+
+    row: int
+    token: int
+    weights: torch.Tensor
+
+
+@dataclass
+class _RowText:
+    prompt: str
+    answer: str = ""
+    tokens: int = 0
+    since_switch: int = 0
+
+
+@dataclass
+class SentencePolicy:
+    """Re-routes rows at the end of each generated sentence; engine-agnostic (see the module docstring).
+
+    Feed it every decode step with `step(tokens (B,), finished (B,))`: it returns {row: (N,) weights} for
+    the rows whose mixture changes before the next forward pass, or None. `switches` records every
+    change (the first mixture of each row is `Switch(row, 0, initial[row])`).
+    """
+
+    cfg: RoutingConfig
+    prompts: Sequence[str]
+    initial: torch.Tensor
+    """(B, N) weights each row starts with."""
+    decode: Callable[[list[int]], str]
+    """Token ids -> text (the tokenizer's decode, special tokens skipped)."""
+    route: Callable[[list[str]], torch.Tensor]
+    """Texts (B',) -> (B', N) weights; called once per step for all rows that ended a sentence."""
+    eos: frozenset[int] = frozenset()
+    switches: list[Switch] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.initial.dim() != 2 or self.initial.shape[0] != len(self.prompts):
+            raise ValueError(f"initial weights must be (B={len(self.prompts)}, N), got {tuple(self.initial.shape)}")
+        self.current = self.initial.detach().clone().float()
+        self._rows = [_RowText(prompt=p) for p in self.prompts]
+        self.switches = [Switch(b, 0, self.current[b].clone()) for b in range(len(self.prompts))]
+
+    def step(self, tokens: torch.Tensor, finished: torch.Tensor) -> dict[int, torch.Tensor] | None:
+        """tokens, finished: (B,). Records the step; returns the rows to re-route and their new weights."""
+        ended: list[int] = []
+        for b, row in enumerate(self._rows):
+            t = int(tokens[b])
+            if bool(finished[b]) or t in self.eos:
+                continue
+            piece = self.decode([t])
+            row.answer += piece
+            row.tokens += 1
+            row.since_switch += 1
+            if row.since_switch >= self.cfg.min_sentence_tokens and piece.rstrip(" ").endswith(self.cfg.sentence_ends):
+                ended.append(b)
+        if not ended:
+            return None
+        windows = [self._window(self._rows[b]) for b in ended]
+        new = self.route(windows).float()
+        changes: dict[int, torch.Tensor] = {}
+        for b, w in zip(ended, new):
+            self._rows[b].since_switch = 0
+            if not torch.equal(w, self.current[b]):
+                changes[b] = w
+                self.current[b] = w
+                # The next forward pass consumes this step's token and samples answer token `tokens`.
+                self.switches.append(Switch(b, self._rows[b].tokens, w.clone()))
+        return changes or None
+
+    def _window(self, row: _RowText) -> str:
+        text = row.prompt + "\n" + row.answer
+        return text[-self.cfg.window_chars:]
+
+    def per_token(self, row: int, num_tokens: int) -> torch.Tensor:
+        """(num_tokens, N): the mixture each of the row's answer tokens was sampled under."""
+        out = self.initial[row].float().repeat(num_tokens, 1)
+        for s in self.switches:
+            if s.row == row and s.token > 0:
+                out[s.token:] = s.weights
+        return out
