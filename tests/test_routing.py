@@ -133,3 +133,32 @@ def test_policy_switch_equals_two_block_reference(tmp_path, tok, path, rows):
         assert r.adapters == segment[b].adapters  # `sentence` starts where `segment` does
         got = [int(t[b]) for t in steps[: r.completion_tokens]]
         assert _reference(dlp, prompts[b], first[b], r.switches, r.completion_tokens) == got
+
+
+def test_policy_per_row_configs_leave_prompt_rows_alone():
+    calls = []
+    cfgs = [RoutingConfig(granularity="sentence", min_sentence_tokens=1), RoutingConfig()]
+    policy = SentencePolicy(cfgs, ["p0", "p1"], torch.eye(3)[:2], decode=lambda t: ".",
+                            route=lambda texts: calls.append(texts) or torch.full((len(texts), 3), 1 / 3))
+    changes = policy.step(torch.tensor([5, 5]), torch.zeros(2, dtype=torch.bool))
+    assert list(changes) == [0] and calls == [["p0\n."]]  # row 1 routes per prompt: never re-routed
+    with pytest.raises(ValueError, match=r"one RoutingConfig or one per prompt \(2\)"):
+        SentencePolicy([RoutingConfig()], ["a", "b"], torch.eye(2), decode=str, route=lambda t: t)
+
+
+def test_generate_takes_one_routing_config_per_row(tmp_path, tok):
+    """A batch mixing granularities: each row equals that row generated alone under its own config."""
+    assets = make_tiny_assets(tmp_path / "assets", len(tok))
+    dlp = tiny_pipeline(assets, tok, selection=SelectionConfig(p=0.99))
+    cfg = GenerationConfig(max_new_tokens=8)
+    cfgs = [BUSY, RoutingConfig(), RoutingConfig(granularity="segment")]
+    seen = []
+    batch = dlp.generate(PROMPTS, config=cfg, routing_config=cfgs, on_switch=lambda *a: seen.append(a))
+    assert batch[0].switches and not batch[1].switches and not batch[2].switches
+    assert [(row, tok_i) for row, tok_i, *_ in seen][: len(batch[0].switches)] == \
+        [(0, s["token"]) for s in batch[0].switches]
+    for b, c in enumerate(cfgs):
+        alone = dlp.generate([PROMPTS[b]], config=cfg, routing_config=c)[0]
+        assert (alone.text, alone.adapters, alone.switches) == (batch[b].text, batch[b].adapters, batch[b].switches)
+    with pytest.raises(ValueError, match=r"one per prompt \(3\)"):
+        dlp.generate(PROMPTS, config=cfg, routing_config=cfgs[:2])

@@ -358,24 +358,32 @@ def _load_pipeline(ns: argparse.Namespace):
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    from dlp_lora.config import GenerationConfig
+    from dlp_lora.config import GenerationConfig, RoutingConfig
 
     _pipeline_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_config_args(p, GenerationConfig)
+    add_config_args(p.add_argument_group("routing granularity (docs: dlp_lora.routing)"), RoutingConfig)
 
 
 def _generate(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import GenerationConfig
+    from dlp_lora.config import GenerationConfig, RoutingConfig
 
     dlp = _load_pipeline(ns)
-    for prompt, r in zip(ns.prompt, dlp.generate(ns.prompt, config=config_from_args(GenerationConfig, ns))):
+    results = dlp.generate(ns.prompt, config=config_from_args(GenerationConfig, ns),
+                           routing_config=config_from_args(RoutingConfig, ns))
+    for prompt, r in zip(ns.prompt, results):
         if ns.json:
             print(json.dumps({"prompt": prompt, **dataclasses.asdict(r)}))
-        else:
-            mix = ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights))
-            print(f"[{mix}] {r.text}")
+            continue
+        print(f"[{_mix(r.adapters, r.weights)}] {r.text}")
+        for s in r.switches:  # `sentence` routing: where the answer changed mixture
+            print(f"  from token {s['token']}: [{_mix(s['adapters'], s['weights'])}]")
+
+
+def _mix(adapters: Sequence[str], weights: Sequence[float]) -> str:
+    return ", ".join(f"{a}={w:.3f}" for a, w in zip(adapters, weights)) or "base model"
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:

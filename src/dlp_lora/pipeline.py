@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -24,7 +24,10 @@ from dlp_lora.routing import RoutingConfig, SentencePolicy, routing_text
 from dlp_lora.scoring import continuation_logprobs
 from dlp_lora.types import Routing
 
-__all__ = ["DLPLoRA", "Result"]
+__all__ = ["DLPLoRA", "Result", "SwitchCallback"]
+
+SwitchCallback = Callable[[int, int, list[str], list[float]], None]
+"""on_switch(row, token, adapters, weights): row's answer tokens from index `token` on use this mixture."""
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,11 @@ class DLPLoRA:
     @classmethod
     def from_assets(
         cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
+<<<<<<< HEAD
         fusion: FusionConfig | None = None, device: DeviceConfig | None = None,
+=======
+        fusion: FusionConfig | None = None, routing_config: RoutingConfig | None = None,
+>>>>>>> ba30568 (Routing granularity per row (one RoutingConfig per prompt), on_switch events; RoutingConfig moves to config.py (torch-free for the CLI); dlp-lora generate --granularity/--segment-marker/...; server request fields routing_granularity and segment_marker, switches in the final response)
     ) -> "DLPLoRA":
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
@@ -103,7 +110,7 @@ class DLPLoRA:
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)
         return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
-                   baselines=manifest.baseline_paths(root))
+                   baselines=manifest.baseline_paths(root), routing_config=routing_config)
 
     @property
     def device(self) -> torch.device:
@@ -134,12 +141,14 @@ class DLPLoRA:
         dense[:, self._columns[keep]] = class_weights[:, keep]
         return dense
 
-    def route(self, prompts: Sequence[str], routing_config: RoutingConfig | None = None) -> Routing:
+    def route(self, prompts: Sequence[str],
+              routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> Routing:
         """Router probabilities -> selected adapters and weights, (B, k) over the bank, on the whole prompt
-        (default) or on the text `routing_config` routes the answer's start on (its last segment)."""
+        (default) or on the text `routing_config` (one, or one per prompt) routes the answer's start on."""
         if self.router is None:
             raise ValueError("this pipeline has no router; pass an explicit routing")
-        texts = [routing_text(p, routing_config) for p in prompts] if routing_config is not None else list(prompts)
+        cfgs = self._routing_configs(prompts, routing_config) if routing_config is not None else None
+        texts = [routing_text(p, c) for p, c in zip(prompts, cfgs)] if cfgs is not None else list(prompts)
         chosen = select_with(self.router.predict_proba(texts), self.selection)
         return Routing.from_dense(self.to_bank(chosen.to_dense(len(self.classes))))
 
@@ -163,30 +172,46 @@ class DLPLoRA:
         config: GenerationConfig | None = None,
         routing: Routing | None = None,
         on_step: StepCallback | None = None,
-        routing_config: RoutingConfig | None = None,
+        routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None,
+        on_switch: SwitchCallback | None = None,
     ) -> list[Result]:
         """Answer a batch of prompts, each row with its own mixture.
 
-        routing_config (default: the pipeline's) sets the granularity (`dlp_lora.routing`): the mixture
-        is routed on the prompt or its last segment, and under `sentence` changes after generated
-        sentences. An explicit `routing` replaces the first routing (a `sentence` row may still change).
+        routing_config (default: the pipeline's; one, or one per prompt) sets the granularity
+        (`dlp_lora.routing`): the mixture is routed on the prompt or its last segment, and under
+        `sentence` changes after generated sentences. An explicit `routing` replaces the first routing
+        (a `sentence` row may still change). on_switch(row, token, adapters, weights) is called when a
+        row's mixture changes mid-answer (answer tokens from index `token` on are sampled under it).
         """
         config = config or GenerationConfig(max_new_tokens=max_new_tokens)
-        rcfg = routing_config or self.routing_config
+        cfgs = self._routing_configs(prompts, routing_config or self.routing_config)
         ids, mask = encode_prompts(self.tokenizer, list(prompts), self.max_prompt_tokens)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        routing = routing if routing is not None else self.route(prompts, rcfg)
+        routing = routing if routing is not None else self.route(prompts, cfgs)
         if routing.batch_size != len(prompts):
             raise ValueError(f"routing has {routing.batch_size} rows for {len(prompts)} prompts")
         policy = None
-        if rcfg.granularity == "sentence":
-            policy = self.sentence_policy(prompts, routing, rcfg)
-            on_step = self._rerouting(policy, on_step)
+        if any(c.granularity == "sentence" for c in cfgs):
+            policy = self.sentence_policy(prompts, routing, cfgs)
+            on_step = self._rerouting(policy, on_step, on_switch)
         with self.fused.routed(routing):
             outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step)
         return [self._result(o, routing, b, policy) for b, o in enumerate(outs)]
 
-    def sentence_policy(self, prompts: Sequence[str], routing: Routing, rcfg: RoutingConfig) -> SentencePolicy:
+    @staticmethod
+    def _routing_configs(prompts: Sequence[str],
+                         routing_config: RoutingConfig | Sequence[RoutingConfig]) -> list[RoutingConfig]:
+        """One RoutingConfig per prompt."""
+        if isinstance(routing_config, RoutingConfig):
+            return [routing_config] * len(prompts)
+        cfgs = list(routing_config)
+        if len(cfgs) != len(prompts) or not all(isinstance(c, RoutingConfig) for c in cfgs):
+            raise ValueError(f"routing_config must be a RoutingConfig or one per prompt ({len(prompts)}), "
+                             f"got {routing_config!r}")
+        return cfgs
+
+    def sentence_policy(self, prompts: Sequence[str], routing: Routing,
+                        rcfg: RoutingConfig | Sequence[RoutingConfig]) -> SentencePolicy:
         """The `sentence` re-routing policy for a batch that starts under `routing`."""
         n = len(self.adapter_names)
         return SentencePolicy(
@@ -195,11 +220,16 @@ class DLPLoRA:
             route=lambda texts: self.route(texts).to_dense(n).float(),
             eos=frozenset(eos_ids(self.model, self.tokenizer)))
 
-    def _rerouting(self, policy: SentencePolicy, on_step: StepCallback | None) -> StepCallback:
+    def _rerouting(self, policy: SentencePolicy, on_step: StepCallback | None,
+                   on_switch: SwitchCallback | None = None) -> StepCallback:
         """A step callback that applies the policy's new mixtures before the next forward pass."""
         def step(tokens: torch.Tensor, finished: torch.Tensor) -> None:
-            if policy.step(tokens, finished):
+            changes = policy.step(tokens, finished)
+            if changes:
                 self.fused.reroute(policy.current)  # other rows keep their weights (same rows of `current`)
+                if on_switch is not None:
+                    for s in policy.switches[len(policy.switches) - len(changes):]:
+                        on_switch(s.row, s.token, *self._mixture(s.weights))
             if on_step is not None:
                 on_step(tokens, finished)
         return step

@@ -22,45 +22,13 @@ This module knows neither the router nor the fused model: `SentencePolicy` takes
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Sequence
+from typing import Callable, Sequence
 
 import torch
 
+from dlp_lora.config import Granularity, RoutingConfig
+
 __all__ = ["Granularity", "RoutingConfig", "split_segments", "routing_text", "SentencePolicy", "Switch"]
-
-Granularity = Literal["prompt", "segment", "sentence"]
-GRANULARITIES: tuple[str, ...] = ("prompt", "segment", "sentence")
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """How often the router is consulted for one request, and on which text."""
-
-    granularity: Granularity = "prompt"
-    """`prompt`: route the whole prompt once; `segment`: route the prompt's last segment (see
-    `segment_marker`) and answer under it; `sentence`: start as `segment`, then re-route after each
-    generated sentence on a window of recent text."""
-    segment_marker: str = "\n\n"
-    """Separator of the prompt's segments (`segment` and `sentence`); empty segments are dropped."""
-    sentence_ends: tuple[str, ...] = (".", "!", "?", "\n")
-    """A generated token whose text (trailing spaces ignored) ends with one of these ends a sentence."""
-    window_chars: int = 400
-    """Characters of recent text (prompt tail + answer so far) the router sees at a sentence end."""
-    min_sentence_tokens: int = 3
-    """Tokens a sentence needs since the row's last re-route before its end triggers another one (so
-    '1.' or a blank line does not call the router)."""
-
-    def __post_init__(self) -> None:
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be prompt|segment|sentence, got {self.granularity!r}")
-        if not isinstance(self.segment_marker, str) or not self.segment_marker:
-            raise ValueError(f"segment_marker must be a non-empty string, got {self.segment_marker!r}")
-        if not self.sentence_ends or not all(isinstance(s, str) and s for s in self.sentence_ends):
-            raise ValueError(f"sentence_ends must be non-empty strings, got {self.sentence_ends!r}")
-        if self.window_chars < 16:
-            raise ValueError(f"window_chars must be >= 16, got {self.window_chars}")
-        if self.min_sentence_tokens < 1:
-            raise ValueError(f"min_sentence_tokens must be >= 1, got {self.min_sentence_tokens}")
 
 
 def split_segments(text: str, marker: str = "\n\n") -> list[str]:
@@ -106,7 +74,8 @@ class SentencePolicy:
     change (the first mixture of each row is `Switch(row, 0, initial[row])`).
     """
 
-    cfg: RoutingConfig
+    cfg: RoutingConfig | Sequence[RoutingConfig]
+    """One config for every row, or one per row (rows whose granularity is not `sentence` never change)."""
     prompts: Sequence[str]
     initial: torch.Tensor
     """(B, N) weights each row starts with."""
@@ -120,6 +89,10 @@ class SentencePolicy:
     def __post_init__(self) -> None:
         if self.initial.dim() != 2 or self.initial.shape[0] != len(self.prompts):
             raise ValueError(f"initial weights must be (B={len(self.prompts)}, N), got {tuple(self.initial.shape)}")
+        cfgs = [self.cfg] * len(self.prompts) if isinstance(self.cfg, RoutingConfig) else list(self.cfg)
+        if len(cfgs) != len(self.prompts) or not all(isinstance(c, RoutingConfig) for c in cfgs):
+            raise ValueError(f"cfg must be one RoutingConfig or one per prompt ({len(self.prompts)}), got {self.cfg!r}")
+        self._cfgs = cfgs
         self.current = self.initial.detach().clone().float()
         self._rows = [_RowText(prompt=p) for p in self.prompts]
         self.switches = [Switch(b, 0, self.current[b].clone()) for b in range(len(self.prompts))]
@@ -128,18 +101,18 @@ class SentencePolicy:
         """tokens, finished: (B,). Records the step; returns the rows to re-route and their new weights."""
         ended: list[int] = []
         for b, row in enumerate(self._rows):
-            t = int(tokens[b])
-            if bool(finished[b]) or t in self.eos:
+            t, cfg = int(tokens[b]), self._cfgs[b]
+            if cfg.granularity != "sentence" or bool(finished[b]) or t in self.eos:
                 continue
             piece = self.decode([t])
             row.answer += piece
             row.tokens += 1
             row.since_switch += 1
-            if row.since_switch >= self.cfg.min_sentence_tokens and piece.rstrip(" ").endswith(self.cfg.sentence_ends):
+            if row.since_switch >= cfg.min_sentence_tokens and piece.rstrip(" ").endswith(cfg.sentence_ends):
                 ended.append(b)
         if not ended:
             return None
-        windows = [self._window(self._rows[b]) for b in ended]
+        windows = [self._window(self._rows[b], self._cfgs[b]) for b in ended]
         new = self.route(windows).float()
         changes: dict[int, torch.Tensor] = {}
         for b, w in zip(ended, new):
@@ -151,9 +124,10 @@ class SentencePolicy:
                 self.switches.append(Switch(b, self._rows[b].tokens, w.clone()))
         return changes or None
 
-    def _window(self, row: _RowText) -> str:
+    @staticmethod
+    def _window(row: _RowText, cfg: RoutingConfig) -> str:
         text = row.prompt + "\n" + row.answer
-        return text[-self.cfg.window_chars:]
+        return text[-cfg.window_chars:]
 
     def per_token(self, row: int, num_tokens: int) -> torch.Tensor:
         """(num_tokens, N): the mixture each of the row's answer tokens was sampled under."""
