@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import string
 from contextlib import ExitStack
 
 import pytest
 import torch
 
-from conftest import make_tiny_assets, tiny_pipeline
+from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
 from dlp_lora.chat import encode_prompts
 from dlp_lora.config import FusionConfig, GenerationConfig, SelectionConfig
 from dlp_lora.models import load_tokenizer
@@ -162,3 +163,27 @@ def test_generate_takes_one_routing_config_per_row(tmp_path, tok):
         assert (alone.text, alone.adapters, alone.switches) == (batch[b].text, batch[b].adapters, batch[b].switches)
     with pytest.raises(ValueError, match=r"one per prompt \(3\)"):
         dlp.generate(PROMPTS, config=cfg, routing_config=cfgs[:2])
+
+
+def test_cli_generate_granularity_flags(tmp_path, tok, capsys):
+    """`dlp-lora generate --granularity sentence ...` prints what the pipeline gives, switches included."""
+    from dlp_lora.assets import Manifest
+    from dlp_lora.cli import main
+    from dlp_lora.pipeline import DLPLoRA
+
+    root = make_tiny_assets(tmp_path / "assets", len(tok))
+    tiny_vocab_model(len(tok)).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    manifest = Manifest.load(root)
+    Manifest(**{**manifest.__dict__, "base_model": str(root / "base")}).save(root)
+    argv = ["generate", "--assets", str(root), "--prompt", PROMPTS[0], "--max-new-tokens", "10", "--json",
+            "--granularity", "sentence", "--min-sentence-tokens", "2", "--sentence-ends", *BUSY.sentence_ends]
+    assert main(argv) == 0
+    got = json.loads(capsys.readouterr().out)
+    want = DLPLoRA.from_assets(root).generate([PROMPTS[0]], config=GenerationConfig(max_new_tokens=10),
+                                              routing_config=BUSY)[0]
+    assert got["switches"] and (got["text"], got["switches"]) == (want.text, want.switches)
+    assert main([a for a in argv if a != "--json"]) == 0  # the text form lists the switches under the answer
+    out = capsys.readouterr().out
+    assert out.startswith(f"[{', '.join(f'{a}={w:.3f}' for a, w in zip(want.adapters, want.weights))}] ")
+    assert out.count("\n  from token ") == len(want.switches)
