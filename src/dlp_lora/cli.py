@@ -64,6 +64,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default=None, help="HF dir or hub id (default: the embedded SmolLM2)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--markdown", default=None, help="write the markdown table here (e.g. docs/performance.md)")
+    p.add_argument("--routing", action="store_true",
+                   help="instead: sentence vs prompt routing on the assets' pipeline (router calls included)")
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder for --routing")
 
 
 def _bench(ns: argparse.Namespace) -> None:
@@ -72,6 +75,8 @@ def _bench(ns: argparse.Namespace) -> None:
     from dlp_lora.models import load_base_model
 
     cfg = BenchConfig.quick() if ns.quick else config_from_args(BenchConfig, ns)
+    if ns.routing:
+        return _bench_routing(ns, cfg)
     model, _ = load_base_model(ns.base_model)
     result = run_fusion_benchmark(model, cfg)
     table = markdown_table(result, "dlp-lora " + " ".join(sys.argv[1:]))
@@ -80,6 +85,29 @@ def _bench(ns: argparse.Namespace) -> None:
         save_json(result, ns.json)
     if ns.markdown:
         _write_section(Path(ns.markdown), "## Fusion latency", table)
+
+
+def _bench_routing(ns: argparse.Namespace, cfg) -> None:
+    from dlp_lora.benchmark import save_json
+    from dlp_lora.benchmark_routing import routing_markdown, run_routing_benchmark, switch_cost
+    from dlp_lora.config import FusionConfig
+    from dlp_lora.pipeline import DLPLoRA
+
+    rows, costs = [], []
+    for path in ("auto", "gathered"):  # gathered at batch 1: no re-merge on a switch, dearer tokens
+        dlp = DLPLoRA.from_assets(ns.assets, ns.base_model, fusion=FusionConfig(path=path))
+        try:
+            sizes = cfg.batch_sizes if path == "auto" else (1,)
+            rows += run_routing_benchmark(dlp, sizes, cfg.new_tokens, cfg.repeats, label=path)
+            costs.append(switch_cost(dlp))
+        finally:
+            dlp.close()
+    table = routing_markdown(rows, costs, "dlp-lora " + " ".join(sys.argv[1:]), cfg.new_tokens, cfg.repeats)
+    print(table)
+    if ns.json:
+        save_json({"rows": rows, "switch_cost": costs}, ns.json)
+    if ns.markdown:
+        _write_section(Path(ns.markdown), "## Routing granularity cost", table)
 
 
 def _write_section(path: Path, heading: str, body: str) -> None:

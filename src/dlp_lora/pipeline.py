@@ -89,11 +89,8 @@ class DLPLoRA:
     @classmethod
     def from_assets(
         cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
-<<<<<<< HEAD
         fusion: FusionConfig | None = None, device: DeviceConfig | None = None,
-=======
-        fusion: FusionConfig | None = None, routing_config: RoutingConfig | None = None,
->>>>>>> ba30568 (Routing granularity per row (one RoutingConfig per prompt), on_switch events; RoutingConfig moves to config.py (torch-free for the CLI); dlp-lora generate --granularity/--segment-marker/...; server request fields routing_granularity and segment_marker, switches in the final response)
+        routing_config: RoutingConfig | None = None,
     ) -> "DLPLoRA":
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
