@@ -187,3 +187,14 @@ def test_cli_generate_granularity_flags(tmp_path, tok, capsys):
     out = capsys.readouterr().out
     assert out.startswith(f"[{', '.join(f'{a}={w:.3f}' for a, w in zip(want.adapters, want.weights))}] ")
     assert out.count("\n  from token ") == len(want.switches)
+
+
+def test_sentence_demo_cuts_the_answer_at_each_switch(tmp_path, tok):
+    from dlp_lora.demo import sentence_demo
+
+    dlp = tiny_pipeline(make_tiny_assets(tmp_path / "assets", len(tok)), tok, selection=SelectionConfig(p=0.99))
+    want = dlp.generate([PROMPTS[0]], config=GenerationConfig(max_new_tokens=12),
+                        routing_config=RoutingConfig(granularity="sentence"))[0]
+    out = sentence_demo(dlp, PROMPTS[0], max_new_tokens=12).strip().splitlines()
+    assert f"{len(want.switches)} mixture change(s)" in out[0] and len(out) == 2 + len(want.switches) + 1
+    assert out[2].startswith("  tokens   0-") and all(a in out[2] for a in want.adapters)

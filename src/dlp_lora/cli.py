@@ -420,14 +420,18 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="your own prompt (repeat for several)")
     src.add_argument("--prompts", help="a file of prompts: JSON list, JSONL with 'prompt', or one per line")
     p.add_argument("--max-new-tokens", type=int, default=40, help="default: 40")
+    p.add_argument("--sentence-prompt", default=None,
+                   help="the prompt of the last part (answered with routing granularity `sentence`)")
 
 
 def _demo(ns: argparse.Namespace) -> None:
-    from dlp_lora.demo import DEMO_PROMPTS, load_prompts, run_demo
+    from dlp_lora.demo import DEMO_PROMPTS, SENTENCE_DEMO_PROMPT, load_prompts, run_demo, sentence_demo
 
     prompts = ns.prompt or (load_prompts(ns.prompts) if ns.prompts else list(DEMO_PROMPTS))
     print(f"loading {ns.assets} on the base model ...", flush=True)
-    print(run_demo(_load_pipeline(ns), prompts, ns.max_new_tokens))
+    dlp = _load_pipeline(ns)
+    print(run_demo(dlp, prompts, ns.max_new_tokens))
+    print(sentence_demo(dlp, ns.sentence_prompt or SENTENCE_DEMO_PROMPT, max(ns.max_new_tokens, 64)))
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
