@@ -199,6 +199,11 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, "messages: the prompt is empty"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ("/v1/completions", {"prompt": "hi", "routing_granularity": "token"}, "routing_granularity"),
+    ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "routing_granularity": "sentence"},
+     "cannot be combined with explicit adapters"),
+    ("/v1/completions", {"prompt": "hi", "model": "maths", "routing_granularity": "segment"}, "needs the router"),
+    ("/v1/completions", {"prompt": "hi", "segment_marker": ""}, "segment_marker"),
 ]
 
 
@@ -402,3 +407,29 @@ def test_openai_client_against_live_uvicorn(pipe):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def test_routing_granularity_in_the_request_body(pipe):
+    """`segment` and `sentence` requests get what the pipeline gives that granularity, switches included."""
+    import dataclasses
+    import string
+
+    from dlp_lora.config import RoutingConfig
+
+    prompt = "Sort: pear apple ## What is 3 + 4?"
+    busy = RoutingConfig(sentence_ends=tuple(string.ascii_letters + string.punctuation), min_sentence_tokens=2)
+    saved, pipe.routing_config = pipe.routing_config, busy  # the server's default settings (granularity prompt)
+    try:
+        with TestClient(create_app(pipe, _cfg())) as client:
+            for granularity in ("segment", "sentence"):
+                want = pipe.generate([prompt], config=GenerationConfig(max_new_tokens=12), routing_config=dataclasses.replace(
+                    busy, granularity=granularity, segment_marker="##"))[0]
+                r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "segment_marker": "##",
+                                                         "routing_granularity": granularity})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert body["choices"][0]["text"] == want.text and body["routing"]["adapters"] == want.adapters
+                assert body["routing"].get("switches", []) == want.switches
+                assert bool(want.switches) == (granularity == "sentence")
+    finally:
+        pipe.routing_config = saved

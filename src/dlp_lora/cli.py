@@ -64,6 +64,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default=None, help="HF dir or hub id (default: the embedded SmolLM2)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--markdown", default=None, help="write the markdown table here (e.g. docs/performance.md)")
+    p.add_argument("--routing", action="store_true",
+                   help="instead: sentence vs prompt routing on the assets' pipeline (router calls included)")
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder for --routing")
 
 
 def _bench(ns: argparse.Namespace) -> None:
@@ -72,6 +75,8 @@ def _bench(ns: argparse.Namespace) -> None:
     from dlp_lora.models import load_base_model
 
     cfg = BenchConfig.quick() if ns.quick else config_from_args(BenchConfig, ns)
+    if ns.routing:
+        return _bench_routing(ns, cfg)
     model, _ = load_base_model(ns.base_model)
     result = run_fusion_benchmark(model, cfg)
     table = markdown_table(result, "dlp-lora " + " ".join(sys.argv[1:]))
@@ -80,6 +85,29 @@ def _bench(ns: argparse.Namespace) -> None:
         save_json(result, ns.json)
     if ns.markdown:
         _write_section(Path(ns.markdown), "## Fusion latency", table)
+
+
+def _bench_routing(ns: argparse.Namespace, cfg) -> None:
+    from dlp_lora.benchmark import save_json
+    from dlp_lora.benchmark_routing import routing_markdown, run_routing_benchmark, switch_cost
+    from dlp_lora.config import FusionConfig
+    from dlp_lora.pipeline import DLPLoRA
+
+    rows, costs = [], []
+    for path in ("auto", "gathered"):  # gathered at batch 1: no re-merge on a switch, dearer tokens
+        dlp = DLPLoRA.from_assets(ns.assets, ns.base_model, fusion=FusionConfig(path=path))
+        try:
+            sizes = cfg.batch_sizes if path == "auto" else (1,)
+            rows += run_routing_benchmark(dlp, sizes, cfg.new_tokens, cfg.repeats, label=path)
+            costs.append(switch_cost(dlp))
+        finally:
+            dlp.close()
+    table = routing_markdown(rows, costs, "dlp-lora " + " ".join(sys.argv[1:]), cfg.new_tokens, cfg.repeats)
+    print(table)
+    if ns.json:
+        save_json({"rows": rows, "switch_cost": costs}, ns.json)
+    if ns.markdown:
+        _write_section(Path(ns.markdown), "## Routing granularity cost", table)
 
 
 def _write_section(path: Path, heading: str, body: str) -> None:
@@ -369,24 +397,32 @@ def _load_pipeline(ns: argparse.Namespace):
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    from dlp_lora.config import GenerationConfig
+    from dlp_lora.config import GenerationConfig, RoutingConfig
 
     _pipeline_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_config_args(p, GenerationConfig)
+    add_config_args(p.add_argument_group("routing granularity (docs: dlp_lora.routing)"), RoutingConfig)
 
 
 def _generate(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import GenerationConfig
+    from dlp_lora.config import GenerationConfig, RoutingConfig
 
     dlp = _load_pipeline(ns)
-    for prompt, r in zip(ns.prompt, dlp.generate(ns.prompt, config=config_from_args(GenerationConfig, ns))):
+    results = dlp.generate(ns.prompt, config=config_from_args(GenerationConfig, ns),
+                           routing_config=config_from_args(RoutingConfig, ns))
+    for prompt, r in zip(ns.prompt, results):
         if ns.json:
             print(json.dumps({"prompt": prompt, **dataclasses.asdict(r)}))
-        else:
-            mix = ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights))
-            print(f"[{mix}] {r.text}")
+            continue
+        print(f"[{_mix(r.adapters, r.weights)}] {r.text}")
+        for s in r.switches:  # `sentence` routing: where the answer changed mixture
+            print(f"  from token {s['token']}: [{_mix(s['adapters'], s['weights'])}]")
+
+
+def _mix(adapters: Sequence[str], weights: Sequence[float]) -> str:
+    return ", ".join(f"{a}={w:.3f}" for a, w in zip(adapters, weights)) or "base model"
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -395,15 +431,19 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="your own prompt (repeat for several)")
     src.add_argument("--prompts", help="a file of prompts: JSON list, JSONL with 'prompt', or one per line")
     p.add_argument("--max-new-tokens", type=int, default=40, help="default: 40")
+    p.add_argument("--sentence-prompt", default=None,
+                   help="the prompt of the last part (answered with routing granularity `sentence`)")
 
 
 def _demo(ns: argparse.Namespace) -> None:
-    from dlp_lora.demo import DEMO_PROMPTS, load_prompts, run_demo
+    from dlp_lora.demo import DEMO_PROMPTS, SENTENCE_DEMO_PROMPT, load_prompts, run_demo, sentence_demo
 
     prompts = ns.prompt or (load_prompts(ns.prompts) if ns.prompts else list(DEMO_PROMPTS))
     base = "int8-quantized base model" if ns.quantize == "int8" else "base model"
     print(f"loading {ns.assets} on the {base} ...", flush=True)
-    print(run_demo(_load_pipeline(ns), prompts, ns.max_new_tokens))
+    dlp = _load_pipeline(ns)
+    print(run_demo(dlp, prompts, ns.max_new_tokens))
+    print(sentence_demo(dlp, ns.sentence_prompt or SENTENCE_DEMO_PROMPT, max(ns.max_new_tokens, 64)))
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "FusionConfig",
     "GenerationConfig",
     "SelectionConfig",
+    "RoutingConfig",
     "RouterConfig",
     "RouterTrainConfig",
     "RouterDataConfig",
@@ -128,6 +129,41 @@ class SelectionConfig:
         _check(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
         _check(self.max_k is None or self.max_k >= 1, f"max_k must be >= 1 or None, got {self.max_k}")
         _check(self.weighting in ("renorm", "softmax"), f"weighting must be renorm|softmax, got {self.weighting!r}")
+
+
+Granularity = Literal["prompt", "segment", "sentence"]
+GRANULARITIES: tuple[str, ...] = ("prompt", "segment", "sentence")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How often the router is consulted for one request, and on which text."""
+
+    granularity: Granularity = "prompt"
+    """`prompt`: route the whole prompt once; `segment`: route the prompt's last segment (see
+    `segment_marker`) and answer under it; `sentence`: start as `segment`, then re-route after each
+    generated sentence on a window of recent text."""
+    segment_marker: str = "\n\n"
+    """Separator of the prompt's segments (`segment` and `sentence`); empty segments are dropped."""
+    sentence_ends: tuple[str, ...] = (".", "!", "?", "\n")
+    """A generated token whose text (trailing spaces ignored) ends with one of these ends a sentence."""
+    window_chars: int = 400
+    """Characters of recent text (prompt tail + answer so far) the router sees at a sentence end."""
+    min_sentence_tokens: int = 3
+    """Tokens a sentence needs since the row's last re-route before its end triggers another one (so
+    '1.' or a blank line does not call the router)."""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be prompt|segment|sentence, got {self.granularity!r}")
+        if not isinstance(self.segment_marker, str) or not self.segment_marker:
+            raise ValueError(f"segment_marker must be a non-empty string, got {self.segment_marker!r}")
+        if not self.sentence_ends or not all(isinstance(s, str) and s for s in self.sentence_ends):
+            raise ValueError(f"sentence_ends must be non-empty strings, got {self.sentence_ends!r}")
+        if self.window_chars < 16:
+            raise ValueError(f"window_chars must be >= 16, got {self.window_chars}")
+        if self.min_sentence_tokens < 1:
+            raise ValueError(f"min_sentence_tokens must be >= 1, got {self.min_sentence_tokens}")
 
 
 @dataclass(frozen=True)

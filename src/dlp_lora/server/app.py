@@ -28,7 +28,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dlp_lora.chat import chat_prompt
-from dlp_lora.config import DeviceConfig, ServerConfig
+from dlp_lora.config import DeviceConfig, RoutingConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, InvalidRequest, error_body
 from dlp_lora.server.metrics import CONTENT_TYPE, Metrics
@@ -68,7 +68,17 @@ class ServerState:
             raise InvalidRequest(f"{param}: the prompt has {n} tokens (chat template included); the limit is "
                                  f"max_prompt_tokens={self.max_prompt_tokens}", param=param)
         return Job(text=text, prompt_tokens=n, max_tokens=max_tokens, stop=req.stop_strings,
-                   sampling=Sampling.of(req.temperature, req.top_p, req.seed), mixture=self._mixture(req))
+                   sampling=Sampling.of(req.temperature, req.top_p, req.seed), mixture=self._mixture(req),
+                   routing=self._routing_config(req))
+
+    def _routing_config(self, req: GenerationParams) -> RoutingConfig:
+        """The pipeline's routing granularity with the request's overrides."""
+        given = {"granularity": req.routing_granularity, "segment_marker": req.segment_marker}
+        cfg = dataclasses.replace(self.pipeline.routing_config, **{k: v for k, v in given.items() if v is not None})
+        if req.model in self.pipeline.adapter_names and cfg.granularity != "prompt":
+            raise InvalidRequest(f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
+                                 "names one adapter", param="routing_granularity")
+        return cfg
 
     def _mixture(self, req: GenerationParams) -> dict[str, float] | None:
         names = self.pipeline.adapter_names

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from dlp_lora.config import GenerationConfig
+from dlp_lora.config import GenerationConfig, RoutingConfig
 from dlp_lora.generation import cut_at_stop, eos_ids
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.scheduler import Completion, Job
@@ -38,7 +38,8 @@ def batch_routing(pipeline: DLPLoRA, jobs: Sequence[Job]) -> Routing:
     if explicit:
         dense[explicit] = pipeline.routing_for([jobs[b].mixture for b in explicit]).to_dense(n).float()
     if routed:
-        dense[routed] = pipeline.route([jobs[b].text for b in routed]).to_dense(n).float()
+        dense[routed] = pipeline.route([jobs[b].text for b in routed],
+                                       [jobs[b].routing for b in routed]).to_dense(n).float()
     return Routing.from_dense(dense)
 
 
@@ -57,6 +58,7 @@ class _Row:
     def __init__(self, job: Job, adapters: list[str], weights: list[float]) -> None:
         self.job, self.adapters, self.weights = job, adapters, weights
         self.tokens: list[int] = []
+        self.switches: list[dict] = []
         self.streamed = ""
         self.ended = False
 
@@ -78,7 +80,8 @@ class _Row:
         self.emit(text)
         self.job.future.set_result(Completion(
             text=text, finish_reason=finish_reason, prompt_tokens=self.job.prompt_tokens,
-            completion_tokens=len(self.tokens), adapters=self.adapters, weights=self.weights))
+            completion_tokens=len(self.tokens), adapters=self.adapters, weights=self.weights,
+            switches=[s for s in self.switches if s["token"] < len(self.tokens)]))
 
 
 class PipelineRunner:
@@ -109,8 +112,14 @@ class PipelineRunner:
             step[0] += 1
             self._step(rows, tokens, step[0])
 
+        def on_switch(b: int, token: int, adapters: list[str], weights: list[float]) -> None:
+            rows[b].switches.append({"token": token, "adapters": adapters, "weights": weights})
+
+        # Explicit mixtures keep their mixture (prompt granularity); routed rows route as their request asks.
+        routing_cfgs = [j.routing if j.mixture is None else RoutingConfig() for j in jobs]
         try:
-            self.pipeline.generate([j.text for j in jobs], config=cfg, routing=routing, on_step=on_step)
+            self.pipeline.generate([j.text for j in jobs], config=cfg, routing=routing, on_step=on_step,
+                                   routing_config=routing_cfgs, on_switch=on_switch)
         except _AllRowsEnded:
             pass
 

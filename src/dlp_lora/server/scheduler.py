@@ -16,7 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from dlp_lora.config import ServerConfig
+from dlp_lora.config import RoutingConfig, ServerConfig
 from dlp_lora.server.errors import QueueFull, Unavailable
 
 __all__ = ["BatchRunner", "Completion", "Job", "Sampling", "Scheduler", "StreamSink", "GREEDY_BELOW"]
@@ -63,6 +63,8 @@ class Completion:
     completion_tokens: int
     adapters: list[str]
     weights: list[float]
+    switches: list[dict] = field(default_factory=list)
+    """`sentence` routing: {"token", "adapters", "weights"} for each mid-answer mixture change."""
 
 
 class StreamSink(Protocol):
@@ -86,6 +88,8 @@ class Job:
     stop: tuple[str, ...] = ()
     mixture: dict[str, float] | None = None
     """Explicit {adapter: weight}; None lets the router choose."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """How the router routes this row (granularity, segment marker)."""
     sink: StreamSink | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)

@@ -1,8 +1,11 @@
 """The OpenAI wire format: request models (validated by pydantic) and the responses and stream chunks.
 
 Beyond OpenAI's fields, requests may carry `adapters` (names) and `weights` to override the router,
-and every response and stream chunk carries a top-level `routing` object: the adapters that answered
-the request, heaviest first, with their weights: {"adapters": ["maths", "science"], "weights": [0.7, 0.3]}.
+or `routing_granularity` ("prompt", "segment" or "sentence", see `dlp_lora.routing`) and
+`segment_marker` to choose how the router routes; every response and stream chunk carries a top-level
+`routing` object: the adapters that answered the request, heaviest first, with their weights:
+{"adapters": ["maths", "science"], "weights": [0.7, 0.3]}. Under `sentence` routing the final response
+adds `switches`: [{"token": i, "adapters": [...], "weights": [...]}], the mixture from answer token i on.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dlp_lora.config import Granularity
 from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.scheduler import Completion
 
@@ -52,6 +56,11 @@ class GenerationParams(BaseModel):
     """Explicit routing: adapter names, overriding the router and `model`."""
     weights: list[Weight] | None = None
     """One weight >= 0 per adapter, used as given (default: equal weights summing to 1)."""
+    routing_granularity: Granularity | None = None
+    """How the router routes this request (default: the server's, `prompt`): once on the whole prompt,
+    on its last segment, or re-routing after each generated sentence. Not with `adapters`."""
+    segment_marker: str | None = Field(default=None, min_length=1, max_length=64)
+    """Separator of the prompt's segments for `segment` / `sentence` (default: a blank line)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -110,6 +119,9 @@ class GenerationParams(BaseModel):
             if len(self.weights) != len(self.adapters):
                 raise ValueError(f"weights has {len(self.weights)} values for {len(self.adapters)} adapters; "
                                  "expected one weight per adapter")
+        if self.adapters is not None and self.routing_granularity not in (None, "prompt"):
+            raise ValueError(f"routing_granularity={self.routing_granularity!r} needs the router; it cannot be "
+                             "combined with explicit adapters")
         return self
 
     @property
@@ -203,6 +215,8 @@ class ChatCompletionRequest(GenerationParams):
 class RoutingInfo(BaseModel):
     adapters: list[str]
     weights: list[float]
+    switches: list[dict] | None = None
+    """`sentence` routing: the mixture changes along the answer (final responses only)."""
 
 
 class Usage(BaseModel):
@@ -250,17 +264,22 @@ def response_for(kind: Kind, rid: str, created: int, model: str, c: Completion) 
     return {**_envelope(kind, rid, created, model, False),
             "choices": [_choice(kind, c.text, c.finish_reason, final=True)],
             "usage": _usage(c).model_dump(),
-            "routing": RoutingInfo(adapters=c.adapters, weights=c.weights).model_dump()}
+            "routing": _routing(c)}
+
+
+def _routing(c: Completion) -> dict:
+    return RoutingInfo(adapters=c.adapters, weights=c.weights,
+                       switches=c.switches or None).model_dump(exclude_none=True)
 
 
 def chunk_for(kind: Kind, rid: str, created: int, model: str, routing: RoutingInfo, text: str | None = None,
               first: bool = False, finish_reason: str | None = None) -> dict:
     """One stream chunk: the opening one (`first`), a text delta, or the closing one (`finish_reason`)."""
     return {**_envelope(kind, rid, created, model, True),
-            "choices": [_choice(kind, text, finish_reason, first=first)], "routing": routing.model_dump()}
+            "choices": [_choice(kind, text, finish_reason, first=first)], "routing": routing.model_dump(exclude_none=True)}
 
 
 def usage_chunk_for(kind: Kind, rid: str, created: int, model: str, c: Completion) -> dict:
     """The extra chunk sent when `stream_options.include_usage` is set: no choices, only usage."""
     return {**_envelope(kind, rid, created, model, True), "choices": [], "usage": _usage(c).model_dump(),
-            "routing": RoutingInfo(adapters=c.adapters, weights=c.weights).model_dump()}
+            "routing": _routing(c)}
