@@ -1,17 +1,18 @@
 """The HTTP entry point: an OpenAI-compatible FastAPI app over one `DLPLoRA` pipeline.
 
-Thin by design: validate the request at the boundary, queue it on the `Scheduler`, format the answer.
-All state lives on the app (`app.state.server`), none in this module. Errors map to HTTP codes by type
-(`errors.py`); anything unexpected is logged and the client gets a generic 500.
+Thin by design: validate the request at the boundary (`schemas.py`, `state.py`), queue its jobs on the
+`Scheduler`, format the answer (`responses.py`). All state lives on the app (`app.state.server`), none in
+this module. Errors map to HTTP codes by type (`errors.py`); anything unexpected is logged and the
+client gets a generic 500.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
-GET /health, GET /metrics.
+POST /tokenize, POST /detokenize, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter,
+GET /health, GET /metrics, and the playground page at GET /.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 import logging
@@ -19,70 +20,27 @@ import time
 import uuid
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
 from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dlp_lora.chat import chat_prompt
 from dlp_lora.config import ServerConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, InvalidRequest, error_body
-from dlp_lora.server.metrics import CONTENT_TYPE, Metrics
-from dlp_lora.server.runner import PipelineRunner
-from dlp_lora.server.scheduler import BatchRunner, Job, Sampling, Scheduler
-from dlp_lora.server.schemas import (ChatCompletionRequest, CompletionRequest, GenerationParams, Kind, ModelCard,
-                                     ModelList, RoutingInfo, chunk_for, response_for, usage_chunk_for)
+from dlp_lora.server.metrics import CONTENT_TYPE
+from dlp_lora.server.responses import (Kind, ModelCard, ModelList, RoutingInfo, chat_choice, chunk_for,
+                                       completion_choice, response_for, usage_chunk_for, usage_of)
+from dlp_lora.server.scheduler import Completion, Job, StepRunner
+from dlp_lora.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
+                                     TokenizeRequest, UnloadLoraRequest)
+from dlp_lora.server.state import ROUTER_NAME, ServerState
 
 __all__ = ["create_app", "serve"]
-
-
-class ServerState:
-    """Everything the handlers share: the pipeline, its scheduler, metrics and the request validator."""
-
-    def __init__(self, pipeline: DLPLoRA, cfg: ServerConfig, runner: BatchRunner | None = None) -> None:
-        self.pipeline, self.cfg = pipeline, cfg
-        self.model_name = cfg.model_name or getattr(pipeline.model, "name_or_path", "") or "dlp-lora"
-        # The worker thread uses the pipeline's tokenizer; validation counts tokens on the event loop with
-        # a private copy so the two threads never share tokenizer state.
-        self.tokenizer = copy.deepcopy(pipeline.tokenizer)
-        self.metrics = Metrics(pipeline.adapter_names, cfg.max_batch_size)
-        self.scheduler = Scheduler(cfg, runner or PipelineRunner(pipeline), on_batch=self.metrics.observe_batch)
-        self.created = int(time.time())
-        # A pipeline with its own, lower prompt limit would fail a whole batch in the worker: refuse here.
-        self.max_prompt_tokens = min(cfg.max_prompt_tokens, pipeline.max_prompt_tokens or cfg.max_prompt_tokens)
-
-    def job(self, text: str, req: GenerationParams, param: str) -> Job:
-        """A validated Job, or InvalidRequest naming the field, the limit and the value."""
-        if not text.strip():
-            raise InvalidRequest(f"{param}: the prompt is empty; expected non-blank text", param=param)
-        max_tokens = req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
-        if max_tokens > self.cfg.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens={max_tokens} is over this server's limit "
-                                 f"max_tokens_limit={self.cfg.max_tokens_limit}", param="max_tokens")
-        n = len(self.tokenizer(chat_prompt(self.tokenizer, text), add_special_tokens=False)["input_ids"])
-        if n > self.max_prompt_tokens:
-            raise InvalidRequest(f"{param}: the prompt has {n} tokens (chat template included); the limit is "
-                                 f"max_prompt_tokens={self.max_prompt_tokens}", param=param)
-        return Job(text=text, prompt_tokens=n, max_tokens=max_tokens, stop=req.stop_strings,
-                   sampling=Sampling.of(req.temperature, req.top_p, req.seed), mixture=self._mixture(req))
-
-    def _mixture(self, req: GenerationParams) -> dict[str, float] | None:
-        names = self.pipeline.adapter_names
-        mixture = req.mixture
-        if mixture is None and req.model in names:
-            mixture = {req.model: 1.0}
-        for name in mixture or {}:
-            if name not in names:
-                raise InvalidRequest(f"unknown adapter {name!r}; known adapters: {', '.join(names)}",
-                                     param="adapters")
-        if mixture is None and self.pipeline.router is None:
-            raise InvalidRequest("this server has no router; name adapters in `adapters` (or an adapter as "
-                                 f"`model`); known adapters: {', '.join(names)}", param="adapters")
-        return mixture
 
 
 def _state(request: Request) -> ServerState:
@@ -163,38 +121,68 @@ class _QueueSink:
 
 
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _answer(request, body, body.user_text(), "prompt", "completion")
+    state = _state(request)
+    prompts = state.completion_prompts(body)
+    jobs = state.jobs(body, prompts, [text for text, _ in prompts], body.wanted_logprobs, body.echo)
+    if body.stream:
+        return await _start_stream(request, jobs[0], body.include_usage, "completion", body.model)
+    done = await _run_all(state, jobs)
+    text = state.tokenizer.decode
+    token_text = lambda t: text([t])  # noqa: E731
+    choices = [completion_choice(i, c, prompts[i // body.n][0] if body.echo else None, token_text)
+               for i, c in enumerate(done)]
+    return _respond(request, "completion", body.model, choices, [len(ids) for _, ids in prompts], done)
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _answer(request, body, body.user_text(), "messages", "chat")
-
-
-async def _answer(request: Request, body: GenerationParams, text: str, param: str, kind: Kind) -> Response:
     state = _state(request)
-    job = state.job(text, body, param)
-    started = time.perf_counter()
-    rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-    model, endpoint = body.model or state.model_name, request.scope["route"].path
+    jobs = state.chat_jobs(body)
     if body.stream:
-        return await _start_stream(state, job, body, kind, (rid, int(time.time()), model), endpoint, started)
-    c = await asyncio.wrap_future(state.scheduler.submit(job))
-    state.metrics.observe_completion(endpoint, time.perf_counter() - started, c.prompt_tokens,
-                                     c.completion_tokens, c.adapters)
-    return JSONResponse(response_for(kind, rid, int(time.time()), model, c))
+        return await _start_stream(request, jobs[0], body.include_usage, "chat", body.model)
+    done = await _run_all(state, jobs)
+    text = state.tokenizer.decode
+    choices = [chat_choice(i, c, lambda t: text([t])) for i, c in enumerate(done)]
+    return _respond(request, "chat", body.model, choices, [jobs[0].prompt_tokens], done)
 
 
-async def _start_stream(state: ServerState, job: Job, body: GenerationParams, kind: Kind, head: tuple,
-                        endpoint: str, started: float) -> Response:
-    """Queue the job and wait for its batch to start, so a failure before the first token is still a
+async def _run_all(state: ServerState, jobs: list[Job]) -> list[Completion]:
+    """Queue every choice at once (all or none); if one fails, the others are abandoned."""
+    state.scheduler.submit(jobs)
+    try:
+        return list(await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)))
+    finally:
+        for j in jobs:
+            if not j.future.done():
+                j.abandon()
+
+
+def _respond(request: Request, kind: Kind, model: str | None, choices: list[dict], prompt_tokens: list[int],
+             done: list[Completion]) -> JSONResponse:
+    state = _state(request)
+    usage = usage_of(prompt_tokens, done)
+    adapters = {a for c in done for a in c.adapters}
+    state.metrics.observe_completion(request.scope["route"].path, time.perf_counter() - request.state.started,
+                                     usage.prompt_tokens, usage.completion_tokens, adapters)
+    rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+    routing = RoutingInfo(adapters=done[0].adapters, weights=done[0].weights).model_dump()
+    return JSONResponse(response_for(kind, rid, int(time.time()), model or ROUTER_NAME, choices, usage, routing))
+
+
+async def _start_stream(request: Request, job: Job, include_usage: bool, kind: Kind, model: str | None
+                        ) -> Response:
+    """Queue the job and wait for its row to start, so a failure before the first token is still a
     proper HTTP error; then stream server-sent events."""
+    state = _state(request)
+    rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+    head = (rid, int(time.time()), model or ROUTER_NAME)
     sink = _QueueSink(asyncio.get_running_loop())
     job.sink = sink
     state.scheduler.submit(job).add_done_callback(sink.done)
     first = await sink.events.get()
     if first[0] == "done":
         first[1].result()  # raises the job's error, mapped by type (a result without a start streams as usual)
-    events = _sse(state, job, sink, first, kind, head, body.include_usage, endpoint, started)
+    events = _sse(state, job, sink, first, kind, head, include_usage, request.scope["route"].path,
+                  request.state.started)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -236,11 +224,12 @@ async def _closing(state: ServerState, future: Future, kind: Kind, head: tuple, 
         yield _data("[DONE]")
         return
     yield _data(chunk_for(kind, *head, routing, finish_reason=c.finish_reason))
+    usage = usage_of([c.prompt_tokens], [c])
     if include_usage:
         yield _data(usage_chunk_for(kind, *head, c))
     yield _data("[DONE]")
-    state.metrics.observe_completion(endpoint, time.perf_counter() - started, c.prompt_tokens,
-                                     c.completion_tokens, c.adapters)
+    state.metrics.observe_completion(endpoint, time.perf_counter() - started, usage.prompt_tokens,
+                                     usage.completion_tokens, c.adapters)
 
 
 # ---- other endpoints -----------------------------------------------------------------------------
@@ -249,19 +238,99 @@ async def health(request: Request) -> JSONResponse:
     state = _state(request)
     ok = state.scheduler.alive
     return JSONResponse({"status": "ok" if ok else "unavailable", "queue_depth": state.scheduler.queue_depth,
-                         "adapters": len(state.pipeline.adapter_names)}, status_code=200 if ok else 503)
+                         "running": state.scheduler.running, "adapters": len(state.pipeline.adapter_names)},
+                        status_code=200 if ok else 503)
 
 
 async def models(request: Request) -> JSONResponse:
     state = _state(request)
-    cards = [ModelCard(id=state.model_name, created=state.created)]
-    cards += [ModelCard(id=n, created=state.created, parent=state.model_name) for n in state.pipeline.adapter_names]
+    base, created, limit = state.model_name, state.created, state.max_prompt_tokens + state.cfg.max_tokens_limit
+    cards = [ModelCard(id=base, created=created, root=base, max_model_len=limit)]
+    cards += [ModelCard(id=n, created=created, root=base, parent=base, max_model_len=limit)
+              for n in state.model_ids()[1:]]
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
-async def metrics(request: Request) -> PlainTextResponse:
+async def metrics(request: Request) -> Response:
     state = _state(request)
-    return PlainTextResponse(state.metrics.render(state.scheduler.queue_depth), media_type=CONTENT_TYPE)
+    running = getattr(state.runner, "active_adapters", ())
+    waiting = [a for j in state.scheduler.waiting_jobs() for a in (j.mixture or {})]
+    body = state.metrics.render(state.scheduler.queue_depth, state.scheduler.running, running, waiting)
+    return Response(body, media_type=CONTENT_TYPE)
+
+
+async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
+    """vLLM's /tokenize: {count, max_model_len, tokens}."""
+    state = _state(request)
+    _check_model(state, body.model)
+    if body.messages is not None:
+        ids = state.chat_prompt_ids(body.messages, body.add_generation_prompt)
+    else:
+        ids = state.tokenizer(body.prompt or "", add_special_tokens=body.add_special_tokens)["input_ids"]
+    return JSONResponse({"count": len(ids), "max_model_len": state.max_prompt_tokens + state.cfg.max_tokens_limit,
+                         "tokens": ids, "token_strs": None})
+
+
+async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
+    """vLLM's /detokenize: {prompt}."""
+    state = _state(request)
+    _check_model(state, body.model)
+    bad = next((t for t in body.tokens if t >= state.vocab_size), None)
+    if bad is not None:
+        raise InvalidRequest(f"tokens: token id {bad} is out of range; the vocabulary has {state.vocab_size} tokens",
+                             param="tokens")
+    return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
+
+
+def _check_model(state: ServerState, model: str | None) -> None:
+    if model is not None and model not in state.model_ids():
+        from dlp_lora.server.state import ModelNotFound
+        raise ModelNotFound(f"the model {model!r} does not exist; served models: {', '.join(state.model_ids())}",
+                            param="model")
+
+
+async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:
+    """vLLM's runtime adapter loading: checked as at load time (400, the bank untouched, on any problem)."""
+    state = _state(request)
+    if body.lora_name in state.model_ids():
+        raise InvalidRequest(f"the name {body.lora_name!r} is already served; unload it first or pick another",
+                             param="lora_name")
+
+    def load() -> None:
+        state.runner.pause()
+        try:
+            state.pipeline.add_adapter(body.lora_name, body.lora_path)
+        except (ValueError, FileNotFoundError, OSError) as exc:
+            raise InvalidRequest(f"lora_path: {exc}", param="lora_path") from None
+
+    await asyncio.wrap_future(state.scheduler.call(load))
+    state.metrics.add_adapter(body.lora_name)
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+
+async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
+    state = _state(request)
+    if body.lora_name not in state.pipeline.adapter_names:
+        raise InvalidRequest(f"no adapter named {body.lora_name!r} is loaded", param="lora_name")
+
+    def unload() -> None:
+        if body.lora_name in getattr(state.runner, "active_adapters", ()) or any(
+                body.lora_name in (j.mixture or {}) for j in state.scheduler.waiting_jobs()):
+            raise InvalidRequest(f"adapter {body.lora_name!r} is in use by a running or waiting request; "
+                                 "retry when they are answered", param="lora_name")
+        state.runner.pause()
+        try:
+            state.pipeline.remove_adapter(body.lora_name)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), param="lora_name") from None
+
+    await asyncio.wrap_future(state.scheduler.call(unload))
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
+
+
+async def playground(request: Request) -> HTMLResponse:
+    page = resources.files("dlp_lora.server").joinpath("static/index.html").read_text(encoding="utf-8")
+    return HTMLResponse(page)
 
 
 @asynccontextmanager
