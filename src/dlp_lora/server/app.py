@@ -85,6 +85,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 async def _contain_and_count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     """Outermost: count every response by route and status; turn any escaped exception into a generic 500."""
+    request.state.started = time.perf_counter()
     try:
         response = await call_next(request)
     except Exception:
@@ -344,7 +345,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(scheduler.stop)
 
 
-def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: BatchRunner | None = None) -> FastAPI:
+def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepRunner | None = None) -> FastAPI:
     """The app for one pipeline. The batching worker starts and stops with the app's lifespan.
 
     `runner` replaces the default `PipelineRunner` (tests wrap it to hold batches deterministically).
@@ -361,6 +362,11 @@ def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: Batch
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/tokenize", tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", detokenize, methods=["POST"])
+    app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"])
+    app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])
+    app.add_api_route("/", playground, methods=["GET"], include_in_schema=False)
     return app
 
 

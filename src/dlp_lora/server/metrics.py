@@ -53,6 +53,11 @@ class Metrics:
         for name in adapter_names:
             self._adapters.labels(adapter=name)  # listed at 0 from the start
 
+    def add_adapter(self, name: str) -> None:
+        """A runtime adapter: listed at 0 from now on, and counted in `max_lora`."""
+        self._adapters.labels(adapter=name)
+        self.max_loras += 1
+
     def observe_request(self, endpoint: str, status: int) -> None:
         self._requests.labels(endpoint=endpoint, status=str(status)).inc()
 

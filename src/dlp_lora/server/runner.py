@@ -60,6 +60,11 @@ class PipelineRunner:
     def running(self) -> int:
         return 0 if self.batch is None else len(self.batch)
 
+    @property
+    def active_adapters(self) -> set[str]:
+        """Adapters with weight in some running row's mixture (read by metrics and adapter unloading)."""
+        return {n for r in list(self._rides.values()) for n in r.adapters}
+
     def holds(self, job: Job) -> bool:
         return any(r.job is job for r in self._rides.values())
 

@@ -184,6 +184,11 @@ class Scheduler:
         with self._cond:
             return len(self._pending)
 
+    def waiting_jobs(self) -> list[Job]:
+        """A snapshot of the jobs waiting to join the running batch, oldest first."""
+        with self._cond:
+            return list(self._pending)
+
     # ---- producer side (event loop) -------------------------------------------------------------
     def submit(self, jobs: Job | list[Job]) -> Future:
         """Queue jobs (the choices of one request, all or none); raises QueueFull when they would exceed
