@@ -244,7 +244,7 @@ class Engine:
                 row.finish("stop")
                 continue
             row.tokens.append(token)
-            if row.stop and cut_at_stop(self.text(row), row.stop)[1]:
+            if row.stop and cut_at_stop(self._decoded(row), row.stop)[1]:
                 row.finish("stop")
             elif len(row.tokens) >= row.max_tokens:
                 row.finish("length")
@@ -261,6 +261,9 @@ class Engine:
             tops = [()] * len(tokens)
         return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen, tops)]
 
+    def _decoded(self, row: Row) -> str:
+        return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
     def text(self, row: Row) -> str:
         """The row's answer so far, cut at its first stop string."""
-        return cut_at_stop(self.tokenizer.decode(row.tokens, skip_special_tokens=True), row.stop)[0]
+        return cut_at_stop(self._decoded(row), row.stop)[0]

@@ -33,7 +33,7 @@ from dlp_lora.config import ServerConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, InvalidRequest, error_body
 from dlp_lora.server.metrics import CONTENT_TYPE
-from dlp_lora.server.responses import (Kind, ModelCard, ModelList, RoutingInfo, chat_choice, chunk_for,
+from dlp_lora.server.responses import (ERROR_RESPONSES, Kind, ModelCard, ModelList, RoutingInfo, chat_choice, chunk_for,
                                        completion_choice, response_for, usage_chunk_for, usage_of)
 from dlp_lora.server.scheduler import Completion, Job, StepRunner
 from dlp_lora.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
@@ -357,17 +357,44 @@ def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepR
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.middleware("http")(_contain_and_count)
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    bad = {400: ERROR_RESPONSES[400]}
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=ERROR_RESPONSES)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=ERROR_RESPONSES)
     app.add_api_route("/v1/models", models, methods=["GET"])
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"])
-    app.add_api_route("/tokenize", tokenize, methods=["POST"])
-    app.add_api_route("/detokenize", detokenize, methods=["POST"])
-    app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"])
-    app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"])
+    app.add_api_route("/health", health, methods=["GET"], responses={503: ERROR_RESPONSES[503]})
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], responses={**bad, 404: ERROR_RESPONSES[404]})
+    app.add_api_route("/detokenize", detokenize, methods=["POST"], responses={**bad, 404: ERROR_RESPONSES[404]})
+    app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"], responses=bad,
+                      response_class=PlainTextResponse)
+    app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"], responses=bad,
+                      response_class=PlainTextResponse)
     app.add_api_route("/", playground, methods=["GET"], include_in_schema=False)
+    app.openapi = lambda: _openapi(app, cfg)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, cfg: ServerConfig) -> dict:
+    """FastAPI's document, made true to this server: validation errors are 400 (never 422), and the
+    server's own limits (max_tokens) are stated where a generated client reads them."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in doc.get("paths", {}).values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    for schema in ("CompletionRequest", "ChatCompletionRequest"):
+        props = doc.get("components", {}).get("schemas", {}).get(schema, {}).get("properties", {})
+        for name in ("max_tokens", "max_completion_tokens"):
+            for branch in props.get(name, {}).get("anyOf", []):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = cfg.max_tokens_limit
+    for name in ("HTTPValidationError", "ValidationError"):
+        doc.get("components", {}).get("schemas", {}).pop(name, None)
+    app.openapi_schema = doc
+    return doc
 
 
 def serve(assets: str | Path, cfg: ServerConfig, base_model: str | None = None) -> None:

@@ -18,12 +18,36 @@ from pydantic import BaseModel
 from dlp_lora.engine import TokenLogprob
 from dlp_lora.server.scheduler import Completion
 
-__all__ = ["Kind", "ModelCard", "ModelList", "RoutingInfo", "Usage", "chat_choice", "chunk_for",
+__all__ = ["ERROR_RESPONSES", "ErrorResponse", "Kind", "ModelCard", "ModelList", "RoutingInfo", "Usage", "chat_choice", "chunk_for",
            "completion_choice", "response_for", "usage_chunk_for", "usage_of"]
 
 Kind = Literal["completion", "chat"]
 TokenText = Callable[[int], str]
 """A token id's text (one token decoded on its own)."""
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every refusal and failure: OpenAI's error shape."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict[int | str, dict] = {
+    400: {"model": ErrorResponse, "description": "Invalid request: `error.param` names the field, "
+          "`error.message` what was expected and what was found."},
+    404: {"model": ErrorResponse, "description": "`model` names no served model."},
+    429: {"model": ErrorResponse, "description": "The queue is full (`max_queue` requests waiting); retry "
+          "after the `Retry-After` seconds."},
+    503: {"model": ErrorResponse, "description": "The batching worker is not running (starting or shutting down)."},
+}
+"""The error answers of the generation endpoints, for the OpenAPI document."""
 
 
 class RoutingInfo(BaseModel):
