@@ -294,7 +294,9 @@ def test_runtime_adapters_load_serve_and_unload(pipe, assets, tmp_path):
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "adapter_config.json").write_text((extra / "adapter_config.json").read_text())
     (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not safetensors")
-    with TestClient(create_app(pipe, _cfg())) as client:
+    with TestClient(create_app(pipe, _cfg())) as client:  # off by default, as in vLLM
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(extra)}).status_code == 404
+    with TestClient(create_app(pipe, _cfg(allow_runtime_adapters=True))) as client:
         def ask(model: str):
             return client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 5,
                                                              "temperature": 0, "model": model})

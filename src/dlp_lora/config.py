@@ -314,6 +314,9 @@ class ServerConfig:
     """`max_tokens` when a request gives none."""
     model_name: str | None = None
     """Name of the base model in `/v1/models` and responses (default: the manifest's base model)."""
+    allow_runtime_adapters: bool = False
+    """Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime adapters). Off by
+    default, as in vLLM: loading reads any path the server can read."""
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must be non-empty")

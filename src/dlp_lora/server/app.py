@@ -6,8 +6,8 @@ this module. Errors map to HTTP codes by type (`errors.py`); anything unexpected
 client gets a generic 500.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
-POST /tokenize, POST /detokenize, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter,
-GET /health, GET /metrics, and the playground page at GET /.
+POST /tokenize, POST /detokenize, GET /health, GET /metrics, the playground page at GET /, and with
+`allow_runtime_adapters` POST /v1/load_lora_adapter and POST /v1/unload_lora_adapter.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dlp_lora.server.responses import (ERROR_RESPONSES, Kind, ModelCard, ModelLi
                                        completion_choice, response_for, usage_chunk_for, usage_of)
 from dlp_lora.server.scheduler import Completion, Job, StepRunner
 from dlp_lora.server.schemas import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, LoadLoraRequest,
-                                     TokenizeRequest, UnloadLoraRequest)
+                                     RouteRequest, TokenizeRequest, UnloadLoraRequest)
 from dlp_lora.server.state import ROUTER_NAME, ServerState
 
 __all__ = ["create_app", "serve"]
@@ -283,6 +283,25 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
 
 
+async def route(body: RouteRequest, request: Request) -> JSONResponse:
+    """The router's probabilities over its classes for one prompt, and the mixture it selects (run on the
+    worker thread, between two decode steps: the router's tokenizer is not shared across threads)."""
+    state = _state(request)
+    if state.pipeline.router is None:
+        raise InvalidRequest("this server has no router", param="prompt")
+    pipeline = state.pipeline
+
+    def run() -> dict:
+        probs = pipeline.router.predict_proba([body.prompt])[0].tolist()
+        routing = pipeline.route([body.prompt])
+        pairs = sorted(routing.row(0), key=lambda p: -p[1])
+        return {"tasks": list(pipeline.router.task_names), "probabilities": [round(p, 6) for p in probs],
+                "adapters": [pipeline.adapter_names[i] for i, _ in pairs], "weights": [round(w, 6) for _, w in pairs],
+                "base_served": list(pipeline.base_served)}
+
+    return JSONResponse(await asyncio.wrap_future(state.scheduler.call(run)))
+
+
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in state.model_ids():
         from dlp_lora.server.state import ModelNotFound
@@ -363,12 +382,14 @@ def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepR
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"], responses={503: ERROR_RESPONSES[503]})
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    app.add_api_route("/v1/route", route, methods=["POST"], responses=bad)
     app.add_api_route("/tokenize", tokenize, methods=["POST"], responses={**bad, 404: ERROR_RESPONSES[404]})
     app.add_api_route("/detokenize", detokenize, methods=["POST"], responses={**bad, 404: ERROR_RESPONSES[404]})
-    app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"], responses=bad,
-                      response_class=PlainTextResponse)
-    app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"], responses=bad,
-                      response_class=PlainTextResponse)
+    if cfg.allow_runtime_adapters:
+        app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"], responses=bad,
+                          response_class=PlainTextResponse)
+        app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"], responses=bad,
+                          response_class=PlainTextResponse)
     app.add_api_route("/", playground, methods=["GET"], include_in_schema=False)
     app.openapi = lambda: _openapi(app, cfg)  # type: ignore[method-assign]
     return app
@@ -391,6 +412,12 @@ def _openapi(app: FastAPI, cfg: ServerConfig) -> dict:
             for branch in props.get(name, {}).get("anyOf", []):
                 if branch.get("type") == "integer":
                     branch["maximum"] = cfg.max_tokens_limit
+    for path in doc.get("paths", {}).values():  # errors are JSON, also where success is plain text
+        for op in path.values():
+            for code, answer in op.get("responses", {}).items():
+                content = answer.get("content", {})
+                if code != "200" and "text/plain" in content:
+                    content["application/json"] = content.pop("text/plain")
     for name in ("HTTPValidationError", "ValidationError"):
         doc.get("components", {}).get("schemas", {}).pop(name, None)
     app.openapi_schema = doc

@@ -17,7 +17,7 @@ from dlp_lora.server.errors import InvalidRequest
 
 __all__ = [
     "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "GenerationParams",
-    "LoadLoraRequest", "TokenizeRequest", "UnloadLoraRequest", "MAX_N", "MAX_PROMPTS",
+    "LoadLoraRequest", "RouteRequest", "TokenizeRequest", "UnloadLoraRequest", "MAX_N", "MAX_PROMPTS",
 ]
 
 Weight = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
@@ -235,6 +235,12 @@ class TokenizeRequest(_Request):
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send exactly one of prompt and messages")
         return self
+
+
+class RouteRequest(_Request):
+    """POST /v1/route: what the router makes of a prompt (the playground's bar chart)."""
+
+    prompt: Text
 
 
 class DetokenizeRequest(_Request):

@@ -122,6 +122,10 @@ class ServerState:
                 raise InvalidRequest(f"{where} has {len(ids)} tokens (chat template included); the limit is "
                                      f"max_prompt_tokens={self.max_prompt_tokens}", param="prompt")
         mixture = self.mixture(req)
+        if mixture is None and not all(route_texts):
+            raise InvalidRequest("the router reads the prompt's text (a chat's last user message) and it is empty; "
+                                 "send text, or name an adapter or the base model as `model`",
+                                 param="messages" if isinstance(req, ChatCompletionRequest) else "prompt")
         jobs = []
         for (_, ids), route in zip(prompts, route_texts):
             for c in range(req.n):
