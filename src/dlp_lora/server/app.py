@@ -292,7 +292,10 @@ async def route(body: RouteRequest, request: Request) -> JSONResponse:
     pipeline = state.pipeline
 
     def run() -> dict:
-        probs = pipeline.router.predict_proba([body.prompt])[0].tolist()
+        try:
+            probs = pipeline.router.predict_proba([body.prompt])[0].tolist()
+        except ValueError as exc:
+            raise InvalidRequest(f"the router cannot read this prompt: {exc}", param="prompt") from None
         routing = pipeline.route([body.prompt])
         pairs = sorted(routing.row(0), key=lambda p: -p[1])
         return {"tasks": list(pipeline.router.task_names), "probabilities": [round(p, 6) for p in probs],

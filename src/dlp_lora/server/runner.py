@@ -14,6 +14,7 @@ import logging
 from dlp_lora.config import GenerationConfig
 from dlp_lora.engine import Engine, Row, RunningBatch
 from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.scheduler import Completion, Job
 
 __all__ = ["PipelineRunner"]
@@ -69,7 +70,10 @@ class PipelineRunner:
         return any(r.job is job for r in self._rides.values())
 
     def admit(self, jobs: list[Job]) -> None:
-        rides = [self._ride(job, mix) for job, mix in zip(jobs, self._mixtures(jobs))]
+        mixtures = self._mixtures(jobs)
+        rides = [self._ride(job, mixtures[id(job)]) for job in jobs if id(job) in mixtures]
+        if not rides:
+            return
         for ride in rides:
             if ride.job.sink is not None:
                 ride.job.sink.started(ride.adapters, ride.weights)
@@ -96,15 +100,29 @@ class PipelineRunner:
         self.engine.release()
 
     # ---- helpers --------------------------------------------------------------------------------
-    def _mixtures(self, jobs: list[Job]) -> list[dict[str, float]]:
-        """Each job's {adapter: weight}: its explicit mixture, or the router's choice for its text."""
+    def _mixtures(self, jobs: list[Job]) -> dict[int, dict[str, float]]:
+        """id(job) -> its {adapter: weight}: its explicit mixture, or the router's choice for its text. A job
+        whose text the router refuses (nothing left after tokenizing) answers 400 and is left out; the
+        others are routed without it."""
+        out = {id(j): dict(j.mixture) for j in jobs if j.mixture is not None}
         routed = [j for j in jobs if j.mixture is None]
-        chosen = iter(())
-        if routed:
-            routing = self.pipeline.route([j.route_text for j in routed])
-            names = self.pipeline.adapter_names
-            chosen = iter([{names[i]: w for i, w in routing.row(b)} for b in range(len(routed))])
-        return [dict(j.mixture) if j.mixture is not None else next(chosen) for j in jobs]
+        try:
+            out.update(zip(map(id, routed), self._routed([j.route_text for j in routed])))
+        except ValueError:  # one unreadable text fails the router's whole batch: route one by one
+            for job in routed:
+                try:
+                    out[id(job)] = self._routed([job.route_text])[0]
+                except ValueError as exc:
+                    job.future.set_exception(InvalidRequest(f"the router cannot read this prompt: {exc}",
+                                                            param="prompt"))
+        return out
+
+    def _routed(self, texts: list[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        routing = self.pipeline.route(texts)
+        names = self.pipeline.adapter_names
+        return [{names[i]: w for i, w in routing.row(b)} for b in range(len(texts))]
 
     def _ride(self, job: Job, mixture: dict[str, float]) -> _Ride:
         s = job.sampling

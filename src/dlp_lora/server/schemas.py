@@ -40,6 +40,7 @@ Prompt = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=MAX_PR
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
     """Send one more chunk, with empty `choices` and the `usage`, before `[DONE]` (as OpenAI does)."""
 
@@ -67,7 +68,9 @@ def _no_lone_surrogates(data: object) -> object:
 class _Request(BaseModel):
     """Unknown fields are ignored: OpenAI clients send some we do not use."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Strict: JSON types as the schema states them (no "5" for 5, no false for 0), so a value the
+    # schema refuses is refused here too.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -165,13 +168,13 @@ class CompletionRequest(GenerationParams):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     type: Annotated[str, Field(max_length=64)]
     text: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: Annotated[str, Field(max_length=MAX_TEXT)] | Annotated[list[ContentPart], Field(max_length=64)] | None = None
 
