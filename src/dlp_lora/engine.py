@@ -50,7 +50,8 @@ class Row:
     may be 0 when only the prompt's log-probabilities are wanted; `seed` seeds this row's own generator,
     any 64-bit value, signed or not). `logprobs`: None, or how many alternatives to
     report per generated token (0 reports the chosen token's log-probability only); `echo` also scores
-    the prompt's tokens (the first has no log-probability).
+    the prompt's tokens (the first has no log-probability); `ignore_eos` decodes past EOS up to
+    `max_tokens` (vLLM's option, for load tests that need answers of a known length).
     """
 
     prompt_ids: list[int]
@@ -61,6 +62,7 @@ class Row:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
     echo: bool = False
+    ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -240,7 +242,7 @@ class Engine:
                 token = int(greedy[b])
             if logp is not None and row.logprobs is not None:
                 row.token_logprobs.append(self._scored(logp[b: b + 1], [token], row.logprobs, normed=True)[0])
-            if token in self.eos:
+            if token in self.eos and not row.ignore_eos:
                 row.finish("stop")
                 continue
             row.tokens.append(token)

@@ -44,8 +44,10 @@ class Metrics:
                                 "(value: when this was read, in seconds since the epoch).",
                                 ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
         buckets = sorted({b for b in self.BATCH_BUCKETS if b < max_batch_size} | {max_batch_size})
-        self._batch = Histogram("dlp_lora_batch_size", "Rows decoded together when requests join the batch.",
+        self._batch = Histogram("dlp_lora_batch_size", "Rows in the running batch after requests join it.",
                                 buckets=buckets, registry=r)
+        self._step = Histogram("dlp_lora_step_rows", "Rows decoded together in one decode step.",
+                               buckets=buckets, registry=r)
         self._latency = Histogram("dlp_lora_request_latency_seconds", "Time from request to full answer.",
                                   ["endpoint"], buckets=self.LATENCY_BUCKETS, registry=r)
         self._adapters = Counter("dlp_lora_adapter_selected", "Requests whose mixture included the adapter.",
@@ -63,6 +65,9 @@ class Metrics:
 
     def observe_batch(self, size: int) -> None:
         self._batch.observe(size)
+
+    def observe_step(self, rows: int) -> None:
+        self._step.observe(rows)
 
     def observe_completion(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int,
                            adapters: Iterable[str]) -> None:

@@ -128,7 +128,7 @@ class PipelineRunner:
         s = job.sampling
         sampling = GenerationConfig(do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p)
         row = Row(prompt_ids=job.prompt_ids, mixture=mixture, max_tokens=job.max_tokens, sampling=sampling,
-                  seed=s.seed, stop=job.stop, logprobs=job.logprobs, echo=job.echo)
+                  seed=s.seed, stop=job.stop, logprobs=job.logprobs, echo=job.echo, ignore_eos=job.ignore_eos)
         pairs = sorted(((n, w) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
         return _Ride(job, row, [n for n, _ in pairs], [round(w, 6) for _, w in pairs])
 

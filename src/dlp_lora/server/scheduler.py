@@ -98,6 +98,8 @@ class Job:
     """None, or how many alternatives to report per token."""
     echo: bool = False
     """Also score (and return) the prompt's tokens."""
+    ignore_eos: bool = False
+    """Decode past EOS up to max_tokens."""
     sink: StreamSink | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
@@ -141,8 +143,8 @@ class Scheduler:
     """A bounded request queue drained by one worker thread that owns the running batch."""
 
     def __init__(self, cfg: ServerConfig, runner: StepRunner,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        self.cfg, self._runner, self._on_batch = cfg, runner, on_batch
+                 on_batch: Callable[[int], None] | None = None, on_step: Callable[[int], None] | None = None) -> None:
+        self.cfg, self._runner, self._on_batch, self._on_step = cfg, runner, on_batch, on_step
         self._pending: deque[Job] = deque()
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()
         self._cond = threading.Condition()
@@ -254,6 +256,8 @@ class Scheduler:
                 if self._on_batch is not None:
                     self._on_batch(self._runner.running)
             if self._runner.running:
+                if self._on_step is not None:
+                    self._on_step(self._runner.running)
                 self._guard(self._runner.step, [])
             self.running = self._runner.running
 

@@ -96,6 +96,8 @@ class GenerationParams(_Request):
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
     """Any 64-bit value, signed or not; each choice samples from its own generator (choice i of a request
     uses seed + i), so a seeded answer does not depend on the requests batched beside it."""
+    ignore_eos: bool = False
+    """vLLM's extra: keep decoding past the end-of-sequence token up to `max_tokens` (load tests)."""
     n: int = Field(default=1, ge=1, le=MAX_N)
     """Choices per prompt."""
     adapters: Annotated[list[Name], Field(min_length=1, max_length=64)] | None = None

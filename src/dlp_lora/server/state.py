@@ -44,7 +44,8 @@ class ServerState:
         self.vocab_size = pipeline.model.get_input_embeddings().num_embeddings
         self.metrics = Metrics(pipeline.adapter_names, cfg.max_batch_size)
         self.runner = runner if runner is not None else PipelineRunner(pipeline)
-        self.scheduler = Scheduler(cfg, self.runner, on_batch=self.metrics.observe_batch)
+        self.scheduler = Scheduler(cfg, self.runner, on_batch=self.metrics.observe_batch,
+                                   on_step=self.metrics.observe_step)
         self.created = int(time.time())
         # A pipeline with its own, lower prompt limit would fail in the worker: refuse here.
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, pipeline.max_prompt_tokens or cfg.max_prompt_tokens)
@@ -132,7 +133,7 @@ class ServerState:
                 seed = None if req.seed is None else (req.seed + c) % 2**64
                 jobs.append(Job(prompt_ids=ids, route_text=route, max_tokens=max_tokens, stop=req.stop_strings,
                                 sampling=Sampling.of(req.temperature, req.top_p, seed), mixture=mixture,
-                                logprobs=logprobs, echo=echo))
+                                logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos))
         return jobs
 
     def chat_jobs(self, req: ChatCompletionRequest) -> list[Job]:
