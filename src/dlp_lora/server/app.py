@@ -380,8 +380,11 @@ def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepR
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.middleware("http")(_contain_and_count)
     bad = {400: ERROR_RESPONSES[400]}
-    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=ERROR_RESPONSES)
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=ERROR_RESPONSES)
+    generation = {200: {"description": "The answer (JSON), or with `stream` server-sent events.",
+                        "content": {"text/event-stream": {"schema": {  # one event: `data: <chunk JSON>` or `data: [DONE]`
+                            "type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}}}}, **ERROR_RESPONSES}
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=generation)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=generation)
     app.add_api_route("/v1/models", models, methods=["GET"])
     app.add_api_route("/health", health, methods=["GET"], responses={503: ERROR_RESPONSES[503]})
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
