@@ -528,6 +528,24 @@ def test_a_short_request_joins_and_leaves_while_a_long_one_runs(pipe):
     assert slow.sizes == [1, 1] and 2 in slow.steps and slow.steps[-1] == 1  # joined, left, long went on
 
 
+def test_static_batching_holds_a_late_request_until_the_batch_ends(pipe):
+    """The old policy, kept for comparison (`batching="static"`): the late request waits for the long one."""
+    slow = _Slow(pipe)
+    app = create_app(pipe, _cfg(max_batch_size=4, batching="static"), runner=slow)
+    order: list[str] = []
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        def ask(name: str, n: int):
+            client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[4]), "max_tokens": n,
+                                                      "temperature": 0, "model": "maths"})
+            order.append(name)
+
+        long = pool.submit(ask, "long", 20)
+        _wait_for(lambda: len(slow.steps) >= 3)
+        short = pool.submit(ask, "short", 2)
+        long.result(), short.result()
+    assert order == ["long", "short"] and 2 not in slow.steps
+
+
 def test_abandoned_requests_are_dropped_or_cut_short(pipe):
     """A client that leaves while waiting never costs a batch row; one that leaves mid-batch frees its row
     at the next step."""
