@@ -10,7 +10,7 @@ import torch
 from conftest import make_peft_adapter
 from dlp_lora import FusedLoRAModel, load_base_model
 from dlp_lora.chat import encode_prompts
-from dlp_lora.config import GenerationConfig
+from dlp_lora.config import FusionConfig, GenerationConfig
 from dlp_lora.generation import generate_ids
 
 pytestmark = pytest.mark.slow
@@ -127,3 +127,33 @@ def test_server_on_the_bundled_assets_scores_and_batches_like_the_pipeline():
             assert ans["choices"][0]["message"]["content"] == ref.text and ans["routing"]["adapters"] == ref.adapters
     finally:
         dlp.close()
+
+
+@pytest.mark.skipif(not (ASSETS / "manifest.json").exists(), reason="bundled assets not built (make assets)")
+def test_bfloat16_real_model_equals_peft_bfloat16():
+    """The embedded model in bfloat16 with a bundled adapter: every path against peft in bfloat16 (the
+    tolerance of tests/test_device.py scaled to these logits, which reach ~30: a few bf16 ulps)."""
+    from peft import PeftModel
+
+    model, tok = load_base_model(dtype="bfloat16")
+    adapters = {n: ASSETS / "adapters" / n for n in ("squad", "gsm8k")}
+    ids, mask = encode_prompts(tok, ["Context: Paris is in France.\nQuestion: Where is Paris?", "What is 2 + 3?"])
+    peft_model = PeftModel.from_pretrained(model, adapters["squad"]).eval()
+    cfg = GenerationConfig(max_new_tokens=8)
+    with torch.no_grad():
+        want = peft_model(input_ids=ids, attention_mask=mask).logits.float()
+    want_tokens = [o.token_ids for o in generate_ids(peft_model, tok, ids, mask, cfg)]
+    peft_model.unload()
+    fused = FusedLoRAModel(model, adapters)
+    try:
+        for path in ("gathered", "dense", "merged"):
+            fused.config = FusionConfig(path=path)
+            with torch.no_grad(), fused.routed(torch.tensor([[1.0, 0.0]] * 2)):
+                got = model(input_ids=ids, attention_mask=mask).logits
+                tokens = [o.token_ids for o in generate_ids(model, tok, ids, mask, cfg)]
+            assert got.dtype == torch.bfloat16
+            keep = mask.bool()
+            torch.testing.assert_close(got.float()[keep], want[keep], atol=0.25, rtol=0, msg=f"path {path}")
+            assert tokens == want_tokens, path
+    finally:
+        fused.remove()

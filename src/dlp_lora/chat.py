@@ -54,11 +54,12 @@ def encode_prompts(
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> left-padded input_ids, attention_mask: (B, T)."""
+    """Token id lists -> left-padded input_ids, attention_mask: (B, T), on the host (callers move them to
+    the model's device in one copy each)."""
     width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
+    mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long, device="cpu")
         mask[i, width - len(row):] = 1
     return input_ids, mask

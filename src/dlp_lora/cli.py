@@ -328,24 +328,33 @@ def _export(ns: argparse.Namespace) -> None:
     print(f"wrote a PEFT LoRA adapter to {out} (load it with peft, vLLM or LoRAX)")
 
 
+def _device_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import DeviceConfig
+
+    g = p.add_argument_group("device and precision (default: --device auto --dtype float32)")
+    add_config_args(g, DeviceConfig, overrides_only=True)
+
+
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
     from dlp_lora.config import SelectionConfig
 
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
     add_config_args(p, SelectionConfig, overrides_only=True)
+    _device_args(p)
 
 
 def _load_pipeline(ns: argparse.Namespace):
     from dlp_lora.assets import Manifest
-    from dlp_lora.config import SelectionConfig
+    from dlp_lora.config import DeviceConfig, SelectionConfig
     from dlp_lora.pipeline import DLPLoRA
 
     if not (Path(ns.assets) / "manifest.json").exists():
         raise FileNotFoundError(f"no assets at {ns.assets}; build them with `make assets` or pass --assets DIR")
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SelectionConfig) if hasattr(ns, f.name)}
     selection = dataclasses.replace(SelectionConfig(**Manifest.load(ns.assets).selection), **given)
-    return DLPLoRA.from_assets(ns.assets, ns.base_model, selection=selection)
+    return DLPLoRA.from_assets(ns.assets, ns.base_model, selection=selection,
+                               device=config_from_args(DeviceConfig, ns))
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -391,22 +400,28 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
     add_config_args(p, ServerConfig)
+    _device_args(p)
     ray = p.add_argument_group("scale-out on Ray Serve (needs `pip install 'dlp-lora[ray]'`)")
     ray.add_argument("--ray", action="store_true", help="serve the same app as Ray Serve replicas")
     add_config_args(ray, RayServeConfig, overrides_only=True)
 
 
 def _serve(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import RayServeConfig, ServerConfig
+    from dlp_lora.config import DeviceConfig, RayServeConfig, ServerConfig
 
     cfg = config_from_args(ServerConfig, ns)
+    device = config_from_args(DeviceConfig, ns)
     ray_flags = [f.name for f in dataclasses.fields(RayServeConfig) if hasattr(ns, f.name)]
     if not ns.ray:
         if ray_flags:
             raise ValueError(f"--{ray_flags[0].replace('_', '-')} needs --ray")
         from dlp_lora.server.app import serve
 
-        return serve(ns.assets, cfg, ns.base_model)
+        return serve(ns.assets, cfg, ns.base_model, device)
+    device_flags = [f.name for f in dataclasses.fields(DeviceConfig) if hasattr(ns, f.name)]
+    if device_flags:  # replicas load with the library defaults (auto device, float32)
+        raise ValueError(f"--{device_flags[0]} is not supported with --ray yet; replicas use --device auto "
+                         "--dtype float32")
     from dlp_lora.server.ray import serve_ray
 
     serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model)

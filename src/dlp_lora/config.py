@@ -6,10 +6,12 @@ Errors name the field (the CLI flag is the field name with dashes).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
 __all__ = [
+    "DeviceConfig",
     "FusionConfig",
     "GenerationConfig",
     "SelectionConfig",
@@ -28,6 +30,27 @@ __all__ = [
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ValueError(msg)
+
+
+_DEVICE = re.compile(r"auto|cpu|meta|mps|(cuda|xpu|npu|hpu)(:\d+)?")
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """Where the base model runs and in which dtype; the adapter stacks and everything the engine makes
+    follow the model."""
+
+    device: str = "auto"
+    """`auto` (cuda when available, else cpu), or a torch device: cpu, cuda, cuda:1, mps, xpu."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype of the base model's weights. Over bfloat16/float16 the LoRA branch still runs in float32, as
+    peft's does; float16 on CPU is slow (no fast kernels)."""
+
+    def __post_init__(self) -> None:
+        _check(_DEVICE.fullmatch(self.device) is not None,
+               f"device must be auto, cpu, mps or cuda[:N] (also xpu/npu/hpu[:N]), got {self.device!r}")
+        _check(self.dtype in ("float32", "bfloat16", "float16"),
+               f"dtype must be float32|bfloat16|float16, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)

@@ -76,9 +76,6 @@ class Row:
             raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
-        if self.sampling.do_sample and self.seed is not None and self.generator is None:
-            # Any 64-bit seed, signed or not, maps onto torch's unsigned 64-bit seeds.
-            self.generator = torch.Generator().manual_seed(self.seed % 2**64)
 
     @property
     def done(self) -> bool:
@@ -154,6 +151,11 @@ class Engine:
             self._routing.close()
         self._routing, self._routed_rows = None, []
 
+    @property
+    def device(self) -> torch.device:
+        """The model's device: every tensor the engine makes is made there."""
+        return next(self.model.parameters()).device
+
     # ---- steps ----------------------------------------------------------------------------------
     @torch.no_grad()
     def prefill(self, rows: list[Row]) -> RunningBatch:
@@ -165,6 +167,12 @@ class Engine:
         if not rows:
             raise ValueError("prefill needs at least one row")
         ids, mask = left_pad([r.prompt_ids for r in rows], self.pad)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        for row in rows:
+            if row.sampling.do_sample and row.seed is not None and row.generator is None:
+                # Any 64-bit seed, signed or not, maps onto torch's unsigned 64-bit seeds; the generator
+                # lives where sampling happens (torch.multinomial refuses one on another device).
+                row.generator = torch.Generator(device=self.device).manual_seed(row.seed % 2**64)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
         self._route(rows)
         echo = any(r.echo for r in rows)
@@ -184,7 +192,7 @@ class Engine:
         if any(r.done for r in batch.rows):
             raise ValueError("decode got a batch holding finished rows; call drop_finished first")
         self._route(batch.rows)
-        last = torch.tensor([r.tokens[-1] for r in batch.rows], dtype=torch.long)
+        last = torch.tensor([r.tokens[-1] for r in batch.rows], dtype=torch.long, device=self.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
         batch.positions = batch.positions + 1
         out = self.model(input_ids=last[:, None], attention_mask=batch.mask, position_ids=batch.positions,
@@ -215,7 +223,7 @@ class Engine:
             return None
         if len(keep) == len(batch.rows):
             return batch
-        index = torch.tensor(keep, dtype=torch.long)
+        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
         mask = batch.mask[index]
         start = int(mask.any(0).long().argmax())  # first column some remaining row attends to
         for layer in batch.cache.layers:
@@ -255,7 +263,7 @@ class Engine:
     def _scored(logits: torch.Tensor, tokens: list[int], top: int | None, normed: bool = False) -> list[TokenLogprob]:
         """logits: (n, V) predicting `tokens` (n) -> each token's log-probability and the `top` best."""
         logp = logits if normed else torch.log_softmax(logits.float(), -1)
-        chosen = logp.gather(-1, torch.tensor(tokens, dtype=torch.long)[:, None])[:, 0].tolist()
+        chosen = logp.gather(-1, torch.tensor(tokens, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
         if top:
             values, indices = logp.topk(top, dim=-1)
             tops = [tuple(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]

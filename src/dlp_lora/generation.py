@@ -68,10 +68,13 @@ def generate_ids(
     cfg: GenerationConfig,
     on_step: StepCallback | None = None,
 ) -> list[GenerationOutput]:
-    """Decode every row of a left-padded batch. input_ids, attention_mask: (B, T).
+    """Decode every row of a left-padded batch. input_ids, attention_mask: (B, T), on the model's device.
 
-    on_step(tokens (B,), finished (B,)) is called after each step (for streaming); finished rows repeat
-    the pad id in `tokens`.
+    Every tensor made here (positions, masks, the finished flags, the sampling generator) is made on the
+    inputs' device. The sampled tokens come to the host once per step, to test stop strings and EOS.
+
+    on_step(tokens (B,), finished (B,)) is called after each step (for streaming), with host tensors;
+    finished rows repeat the pad id in `tokens`.
     """
     if input_ids.shape != attention_mask.shape or input_ids.dim() != 2:
         raise ValueError(f"input_ids and attention_mask must both be (B, T); got {tuple(input_ids.shape)} "
@@ -80,30 +83,36 @@ def generate_ids(
         raise ValueError("prompts must be left padded (attention_mask[:, -1] must be 1 for every row)")
     stops = eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
-    generator = torch.Generator().manual_seed(cfg.seed) if cfg.seed is not None else None
+    device = input_ids.device
+    if attention_mask.device != device:
+        raise ValueError(f"input_ids are on {device} but attention_mask is on {attention_mask.device}")
+    # A seeded generator on the device that samples: torch.multinomial refuses one on another device.
+    generator = torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
     b = input_ids.shape[0]
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     new: list[list[int]] = [[] for _ in range(b)]
-    finished = torch.zeros(b, dtype=torch.bool)
-    stopped = [False] * b
+    finished = torch.zeros(b, dtype=torch.bool, device=device)  # rows that ended before this step
+    stopped = [False] * b  # the same on the host, updated during the step
     for _ in range(cfg.max_new_tokens):
-        token = sample_next(out.logits[:, -1], cfg, generator)
-        token = token.masked_fill(finished, pad)
-        for row in (~finished).nonzero().flatten().tolist():
-            t = int(token[row])
+        token = sample_next(out.logits[:, -1], cfg, generator).masked_fill(finished, pad)
+        host = token.tolist()  # the one device-to-host transfer of a step
+        for row in range(b):
+            if stopped[row]:
+                continue
+            t = host[row]
             if t in stops:
                 stopped[row] = True
             else:
                 new[row].append(t)
                 if cfg.stop:
                     stopped[row] = cut_at_stop(tokenizer.decode(new[row], skip_special_tokens=True), cfg.stop)[1]
-        finished |= torch.tensor(stopped)
         if on_step is not None:
-            on_step(token, finished.clone())
-        if bool(finished.all()):
+            on_step(torch.tensor(host, device="cpu"), torch.tensor(stopped, device="cpu"))
+        if all(stopped):
             break
+        finished = torch.tensor(stopped, device=device)
         mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
         positions = positions[:, -1:] + 1
         out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,

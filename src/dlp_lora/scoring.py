@@ -65,11 +65,13 @@ def _last_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, r
     for i in range(0, len(order), batch_size):
         chunk = order[i: i + batch_size]
         ids, mask = left_pad([rows[j] for j in chunk], tokenizer.pad_token_id or 0)
+        device = next(model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
         with scope([owners[j] for j in chunk]):
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
                            logits_to_keep=keep_last).logits
-        for j, lp in zip(chunk, torch.log_softmax(logits.float(), -1)):
+        for j, lp in zip(chunk, torch.log_softmax(logits.float(), -1).cpu()):  # read per token on the host
             by_row[j] = lp
     return [by_row[j] for j in range(len(rows))]
 

@@ -41,7 +41,7 @@ class Routing:
         """(B, N) weight matrix; duplicate indices in a row add up."""
         if self.indices.numel() and (self.indices.min() < 0 or self.indices.max() >= num_adapters):
             raise ValueError(f"Routing index out of range for {num_adapters} adapters")
-        dense = torch.zeros(self.batch_size, num_adapters, dtype=self.weights.dtype)
+        dense = torch.zeros(self.batch_size, num_adapters, dtype=self.weights.dtype, device=self.weights.device)
         return dense.scatter_add_(1, self.indices, self.weights)
 
     @staticmethod

@@ -5,12 +5,13 @@ For every module that at least one adapter targets, the bank keeps
   Bt: (N, r_max, d_out)  lora_B transposed, with its scale alpha/r folded in, padded the same way
 Both reshape without copying to the (N*r_max, d) stacks of the dense path. Adapters that do not target
 a module have all-zero rows there, so every adapter has an entry everywhere and the sum stays exact.
-The base model's weights are only read for their shapes: the bank never copies them.
+The base model's weights are only read for their shapes, device and dtype: the bank never copies them.
+Stacks live on the base weight's device; over a half-precision base they are kept in float32 (as peft
+keeps adapter weights by default), so the LoRA math runs in float32 and only its sum is rounded.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
@@ -19,15 +20,24 @@ from torch import nn
 
 from dlp_lora.adapters.io import LoraAdapter, read_peft_adapter
 
-__all__ = ["ModuleStack", "AdapterBank"]
+__all__ = ["ModuleStack", "AdapterBank", "stack_dtype"]
 
 
-@dataclass(frozen=True)
-class ModuleStack:
-    """Stacked LoRA weights of all N adapters for one target module (shapes in the module docstring)."""
+class ModuleStack(nn.Module):
+    """Stacked LoRA weights of all N adapters for one target module (shapes in the module docstring).
+
+    A module holding non-persistent buffers: the fused layer that uses it owns it as a child, so the
+    stacks follow `model.to(device / dtype)` in place (the bank sees the moved tensors too) and never
+    enter `state_dict` (a fused model saves and loads as the plain base model).
+    """
 
     A: torch.Tensor
     Bt: torch.Tensor
+
+    def __init__(self, A: torch.Tensor, Bt: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("Bt", Bt, persistent=False)
 
     @property
     def rank(self) -> int:
@@ -55,18 +65,26 @@ def _expected_shapes(base: nn.Module, adapter: LoraAdapter, module: str, w) -> N
         )
 
 
-def _stack(module: str, adapters: list[LoraAdapter], d_in: int, d_out: int, dtype: torch.dtype) -> ModuleStack:
+def stack_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the stacks over a base of `base_dtype`: float32 for half precision, else the base dtype."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def _stack(module: str, adapters: list[LoraAdapter], layer: nn.Linear) -> ModuleStack:
     ranks = [a.modules[module].rank if module in a.modules else 0 for a in adapters]
     n, r_max = len(adapters), max(1, *ranks)  # one zero slot when no adapter is left on the module
-    A = torch.zeros(n, r_max, d_in, dtype=dtype)
-    Bt = torch.zeros(n, r_max, d_out, dtype=dtype)
+    dtype = stack_dtype(layer.weight.dtype)
+    # Built on the host, moved once: per-adapter slice writes on an accelerator would be one copy each.
+    A = torch.zeros(n, r_max, layer.in_features, dtype=dtype, device="cpu")
+    Bt = torch.zeros(n, r_max, layer.out_features, dtype=dtype, device="cpu")
     for i, a in enumerate(adapters):
         w = a.modules.get(module)
         if w is not None:
             A[i, : w.rank] = w.A.to(dtype)
-            # Scale in float32 first so fp16 adapters lose nothing before the cast to the base dtype.
+            # Scale in float32 first so fp16 adapters lose nothing before the cast to the stack dtype.
             Bt[i, : w.rank] = (w.B.float() * w.scale).T.to(dtype)
-    return ModuleStack(A=A, Bt=Bt)
+    device = layer.weight.device
+    return ModuleStack(A=A.to(device), Bt=Bt.to(device))
 
 
 class AdapterBank:
@@ -80,13 +98,11 @@ class AdapterBank:
         for a in loaded:
             for module, w in a.modules.items():
                 _expected_shapes(base, a, module, w)
-        dtype = next(base.parameters()).dtype
         self.names: list[str] = list(adapters)
         self.adapters = loaded
         self.modules: dict[str, ModuleStack] = {}
         for module in sorted({m for a in loaded for m in a.modules}):
-            layer = base.get_submodule(module)
-            self.modules[module] = _stack(module, loaded, layer.in_features, layer.out_features, dtype)
+            self.modules[module] = _stack(module, loaded, base.get_submodule(module))
 
     def __len__(self) -> int:
         return len(self.names)
@@ -110,11 +126,9 @@ class AdapterBank:
 
     def _restack(self, base: nn.Module, names: list[str], adapters: list[LoraAdapter], keep: set[str] = frozenset()
                  ) -> None:
-        dtype = next(base.parameters()).dtype
         modules = {}
         for module in sorted({m for a in adapters for m in a.modules} | set(keep)):
-            layer = base.get_submodule(module)
-            modules[module] = _stack(module, adapters, layer.in_features, layer.out_features, dtype)
+            modules[module] = _stack(module, adapters, base.get_submodule(module))
         self.names, self.adapters, self.modules = names, adapters, modules
 
     def index(self, name: str) -> int:

@@ -71,6 +71,8 @@ def example_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, t
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
         ids, mask = encode_prompts(tokenizer, [ex.prompt for ex in chunk])
+        device = next(model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         outs = generate_ids(model, tokenizer, ids, mask, GenerationConfig(max_new_tokens=task.max_new_tokens))
         for ex, out in zip(chunk, outs):
             parsed = parse_answer(task, out.text, ex.choices, ex.options)

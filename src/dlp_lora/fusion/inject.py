@@ -131,7 +131,7 @@ class FusedLoRAModel:
             raise ValueError("routing weights must be finite, got NaN or inf")
         if (weights < 0).any():
             raise ValueError(f"routing weights must be >= 0, got a minimum of {weights.min().item():.4g}")
-        return weights.detach().float().cpu()
+        return weights.detach().float()
 
     @contextmanager
     def routed(self, weights: torch.Tensor | Routing) -> Iterator[ActiveRouting]:
@@ -168,11 +168,20 @@ class FusedLoRAModel:
                                "(in the thread that opened it)")
         return self._activate(weights)
 
+    @property
+    def device(self) -> torch.device:
+        """Where the adapter stacks are now (they follow `model.to()`); routings are moved there."""
+        return next(iter(self.bank.modules.values())).A.device
+
     def _activate(self, weights: torch.Tensor | Routing) -> ActiveRouting:
-        dense = self._dense(weights)
-        path = choose_path(dense, self.bank.total_rank, self.config)
-        active = ActiveRouting(path=path, dense=dense, routing=Routing.from_dense(dense),
-                               mix=dense[0] if path == "merged" else None)
+        given = self._dense(weights)
+        path = choose_path(given, self.bank.total_rank, self.config)
+        # The choices that read values (path, k) are made on the caller's tensors; what the layers read
+        # moves to the stacks' device here, once per routing: nothing crosses devices in a forward pass.
+        routing, device = Routing.from_dense(given), self.device
+        dense = given.to(device)
+        active = ActiveRouting(path=path, dense=dense, routing=routing, indices=routing.indices.to(device),
+                               weights=routing.weights.to(device), mix=dense[0] if path == "merged" else None)
         self._slot.active = active
         return active
 

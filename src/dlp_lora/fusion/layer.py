@@ -22,14 +22,17 @@ Path = Literal["base", "gathered", "dense", "merged"]
 class ActiveRouting:
     """One request's routing, fixed for all its forward passes (prefill and every decode step).
 
-    dense: (B, N) weights; routing: the same as (B, k) indices/weights; mix: (N,) when all rows share one
-    mixture. `prepared` caches what each layer derives from it (gathered stacks or a merged weight) so the
-    work is done once per request, not once per token.
+    routing: the (B, k) indices/weights on the caller's device. On the adapter stacks' device: dense (B, N)
+    weights, indices and weights (B, k) (routing's, moved once), and mix (N,) when all rows share one
+    mixture. `prepared` caches what each layer derives from it (gathered stacks, a merged weight or a
+    merged low-rank pair) so the work is done once per request, not once per token.
     """
 
     path: Path
     dense: torch.Tensor
     routing: Routing
+    indices: torch.Tensor
+    weights: torch.Tensor
     mix: torch.Tensor | None = None
     prepared: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
 
@@ -52,40 +55,64 @@ class FusedLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.name = name
-        # Plain attributes, not buffers: the bank owns these tensors and they must not enter state_dict.
+        # A child module of non-persistent buffers (shared with the bank): it moves with model.to() and
+        # stays out of state_dict.
         self.stack = stack
         self.slot = slot
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, T, d_in) -> (B, T, d_out)."""
+        """x: (B, T, d_in) -> (B, T, d_out).
+
+        The LoRA branch runs in `compute` = at least float32 (as peft's does over a half-precision base):
+        the base output is added to it in that dtype and the sum is rounded once to x's dtype.
+        """
         active = self.slot.active
         if active is None or active.path == "base":
             return self.base(x)
-        if active.path == "merged":
-            (weight,) = self._prepare(active)
-            return F.linear(x, weight, self.base.bias)
-        if x.shape[0] != active.dense.shape[0]:
+        prepared = self._prepare(active)
+        if active.path == "merged" and len(prepared) == 1:
+            return F.linear(x, prepared[0], self.base.bias)
+        if active.path != "merged" and x.shape[0] != active.dense.shape[0]:
             raise ValueError(
                 f"routing was set for a batch of {active.dense.shape[0]} rows, but layer {self.name} got "
                 f"{x.shape[0]} rows (beam search and num_return_sequences > 1 are not supported)"
             )
         y = self.base(x)
-        if active.path == "dense":
-            (mask,) = self._prepare(active)
-            return y + ops.lora_delta_dense(x, self.stack.A, self.stack.Bt, mask)
-        A_sel, Bt_sel = self._prepare(active)
-        return y + ops.lora_delta_gathered(x, A_sel, Bt_sel)
+        compute = self._compute_dtype(x)
+        xc = x.to(compute)
+        if active.path == "merged":  # half precision: the shared mixture as one low-rank pair, unmerged
+            A_mix, Bt_mix = prepared
+            delta = torch.matmul(torch.matmul(xc, A_mix.T), Bt_mix)
+        elif active.path == "dense":
+            (mask,) = prepared
+            delta = ops.lora_delta_dense(xc, self.stack.A.to(compute), self.stack.Bt.to(compute), mask)
+        else:
+            A_sel, Bt_sel = prepared
+            delta = ops.lora_delta_gathered(xc, A_sel, Bt_sel)
+        return (y.to(compute) + delta).to(x.dtype)
+
+    def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
+        return torch.promote_types(torch.promote_types(x.dtype, self.stack.A.dtype), torch.float32)
 
     def _prepare(self, active: ActiveRouting) -> tuple[torch.Tensor, ...]:
+        """What this layer derives from a routing, once per routing: on the stacks' device, in the
+        compute dtype (a merged weight is in the base weight's dtype)."""
         cached = active.prepared.get(self.name)
         if cached is None:
-            if active.path == "merged":
-                assert active.mix is not None
-                cached = (ops.merged_weight(self.base.weight, self.stack.A, self.stack.Bt, active.mix),)
+            A, Bt = self.stack.A, self.stack.Bt
+            compute = self._compute_dtype(self.base.weight)
+            if active.path == "merged":  # every row shares row 0's adapters (k,) and weights (k,)
+                factors = ops.merged_factors(A.to(compute), Bt.to(compute), active.indices[0], active.weights[0])
+                if self.base.weight.dtype in (torch.float16, torch.bfloat16):
+                    # Added into a half-precision copy of W, much of the delta would fall below W's
+                    # resolution; kept as one float32 rank-k*r pair it is applied like the other paths.
+                    cached = factors
+                else:
+                    cached = (ops.merge_into(self.base.weight, *factors),)
             elif active.path == "dense":
-                cached = (ops.dense_mask(active.dense, self.stack.rank),)
+                cached = (ops.dense_mask(active.dense.to(compute), self.stack.rank),)
             else:
-                cached = ops.gather_stacks(self.stack.A, self.stack.Bt, active.routing.indices, active.routing.weights)
+                cached = ops.gather_stacks(A.to(compute), Bt.to(compute), active.indices, active.weights)
             active.prepared[self.name] = cached
         return cached
 

@@ -18,6 +18,8 @@ __all__ = [
     "dense_mask",
     "lora_delta_dense",
     "merged_weight",
+    "merged_factors",
+    "merge_into",
 ]
 
 
@@ -29,7 +31,7 @@ def lora_delta_loop(
     x: (B, T, d_in); adapters[i]: (A_i (r_i, d_in), B_i (d_out, r_i), scale_i), or None when adapter i does
     not target this module; weights: (B, N) -> (B, T, d_out).
     """
-    out = torch.zeros(*x.shape[:-1], d_out, dtype=x.dtype)
+    out = torch.zeros(*x.shape[:-1], d_out, dtype=x.dtype, device=x.device)
     for b in range(x.shape[0]):
         for i, term in enumerate(adapters):
             if term is not None and weights[b, i] != 0:
@@ -76,12 +78,27 @@ def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mask: t
     return torch.matmul(h, Bt.reshape(n * r, -1))
 
 
-def merged_weight(W: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
-    """A new (d_out, d_in) weight W + sum_i mix_i * B_i A_i for one shared mixture mix (N,); W is untouched.
+def merged_factors(
+    A: torch.Tensor, Bt: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shared mixture as a single LoRA: indices, weights (k,) -> A_mix (k*r, d_in) with the weights
+    folded in, Bt_mix (k*r, d_out); B_mix A_mix = sum_j weights_j * B_{indices_j} A_{indices_j}.
 
-    Only the adapters with nonzero weight enter the product, so the cost is that of k adapters, not N.
+    Only the k selected adapters enter, so the cost is that of k adapters, not N.
     """
+    k, r, d_in = indices.shape[0], A.shape[1], A.shape[2]
+    w = weights.to(A.dtype).repeat_interleave(r)
+    return A[indices].reshape(k * r, d_in) * w[:, None], Bt[indices].reshape(k * r, -1)
+
+
+def merge_into(W: torch.Tensor, A_mix: torch.Tensor, Bt_mix: torch.Tensor) -> torch.Tensor:
+    """A new (d_out, d_in) weight W + B_mix A_mix, formed in the wider of the two dtypes and rounded once
+    to W's dtype; W is untouched."""
+    wide = torch.promote_types(W.dtype, A_mix.dtype)
+    return (W.to(wide) + (Bt_mix.T @ A_mix).to(wide)).to(W.dtype)
+
+
+def merged_weight(W: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+    """W + sum_i mix_i * B_i A_i for one dense mixture mix (N,) (its nonzeros are read on mix's device)."""
     used = mix.nonzero().flatten()
-    k, r, d_in = len(used), A.shape[1], A.shape[2]
-    scaled_A = A[used].reshape(k * r, d_in) * dense_mask(mix[used][None, :], r)[0, :, None].to(A.dtype)
-    return W + (Bt[used].reshape(k * r, -1).T @ scaled_A).to(W.dtype)
+    return merge_into(W, *merged_factors(A, Bt, used, mix[used]))

@@ -154,12 +154,12 @@ class Router(nn.Module):
         return out
 
     def collate(self, ids: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded input_ids (B, T) and attention_mask (B, T), both long."""
+        """Right-padded input_ids (B, T) and attention_mask (B, T), both long, on the host (moved once later)."""
         width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(ids), width, dtype=torch.long)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long, device="cpu")
+        mask = torch.zeros(len(ids), width, dtype=torch.long, device="cpu")
         for b, row in enumerate(ids):
-            input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long)
+            input_ids[b, : len(row)] = torch.tensor(row, dtype=torch.long, device="cpu")
             mask[b, : len(row)] = 1
         return input_ids, mask
 

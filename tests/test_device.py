@@ -1,0 +1,264 @@
+"""Device and dtype: stacks that follow model.to(), half precision against peft, no tensor off-device.
+
+Half-precision tolerance (stated in the README): fused logits equal peft's in the same dtype to
+max |diff| <= 1e-2 in bfloat16 and <= 2e-3 in float16 (logits here are below 1 in magnitude: a few units
+in the last place). One adapter alone measured here: bit-identical in bfloat16, within 1 ulp in float16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from conftest import make_tiny_assets, tiny_llama, tiny_pipeline, tiny_vocab_model
+from devcheck import DeviceCheck
+from dlp_lora import FusedLoRAModel
+from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig
+from dlp_lora.generation import generate_ids
+from dlp_lora.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
+
+HALF_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+PATHS = ["gathered", "dense", "merged"]
+MIXED = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])  # a, a+b, base
+
+
+def _ids(b: int = 3, t: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for row in range(1, b):  # left padding of different lengths
+        ids[row, :row] = 0
+        mask[row, :row] = 0
+    return ids, mask
+
+
+def _peft(adapter_dirs, mix: dict[str, float], dtype: torch.dtype) -> PeftModel:
+    """peft over the same tiny base in `dtype`, serving one adapter or a `cat` mixture of several."""
+    names = list(mix)
+    ref = PeftModel.from_pretrained(tiny_llama().to(dtype), adapter_dirs[names[0]], adapter_name=names[0]).eval()
+    for name in names[1:]:
+        ref.load_adapter(adapter_dirs[name], adapter_name=name)
+    if len(names) > 1 or mix[names[0]] != 1.0:
+        ref.add_weighted_adapter(names, list(mix.values()), adapter_name="mix", combination_type="cat")
+        ref.set_adapter("mix")
+    return ref
+
+
+def _logits(model, ids, mask) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ATOL))
+@pytest.mark.parametrize("path", PATHS)
+def test_half_single_adapter_equals_peft(adapter_dirs, dtype, path):
+    ids, mask = _ids()
+    want = _logits(_peft(adapter_dirs, {"c": 1.0}, dtype), ids, mask)
+    model = tiny_llama().to(dtype)
+    fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
+    with fused.routed(torch.tensor([[0.0, 0.0, 1.0]] * 3)):
+        got = _logits(model, ids, mask)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, want, atol=HALF_ATOL[dtype], rtol=0)
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ATOL))
+def test_half_mixture_equals_peft_cat_mixture(adapter_dirs, dtype):
+    ids, mask = _ids()
+    mix = {"a": 0.7, "b": 0.2, "c": 0.5}
+    want = _logits(_peft(adapter_dirs, mix, dtype), ids, mask)
+    model = tiny_llama().to(dtype)
+    fused = FusedLoRAModel(model, adapter_dirs)
+    for path in PATHS:
+        fused.config = FusionConfig(path=path)
+        with fused.routed(torch.tensor([list(mix.values())] * 3)):
+            got = _logits(model, ids, mask)
+        torch.testing.assert_close(got, want, atol=HALF_ATOL[dtype], rtol=0, msg=f"path {path}")
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ATOL))
+@pytest.mark.parametrize("path", ["gathered", "dense"])
+def test_half_mixed_batch_rows_equal_peft(adapter_dirs, dtype, path):
+    ids, mask = _ids()
+    model = tiny_llama().to(dtype)
+    fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
+    with fused.routed(MIXED):
+        got = _logits(model, ids, mask)
+    refs = [_peft(adapter_dirs, {"a": 1.0}, dtype), _peft(adapter_dirs, {"a": 0.3, "b": 0.7}, dtype)]
+    with refs[0].disable_adapter():
+        base = _logits(refs[0], ids, mask)
+    want = [_logits(refs[0], ids, mask)[0], _logits(refs[1], ids, mask)[1], base[2]]
+    for b in range(3):
+        keep = mask[b].bool()
+        torch.testing.assert_close(got[b, keep], want[b][keep], atol=HALF_ATOL[dtype], rtol=0, msg=f"row {b}")
+
+
+class _Tok:
+    eos_token_id = None
+    pad_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(map(str, ids))
+
+
+def test_bf16_greedy_generation_equals_peft(adapter_dirs):
+    ids, mask = _ids()
+    cfg = GenerationConfig(max_new_tokens=6)
+    ref = _peft(adapter_dirs, {"b": 1.0}, torch.bfloat16)
+    want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
+    model = tiny_llama().to(torch.bfloat16)
+    fused = FusedLoRAModel(model, adapter_dirs)
+    with fused.routed(torch.tensor([[0.0, 1.0, 0.0]] * 3)):
+        got = generate_ids(model, _Tok(), ids, mask, cfg)
+    assert [g.token_ids for g in got] == want[:, ids.shape[1]:].tolist()
+
+
+def test_stacks_are_non_persistent_buffers_that_follow_model_to(tiny_model, adapter_dirs):
+    keys = set(tiny_model.state_dict())
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    # only the base weights, under their wrapper's name: no adapter tensor enters state_dict
+    assert {k.replace(".base.", ".") for k in tiny_model.state_dict()} == keys
+    stacks = {n for n, _ in tiny_model.named_buffers() if ".stack." in n}
+    assert len(stacks) == 2 * len(fused.bank.modules)
+    tiny_model.to(torch.float64)
+    assert all(s.A.dtype == s.Bt.dtype == torch.float64 for s in fused.bank.modules.values())
+    tiny_model.to("meta")
+    assert fused.device == torch.device("meta")
+    assert all(s.A.is_meta and s.Bt.is_meta for s in fused.bank.modules.values())  # the bank sees the move
+
+
+@pytest.mark.parametrize("dtype", list(HALF_ATOL))
+def test_half_base_keeps_float32_stacks(adapter_dirs, dtype):
+    fused = FusedLoRAModel(tiny_llama().to(dtype), adapter_dirs)
+    assert all(s.A.dtype == s.Bt.dtype == torch.float32 for s in fused.bank.modules.values())
+
+
+@pytest.mark.parametrize("path", ["base", *PATHS])
+def test_fused_prefill_and_decode_on_meta_device(tiny_model, adapter_dirs, path):
+    """On `meta`, any tensor the engine makes on the host would meet meta tensors: DeviceCheck fails it."""
+    fused = FusedLoRAModel(tiny_model.to("meta"), adapter_dirs, FusionConfig(path="auto" if path == "base" else path))
+    weights = torch.zeros(3, 3) if path == "base" else (torch.tensor([[0.2, 0.0, 0.8]] * 3) if path == "merged" else MIXED)
+    ids = torch.zeros(3, 6, dtype=torch.long, device="meta")
+    # No attention mask: transformers reads a mask's values to pick its attention kernel, meta has none.
+    with fused.routed(weights) as active, DeviceCheck("meta") as check, torch.no_grad():
+        out = tiny_model(input_ids=ids, use_cache=True)
+        step = tiny_model(input_ids=ids[:, -1:], cache=out.cache, use_cache=True)
+    assert active.path == path
+    assert step.logits.is_meta and step.logits.shape == (3, 1, 128) and check.ops > 0
+
+
+def test_device_check_catches_a_host_tensor():
+    with pytest.raises(AssertionError, match="on cpu"), DeviceCheck("meta"):
+        torch.ones(2, 2, device="meta") @ torch.ones(2, 2)  # matmul alone would not complain
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def test_pipeline_makes_every_tensor_on_the_model_device(tmp_path, tok):
+    """A tensor made without `device=` lands on the default device: meta here, while the model is on
+    CPU, so DeviceCheck reports the op that made it (routing, prompts, masks, sampling, scoring)."""
+    dlp = tiny_pipeline(make_tiny_assets(tmp_path / "assets", len(tok)), tok)
+    prompts = ["What is 3 + 4?", "Which planet is largest?"]
+    with torch.device("meta"), DeviceCheck("cpu") as check:
+        greedy = dlp.generate(prompts, config=GenerationConfig(max_new_tokens=4))
+        sampled = dlp.generate(prompts, config=GenerationConfig(max_new_tokens=4, do_sample=True, seed=3, top_p=0.9,
+                                                                stop=("x",)))
+        explicit = dlp.generate(prompts[:1], config=GenerationConfig(max_new_tokens=3),
+                                routing=dlp.routing_for([{"maths": 0.5, "science": 0.5}]))
+        scores = dlp.option_logprobs(prompts, [["7", "8"], ["Jupiter", "Mars"]], dlp.route(prompts))
+    assert check.ops > 100 and len(greedy) == len(sampled) == 2 and explicit[0].adapters
+    assert all(isinstance(s, float) for row in scores for s in row)
+
+
+def test_load_base_model_device_and_dtype(tmp_path, tok):
+    tiny_vocab_model(len(tok)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    model, _ = load_base_model(tmp_path / "m", dtype="bfloat16", device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")}
+
+
+def test_device_and_dtype_errors():
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("float16") is torch.float16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        resolve_dtype("fp8")
+    with pytest.raises(ValueError, match="floating dtype"):
+        resolve_dtype(torch.int8)
+    with pytest.raises(ValueError, match="device must be auto"):
+        DeviceConfig(device="gpu")
+    with pytest.raises(ValueError, match="dtype must be"):
+        DeviceConfig(dtype="fp16")  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given where CUDA is missing")
+def test_cli_device_cuda_without_cuda_is_a_clear_error(tmp_path, tok, capsys):
+    from dlp_lora.cli import main
+
+    assets = make_tiny_assets(tmp_path / "assets", len(tok))
+    assert main(["generate", "--assets", str(assets), "--prompt", "hi", "--device", "cuda"]) == 2
+    assert "CUDA is not available here" in capsys.readouterr().err
+
+
+def test_from_assets_in_bfloat16_serves_the_same_answers(tmp_path, tok):
+    """`DLPLoRA.from_assets(device=...)` (what `--device/--dtype` build) loads base, adapters and router
+    there; the server answers greedy requests in bfloat16 exactly as the pipeline does."""
+    from fastapi.testclient import TestClient
+
+    from dlp_lora.assets import Manifest
+    from dlp_lora.config import ServerConfig
+    from dlp_lora.pipeline import DLPLoRA
+    from dlp_lora.server import create_app
+
+    root = make_tiny_assets(tmp_path / "assets", len(tok))
+    tiny_vocab_model(len(tok)).save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    manifest = Manifest.load(root)
+    manifest.base_model = str(root / "base")
+    manifest.save(root)
+    dlp = DLPLoRA.from_assets(root, device=DeviceConfig(device="cpu", dtype="bfloat16"))
+    assert {p.dtype for p in dlp.model.parameters()} == {torch.bfloat16} and dlp.device == torch.device("cpu")
+    assert all(s.A.dtype == torch.float32 for s in dlp.fused.bank.modules.values())
+    prompt = "What is 3 + 4?"
+    want = dlp.generate([prompt], config=GenerationConfig(max_new_tokens=5))[0]
+    with TestClient(create_app(dlp, ServerConfig(model_name="tiny"))) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want.text
+
+
+def test_gpu_benchmark_script_runs_on_cpu_as_a_smoke_run(tmp_path, tok):
+    """benchmarks/gpu.py's code path (no timing claims): a tiny model on CPU, every method and N."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    tiny_vocab_model(len(tok)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+    spec = importlib.util.spec_from_file_location("gpu_bench", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gpu.json"
+    bench.main(["--device", "cpu", "--dtype", "bfloat16", "--base-model", str(tmp_path / "base"), "--num-adapters",
+                "2", "3", "--batch-sizes", "1", "2", "--new-tokens", "3", "--prompt-tokens", "8", "--repeats", "1",
+                "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["method"], r["N"]) for r in rows} == {("base", 0), ("peft", 1), ("fused", 2), ("fused", 3)}
+    assert all(r["prefill_ms"] > 0 and r["path"] for r in rows)  # no speed claim: tiny noisy timings
+    with pytest.raises(SystemExit, match="no CUDA device") if not torch.cuda.is_available() else _nothing():
+        bench.main(["--device", "cuda", "--base-model", str(tmp_path / "base")])
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
