@@ -11,6 +11,13 @@ Throughput ratios (N clients against 1) come side by side in one run.
     python benchmarks/serve_load.py --tiny
     python benchmarks/serve_load.py --assets assets/smollm2-135m-26tasks --json docs/serve_load.json \
         --markdown docs/performance.md
+
+`--ray` compares, in one run, the single-process server with `dlp-lora serve --ray` at each of `--replicas`
+(each replica gets `--cpus-per-replica` Ray CPUs and as many torch threads; by default the cores split
+evenly) and writes a "## Ray Serve" section instead:
+
+    python benchmarks/serve_load.py --ray --replicas 1 2 --json docs/serve_load_ray.json \
+        --markdown docs/performance.md
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -44,6 +52,13 @@ PROMPTS = [
 ]
 MIXES = {"short": 16, "decode-heavy": 128}
 """Mix name -> new tokens per request."""
+
+
+# Ray in a benchmark: no usage report (the machine may be offline), no metrics agent, quiet replicas, and
+# replicas at the same priority as the single-process server (Ray runs workers at nice 15 by default, which
+# on a machine shared with other work would hand the comparison to the single-process server).
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0", "RAY_SERVE_LOG_TO_STDERR": "0",
+           "RAY_worker_niceness": "0"}
 
 
 def build_tiny_assets(root: Path) -> Path:
@@ -98,17 +113,35 @@ def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> No
     raise TimeoutError(f"no healthy server at {url} after {timeout:.0f} s")
 
 
+def _cpus(ns: argparse.Namespace, replicas: int) -> float:
+    """Ray CPUs (and torch threads) per replica: as asked, or the machine's cores split evenly."""
+    return ns.cpus_per_replica or max(1, (os.cpu_count() or 1) // replicas)
+
+
+def _ray_args(ns: argparse.Namespace, replicas: int | None) -> list[str]:
+    """`dlp-lora serve` flags for Ray Serve with this many replicas (none for the single-process server)."""
+    if replicas is None:
+        return []
+    return ["--ray", "--replicas", str(replicas), "--cpus-per-replica", str(_cpus(ns, replicas)),
+            "--max-ongoing-requests", str(2 * ns.max_batch_size), "--max-queued-requests", "-1"]
+
+
 @contextmanager
-def running_server(ns: argparse.Namespace, assets: Path, batching: str) -> Iterator[str]:
-    """The base URL of a healthy `dlp-lora serve` subprocess with this batching policy; stopped after."""
+def running_server(ns: argparse.Namespace, assets: Path, batching: str,
+                   replicas: int | None = None) -> Iterator[str]:
+    """The base URL of a healthy `dlp-lora serve` subprocess with this batching policy (on Ray Serve with
+    `replicas` replicas when given); stopped after."""
     port = _free_port()
     cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--host", "127.0.0.1",
            "--port", str(port), "--max-batch-size", str(ns.max_batch_size), "--batching", batching,
            "--batch-window-ms", str(ns.batch_window_ms), "--max-queue", str(max(64, 4 * max(ns.concurrency))),
-           "--max-tokens-limit", str(max(MIXES.values()))]
+           "--max-tokens-limit", str(max(MIXES.values()))] + _ray_args(ns, replicas)
     if ns.base_model:
         cmd += ["--base-model", ns.base_model]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if ns.verbose else subprocess.DEVNULL)
+    # Its own session: should the server not stop on SIGTERM, killing the group also ends the local
+    # Ray cluster it started (raylet, GCS, replicas), not only the driver.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if ns.verbose else subprocess.DEVNULL,
+                            env={**os.environ, **(RAY_ENV if replicas else {})}, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(url, proc, ns.startup_timeout)
@@ -116,9 +149,9 @@ def running_server(ns: argparse.Namespace, assets: Path, batching: str) -> Itera
     finally:
         proc.terminate()
         try:
-            proc.wait(30)
+            proc.wait(60)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _step_stats(url: str) -> tuple[float, float]:
@@ -234,15 +267,97 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the figures here")
     p.add_argument("--markdown", default=None, help="replace/append the '## Serving load' section of this file")
     p.add_argument("--verbose", action="store_true", help="show the server's log")
+    p.add_argument("--ray", action="store_true", help="compare the single-process server with Ray Serve replicas")
+    p.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="Ray Serve replica counts (--ray)")
+    p.add_argument("--cpus-per-replica", type=float, default=None,
+                   help="Ray CPUs (and torch threads) per replica (--ray; default: the cores split evenly)")
     ns = p.parse_args(argv)
     if min(ns.concurrency) < 1 or ns.rounds < 1:
         p.error("--concurrency and --rounds must be >= 1")
+    if ns.ray and min(ns.replicas) < 1:
+        p.error("--ray needs --replicas >= 1")
     return ns
+
+
+def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load: float) -> str:
+    """The "## Ray Serve" section: one table, the single-process server and each replica count side by side."""
+    target = "a tiny random model (smoke run)" if ns.tiny else f"`{ns.assets}`"
+    lines = [
+        "## Ray Serve", "",
+        f"Produced by `{command}` against {target} on this machine ({os.cpu_count()} CPUs, {platform.machine()}). "
+        f"Each level sends clients x {ns.rounds} streamed greedy `/v1/completions` requests of each mix "
+        f"(`ignore_eos`; short = {MIXES['short']} tokens, decode-heavy = {MIXES['decode-heavy']}) from that many "
+        "concurrent clients, first to the single-process server (`dlp-lora serve`, uvicorn, continuous batching), "
+        "then to `dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters "
+        f"and the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
+        f"per replica. Load is the machine's 1-minute load average after each row (it was {load:.2f} when the run "
+        "started). Servers run one after another: compare rows only where their loads are close.", "",
+        "| server | threads | mix | clients | requests | errors | seconds | output tok/s | TTFT p50 ms | "
+        "TPOT p50 ms | latency p50 ms | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['server']} | {r['threads']} | {r['mix']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+              f"{r['seconds']} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | {r['tpot_p50_ms']} | "
+              f"{r['latency_p50_ms']} | {r['load_average']} |" for r in results]
+    return "\n".join(lines) + "\n"
+
+
+def _save_ray(results: list[dict], ns: argparse.Namespace, command: str, load: float) -> str:
+    """Write the figures so far (after every row: a run cut short still leaves what it measured)."""
+    table = ray_markdown(results, ns, command, load)
+    if ns.json:
+        Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "load_average": load,
+                                             "results": results}, indent=2) + "\n")
+    if ns.markdown:
+        from dlp_lora.cli import _write_section
+
+        _write_section(Path(ns.markdown), "## Ray Serve", table)
+    return table
+
+
+def run_ray(ns: argparse.Namespace, command: str) -> int:
+    """The single-process server, then Ray Serve at each replica count, on the same mixes and levels."""
+    import torch  # only to report the single-process server's default thread count
+
+    results, torch_threads, load = [], torch.get_num_threads(), round(os.getloadavg()[0], 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = build_tiny_assets(Path(tmp)) if ns.tiny else Path(ns.assets)
+        if not (assets / "manifest.json").exists():
+            raise SystemExit(f"no assets at {assets}; pass --assets DIR or --tiny")
+        for replicas in [None, *ns.replicas]:
+            with running_server(ns, assets, "continuous", replicas) as url:
+                # Warm-up on every replica: first-call allocations and lazy loading stay out of the figures.
+                warm = 2 * (replicas or 1)
+                run_level(url, warm, warm, 4, ns.timeout)
+                label = "uvicorn, 1 process" if replicas is None else f"Ray Serve, {replicas} replica(s)"
+                threads = max(1, int(_cpus(ns, replicas))) if replicas else torch_threads
+                for mix in ns.mixes:
+                    for c in ns.concurrency:
+                        r = run_level(url, c, c * ns.rounds, MIXES[mix], ns.timeout)
+                        r.update(server=label, mix=mix, replicas=replicas, threads=threads,
+                                 load_average=round(os.getloadavg()[0], 2))
+                        if replicas:  # /metrics is one replica's only
+                            r["mean_rows_per_step"] = None
+                        results.append(r)
+                        print(json.dumps(r), flush=True)
+                        _save_ray(results, ns, command, load)
+    print(_save_ray(results, ns, command, load))
+    return 0 if all(r["errors"] == 0 for r in results) else 1
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = parse_args(argv)
+    # `timeout` or a scheduler ends us with SIGTERM: unwind, so the server we started (its own session,
+    # with its Ray cluster) is stopped too.
+    signal.signal(signal.SIGTERM, _terminated)
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if ns.ray:
+        return run_ray(ns, command)
     runs: dict[tuple[str, str], list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         assets = build_tiny_assets(Path(tmp)) if ns.tiny else Path(ns.assets)

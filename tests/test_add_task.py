@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -70,6 +71,20 @@ def test_router_of_user_tasks_is_retrained_from_the_files_the_manifest_names(use
     assert Router.load(root / "router", expected_tasks=manifest.tasks).cfg.temperature == pytest.approx(record["temperature"], abs=1e-4)
 
 
+def test_a_base_served_task_keeps_its_router_class(tmp_path):
+    # The dev gate maps a failed task to the base model (adapter None); its prompts must still route to it.
+    root = make_tiny_assets(tmp_path / "assets", len(load_tokenizer()))
+    maths, science, _ = _files(tmp_path)
+    manifest = Manifest.load(root)
+    manifest.adapters["science"] = None
+    manifest.records = {"maths": {"examples_file": str(maths)}, "science": {"examples_file": str(science)}}
+    manifest.save(root)
+    train_pool_router(root, None, SPLIT, TINY, replace(FAST, epochs=2), DATA, progress=False)
+    manifest = Manifest.load(root)
+    assert manifest.tasks == ["maths", "science"] and manifest.adapters["science"] is None
+    manifest.check(root)
+
+
 def test_add_task_extends_the_head_and_leaves_other_classes_alone(user_assets, tmp_path):
     root, sentiment = user_assets
     adapter = make_peft_adapter(tmp_path / "sent", seed=7, base=tiny_vocab_model(len(load_tokenizer())))
@@ -81,7 +96,8 @@ def test_add_task_extends_the_head_and_leaves_other_classes_alone(user_assets, t
     assert manifest.adapters["sentiment"] == "adapters/sentiment"
     assert (root / "adapters" / "sentiment" / "adapter_config.json").exists()
     assert manifest.records["sentiment"]["examples_file"] == str(sentiment.resolve())
-    assert record["router_head"]["new_task_dev_accuracy"] >= 0.9 and record["router_head"]["max_drop_points"] <= 5
+    head = record["router_head"]
+    assert head["new_task_dev_accuracy"] >= 0.9 and head["max_drop_points"] <= 5 and head["bias"] <= head["bias_fitted"]
     new = Router.load(root / "router", expected_tasks=manifest.tasks)
     # The old classes' logits are exactly the old router's: only the new row was trained.
     assert torch.equal(new.predict_logits(probe)[:, :2], old.predict_logits(probe))
@@ -107,3 +123,19 @@ def test_train_router_jsonl_sorted_by_task_gets_a_stratified_dev_split(tmp_path,
     out = capsys.readouterr().out
     assert "best dev accuracy 1.0000" in out and "temperature" in out
     assert json.loads((tmp_path / "r" / "config.json").read_text())["temperature"] > 0
+
+
+def test_capped_bias_keeps_every_old_class_within_the_allowed_drop():
+    from dlp_lora.training.add_task import _capped_bias
+
+    gen = torch.Generator().manual_seed(0)
+    h, w = torch.randn(200, 8, generator=gen), torch.randn(8, generator=gen)
+    truth = torch.arange(200) % 4
+    old = torch.randn(200, 4, generator=gen) + 3 * torch.nn.functional.one_hot(truth, 4)
+    right = old.argmax(1) == truth
+    for max_drop in (0.0, 0.1):
+        b = _capped_bias(h, old, truth, w, torch.tensor(10.0), max_drop)  # 10: the new row would take everything
+        taken = (h @ w + b) > old.max(1).values
+        for c in range(4):
+            assert int((taken & right & (truth == c)).sum()) <= int(max_drop * 50)
+    assert _capped_bias(h, old, truth, w, torch.tensor(-100.0), 0.0) == -100.0  # never raised

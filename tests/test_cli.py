@@ -100,3 +100,16 @@ def test_train_adapter_out_of_budget_exits_75_so_make_assets_can_continue(monkey
     assert stopped.value.code == 75
     assert "boolq" in capsys.readouterr().out.split("not finished")[0].splitlines()[-1]
     assert main(["train-adapter", "--task", "piqa", "--assets", str(tmp_path)]) in (None, 0)
+
+
+def test_demo_runs_on_an_int8_base(assets, tmp_path, capsys):
+    from conftest import tiny_vocab_model
+
+    tok = load_tokenizer()
+    base = tmp_path / "tiny-base"
+    tiny_vocab_model(len(tok)).save_pretrained(base)
+    tok.save_pretrained(base)
+    assert main(["demo", "--assets", str(assets), "--base-model", str(base), "--quantize", "int8",
+                 "--prompt", "What is 2 + 2?", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "on the int8-quantized base model" in out and "tok/s" in out

@@ -143,6 +143,29 @@ def test_app_builder_takes_config_fields_by_name(assets):
         app_builder({"assets": str(assets), "replicas": 0})
 
 
+def test_app_builder_takes_serve_run_strings(assets):
+    """`serve run dlp_lora.server.ray:app_builder assets=... replicas=2` passes every value as a string."""
+    app = app_builder({"assets": str(assets), "replicas": "2", "cpus_per_replica": "0.5", "max_batch_size": "4"})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(ValueError, match="replicas"):
+        app_builder({"assets": str(assets), "replicas": "two"})
+
+
+def test_kuberay_example_is_a_valid_serve_config(assets):
+    """deploy/kuberay/rayservice.yaml: Ray Serve accepts its config, `app_builder` its args, and the image
+    deploy/Dockerfile builds from carries the Ray version the RayService names."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    spec = yaml.safe_load((root / "kuberay" / "rayservice.yaml").read_text())["spec"]
+    (app,) = ServeDeploySchema(**yaml.safe_load(spec["serveConfigV2"])).applications
+    assert app.import_path == "dlp_lora.server.ray:app_builder"
+    assert isinstance(app_builder({**app.args, "assets": str(assets)}), serve.Application)
+    base_image = next(ln for ln in (root / "Dockerfile").read_text().splitlines() if ln.startswith("FROM "))
+    assert f"rayproject/ray:{spec['rayClusterConfig']['rayVersion']}-" in base_image
+
+
 def test_greedy_answers_equal_the_single_process_server(cluster, assets):
     with TestClient(create_app(DLPLoRA.from_assets(assets), CFG)) as local, httpx.Client(timeout=120) as http:
         for prompt in PROMPTS:

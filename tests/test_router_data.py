@@ -48,6 +48,8 @@ def test_renderings_write_the_options_in_their_own_style():
     assert "a) big red ball" in render(MCQ, "lower_letters") and MCQ.instruction not in render(MCQ, "lower_letters")
     assert render(MCQ, "chatml").startswith("<|im_start|>system")
     assert render(MCQ, "lowercase") == render(MCQ, "lowercase").lower()
+    mixed = render(MCQ, "mixed_options")
+    assert "big red ball" in mixed and "red big ball" in mixed and "(A)" not in mixed and "|" not in mixed
     assert render(QA, "paren") == QA.prompt  # free-form: no options to restyle
     assert len(render(MCQ, "head_cut")) < len(MCQ.prompt) + 40
 

@@ -357,6 +357,12 @@ BAD = [
     ("/v1/chat/completions", {"messages": []}, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": _user("hi"), "top_logprobs": 2}, "top_logprobs needs logprobs=true"),
+    ("/v1/completions", {"prompt": "hi", "routing_granularity": "token"}, "routing_granularity"),
+    ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "routing_granularity": "segment"},
+     "cannot be combined with explicit adapters"),
+    ("/v1/completions", {"prompt": "hi", "model": "maths", "routing_granularity": "segment"}, "needs the router"),
+    ("/v1/completions", {"prompt": "hi", "segment_marker": ""}, "segment_marker"),
+    ("/v1/completions", {"prompt": "hi", "routing_granularity": "sentence"}, "routing_granularity='sentence'"),
 ]
 
 
@@ -636,3 +642,26 @@ def test_openai_client_against_live_uvicorn(pipe):
     finally:
         server.should_exit = True
         thread.join(15)
+
+
+def test_routing_granularity_in_the_request_body(pipe):
+    """`segment` routes on the prompt's last segment (only the router's text changes, so continuous batching
+    serves it) and answers what the pipeline gives that granularity; `sentence` (mid-answer re-routing) is
+    refused with a 400 naming the field."""
+    from dlp_lora.config import RoutingConfig
+
+    prompt = "Sort: pear apple ## What is 3 + 4?"
+    want = pipe.generate([prompt], config=GenerationConfig(max_new_tokens=12),
+                         routing_config=RoutingConfig(granularity="segment", segment_marker="##"))[0]
+    last = pipe.route(["What is 3 + 4?"])
+    with TestClient(create_app(pipe, _cfg())) as client:
+        r = client.post("/v1/chat/completions", json={"messages": _user(prompt), "max_tokens": 12, "temperature": 0,
+                                                      "segment_marker": "##", "routing_granularity": "segment"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == want.text
+        assert body["routing"]["adapters"] == want.adapters == [pipe.adapter_names[i] for i, _ in last.row(0)]
+        assert body["routing"]["weights"] == pytest.approx(want.weights, abs=1e-5)
+        r = client.post("/v1/chat/completions", json={"messages": _user(prompt), "max_tokens": 4,
+                                                      "routing_granularity": "sentence"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "routing_granularity", r.text

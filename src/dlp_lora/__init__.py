@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # static tools see the real names; nothing here runs at impor
     from dlp_lora.models import load_base_model
     from dlp_lora.pipeline import DLPLoRA, Result
     from dlp_lora.router import Router, select
+    from dlp_lora.config import RoutingConfig
     from dlp_lora.types import Routing
 
 # Exported name -> module that defines it (read only; the cache is the module's own namespace).
@@ -24,6 +25,7 @@ _EXPORTS = {
     "Result": "dlp_lora.pipeline",
     "Router": "dlp_lora.router",
     "Routing": "dlp_lora.types",
+    "RoutingConfig": "dlp_lora.config",
     "load_base_model": "dlp_lora.models",
     "select": "dlp_lora.router",
 }

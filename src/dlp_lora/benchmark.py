@@ -1,12 +1,14 @@
 """Fusion latency benchmark: base vs peft vs fused mixtures, timed side by side in one process.
 
 Every configuration decodes with the same loop (transformers' `generate`, greedy, a fixed number of new
-tokens), so the ratios compare the LoRA machinery and nothing else. Timings are medians over repeats,
+tokens), so the ratios compare the LoRA machinery and nothing else. Each configuration runs on the fp32
+base and on its int8 copy (`cfg.quantize`), and optionally llama.cpp runs the embedded GGUF at batch 1. Timings are medians over repeats,
 and the configurations of one repeat are interleaved so that machine drift hits all of them alike.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import tempfile
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 from dlp_lora.adapters.io import LoraModuleWeights, write_peft_adapter
 from dlp_lora.config import BenchConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.quantize import quantize_model
 
 __all__ = ["run_fusion_benchmark", "markdown_table", "save_json"]
 
@@ -56,10 +59,15 @@ def _mixtures(batch: int, n: int, k: int, g: torch.Generator) -> torch.Tensor:
     return w
 
 
-def _time(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
+def _time(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    t0 = clock()
     fn()
-    return time.perf_counter() - t0
+    return clock() - t0
+
+
+def clock_of(cfg: BenchConfig) -> Callable[[], float]:
+    """perf_counter for wall time; process_time (CPU time of every thread of this process) for `cpu`."""
+    return time.process_time if cfg.clock == "cpu" else time.perf_counter
 
 
 def _generate(model, ids: torch.Tensor, n: int) -> None:
@@ -67,36 +75,38 @@ def _generate(model, ids: torch.Tensor, n: int) -> None:
                    do_sample=False, pad_token_id=0)
 
 
-def _measure(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
+def _measure(model, ids: torch.Tensor, new_tokens: int,
+             clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
     """(prefill seconds, decode seconds for new_tokens) with one shared decoding loop.
 
     Decode is the difference between generating new_tokens and generating one token, so prefill and
     the loop's set-up cancel out; it is scaled back to new_tokens steps.
     """
     with torch.no_grad():
-        prefill = _time(lambda: _generate(model, ids, 1))
-        total = _time(lambda: _generate(model, ids, new_tokens))
+        prefill = _time(lambda: _generate(model, ids, 1), clock)
+        total = _time(lambda: _generate(model, ids, new_tokens), clock)
     return prefill, (total - prefill) * new_tokens / max(new_tokens - 1, 1)
 
 
-def _one_repeat(model, cfg: BenchConfig, paths: dict[str, Path], prompts: dict[int, torch.Tensor],
+def _one_repeat(model, quant: str, cfg: BenchConfig, paths: dict[str, Path], prompts: dict[int, torch.Tensor],
                 g: torch.Generator, bar) -> list[dict]:
     from peft import PeftModel
 
     rows: list[dict] = []
 
     def record(method: str, n: int, k: int, b: int, path: str, extra: dict | None = None) -> None:
-        prefill, decode = _measure(model, prompts[b], cfg.new_tokens)
-        rows.append({"method": method, "N": n, "k": k, "batch": b, "path": path, "prefill_s": prefill,
-                     "decode_s": decode, **(extra or {})})
+        prefill, decode = _measure(model, prompts[b], cfg.new_tokens, clock_of(cfg))
+        rows.append({"method": method, "quantize": quant, "N": n, "k": k, "batch": b, "path": path,
+                     "prefill_s": prefill, "decode_s": decode, **(extra or {})})
         bar.update(1)
 
     for b in cfg.batch_sizes:
         record("base", 0, 0, b, "-")
-    peft_model = PeftModel.from_pretrained(model, paths["task000"])
-    for b in cfg.batch_sizes:
-        record("peft", 1, 1, b, "peft")
-    peft_model.unload()
+    if quant == "none":  # peft wraps float nn.Linear layers only; its row is the fp32 yardstick
+        peft_model = PeftModel.from_pretrained(model, paths["task000"])
+        for b in cfg.batch_sizes:
+            record("peft", 1, 1, b, "peft")
+        peft_model.unload()
     for n in cfg.num_adapters:
         fused = FusedLoRAModel(model, {name: paths[name] for name in list(paths)[:n]})
         mem = {"bank_mb": fused.bank.num_bytes() / 2**20, "rss_mb": _rss_mb()}
@@ -115,17 +125,36 @@ def run_fusion_benchmark(model: torch.nn.Module, cfg: BenchConfig = BenchConfig(
     g = torch.Generator().manual_seed(cfg.seed)
     vocab = model.get_input_embeddings().num_embeddings
     prompts = {b: torch.randint(100, vocab, (b, cfg.prompt_tokens), generator=g) for b in cfg.batch_sizes}
-    per_repeat = len(cfg.batch_sizes) * (2 + len(cfg.num_adapters) * len(cfg.ks))
+    # The fp32 model is the caller's; the int8 one a copy, so both are timed in one interleaved run.
+    models = {q: model if q == "none" else quantize_model(copy.deepcopy(model), q) for q in cfg.quantize}
+    llama = None
+    if cfg.llamacpp:
+        from dlp_lora.llamacpp_bench import LlamaCppTimer
+
+        llama = LlamaCppTimer(cfg.prompt_tokens, cfg.new_tokens, torch.get_num_threads(), clock_of(cfg))
+        prompts.setdefault(1, torch.randint(100, vocab, (1, cfg.prompt_tokens), generator=g))
+    per_repeat = sum(len(cfg.batch_sizes) * ((2 if q == "none" else 1) + len(cfg.num_adapters) * len(cfg.ks))
+                     for q in cfg.quantize) + (llama is not None)
     raw: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=per_repeat * cfg.repeats, desc="bench",
                                                      disable=not progress) as bar:
         paths = _random_adapters(model, max(cfg.num_adapters), cfg.rank, Path(tmp), cfg.seed)
-        _measure(model, prompts[max(cfg.batch_sizes)], 2)  # warm-up: first calls pay one-time allocation costs
+        for m in models.values():  # warm-up: first calls pay one-time allocation costs
+            _measure(m, prompts[max(cfg.batch_sizes)], 2)
+        if llama is not None:
+            llama.measure(prompts[1])
         for rep in range(cfg.repeats):
-            raw += [{**row, "repeat": rep} for row in _one_repeat(model, cfg, paths, prompts, g, bar)]
+            for quant, m in models.items():
+                raw += [{**row, "repeat": rep} for row in _one_repeat(m, quant, cfg, paths, prompts, g, bar)]
+            if llama is not None:
+                prefill, decode = llama.measure(prompts[1])
+                raw.append({"method": "llama.cpp", "quantize": "gguf", "N": 0, "k": 0, "batch": 1, "path": "-",
+                            "prefill_s": prefill, "decode_s": decode, "repeat": rep})
+                bar.update(1)
     table = _medians(raw, cfg)
     return {"config": asdict(cfg), "torch_threads": torch.get_num_threads(), "rows": table,
-            "ratios": _ratios(table), "peak_rss_mb": _peak_rss_mb(), "raw": raw}
+            "ratios": _ratios(table), "peak_rss_mb": _peak_rss_mb(),
+            "llamacpp": None if llama is None else {"version": llama.version, "gguf": llama.gguf.name}, "raw": raw}
 
 
 def _peak_rss_mb() -> float:
@@ -134,39 +163,67 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+_METHODS = ["llama.cpp", "base", "peft", "fused"]
+_BASES = {"none": "fp32", "int8": "int8", "gguf": "Q4_1 GGUF"}
+
+
+def _key(r: dict) -> tuple:
+    return r["method"], r["quantize"], r["N"], r["k"], r["batch"]
+
+
 def _medians(raw: list[dict], cfg: BenchConfig) -> list[dict]:
-    keys = sorted({(r["method"], r["N"], r["k"], r["batch"]) for r in raw},
-                  key=lambda t: (t[3], ["base", "peft", "fused"].index(t[0]), t[1], t[2]))
+    keys = sorted({_key(r) for r in raw},
+                  key=lambda t: (t[4], _METHODS.index(t[0]) > 1, t[2], t[3], _METHODS.index(t[0]), t[1] != "none"))
     out = []
     for key in keys:
-        rows = [r for r in raw if (r["method"], r["N"], r["k"], r["batch"]) == key]
+        rows = [r for r in raw if _key(r) == key]
         decode = statistics.median(r["decode_s"] for r in rows)
-        out.append({"method": key[0], "N": key[1], "k": key[2], "batch": key[3], "path": rows[0]["path"],
-                    "prefill_ms": 1000 * statistics.median(r["prefill_s"] for r in rows),
+        out.append({"method": key[0], "quantize": key[1], "N": key[2], "k": key[3], "batch": key[4],
+                    "path": rows[0]["path"], "prefill_ms": 1000 * statistics.median(r["prefill_s"] for r in rows),
                     "decode_ms_per_token": 1000 * decode / cfg.new_tokens,
-                    "decode_tok_per_s": key[3] * cfg.new_tokens / decode if decode else float("nan"),
+                    "decode_tok_per_s": key[4] * cfg.new_tokens / decode if decode else float("nan"),
                     "bank_mb": rows[0].get("bank_mb"), "rss_mb": rows[0].get("rss_mb")})
     return out
 
 
+def _tag(r: dict) -> str:
+    """fp32 rows keep the historical keys (N26_k3_b8); int8 rows are prefixed (int8_N26_k3_b8)."""
+    body = "base" if r["method"] == "base" else f"N{r['N']}_k{r['k']}"
+    return ("" if r["quantize"] == "none" else r["quantize"] + "_") + f"{body}_b{r['batch']}"
+
+
 def _ratios(table: list[dict]) -> dict:
-    """Decode-time ratios behind the targets: vs base, vs peft (same batch), and N=max vs N=min (same k)."""
-    def get(method: str, b: int, n: int = 0, k: int = 0) -> float | None:
-        hit = [r["decode_ms_per_token"] for r in table if (r["method"], r["batch"], r["N"], r["k"]) == (method, b, n, k)]
-        return hit[0] if hit else None
+    """Decode-time ratios behind the targets, each between two rows of the same run.
+
+    vs_base / vs_peft / vs_N<min>: as before, against the same base weights (peft is fp32);
+    vs_fp32: an int8 row against the same configuration on fp32 (ms/token; < 1 is faster);
+    tok_s_vs_fp32_base: int8 tokens/s against the plain fp32 base at the same batch (> 1 is faster);
+    vs_llamacpp: a batch-1 row against llama.cpp's ms/token on the GGUF.
+    """
+    def get(method: str, b: int, n: int = 0, k: int = 0, quant: str = "none") -> dict | None:
+        return next((r for r in table if _key(r) == (method, quant, n, k, b)), None)
 
     out: dict[str, float] = {}
     ns = sorted({r["N"] for r in table if r["method"] == "fused"})
+    llama = get("llama.cpp", 1, quant="gguf")
     for r in table:
-        if r["method"] != "fused":
+        if r["method"] not in ("base", "fused"):
             continue
-        tag = f"N{r['N']}_k{r['k']}_b{r['batch']}"
-        base, peft = get("base", r["batch"]), get("peft", r["batch"], 1, 1)
-        small = get("fused", r["batch"], ns[0], r["k"])
-        out[f"{tag}_vs_base"] = r["decode_ms_per_token"] / base if base else float("nan")
-        out[f"{tag}_vs_peft"] = r["decode_ms_per_token"] / peft if peft else float("nan")
-        if small:
-            out[f"{tag}_vs_N{ns[0]}"] = r["decode_ms_per_token"] / small
+        tag, ms, q, b = _tag(r), r["decode_ms_per_token"], r["quantize"], r["batch"]
+        if r["method"] == "fused":
+            base, peft, small = get("base", b, quant=q), get("peft", b, 1, 1), get("fused", b, ns[0], r["k"], q)
+            out[f"{tag}_vs_base"] = ms / base["decode_ms_per_token"] if base else float("nan")
+            out[f"{tag}_vs_peft"] = ms / peft["decode_ms_per_token"] if peft else float("nan")
+            if small:
+                out[f"{tag}_vs_N{ns[0]}"] = ms / small["decode_ms_per_token"]
+        if q != "none":
+            same, fp32_base = get(r["method"], b, r["N"], r["k"]), get("base", b)
+            if same:
+                out[f"{tag}_vs_fp32"] = ms / same["decode_ms_per_token"]
+            if fp32_base:
+                out[f"{tag}_tok_s_vs_fp32_base"] = r["decode_tok_per_s"] / fp32_base["decode_tok_per_s"]
+        if llama and b == 1:
+            out[f"{tag}_vs_llamacpp"] = ms / llama["decode_ms_per_token"]
     return out
 
 
@@ -177,27 +234,33 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 def markdown_table(result: dict, command: str) -> str:
     """The benchmark as a markdown section (what docs/performance.md holds)."""
     cfg = result["config"]
+    llama = result.get("llamacpp")
     lines = [
         "## Fusion latency", "",
-        f"Produced by `{command}` on this machine ({result['torch_threads']} torch threads, CPU, fp32). "
+        f"Produced by `{command}` on this machine ({result['torch_threads']} torch threads, CPU; "
+        + ("times are this process's CPU time, not wall time). " if cfg.get("clock") == "cpu" else "wall time). ") +
         f"Prompts of {cfg['prompt_tokens']} tokens, {cfg['new_tokens']} new tokens, median of {cfg['repeats']} "
-        f"interleaved repeats; random rank-{cfg['rank']} q_proj/v_proj adapters. Decode ratios are against "
-        "the base model and against one adapter through peft at the same batch size; at batch > 1 every row "
-        "has a different mixture.", "",
-        "| method | N loaded | k fused | batch | path | prefill ms | decode ms/token | tok/s | vs base | vs peft |"
-        " bank MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"interleaved repeats; random rank-{cfg['rank']} q_proj/v_proj adapters. Base weights: fp32 and/or "
+        "int8 (`--quantize int8`: int8 weights, per-token int8 activations; adapters stay fp32). Decode "
+        "ratios are against the base model with the same weights, against one adapter through peft (fp32) "
+        "at the same batch size, against the same row on fp32 (int8 rows)"
+        + (f", and against llama.cpp (llama-cpp-python {llama['version']}, {llama['gguf']}) at batch 1"
+           if llama else "") + "; at batch > 1 every row has a different mixture.", "",
+        "| base weights | method | N loaded | k fused | batch | path | prefill ms | decode ms/token | tok/s | "
+        "vs base | vs peft | vs fp32 | vs llama.cpp | bank MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = result["ratios"]
     for r in result["rows"]:
-        tag = f"N{r['N']}_k{r['k']}_b{r['batch']}"
-        vb = ratios.get(f"{tag}_vs_base") if r["method"] == "fused" else None
-        vp = ratios.get(f"{tag}_vs_peft") if r["method"] == "fused" else None
+        tag = _tag(r) if r["method"] in ("base", "fused") else ""
+        fused = r["method"] == "fused"
         lines.append(
-            f"| {r['method']} | {r['N'] or '-'} | {r['k'] or '-'} | {r['batch']} | {r['path']} | "
-            f"{r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['decode_tok_per_s']:.1f} | "
-            f"{_fmt(vb, 3)} | {_fmt(vp, 3)} | "
-            f"{_fmt(r['bank_mb'])} |"
+            f"| {_BASES[r['quantize']]} | {r['method']} | {r['N'] or '-'} | {r['k'] or '-'} | {r['batch']} | "
+            f"{r['path']} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['decode_tok_per_s']:.1f} | "
+            f"{_fmt(ratios.get(f'{tag}_vs_base') if fused else None, 3)} | "
+            f"{_fmt(ratios.get(f'{tag}_vs_peft') if fused else None, 3)} | "
+            f"{_fmt(ratios.get(f'{tag}_vs_fp32') if tag else None, 3)} | "
+            f"{_fmt(ratios.get(f'{tag}_vs_llamacpp') if tag else None, 2)} | {_fmt(r['bank_mb'])} |"
         )
     lines += ["", f"Peak resident memory of the whole run: {result['peak_rss_mb']:.0f} MB.", ""]
     return "\n".join(lines)

@@ -64,6 +64,9 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-model", default=None, help="HF dir or hub id (default: the embedded SmolLM2)")
     p.add_argument("--json", default=None, help="write every figure here")
     p.add_argument("--markdown", default=None, help="write the markdown table here (e.g. docs/performance.md)")
+    p.add_argument("--routing", action="store_true",
+                   help="instead: sentence vs prompt routing on the assets' pipeline (router calls included)")
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder for --routing")
 
 
 def _bench(ns: argparse.Namespace) -> None:
@@ -72,6 +75,8 @@ def _bench(ns: argparse.Namespace) -> None:
     from dlp_lora.models import load_base_model
 
     cfg = BenchConfig.quick() if ns.quick else config_from_args(BenchConfig, ns)
+    if ns.routing:
+        return _bench_routing(ns, cfg)
     model, _ = load_base_model(ns.base_model)
     result = run_fusion_benchmark(model, cfg)
     table = markdown_table(result, "dlp-lora " + " ".join(sys.argv[1:]))
@@ -80,6 +85,29 @@ def _bench(ns: argparse.Namespace) -> None:
         save_json(result, ns.json)
     if ns.markdown:
         _write_section(Path(ns.markdown), "## Fusion latency", table)
+
+
+def _bench_routing(ns: argparse.Namespace, cfg) -> None:
+    from dlp_lora.benchmark import save_json
+    from dlp_lora.benchmark_routing import routing_markdown, run_routing_benchmark, switch_cost
+    from dlp_lora.config import FusionConfig
+    from dlp_lora.pipeline import DLPLoRA
+
+    rows, costs = [], []
+    for path in ("auto", "gathered"):  # gathered at batch 1: no re-merge on a switch, dearer tokens
+        dlp = DLPLoRA.from_assets(ns.assets, ns.base_model, fusion=FusionConfig(path=path))
+        try:
+            sizes = cfg.batch_sizes if path == "auto" else (1,)
+            rows += run_routing_benchmark(dlp, sizes, cfg.new_tokens, cfg.repeats, label=path)
+            costs.append(switch_cost(dlp))
+        finally:
+            dlp.close()
+    table = routing_markdown(rows, costs, "dlp-lora " + " ".join(sys.argv[1:]), cfg.new_tokens, cfg.repeats)
+    print(table)
+    if ns.json:
+        save_json({"rows": rows, "switch_cost": costs}, ns.json)
+    if ns.markdown:
+        _write_section(Path(ns.markdown), "## Routing granularity cost", table)
 
 
 def _write_section(path: Path, heading: str, body: str) -> None:
@@ -277,12 +305,17 @@ def _add_task_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder to add it to")
     p.add_argument("--data-dir", default=None, help="benchmark data root, for the other tasks' replay prompts")
     p.add_argument("--steps", type=int, default=300, help="optimiser steps on the new head row (default: 300)")
+    p.add_argument("--max-replay-drop", type=float, default=0.0025,
+                   help="most of any other class's replay prompts the new class may take; its bias is capped to "
+                        "keep it (default: 0.0025; 1 = no cap: the new task is recognised more often, at the "
+                        "others' expense)")
 
 
 def _add_task(ns: argparse.Namespace) -> None:
     from dlp_lora.training.add_task import add_task_to_assets
 
-    rec = add_task_to_assets(ns.assets, ns.name, ns.adapter, ns.examples, ns.data_dir, steps=ns.steps)
+    rec = add_task_to_assets(ns.assets, ns.name, ns.adapter, ns.examples, ns.data_dir, steps=ns.steps,
+                             max_replay_drop=ns.max_replay_drop)
     head = rec["router_head"]
     print(f"added {ns.name} in {rec['seconds']} s: new-task dev accuracy {head['new_task_dev_accuracy']}, other "
           f"classes' dev accuracy dropped by at most {head['max_drop_points']} points")
@@ -333,6 +366,11 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("device and precision (default: --device auto --dtype float32)")
     add_config_args(g, DeviceConfig, overrides_only=True)
+def _quantize_arg(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import Quantization
+
+    p.add_argument("--quantize", choices=typing.get_args(Quantization), default="none",
+                   help="base weights: none (fp32) or int8 (CPU; ~4x fewer weight bytes, adapters stay fp32)")
 
 
 def _pipeline_args(p: argparse.ArgumentParser) -> None:
@@ -340,6 +378,7 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
+    _quantize_arg(p)
     add_config_args(p, SelectionConfig, overrides_only=True)
     _device_args(p)
 
@@ -354,28 +393,36 @@ def _load_pipeline(ns: argparse.Namespace):
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SelectionConfig) if hasattr(ns, f.name)}
     selection = dataclasses.replace(SelectionConfig(**Manifest.load(ns.assets).selection), **given)
     return DLPLoRA.from_assets(ns.assets, ns.base_model, selection=selection,
-                               device=config_from_args(DeviceConfig, ns))
+                               device=config_from_args(DeviceConfig, ns), quantize=ns.quantize)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
-    from dlp_lora.config import GenerationConfig
+    from dlp_lora.config import GenerationConfig, RoutingConfig
 
     _pipeline_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_config_args(p, GenerationConfig)
+    add_config_args(p.add_argument_group("routing granularity (docs: dlp_lora.routing)"), RoutingConfig)
 
 
 def _generate(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import GenerationConfig
+    from dlp_lora.config import GenerationConfig, RoutingConfig
 
     dlp = _load_pipeline(ns)
-    for prompt, r in zip(ns.prompt, dlp.generate(ns.prompt, config=config_from_args(GenerationConfig, ns))):
+    results = dlp.generate(ns.prompt, config=config_from_args(GenerationConfig, ns),
+                           routing_config=config_from_args(RoutingConfig, ns))
+    for prompt, r in zip(ns.prompt, results):
         if ns.json:
             print(json.dumps({"prompt": prompt, **dataclasses.asdict(r)}))
-        else:
-            mix = ", ".join(f"{a}={w:.3f}" for a, w in zip(r.adapters, r.weights))
-            print(f"[{mix}] {r.text}")
+            continue
+        print(f"[{_mix(r.adapters, r.weights)}] {r.text}")
+        for s in r.switches:  # `sentence` routing: where the answer changed mixture
+            print(f"  from token {s['token']}: [{_mix(s['adapters'], s['weights'])}]")
+
+
+def _mix(adapters: Sequence[str], weights: Sequence[float]) -> str:
+    return ", ".join(f"{a}={w:.3f}" for a, w in zip(adapters, weights)) or "base model"
 
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
@@ -384,14 +431,19 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt", action="append", help="your own prompt (repeat for several)")
     src.add_argument("--prompts", help="a file of prompts: JSON list, JSONL with 'prompt', or one per line")
     p.add_argument("--max-new-tokens", type=int, default=40, help="default: 40")
+    p.add_argument("--sentence-prompt", default=None,
+                   help="the prompt of the last part (answered with routing granularity `sentence`)")
 
 
 def _demo(ns: argparse.Namespace) -> None:
-    from dlp_lora.demo import DEMO_PROMPTS, load_prompts, run_demo
+    from dlp_lora.demo import DEMO_PROMPTS, SENTENCE_DEMO_PROMPT, load_prompts, run_demo, sentence_demo
 
     prompts = ns.prompt or (load_prompts(ns.prompts) if ns.prompts else list(DEMO_PROMPTS))
-    print(f"loading {ns.assets} on the base model ...", flush=True)
-    print(run_demo(_load_pipeline(ns), prompts, ns.max_new_tokens))
+    base = "int8-quantized base model" if ns.quantize == "int8" else "base model"
+    print(f"loading {ns.assets} on the {base} ...", flush=True)
+    dlp = _load_pipeline(ns)
+    print(run_demo(dlp, prompts, ns.max_new_tokens))
+    print(sentence_demo(dlp, ns.sentence_prompt or SENTENCE_DEMO_PROMPT, max(ns.max_new_tokens, 64)))
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -399,6 +451,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
+    _quantize_arg(p)
     add_config_args(p, ServerConfig)
     _device_args(p)
     ray = p.add_argument_group("scale-out on Ray Serve (needs `pip install 'dlp-lora[ray]'`)")
@@ -417,14 +470,14 @@ def _serve(ns: argparse.Namespace) -> None:
             raise ValueError(f"--{ray_flags[0].replace('_', '-')} needs --ray")
         from dlp_lora.server.app import serve
 
-        return serve(ns.assets, cfg, ns.base_model, device)
+        return serve(ns.assets, cfg, ns.base_model, device, ns.quantize)
     device_flags = [f.name for f in dataclasses.fields(DeviceConfig) if hasattr(ns, f.name)]
     if device_flags:  # replicas load with the library defaults (auto device, float32)
         raise ValueError(f"--{device_flags[0]} is not supported with --ray yet; replicas use --device auto "
                          "--dtype float32")
     from dlp_lora.server.ray import serve_ray
 
-    serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model)
+    serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model, ns.quantize)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]

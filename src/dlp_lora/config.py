@@ -15,6 +15,7 @@ __all__ = [
     "FusionConfig",
     "GenerationConfig",
     "SelectionConfig",
+    "RoutingConfig",
     "RouterConfig",
     "RouterTrainConfig",
     "RouterDataConfig",
@@ -24,7 +25,12 @@ __all__ = [
     "EvalConfig",
     "ServerConfig",
     "RayServeConfig",
+    "Quantization",
 ]
+
+Quantization = Literal["none", "int8"]
+"""Base weights: `none` keeps them as loaded (fp32); `int8` is int8 weights with per-token int8 activations
+(`dlp_lora.quantize`, CPU only). Adapters stay fp32 either way."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -123,6 +129,41 @@ class SelectionConfig:
         _check(0 <= self.threshold <= 1, f"threshold must be in [0, 1], got {self.threshold}")
         _check(self.max_k is None or self.max_k >= 1, f"max_k must be >= 1 or None, got {self.max_k}")
         _check(self.weighting in ("renorm", "softmax"), f"weighting must be renorm|softmax, got {self.weighting!r}")
+
+
+Granularity = Literal["prompt", "segment", "sentence"]
+GRANULARITIES: tuple[str, ...] = ("prompt", "segment", "sentence")
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How often the router is consulted for one request, and on which text."""
+
+    granularity: Granularity = "prompt"
+    """`prompt`: route the whole prompt once; `segment`: route the prompt's last segment (see
+    `segment_marker`) and answer under it; `sentence`: start as `segment`, then re-route after each
+    generated sentence on a window of recent text."""
+    segment_marker: str = "\n\n"
+    """Separator of the prompt's segments (`segment` and `sentence`); empty segments are dropped."""
+    sentence_ends: tuple[str, ...] = (".", "!", "?", "\n")
+    """A generated token whose text (trailing spaces ignored) ends with one of these ends a sentence."""
+    window_chars: int = 400
+    """Characters of recent text (prompt tail + answer so far) the router sees at a sentence end."""
+    min_sentence_tokens: int = 3
+    """Tokens a sentence needs since the row's last re-route before its end triggers another one (so
+    '1.' or a blank line does not call the router)."""
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be prompt|segment|sentence, got {self.granularity!r}")
+        if not isinstance(self.segment_marker, str) or not self.segment_marker:
+            raise ValueError(f"segment_marker must be a non-empty string, got {self.segment_marker!r}")
+        if not self.sentence_ends or not all(isinstance(s, str) and s for s in self.sentence_ends):
+            raise ValueError(f"sentence_ends must be non-empty strings, got {self.sentence_ends!r}")
+        if self.window_chars < 16:
+            raise ValueError(f"window_chars must be >= 16, got {self.window_chars}")
+        if self.min_sentence_tokens < 1:
+            raise ValueError(f"min_sentence_tokens must be >= 1, got {self.min_sentence_tokens}")
 
 
 @dataclass(frozen=True)
@@ -298,9 +339,19 @@ class BenchConfig:
     """Rank of the random q_proj/v_proj adapters."""
     seed: int = 0
     """Seed for adapters, prompts and mixtures."""
+    quantize: tuple[str, ...] = ("none", "int8")
+    """Base weights to time side by side in the same run: none (fp32) and/or int8."""
+    llamacpp: bool = False
+    """Also time llama.cpp on the embedded GGUF at batch 1 (needs `pip install 'dlp-lora[llamacpp]'`)."""
+    clock: Literal["wall", "cpu"] = "wall"
+    """wall: elapsed time; cpu: this process's CPU time (all its threads), which holds on a machine shared
+    with other jobs; use it with one thread (OMP_NUM_THREADS=1), where CPU time equals idle wall time."""
 
     def __post_init__(self) -> None:
         _check(all(n >= 1 for n in self.num_adapters) and self.num_adapters, "num_adapters must be >= 1 each")
+        _check(self.clock in ("wall", "cpu"), f"clock must be wall or cpu, got {self.clock!r}")
+        _check(bool(self.quantize) and set(self.quantize) <= {"none", "int8"} and len(set(self.quantize)) == len(
+            self.quantize), f"quantize must be distinct values among none, int8; got {self.quantize}")
         _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes must be >= 1 each")
         _check(all(k >= 1 for k in self.ks) and self.ks, "ks must be >= 1 each")
         _check(self.prompt_tokens >= 1 and self.new_tokens >= 2, "prompt_tokens must be >= 1, new_tokens >= 2")

@@ -11,10 +11,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from dlp_lora.config import GenerationConfig
+import torch
+
+from dlp_lora.config import GenerationConfig, RoutingConfig
 from dlp_lora.pipeline import DLPLoRA, Result
 
-__all__ = ["DEMO_PROMPTS", "load_prompts", "run_demo", "format_table"]
+__all__ = ["DEMO_PROMPTS", "SENTENCE_DEMO_PROMPT", "load_prompts", "run_demo", "format_table", "sentence_demo"]
 
 DEMO_PROMPTS: tuple[str, ...] = (
     "Which gas do green plants take in from the air to make their food?\nA. oxygen\nB. carbon dioxide\n"
@@ -32,6 +34,13 @@ DEMO_PROMPTS: tuple[str, ...] = (
     "To keep a cut apple from turning brown,\nA. brush it with lemon juice\nB. leave it in the sun\n"
     "Answer with the letter of the correct option.",
 )
+
+
+SENTENCE_DEMO_PROMPT = (
+    "Sort the following words alphabetically: List: pepper apple mango kiwi banana\n\n"
+    "A baker makes 14 loaves in the morning and 9 in the afternoon, then sells 17. How many loaves are left?\n"
+    "Solve it step by step and end with '#### <number>'.")
+"""Two tasks in one prompt: `sentence` routing may change the mixture while the answer moves on."""
 
 
 def load_prompts(path: str | Path) -> list[str]:
@@ -72,6 +81,22 @@ def format_table(prompts: Sequence[str], results: Sequence[Result], seconds: flo
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"\n{len(prompts)} prompts in one mixed batch: {seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def sentence_demo(dlp: DLPLoRA, prompt: str = SENTENCE_DEMO_PROMPT, max_new_tokens: int = 64) -> str:
+    """One prompt answered with `sentence` routing, its answer cut where the mixture changed."""
+    steps: list[torch.Tensor] = []
+    r = dlp.generate([prompt], config=GenerationConfig(max_new_tokens=max_new_tokens),
+                     routing_config=RoutingConfig(granularity="sentence"), on_step=lambda t, f: steps.append(t))[0]
+    tokens = [int(t[0]) for t in steps[: r.completion_tokens]]
+    marks = [{"token": 0, "adapters": r.adapters, "weights": r.weights}, *r.switches, {"token": len(tokens)}]
+    lines = [f"\nOne prompt routed again after each generated sentence (routing granularity `sentence`): "
+             f"{len(r.switches)} mixture change(s) during its answer", f"prompt: {_short(prompt, 110)}"]
+    for m, nxt in zip(marks, marks[1:]):
+        mix = ", ".join(f"{a} ({w:.2f})" for a, w in zip(m["adapters"], m["weights"])) or "base model"
+        piece = dlp.tokenizer.decode(tokens[m["token"]: nxt["token"]], skip_special_tokens=True)
+        lines.append(f"  tokens {m['token']:>3}-{nxt['token'] - 1:<3} [{mix}] {_short(piece, 90)!r}")
     return "\n".join(lines)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dlp_lora.quantize import Quantization, check_quantization, quantize_model
+
 __all__ = ["EMBEDDED_MODEL_ID", "load_base_model", "load_tokenizer", "embedded_cache_dir", "embedded_gguf_path",
            "resolve_device", "resolve_dtype"]
 
@@ -115,19 +117,22 @@ def load_base_model(
     name_or_path: str | os.PathLike | None = None,
     dtype: str | torch.dtype = torch.float32,
     device: str | torch.device | None = "cpu",
+    quantize: Quantization = "none",
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` in eval mode with every parameter frozen, on `device` in `dtype`.
 
     ``None`` (or ``EMBEDDED_MODEL_ID``) loads the embedded SmolLM2-135M-Instruct, converting its GGUF on
     first use. A path loads a local HF directory; any other string is treated as a hub id.
     dtype: a torch dtype or its name; device: a torch device, "auto" or None (cuda when available).
-    The tokenizer pads on the left, as batched generation needs.
+    The tokenizer pads on the left, as batched generation needs. ``quantize="int8"`` turns every linear
+    layer, LM head included, into int8 (:mod:`dlp_lora.quantize`; CPU and float32 only).
     """
     dtype, device = resolve_dtype(dtype), resolve_device(device)
+    check_quantization(quantize, dtype, device)  # before the load: a bad combination fails fast
     source = _resolve(name_or_path)
     tok = load_tokenizer(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
-    return model, tok
+    return quantize_model(model, quantize), tok

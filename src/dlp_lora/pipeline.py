@@ -6,24 +6,28 @@ base model and the fusion never sees a prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
 from dlp_lora.chat import encode_prompts
-from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, SelectionConfig
+from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, Quantization, SelectionConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
-from dlp_lora.generation import GenerationOutput, StepCallback, generate_ids
+from dlp_lora.generation import GenerationOutput, StepCallback, eos_ids, generate_ids
 from dlp_lora.models import load_base_model
 from dlp_lora.router import Router, select_with
+from dlp_lora.routing import RoutingConfig, SentencePolicy, routing_text
 from dlp_lora.scoring import continuation_logprobs
 from dlp_lora.types import Routing
 
-__all__ = ["DLPLoRA", "Result"]
+__all__ = ["DLPLoRA", "Result", "SwitchCallback"]
+
+SwitchCallback = Callable[[int, int, list[str], list[float]], None]
+"""on_switch(row, token, adapters, weights): row's answer tokens from index `token` on use this mixture."""
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,9 @@ class Result:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    switches: list[dict] = field(default_factory=list)
+    """Mid-answer mixture changes (`sentence` routing): {"token": i, "adapters": [...], "weights": [...]},
+    the mixture answer tokens i, i+1, ... were sampled under; `adapters`/`weights` above are the first."""
 
 
 class DLPLoRA:
@@ -51,10 +58,12 @@ class DLPLoRA:
         fusion: FusionConfig | None = None,
         max_prompt_tokens: int | None = None,
         baselines: Mapping[str, str | Path] | None = None,
+        routing_config: RoutingConfig | None = None,
     ) -> None:
         """adapters: the router's classes in its order, each with its adapter, or None where the base model
         serves the class (the dev gate: routing to it puts weight on nothing); baselines: more adapters the
-        router never picks (served only when named, e.g. the `multitask` baseline), after them in the bank."""
+        router never picks (served only when named, e.g. the `multitask` baseline), after them in the bank;
+        routing_config: the default routing granularity of `generate` (per prompt unless given)."""
         if router is not None and list(router.task_names) != list(adapters):
             raise ValueError(f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
                              "(same names in the same order are required)")
@@ -67,6 +76,7 @@ class DLPLoRA:
             raise ValueError("no adapter to serve: every class maps to the base model and there are no baselines")
         self.model, self.tokenizer, self.router = model, tokenizer, router
         self.selection = selection or SelectionConfig()
+        self.routing_config = routing_config or RoutingConfig()
         self.max_prompt_tokens = max_prompt_tokens
         self.baselines = list(baselines)
         self.classes = list(adapters)
@@ -79,24 +89,28 @@ class DLPLoRA:
     @classmethod
     def from_assets(
         cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
-        fusion: FusionConfig | None = None, device: DeviceConfig | None = None,
+        fusion: FusionConfig | None = None, device: DeviceConfig | None = None, quantize: Quantization = "none",
+        routing_config: RoutingConfig | None = None,
     ) -> "DLPLoRA":
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
         `base_model` overrides the manifest's base model (it must be the one the adapters were trained on).
         `device` places the base model, the adapters and the router (default: float32 on cuda when
-        available, else on cpu).
+        available, else on cpu). `quantize="int8"` loads the base in int8 (:mod:`dlp_lora.quantize`, CPU
+        only: with it `device="auto"` means cpu); the adapters stay float32 on top.
         """
         device = device or DeviceConfig()
         manifest = Manifest.load(root)
         manifest.check(root)
         if manifest.router is None:
             raise ValueError(f"{root}: the manifest names no router; train one with `dlp-lora train-router`")
-        model, tok = load_base_model(base_model or manifest.base_model, device.dtype, device.device)
+        # The int8 base runs on CPU kernels only, so `auto` resolves to cpu there (an explicit cuda errors).
+        where = "cpu" if quantize != "none" and device.device == "auto" else device.device
+        model, tok = load_base_model(base_model or manifest.base_model, device.dtype, where, quantize=quantize)
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)
         return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
-                   baselines=manifest.baseline_paths(root))
+                   baselines=manifest.baseline_paths(root), routing_config=routing_config)
 
     @property
     def device(self) -> torch.device:
@@ -140,11 +154,15 @@ class DLPLoRA:
         self.fused.remove_adapter(name)
         self.baselines.remove(name)
 
-    def route(self, prompts: Sequence[str]) -> Routing:
-        """Router probabilities -> selected adapters and weights, (B, k) over the bank."""
+    def route(self, prompts: Sequence[str],
+              routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> Routing:
+        """Router probabilities -> selected adapters and weights, (B, k) over the bank, on the whole prompt
+        (default) or on the text `routing_config` (one, or one per prompt) routes the answer's start on."""
         if self.router is None:
             raise ValueError("this pipeline has no router; pass an explicit routing")
-        chosen = select_with(self.router.predict_proba(list(prompts)), self.selection)
+        cfgs = self._routing_configs(prompts, routing_config) if routing_config is not None else None
+        texts = [routing_text(p, c) for p, c in zip(prompts, cfgs)] if cfgs is not None else list(prompts)
+        chosen = select_with(self.router.predict_proba(texts), self.selection)
         return Routing.from_dense(self.to_bank(chosen.to_dense(len(self.classes))))
 
     def routing_for(self, mixtures: Sequence[Mapping[str, float]]) -> Routing:
@@ -167,17 +185,67 @@ class DLPLoRA:
         config: GenerationConfig | None = None,
         routing: Routing | None = None,
         on_step: StepCallback | None = None,
+        routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None,
+        on_switch: SwitchCallback | None = None,
     ) -> list[Result]:
-        """Answer a batch of prompts, each with its routed mixture fixed for every generated token."""
+        """Answer a batch of prompts, each row with its own mixture.
+
+        routing_config (default: the pipeline's; one, or one per prompt) sets the granularity
+        (`dlp_lora.routing`): the mixture is routed on the prompt or its last segment, and under
+        `sentence` changes after generated sentences. An explicit `routing` replaces the first routing
+        (a `sentence` row may still change). on_switch(row, token, adapters, weights) is called when a
+        row's mixture changes mid-answer (answer tokens from index `token` on are sampled under it).
+        """
         config = config or GenerationConfig(max_new_tokens=max_new_tokens)
+        cfgs = self._routing_configs(prompts, routing_config or self.routing_config)
         ids, mask = encode_prompts(self.tokenizer, list(prompts), self.max_prompt_tokens)
         ids, mask = ids.to(self.device), mask.to(self.device)
-        routing = routing if routing is not None else self.route(prompts)
+        routing = routing if routing is not None else self.route(prompts, cfgs)
         if routing.batch_size != len(prompts):
             raise ValueError(f"routing has {routing.batch_size} rows for {len(prompts)} prompts")
+        policy = None
+        if any(c.granularity == "sentence" for c in cfgs):
+            policy = self.sentence_policy(prompts, routing, cfgs)
+            on_step = self._rerouting(policy, on_step, on_switch)
         with self.fused.routed(routing):
             outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step)
-        return [self._result(o, routing, b) for b, o in enumerate(outs)]
+        return [self._result(o, routing, b, policy) for b, o in enumerate(outs)]
+
+    @staticmethod
+    def _routing_configs(prompts: Sequence[str],
+                         routing_config: RoutingConfig | Sequence[RoutingConfig]) -> list[RoutingConfig]:
+        """One RoutingConfig per prompt."""
+        if isinstance(routing_config, RoutingConfig):
+            return [routing_config] * len(prompts)
+        cfgs = list(routing_config)
+        if len(cfgs) != len(prompts) or not all(isinstance(c, RoutingConfig) for c in cfgs):
+            raise ValueError(f"routing_config must be a RoutingConfig or one per prompt ({len(prompts)}), "
+                             f"got {routing_config!r}")
+        return cfgs
+
+    def sentence_policy(self, prompts: Sequence[str], routing: Routing,
+                        rcfg: RoutingConfig | Sequence[RoutingConfig]) -> SentencePolicy:
+        """The `sentence` re-routing policy for a batch that starts under `routing`."""
+        n = len(self.adapter_names)
+        return SentencePolicy(
+            rcfg, list(prompts), routing.to_dense(n).float(),
+            decode=lambda t: self.tokenizer.decode(t, skip_special_tokens=True),
+            route=lambda texts: self.route(texts).to_dense(n).float(),
+            eos=frozenset(eos_ids(self.model, self.tokenizer)))
+
+    def _rerouting(self, policy: SentencePolicy, on_step: StepCallback | None,
+                   on_switch: SwitchCallback | None = None) -> StepCallback:
+        """A step callback that applies the policy's new mixtures before the next forward pass."""
+        def step(tokens: torch.Tensor, finished: torch.Tensor) -> None:
+            changes = policy.step(tokens, finished)
+            if changes:
+                self.fused.reroute(policy.current)  # other rows keep their weights (same rows of `current`)
+                if on_switch is not None:
+                    for s in policy.switches[len(policy.switches) - len(changes):]:
+                        on_switch(s.row, s.token, *self._mixture(s.weights))
+            if on_step is not None:
+                on_step(tokens, finished)
+        return step
 
     def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]], routing: Routing,
                         batch_size: int = 16) -> list[list[float]]:
@@ -190,11 +258,20 @@ class DLPLoRA:
         return continuation_logprobs(self.model, self.tokenizer, prompts, options, batch_size,
                                      scope=lambda owners: self.fused.routed(dense[owners]))
 
-    def _result(self, out: GenerationOutput, routing: Routing, b: int) -> Result:
+    def _mixture(self, dense_row: torch.Tensor) -> tuple[list[str], list[float]]:
+        pairs = Routing.from_dense(dense_row[None]).row(0)
+        return [self.adapter_names[i] for i, _ in pairs], [round(w, 6) for _, w in pairs]
+
+    def _result(self, out: GenerationOutput, routing: Routing, b: int, policy: SentencePolicy | None = None) -> Result:
         pairs = routing.row(b)
+        switches = []
+        for s in (policy.switches if policy is not None else []):
+            if s.row == b and 0 < s.token < len(out.token_ids):
+                adapters, weights = self._mixture(s.weights)
+                switches.append({"token": s.token, "adapters": adapters, "weights": weights})
         return Result(text=out.text, adapters=[self.adapter_names[i] for i, _ in pairs],
                       weights=[round(w, 6) for _, w in pairs], finish_reason=out.finish_reason,
-                      prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids))
+                      prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids), switches=switches)
 
     def close(self) -> None:
         """Unfuse: the base model is the plain model again."""

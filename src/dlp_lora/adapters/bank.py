@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dlp_lora.adapters.io import LoraAdapter, read_peft_adapter
+from dlp_lora.quantize import is_quantized_linear, linear_features
 
 __all__ = ["ModuleStack", "AdapterBank", "stack_dtype"]
 
@@ -53,11 +54,12 @@ def _expected_shapes(base: nn.Module, adapter: LoraAdapter, module: str, w) -> N
             f"adapter {adapter.name!r}: module {module!r} does not exist in the base model "
             f"({type(base).__name__})"
         ) from None
-    if not isinstance(layer, nn.Linear):
+    features = linear_features(layer)
+    if features is None:
         raise ValueError(
             f"adapter {adapter.name!r}: module {module!r} is a {type(layer).__name__}, expected nn.Linear"
         )
-    want_a, want_b = (w.rank, layer.in_features), (layer.out_features, w.rank)
+    want_a, want_b = (w.rank, features[0]), (features[1], w.rank)
     if tuple(w.A.shape) != want_a or tuple(w.B.shape) != want_b:
         raise ValueError(
             f"adapter {adapter.name!r}, module {module!r}: expected lora_A {want_a} and lora_B {want_b}, "
@@ -73,7 +75,9 @@ def stack_dtype(base_dtype: torch.dtype) -> torch.dtype:
 def _stack(module: str, adapters: list[LoraAdapter], layer: nn.Linear) -> ModuleStack:
     ranks = [a.modules[module].rank if module in a.modules else 0 for a in adapters]
     n, r_max = len(adapters), max(1, *ranks)  # one zero slot when no adapter is left on the module
-    dtype = stack_dtype(layer.weight.dtype)
+    # An int8 layer (dlp_lora.quantize) computes in float32 on the CPU and has no float weight.
+    quantized = is_quantized_linear(layer)
+    dtype = torch.float32 if quantized else stack_dtype(layer.weight.dtype)
     # Built on the host, moved once: per-adapter slice writes on an accelerator would be one copy each.
     A = torch.zeros(n, r_max, layer.in_features, dtype=dtype, device="cpu")
     Bt = torch.zeros(n, r_max, layer.out_features, dtype=dtype, device="cpu")
@@ -83,7 +87,7 @@ def _stack(module: str, adapters: list[LoraAdapter], layer: nn.Linear) -> Module
             A[i, : w.rank] = w.A.to(dtype)
             # Scale in float32 first so fp16 adapters lose nothing before the cast to the stack dtype.
             Bt[i, : w.rank] = (w.B.float() * w.scale).T.to(dtype)
-    device = layer.weight.device
+    device = layer.weight_t.device if quantized else layer.weight.device
     return ModuleStack(A=A.to(device), Bt=Bt.to(device))
 
 

@@ -59,7 +59,8 @@ def router_report_for(
     groups = list(same_task) if same_task is not None else [g for g in (_ARC,) if set(g) <= set(router.task_names)]
     prompts = pool_test_prompts(tasks, data_dir, split_cfg, RouterDataConfig(none_class=NONE in router.task_names),
                                 split)
-    unseen = sorted(s for s in set(prompts.sources) if is_unseen_source(s))
+    # Only out-of-pool sources can be unseen (an in-pool task's name may hash into the unseen quarter too).
+    unseen = sorted({s for s, lab in zip(prompts.sources, prompts.labels) if lab == NONE and is_unseen_source(s)})
     report = router_report(router, prompts.texts, prompts.labels, out_dir, selection=chosen, same_task=groups,
                            renderings=prompts.renderings, sources=prompts.sources, held_out=HELD_OUT_RENDERINGS,
                            unseen_sources=unseen, command=command, latency=latency)

@@ -172,6 +172,9 @@ def router_report(
     per_rendering = {r: {"held_out": r in held_out, **stats(in_pool & torch.tensor([x == r for x in renderings]))}
                      for r in dict.fromkeys(renderings)}
     before, after = reliability_bins(raw, truth), reliability_bins(probs, truth)
+    # Calibration is fitted on dev prompts in training formats; held-out formats are a distribution shift.
+    held = torch.tensor([r in held_out for r in renderings])
+    ece_part = lambda rows: expected_calibration_error(probs[rows], truth[rows]) if bool(rows.any()) else None  # noqa: E731
     report = {
         "command": command, "num_prompts": len(texts), "task_names": names, "kind": router.cfg.kind,
         "params_total": router.num_parameters(), "params_trainable": router.num_parameters(trainable_only=True),
@@ -183,7 +186,9 @@ def router_report(
         "p_sweep": [{"p": p, **kept_stats(probs[in_pool], truth[in_pool], replace(selection, strategy="top_p", p=p),
                                           no_adapter)} for p in p_values],
         "calibration": {"temperature": router.cfg.temperature, "ece_before": expected_calibration_error(raw, truth),
-                        "ece_after": expected_calibration_error(probs, truth), "bins_before": before,
+                        "ece_after": expected_calibration_error(probs, truth),
+                        "ece_after_training_renderings": ece_part(~held), "ece_after_held_out_renderings": ece_part(held),
+                        "bins_before": before,
                         "bins_after": after},
         "none": _none_stats(pred, truth, none, sources, unseen_sources),
         "per_task": {n: {"support": int((truth == i).sum()), "accuracy": _acc(pred, truth, truth == i)}
@@ -255,7 +260,9 @@ def _markdown(rep: dict) -> str:
                      for r, v in rep["per_rendering"].items()]),
              "## Calibration\n",
              f"Temperature {cal['temperature']:.4f} (fitted on dev). Expected calibration error (15 bins, top-1 "
-             f"confidence, every test prompt): {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after. "
+             f"confidence, every test prompt): {cal['ece_before']:.4f} before, {cal['ece_after']:.4f} after; after, "
+             f"{_f(cal['ece_after_training_renderings'])} on the training renderings and "
+             f"{_f(cal['ece_after_held_out_renderings'])} on the held-out ones. "
              "Reliability diagrams: [reliability.png](reliability.png).\n"]
     if rep["none"]:
         nn = rep["none"]

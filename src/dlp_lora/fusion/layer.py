@@ -11,6 +11,7 @@ from torch import nn
 
 from dlp_lora.adapters.bank import ModuleStack
 from dlp_lora.fusion import ops
+from dlp_lora.quantize import is_quantized_linear
 from dlp_lora.types import Routing
 
 __all__ = ["Path", "ActiveRouting", "RoutingSlot", "FusedLoRALinear"]
@@ -59,6 +60,7 @@ class FusedLoRALinear(nn.Module):
         # stays out of state_dict.
         self.stack = stack
         self.slot = slot
+        self._quantized = is_quantized_linear(base)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, T, d_in) -> (B, T, d_out).
@@ -100,12 +102,15 @@ class FusedLoRALinear(nn.Module):
         cached = active.prepared.get(self.name)
         if cached is None:
             A, Bt = self.stack.A, self.stack.Bt
-            compute = self._compute_dtype(self.base.weight)
+            # An int8 base (dlp_lora.quantize) takes and returns float32 and has no float weight.
+            compute = self._compute_dtype(A if self._quantized else self.base.weight)
             if active.path == "merged":  # every row shares row 0's adapters (k,) and weights (k,)
                 factors = ops.merged_factors(A.to(compute), Bt.to(compute), active.indices[0], active.weights[0])
-                if self.base.weight.dtype in (torch.float16, torch.bfloat16):
+                if self._quantized or self.base.weight.dtype in (torch.float16, torch.bfloat16):
                     # Added into a half-precision copy of W, much of the delta would fall below W's
-                    # resolution; kept as one float32 rank-k*r pair it is applied like the other paths.
+                    # resolution; an int8 W has no float copy to add to (a dequantized one would no longer
+                    # be the int8 base, and would read fp32 bytes again). Either way the mixture is kept as
+                    # one float32 rank-k*r pair, applied like the other paths.
                     cached = factors
                 else:
                     cached = (ops.merge_into(self.base.weight, *factors),)

@@ -326,15 +326,16 @@ def _openapi(app: FastAPI, cfg: ServerConfig) -> dict:
 
 
 def serve(assets: str | Path, cfg: ServerConfig, base_model: str | None = None,
-          device: DeviceConfig | None = None) -> None:
+          device: DeviceConfig | None = None, quantize: str = "none") -> None:
     """Load an assets folder and serve it with uvicorn until interrupted (`dlp-lora serve`).
 
-    device: where the model runs and in which dtype (default: cuda when available, float32)."""
+    device: where the model runs and in which dtype (default: cuda when available, float32);
+    quantize: the base weights, none or int8 (`dlp_lora.quantize`)."""
     import uvicorn
 
     from dlp_lora.assets import Manifest
 
-    pipeline = DLPLoRA.from_assets(assets, base_model, device=device)
+    pipeline = DLPLoRA.from_assets(assets, base_model, device=device, quantize=quantize)
     name = cfg.model_name or base_model or Manifest.load(assets).base_model
     app = create_app(pipeline, dataclasses.replace(cfg, model_name=name))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -46,14 +46,15 @@ def deployment_options(ray_cfg: RayServeConfig) -> dict:
     return options
 
 
-def replica_app(assets: str, cfg: ServerConfig, base_model: str | None, threads: int) -> FastAPI:
+def replica_app(assets: str, cfg: ServerConfig, base_model: str | None, threads: int,
+                quantize: str = "none") -> FastAPI:
     """What one replica serves: its own pipeline under `create_app`, plus the replica id header."""
     import torch
 
     # Each replica is its own process on its own share of the node: one pool of `threads` per replica,
     # not one per core per replica (which would oversubscribe the node).
     torch.set_num_threads(threads)
-    app = create_app(DLPLoRA.from_assets(assets, base_model), cfg)
+    app = create_app(DLPLoRA.from_assets(assets, base_model, quantize=quantize), cfg)
     replica = serve.get_replica_context().replica_id.to_full_id_str()
 
     async def tag(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -66,7 +67,7 @@ def replica_app(assets: str, cfg: ServerConfig, base_model: str | None, threads:
 
 
 def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
-               base_model: str | None = None) -> serve.Application:
+               base_model: str | None = None, quantize: str = "none") -> serve.Application:
     """The bound Ray Serve application for one assets folder; run it with `serve.run(..., route_prefix="/")`.
 
     The app is built on each replica (a builder given to `serve.ingress`), so only the assets path and
@@ -81,7 +82,7 @@ def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
     threads = max(1, int(ray_cfg.cpus_per_replica))
 
     def build() -> FastAPI:
-        return replica_app(root, cfg, base_model, threads)
+        return replica_app(root, cfg, base_model, threads, quantize)
 
     ingress = serve.ingress(build)()
     return serve.deployment(ingress, name="DLPLoRA", **deployment_options(ray_cfg)).bind()
@@ -90,25 +91,31 @@ def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run` / a KubeRay `RayService` (`import_path: dlp_lora.server.ray:app_builder`).
 
-    `args` holds `assets` (required), optionally `base_model`, and any `ServerConfig` or `RayServeConfig`
+    `args` holds `assets` (required), optionally `base_model` and `quantize` (none/int8), and any `ServerConfig` or `RayServeConfig`
     field by name (e.g. `replicas`, `max_ongoing_requests`, `max_tokens_limit`); unknown keys are an error.
+    Values may be strings (`serve run ... replicas=2` passes them so): each becomes its field's type.
     """
+    from pydantic import TypeAdapter
+
     fields = {"server": {f.name for f in dataclasses.fields(ServerConfig)},
               "ray": {f.name for f in dataclasses.fields(RayServeConfig)}}
-    unknown = sorted(set(args) - fields["server"] - fields["ray"] - {"assets", "base_model"})
+    unknown = sorted(set(args) - fields["server"] - fields["ray"] - {"assets", "base_model", "quantize"})
     if unknown or "assets" not in args:
         raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig fields, got "
                          f"{'unknown ' + ', '.join(unknown) if unknown else 'no assets'}")
-    cfg = ServerConfig(**{k: v for k, v in args.items() if k in fields["server"]})
-    ray_cfg = RayServeConfig(**{k: v for k, v in args.items() if k in fields["ray"]})
-    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"))
+    # pydantic's lax mode turns "2" into 2 for an int field (and refuses "two" naming the field), then
+    # the dataclass's own __post_init__ checks run as usual.
+    cfg = TypeAdapter(ServerConfig).validate_python({k: v for k, v in args.items() if k in fields["server"]})
+    ray_cfg = TypeAdapter(RayServeConfig).validate_python({k: v for k, v in args.items() if k in fields["ray"]})
+    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"), args.get("quantize", "none"))
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None) -> None:
+def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
+              quantize: str = "none") -> None:
     """Deploy the app on `cfg.host:cfg.port` and block until interrupted (Ctrl-C or SIGTERM).
 
     With `ray_cfg.address` None this starts a local Ray cluster sized for the most replicas it may run
@@ -119,7 +126,7 @@ def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, ba
 
     import ray
 
-    app = deployment(assets, cfg, ray_cfg, base_model)
+    app = deployment(assets, cfg, ray_cfg, base_model, quantize)
     if ray_cfg.address is None:
         most = ray_cfg.max_replicas or ray_cfg.replicas
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * ray_cfg.cpus_per_replica)),

@@ -21,7 +21,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from dlp_lora.config import ServerConfig
+from dlp_lora.config import RoutingConfig, ServerConfig
 from dlp_lora.engine import TokenLogprob
 from dlp_lora.server.errors import QueueFull, Unavailable
 
@@ -100,6 +100,8 @@ class Job:
     """Also score (and return) the prompt's tokens."""
     ignore_eos: bool = False
     """Decode past EOS up to max_tokens."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """How the router reads this row's prompt (already applied to `route_text`; kept for metrics and logs)."""
     sink: StreamSink | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)

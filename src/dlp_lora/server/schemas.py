@@ -2,8 +2,10 @@
 schema, so the OpenAPI document and a generated client know them).
 
 Beyond OpenAI's fields, generation requests may carry `adapters` (names) and `weights` to override the
-router; responses carry a top-level `routing` object (`responses.py`). vLLM's extra endpoints are here
-too: /tokenize, /detokenize and the runtime adapter calls.
+router, or `routing_granularity` ("prompt" or "segment", see `dlp_lora.routing`) and `segment_marker`
+to choose which text the router reads ("sentence", re-routing mid-answer, is refused: rows of the
+continuous batch keep one mixture); responses carry a top-level `routing` object (`responses.py`).
+vLLM's extra endpoints are here too: /tokenize, /detokenize and the runtime adapter calls.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dlp_lora.config import Granularity
 from dlp_lora.engine import MAX_TOP_LOGPROBS
 from dlp_lora.server.errors import InvalidRequest
 
@@ -104,6 +107,12 @@ class GenerationParams(_Request):
     """Explicit routing: adapter names, overriding the router and `model`."""
     weights: Annotated[list[Weight], Field(min_length=1, max_length=64)] | None = None
     """One weight >= 0 per adapter, used as given (default: equal weights summing to 1)."""
+    routing_granularity: Granularity | None = None
+    """Which text the router reads (default: the server's, `prompt`): the whole prompt, or its last
+    segment. `sentence` (re-routing after each generated sentence) is refused with a 400: a row of the
+    continuous batch keeps one mixture. Not with `adapters`."""
+    segment_marker: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """Separator of the prompt's segments for `segment` (default: a blank line)."""
 
     @model_validator(mode="after")
     def _routing_override(self) -> "GenerationParams":
@@ -115,6 +124,9 @@ class GenerationParams(_Request):
             if len(self.weights) != len(self.adapters):
                 raise ValueError(f"weights has {len(self.weights)} values for {len(self.adapters)} adapters; "
                                  "expected one weight per adapter")
+        if self.adapters is not None and self.routing_granularity not in (None, "prompt"):
+            raise ValueError(f"routing_granularity={self.routing_granularity!r} needs the router; it cannot be "
+                             "combined with explicit adapters")
         return self
 
     @property

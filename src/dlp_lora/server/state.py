@@ -9,11 +9,13 @@ included) serves that adapter alone; `adapters` (+ `weights`) in the body overri
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 from dlp_lora.chat import conversation_prompt
-from dlp_lora.config import ServerConfig
+from dlp_lora.config import RoutingConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.routing import routing_text
 from dlp_lora.server.errors import APIError, InvalidRequest
 from dlp_lora.server.metrics import Metrics
 from dlp_lora.server.runner import PipelineRunner
@@ -127,14 +129,39 @@ class ServerState:
             raise InvalidRequest("the router reads the prompt's text (a chat's last user message) and it is empty; "
                                  "send text, or name an adapter or the base model as `model`",
                                  param="messages" if isinstance(req, ChatCompletionRequest) else "prompt")
+        routing = self.routing_config(req, mixture)
+        if mixture is None:
+            route_texts = [routing_text(t, routing) for t in route_texts]
         jobs = []
         for (_, ids), route in zip(prompts, route_texts):
             for c in range(req.n):
                 seed = None if req.seed is None else (req.seed + c) % 2**64
                 jobs.append(Job(prompt_ids=ids, route_text=route, max_tokens=max_tokens, stop=req.stop_strings,
                                 sampling=Sampling.of(req.temperature, req.top_p, seed), mixture=mixture,
-                                logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos))
+                                logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos, routing=routing))
         return jobs
+
+    def routing_config(self, req: GenerationParams, mixture: dict[str, float] | None) -> RoutingConfig:
+        """The pipeline's routing granularity with the request's overrides, or a 400 naming the field.
+
+        `segment` routes on the prompt's last segment: it only changes the text the router reads before
+        the prefill, so continuous batching serves it as is. `sentence` re-routes mid-answer, which a row
+        of the continuous batch (one mixture for its whole life) cannot do: refused, pointing to the
+        library path that can (`DLPLoRA.generate(routing_config=...)`)."""
+        given = {"granularity": req.routing_granularity, "segment_marker": req.segment_marker}
+        cfg = dataclasses.replace(self.pipeline.routing_config, **{k: v for k, v in given.items() if v is not None})
+        if cfg.granularity == "prompt":
+            return cfg
+        if mixture is not None:
+            raise InvalidRequest(f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
+                                 "names one model or adapter (send model=dlp-lora or none)",
+                                 param="routing_granularity")
+        if cfg.granularity == "sentence":
+            raise InvalidRequest("routing_granularity='sentence' (re-routing after each generated sentence) is not "
+                                 "served: a row of the continuous batch keeps one adapter mixture; send 'prompt' or "
+                                 "'segment', or use the library (DLPLoRA.generate with a RoutingConfig)",
+                                 param="routing_granularity")
+        return cfg
 
     def chat_jobs(self, req: ChatCompletionRequest) -> list[Job]:
         ids = self.chat_prompt_ids(req.messages)

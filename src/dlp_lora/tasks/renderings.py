@@ -64,6 +64,22 @@ def _options(ex: Example, style: str) -> str:
     return "\n".join(m + o for m, o in zip(marks[style], ex.options))
 
 
+# Training-only option markup (none of it is a held-out style): markers, and one-line separators.
+_MIXED_MARKS = ("{L}) ", "({n}) ", "Option {L} ", "* ", "{L} = ", "{n}. ")
+_MIXED_SEPS = ("\n", "; ", ", ", " / ", "  ")
+
+
+def _mixed_options(ex: Example, rng: random.Random) -> str:
+    """Question and options in a random training-only markup, on their own lines or on one line, with the
+    example's instruction or none: so the router stops keying on how options are written."""
+    if not ex.options:
+        return _compose(ex, "paren", rng.choice((None, "")))
+    mark, sep = rng.choice(_MIXED_MARKS), rng.choice(_MIXED_SEPS)
+    block = sep.join(mark.format(L=_LETTERS[i], n=i + 1) + o for i, o in enumerate(ex.options))
+    line = rng.choice((ex.instruction, ""))
+    return "\n".join(part for part in (_question(ex), block, line) if part)
+
+
 def _question(ex: Example) -> str:
     return ex.question or ex.prompt
 
@@ -121,6 +137,7 @@ _TRAIN: tuple[Rendering, ...] = (
     Rendering("paren", False, lambda ex, rng: _compose(ex, "paren", None)),
     Rendering("numbered", False, lambda ex, rng: _compose(ex, "num", None)),
     Rendering("inline", False, lambda ex, rng: _compose(ex, "inline", rng.choice((None, "")))),
+    Rendering("mixed_options", False, _mixed_options),
     Rendering("no_instruction", False, lambda ex, rng: _compose(ex, rng.choice(("dot", "paren")), "")),
     Rendering("chatml", False, lambda ex, rng: _CHATML.format(_base(ex, rng))),
     Rendering("user_assistant", False, lambda ex, rng: f"User: {_base(ex, rng)}\nAssistant:"),

@@ -78,6 +78,28 @@ def _fit_row(h: torch.Tensor, old: torch.Tensor, y: torch.Tensor, at: int, steps
     return w.detach(), b.detach()
 
 
+def _capped_bias(h: torch.Tensor, old: torch.Tensor, old_truth: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                 max_drop: float) -> torch.Tensor:
+    """The new row's bias, lowered so that on the replay prompts (h (B, hidden), old logits (B, N), old_truth
+    (B,) class ids) no old class loses more than `max_drop` of its prompts that the old router got right.
+
+    Only the new logit h @ w + b changes, and it takes a prompt exactly when it beats the old top logit, so
+    each class's accuracy drop is a step function of b: the cap is an order statistic of the margins.
+    """
+    if not 0 <= max_drop <= 1:
+        raise ValueError(f"max_replay_drop must be in [0, 1], got {max_drop}")
+    right = old.argmax(dim=1) == old_truth
+    margin = old.max(dim=1).values - h @ w  # the new class wins a prompt when b > margin
+    cap = b.clone()
+    for c in old_truth.unique():
+        rows = old_truth == c
+        lost = int(max_drop * int(rows.sum()))  # prompts of this class the new row may take
+        m = margin[rows & right].sort().values
+        if lost < len(m):
+            cap = torch.minimum(cap, m[lost] - 1e-4)
+    return cap
+
+
 def _extended(router: Router, name: str, at: int, w: torch.Tensor, b: torch.Tensor) -> Router:
     """A copy of router with class `name` inserted at position `at` (its last-layer row w, bias b)."""
     names = list(router.task_names)
@@ -103,10 +125,12 @@ def _accuracy_by_class(router: Router, prompts: RoutedPrompts) -> dict[str, floa
 def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file: str | Path,
              data_dir: str | Path | None = None, split_cfg: SplitConfig = SplitConfig(),
              data_cfg: RouterDataConfig = RouterDataConfig(), replay_per_class: int = 300, steps: int = 300,
-             lr: float = 0.05, seed: int = 0) -> dict:
+             lr: float = 0.05, seed: int = 0, max_replay_drop: float = 0.0025) -> dict:
     """Add task `name` (adapter_dir: a PEFT LoRA dir; examples_file: its {"input", "output"} JSON/JSONL)
     to the assets at root: adapter copied to adapters/<name>, router class inserted before `none`, manifest
-    updated. Returns the task's manifest record (timing and before/after dev accuracy of the other classes)."""
+    updated. The new row's bias is then capped so that no other class loses more than `max_replay_drop` of
+    its replay prompts (half the issue's 0.5-point budget: replay prompts are training prompts). Returns the
+    task's manifest record (timing and before/after dev accuracy of the other classes)."""
     start = time.perf_counter()
     root, adapter_dir, examples_file = Path(root), Path(adapter_dir), Path(examples_file).resolve()
     manifest = Manifest.load(root)
@@ -133,7 +157,10 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
     h = _hidden(router, texts)
     with torch.no_grad():
         old = router.head[-1](h)
-    w, b = _fit_row(h, old, y, at, steps, lr, seed)
+    w, b_fit = _fit_row(h, old, y, at, steps, lr, seed)
+    n_replay = len(replay)
+    old_truth = y[:n_replay] - (y[:n_replay] > at).long()  # replay labels in the old class order
+    b = _capped_bias(h[:n_replay], old[:n_replay], old_truth, w, b_fit, max_replay_drop)
     new_router = _extended(router, name, at, w, b)
 
     before = _accuracy_by_class(router, dev_others)
@@ -149,7 +176,8 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
               "splits": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test),
                          **asdict(split_cfg)},
               "router_head": {"train_prompts": len(texts), "new_task_prompts": len(new_train), "steps": steps,
-                              "lr": lr, "seed": seed, "new_task_dev_accuracy": new_acc,
+                              "lr": lr, "seed": seed, "bias_fitted": round(float(b_fit), 4), "bias": round(float(b), 4),
+                              "max_replay_drop": max_replay_drop, "new_task_dev_accuracy": new_acc,
                               "other_classes_dev_accuracy_before": before, "other_classes_dev_accuracy_after": after,
                               "max_drop_points": round(100 * max(before[k] - after[k] for k in before), 2)},
               "seconds": round(time.perf_counter() - start, 1)}
@@ -161,9 +189,10 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
 
 
 def add_task_to_assets(root: str | Path, name: str, adapter_dir: str | Path, examples_file: str | Path,
-                       data_dir: str | Path | None = None, steps: int = 300) -> dict:
+                       data_dir: str | Path | None = None, steps: int = 300, max_replay_drop: float = 0.0025) -> dict:
     """`add_task` with the split and rendering settings the assets' router was trained with (its record)."""
     record = Manifest.load(root).records.get("router", {})
     split_cfg = SplitConfig(**record["splits"]) if "splits" in record else SplitConfig()
     data_cfg = RouterDataConfig(**record["data"]) if "data" in record else RouterDataConfig()
-    return add_task(root, name, adapter_dir, examples_file, data_dir, split_cfg, data_cfg, steps=steps)
+    return add_task(root, name, adapter_dir, examples_file, data_dir, split_cfg, data_cfg, steps=steps,
+                    max_replay_drop=max_replay_drop)

@@ -1,0 +1,173 @@
+"""The int8 base: exact LoRA mixtures relative to the quantized base, on every path; rows independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_llama
+from dlp_lora import FusedLoRAModel
+from dlp_lora.adapters.bank import AdapterBank
+from dlp_lora.config import FusionConfig, GenerationConfig
+from dlp_lora.fusion import ops
+from dlp_lora.fusion.layer import FusedLoRALinear
+from dlp_lora.generation import generate_ids
+from dlp_lora.quantize import Int8Linear, check_quantization, quantization_of, quantize_model
+
+ATOL = 1e-5
+PATHS = ["gathered", "dense", "merged"]
+
+
+def _qmodel() -> nn.Module:
+    return quantize_model(tiny_llama(), "int8")
+
+
+def _ids(b: int = 3, t: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 128, (b, t), generator=g)
+    mask = torch.ones_like(ids)
+    for row in range(1, b):  # left padding of different lengths
+        ids[row, :row] = 0
+        mask[row, :row] = 0
+    return ids, mask
+
+
+class _RefLinear(nn.Module):
+    """Reference for one targeted layer: the quantized base plus the per-row loop delta."""
+
+    def __init__(self, base: nn.Module, terms, weights: torch.Tensor) -> None:
+        super().__init__()
+        self.base, self.terms, self.weights = base, terms, weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + ops.lora_delta_loop(x, self.terms, self.weights, self.base.out_features)
+
+
+def _reference_logits(adapter_dirs, weights, ids, mask) -> torch.Tensor:
+    """A fresh quantized model whose targeted layers are _RefLinear: what every path must equal."""
+    model = _qmodel()
+    bank = AdapterBank(model, adapter_dirs)
+    for name in bank.modules:
+        terms = [(w.A, w.B, w.scale) if (w := a.modules.get(name)) else None for a in bank.adapters]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, _RefLinear(model.get_submodule(name), terms, weights))
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def test_every_linear_is_int8_and_close_to_fp32():
+    fp32, q = tiny_llama(), _qmodel()
+    assert quantization_of(q) == "int8" and quantization_of(fp32) == "none"
+    assert not any(type(m) is nn.Linear for m in q.modules())
+    assert isinstance(q.lm_head, Int8Linear)
+    assert q.model.embed_tokens.weight.dtype == torch.float32  # the tied embedding stays a float lookup
+    ids, mask = _ids()
+    with torch.no_grad():
+        a, b = fp32(input_ids=ids, attention_mask=mask).logits, q(input_ids=ids, attention_mask=mask).logits
+    assert (a - b).abs().max() < 0.05 * a.abs().max()  # quantized, so close but not equal
+
+
+def test_int8_linear_matches_its_definition():
+    lin = nn.Linear(32, 48)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(2, 5, 32)
+    s = x.abs().amax(-1, keepdim=True) / 127
+    want = (torch.round(x / s) * s) @ q.dequantized_weight().T + lin.bias
+    torch.testing.assert_close(q(x), want, atol=ATOL, rtol=1e-5)
+    assert (q.dequantized_weight() - lin.weight).abs().max() <= q.weight_scale.max() / 2 + 1e-7
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_fused_equals_quantized_base_plus_reference_delta(adapter_dirs, path):
+    ids, mask = _ids()
+    weights = torch.tensor([[0.7, 0.2, 0.5]]).repeat(3, 1) if path == "merged" else \
+        torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.4, 0.6]])
+    want = _reference_logits(adapter_dirs, weights, ids, mask)
+    model = _qmodel()
+    fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
+    assert all(isinstance(m.base, Int8Linear) for m in model.modules() if isinstance(m, FusedLoRALinear))
+    with torch.no_grad(), fused.routed(weights) as active:
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert active.path == path
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["gathered", "dense"])
+def test_mixed_batch_equals_rows_alone(adapter_dirs, path):
+    ids, mask = _ids()
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])
+    model = _qmodel()
+    fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
+    with torch.no_grad(), fused.routed(weights):
+        batch = model(input_ids=ids, attention_mask=mask).logits
+    for b in range(3):
+        keep = mask[b].bool()  # alone: no padding at all, so per-token activation scales must not see it
+        with torch.no_grad(), fused.routed(weights[b: b + 1]):  # one row: the merged path
+            alone = model(input_ids=ids[b: b + 1, keep]).logits
+        torch.testing.assert_close(batch[b, keep], alone[0], atol=ATOL, rtol=0)
+
+
+def test_mixed_batch_greedy_tokens_equal_rows_alone(adapter_dirs):
+    class Tok:
+        eos_token_id, pad_token_id = None, 0
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    ids, mask = _ids()
+    weights = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])
+    model = _qmodel()
+    fused = FusedLoRAModel(model, adapter_dirs)
+    cfg = GenerationConfig(max_new_tokens=6)
+    with fused.routed(weights):
+        batch = generate_ids(model, Tok(), ids, mask, cfg)
+    for b in range(3):
+        keep = mask[b].bool()
+        with fused.routed(weights[b: b + 1]):
+            alone = generate_ids(model, Tok(), ids[b: b + 1, keep], mask[b: b + 1, keep], cfg)
+        assert batch[b].token_ids == alone[0].token_ids
+
+
+def test_remove_restores_the_quantized_base(adapter_dirs):
+    model = _qmodel()
+    ids, mask = _ids()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        fused = FusedLoRAModel(model, adapter_dirs)
+        fused.remove()
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+
+
+def test_unsupported_combinations_raise():
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        check_quantization("int4", torch.float32)
+    with pytest.raises(ValueError, match="needs the base model in torch.float32"):
+        quantize_model(tiny_llama().to(torch.bfloat16), "int8")
+    with pytest.raises(ValueError, match="runs on CPU only"):
+        check_quantization("int8", torch.float32, "cuda")
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(_qmodel(), "int8")
+
+
+def test_quantizing_a_fused_model_is_refused(adapter_dirs):
+    model = tiny_llama()
+    FusedLoRAModel(model, adapter_dirs)
+    with pytest.raises(TypeError, match="quantize the base model before fusing"):
+        quantize_model(model, "int8")
+
+
+def test_bench_times_fp32_and_int8_side_by_side():
+    from dlp_lora.benchmark import markdown_table, run_fusion_benchmark
+    from dlp_lora.config import BenchConfig
+
+    cfg = BenchConfig(num_adapters=(2,), batch_sizes=(1, 2), ks=(1,), prompt_tokens=4, new_tokens=2, repeats=1,
+                      quantize=("none", "int8"))
+    result = run_fusion_benchmark(tiny_llama(), cfg, progress=False)
+    kinds = {(r["method"], r["quantize"]) for r in result["rows"]}
+    assert kinds == {("base", "none"), ("peft", "none"), ("fused", "none"), ("base", "int8"), ("fused", "int8")}
+    assert {"int8_N2_k1_b2_vs_fp32", "int8_N2_k1_b2_tok_s_vs_fp32_base", "N2_k1_b2_vs_peft"} <= set(result["ratios"])
+    assert "| int8 | fused | 2 | 1 | 2 |" in markdown_table(result, "dlp-lora bench")
+    with pytest.raises(ValueError, match="quantize must be distinct values"):
+        BenchConfig(quantize=("int4",))
