@@ -5,7 +5,7 @@ CLI    := $(VENV)/bin/dlp-lora
 STAMP  := $(VENV)/.installed
 ASSETS := assets/smollm2-135m-26tasks
 
-.PHONY: setup demo test test-fast bench assets multitask router-report evaluate docs clean
+.PHONY: setup demo test test-fast bench assets multitask router-report evaluate docs clean fuzz browser serve-load
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,6 +25,19 @@ test: setup
 
 test-fast: setup
 	$(VENV)/bin/pytest -m "not slow"
+
+# Fuzz the server from its OpenAPI document (a tiny model; no 5xx, no schema mismatch).
+fuzz: setup
+	$(PY) -m pip install -q 'schemathesis>=4'
+	PATH=$(VENV)/bin:$$PATH $(PY) benchmarks/fuzz_server.py --max-examples 150
+
+# Debian's chromium, for the playground's browser test (tests/test_playground.py skips without it).
+browser:
+	command -v chromium >/dev/null || (apt-get update -q && apt-get install -y -q --no-install-recommends chromium)
+
+# Continuous against static batching, short and decode-heavy mixes, 1/4/16/32 clients.
+serve-load: setup
+	$(PY) benchmarks/serve_load.py --assets $(ASSETS) --json docs/serve_load.json --markdown docs/performance.md
 
 bench: setup
 	$(CLI) bench --json docs/bench.json --markdown docs/performance.md

@@ -1,11 +1,12 @@
-"""Load test of `dlp-lora serve`: throughput and latency at several client concurrencies.
+"""Load test of `dlp-lora serve`: continuous against static batching, a short-answer and a decode-heavy mix.
 
-Starts the server as a subprocess (so client threads do not compete with it for the GIL) on the given
-assets, or on a tiny random model built in a temp dir (`--tiny`, a smoke run), or uses a running server
-(`--url`). For each concurrency level, that many client threads send `--requests` greedy completion
-requests in total (prompts from several tasks, so batches mix adapters) and the script reports requests/s,
-completion tokens/s, p50/p99 end-to-end latency, errors, and the mean batch size the server formed
-(from its /metrics).
+For each batching policy (`--batching`, both by default) the script starts `dlp-lora serve` as a
+subprocess (so client threads do not compete with it for the GIL) on the given assets, or on a tiny
+random model (`--tiny`, a smoke run). For each mix and each client count it sends streaming greedy
+`/v1/completions` requests (prompts from several tasks, so rows mix adapters; `ignore_eos`, so every
+answer has the mix's length) and reports output tokens/s, time to first token and time per output
+token (p50), errors, and the mean rows per decode step the server ran (from its /metrics).
+Throughput ratios (N clients against 1) come side by side in one run.
 
     python benchmarks/serve_load.py --tiny
     python benchmarks/serve_load.py --assets assets/smollm2-135m-26tasks --json docs/serve_load.json \
@@ -49,6 +50,8 @@ PROMPTS = [
     "Does 'The man is sleeping' follow from 'A man naps on a bench'? Answer yes or no.",
     "Name the capital of Canada.",
 ]
+MIXES = {"short": 16, "decode-heavy": 128}
+"""Mix name -> new tokens per request."""
 
 
 # Ray in a benchmark: no usage report (the machine may be offline), no metrics agent, quiet replicas, and
@@ -124,50 +127,66 @@ def _ray_args(ns: argparse.Namespace, replicas: int | None) -> list[str]:
 
 
 @contextmanager
-def running_server(ns: argparse.Namespace, replicas: int | None = None) -> Iterator[str]:
-    """The base URL of a healthy server: the given --url, or a `dlp-lora serve` subprocess we stop after
-    (on Ray Serve with `replicas` replicas when given)."""
-    if ns.url:
-        _wait_healthy(ns.url.rstrip("/"), None, ns.startup_timeout)
-        yield ns.url.rstrip("/")
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        assets = build_tiny_assets(Path(tmp)) if ns.tiny else Path(ns.assets)
-        if not (assets / "manifest.json").exists():
-            raise SystemExit(f"no assets at {assets}; pass --assets DIR, --tiny or --url")
-        port = _free_port()
-        cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--host", "127.0.0.1",
-               "--port", str(port), "--max-batch-size", str(ns.max_batch_size), "--batch-window-ms",
-               str(ns.batch_window_ms), "--max-queue", str(max(64, 2 * max(ns.concurrency))),
-               "--max-tokens-limit", str(max(256, ns.max_tokens))] + _ray_args(ns, replicas)
-        if ns.base_model:
-            cmd += ["--base-model", ns.base_model]
-        # Its own session: should the server not stop on SIGTERM, killing the group also ends the local
-        # Ray cluster it started (raylet, GCS, replicas), not only the driver.
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if ns.verbose else subprocess.DEVNULL,
-                                env={**os.environ, **(RAY_ENV if replicas else {})}, start_new_session=True)
+def running_server(ns: argparse.Namespace, assets: Path, batching: str,
+                   replicas: int | None = None) -> Iterator[str]:
+    """The base URL of a healthy `dlp-lora serve` subprocess with this batching policy (on Ray Serve with
+    `replicas` replicas when given); stopped after."""
+    port = _free_port()
+    cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--host", "127.0.0.1",
+           "--port", str(port), "--max-batch-size", str(ns.max_batch_size), "--batching", batching,
+           "--batch-window-ms", str(ns.batch_window_ms), "--max-queue", str(max(64, 4 * max(ns.concurrency))),
+           "--max-tokens-limit", str(max(MIXES.values()))] + _ray_args(ns, replicas)
+    if ns.base_model:
+        cmd += ["--base-model", ns.base_model]
+    # Its own session: should the server not stop on SIGTERM, killing the group also ends the local
+    # Ray cluster it started (raylet, GCS, replicas), not only the driver.
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if ns.verbose else subprocess.DEVNULL,
+                            env={**os.environ, **(RAY_ENV if replicas else {})}, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(url, proc, ns.startup_timeout)
+        yield url
+    finally:
+        proc.terminate()
         try:
-            url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, proc, ns.startup_timeout)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _batch_stats(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's batch-size histogram."""
+def _step_stats(url: str) -> tuple[float, float]:
+    """(sum, count) of the server's rows-per-decode-step histogram."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
-    values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("dlp_lora_batch_size_")}
-    return values.get("dlp_lora_batch_size_sum", 0.0), values.get("dlp_lora_batch_size_count", 0.0)
+    values = {ln.split()[0]: float(ln.split()[1]) for ln in text.splitlines() if ln.startswith("dlp_lora_step_rows_")}
+    return values.get("dlp_lora_step_rows_sum", 0.0), values.get("dlp_lora_step_rows_count", 0.0)
 
 
-def run_level(url: str, concurrency: int, requests: int, max_tokens: int, timeout: float) -> dict:
-    """`requests` completions over `concurrency` client threads; figures for one table row."""
-    latencies: list[float] = []
+def _one(http: httpx.Client, url: str, i: int, max_tokens: int) -> tuple[float, float, int]:
+    """One streamed request: (seconds to first token, seconds in all, completion tokens)."""
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "model": "dlp-lora", "stream_options": {"include_usage": True}}
+    start = time.perf_counter()
+    first, tokens = None, 0
+    with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+        if r.status_code != 200:
+            raise httpx.HTTPStatusError(f"status {r.status_code}", request=r.request, response=r)
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise ValueError(chunk["error"]["message"])
+            if first is None and any(c.get("text") for c in chunk.get("choices", [])):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    total = time.perf_counter() - start
+    return (total if first is None else first), total, tokens
+
+
+def run_level(url: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
+    """`requests` streamed completions over `clients` threads; figures for one table row."""
+    ttft, tpot, done = [], [], []
     tokens, errors, lock, counter = [0], [0], threading.Lock(), iter(range(requests))
 
     def client() -> None:
@@ -177,66 +196,71 @@ def run_level(url: str, concurrency: int, requests: int, max_tokens: int, timeou
                     i = next(counter, None)
                 if i is None:
                     return
-                body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0}
-                start = time.perf_counter()
                 try:
-                    r = http.post(f"{url}/v1/completions", json=body)
-                    ok = r.status_code == 200
-                    n = r.json()["usage"]["completion_tokens"] if ok else 0
+                    first, total, n = _one(http, url, i, max_tokens)
                 except (httpx.HTTPError, ValueError, KeyError):
-                    ok, n = False, 0
+                    with lock:
+                        errors[0] += 1
+                    continue
                 with lock:
-                    if ok:
-                        latencies.append(time.perf_counter() - start)
+                    ttft.append(first)
+                    if n > 1:
+                        tpot.append((total - first) / (n - 1))
+                    done.append(total)
                     tokens[0] += n
-                    errors[0] += 0 if ok else 1
 
-    before = _batch_stats(url)
+    before = _step_stats(url)
     start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client) for _ in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    after = _batch_stats(url)
-    batches = after[1] - before[1]
-    lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
-    return {"concurrency": concurrency, "requests": requests, "errors": errors[0], "seconds": round(wall, 3),
-            "requests_per_s": round(len(latencies) / wall, 3), "completion_tokens_per_s": round(tokens[0] / wall, 2),
-            "p50_ms": round(float(np.percentile(lat, 50)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1),
-            "mean_batch": round((after[0] - before[0]) / batches, 2) if batches else None}
+    after = _step_stats(url)
+    steps = after[1] - before[1]
+
+    def p50(xs: list[float]) -> float:
+        return round(float(np.percentile(np.array(xs) * 1000, 50)), 1) if xs else float("nan")
+
+    return {"clients": clients, "requests": requests, "errors": errors[0], "seconds": round(wall, 3),
+            "output_tokens_per_s": round(tokens[0] / wall, 2), "ttft_p50_ms": p50(ttft), "tpot_p50_ms": p50(tpot),
+            "latency_p50_ms": p50(done), "mean_rows_per_step": round((after[0] - before[0]) / steps, 2) if steps else None}
 
 
-def markdown(results: list[dict], ns: argparse.Namespace, command: str) -> str:
-    target = "a tiny random model (smoke run)" if ns.tiny else (ns.url or f"`{ns.assets}`")
+def markdown(runs: dict, ns: argparse.Namespace, command: str) -> str:
+    target = "a tiny random model (smoke run)" if ns.tiny else f"`{ns.assets}`"
     lines = [
         "## Serving load", "",
-        f"Produced by `{command}` against {target} on this machine ({os.cpu_count()} CPUs, "
-        f"{platform.machine()}). Each level sends {ns.requests} greedy `/v1/completions` requests "
-        f"(max_tokens={ns.max_tokens}, prompts from {len(PROMPTS)} tasks) from that many concurrent clients. "
-        + ("" if ns.url else f"Server max_batch_size={ns.max_batch_size}, batch_window_ms={ns.batch_window_ms}. ")
-        + "Latency is end to end "
-        "(HTTP, queueing, batching, decoding); mean batch is the server's own count.", "",
-        "| concurrency | requests | errors | seconds | req/s | completion tok/s | p50 ms | p99 ms | mean batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"Produced by `{command}` against {target} on this machine ({os.cpu_count()} CPUs, {platform.machine()}, "
+        "no GPU). Every request streams a greedy `/v1/completions` answer of exactly the mix's length "
+        f"(`ignore_eos`; short = {MIXES['short']} tokens, decode-heavy = {MIXES['decode-heavy']}), prompts from "
+        f"{len(PROMPTS)} tasks routed by the router. Server max_batch_size={ns.max_batch_size}. TTFT: time to the "
+        "first streamed token; TPOT: time per output token after it; rows/step: mean rows of the server's decode "
+        "steps. Speed-up: output tokens/s against 1 client of the same mix and policy.", "",
+        "| batching | mix | clients | requests | errors | output tok/s | speed-up | TTFT p50 ms | TPOT p50 ms | "
+        "latency p50 ms | rows/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['concurrency']} | {r['requests']} | {r['errors']} | {r['seconds']} | {r['requests_per_s']} | "
-              f"{r['completion_tokens_per_s']} | {r['p50_ms']} | {r['p99_ms']} | {r['mean_batch']} |" for r in results]
+    for (batching, mix), rows in runs.items():
+        one = rows[0]["output_tokens_per_s"] or float("nan")
+        for r in rows:
+            lines.append(f"| {batching} | {mix} | {r['clients']} | {r['requests']} | {r['errors']} | "
+                         f"{r['output_tokens_per_s']} | {r['output_tokens_per_s'] / one:.2f}x | {r['ttft_p50_ms']} | "
+                         f"{r['tpot_p50_ms']} | {r['latency_p50_ms']} | {r['mean_rows_per_step']} |")
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--url", help="a running server's base URL (e.g. http://127.0.0.1:8000)")
-    src.add_argument("--tiny", action="store_true", help="serve a tiny random model built in a temp dir")
+    p.add_argument("--tiny", action="store_true", help="serve a tiny random model built in a temp dir")
     p.add_argument("--assets", default="assets/smollm2-135m-26tasks", help="assets folder to serve")
     p.add_argument("--base-model", default=None, help="override the manifest's base model")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--batching", nargs="+", choices=["continuous", "static"], default=["continuous", "static"])
+    p.add_argument("--mixes", nargs="+", choices=list(MIXES), default=list(MIXES))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 32])
+    p.add_argument("--rounds", type=int, default=2, help="requests per client at each level (default 2)")
+    p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-window-ms", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=600.0, help="per-request client timeout (s)")
     p.add_argument("--startup-timeout", type=float, default=300.0)
@@ -248,10 +272,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-replica", type=float, default=None,
                    help="Ray CPUs (and torch threads) per replica (--ray; default: the cores split evenly)")
     ns = p.parse_args(argv)
-    if min(ns.concurrency) < 1 or ns.requests < 1 or ns.max_tokens < 1:
-        p.error("--concurrency, --requests and --max-tokens must be >= 1")
-    if ns.ray and (ns.url or min(ns.replicas) < 1):
-        p.error("--ray starts its own servers (no --url) and needs --replicas >= 1")
+    if min(ns.concurrency) < 1 or ns.rounds < 1:
+        p.error("--concurrency and --rounds must be >= 1")
+    if ns.ray and min(ns.replicas) < 1:
+        p.error("--ray needs --replicas >= 1")
     return ns
 
 
@@ -261,19 +285,20 @@ def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load
     lines = [
         "## Ray Serve", "",
         f"Produced by `{command}` against {target} on this machine ({os.cpu_count()} CPUs, {platform.machine()}). "
-        f"Each level sends {ns.requests} greedy `/v1/completions` requests (max_tokens={ns.max_tokens}) from that "
-        f"many concurrent clients, first to the single-process server (`dlp-lora serve`, uvicorn), then to "
-        f"`dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters and "
-        f"the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
-        f"per replica. Load is the machine's 1-minute load average after each row (other work shares these 2 cores; it "
-        f"was {load:.2f} when the run started). Servers run one after another: compare rows only where their loads are "
-        "close.", "",
-        "| server | threads | concurrency | requests | errors | seconds | req/s | completion tok/s | p50 ms | p99 ms | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"Each level sends clients x {ns.rounds} streamed greedy `/v1/completions` requests of each mix "
+        f"(`ignore_eos`; short = {MIXES['short']} tokens, decode-heavy = {MIXES['decode-heavy']}) from that many "
+        "concurrent clients, first to the single-process server (`dlp-lora serve`, uvicorn, continuous batching), "
+        "then to `dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters "
+        f"and the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
+        f"per replica. Load is the machine's 1-minute load average after each row (it was {load:.2f} when the run "
+        "started). Servers run one after another: compare rows only where their loads are close.", "",
+        "| server | threads | mix | clients | requests | errors | seconds | output tok/s | TTFT p50 ms | "
+        "TPOT p50 ms | latency p50 ms | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['server']} | {r['threads']} | {r['concurrency']} | {r['requests']} | {r['errors']} | "
-              f"{r['seconds']} | {r['requests_per_s']} | {r['completion_tokens_per_s']} | {r['p50_ms']} | "
-              f"{r['p99_ms']} | {r['load_average']} |" for r in results]
+    lines += [f"| {r['server']} | {r['threads']} | {r['mix']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+              f"{r['seconds']} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | {r['tpot_p50_ms']} | "
+              f"{r['latency_p50_ms']} | {r['load_average']} |" for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -282,8 +307,8 @@ def _save_ray(results: list[dict], ns: argparse.Namespace, command: str, load: f
     table = ray_markdown(results, ns, command, load)
     if ns.json:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "max_tokens": ns.max_tokens,
-                                             "load_average": load, "results": results}, indent=2) + "\n")
+        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "load_average": load,
+                                             "results": results}, indent=2) + "\n")
     if ns.markdown:
         from dlp_lora.cli import _write_section
 
@@ -292,24 +317,31 @@ def _save_ray(results: list[dict], ns: argparse.Namespace, command: str, load: f
 
 
 def run_ray(ns: argparse.Namespace, command: str) -> int:
-    """The single-process server, then Ray Serve at each replica count, on the same levels."""
+    """The single-process server, then Ray Serve at each replica count, on the same mixes and levels."""
     import torch  # only to report the single-process server's default thread count
 
     results, torch_threads, load = [], torch.get_num_threads(), round(os.getloadavg()[0], 2)
-    for replicas in [None, *ns.replicas]:
-        with running_server(ns, replicas) as url:
-            # Warm-up on every replica: first-call allocations and lazy loading stay out of the figures.
-            warm = 2 * (replicas or 1)
-            run_level(url, warm, warm, 4, ns.timeout)
-            label = "uvicorn, 1 process" if replicas is None else f"Ray Serve, {replicas} replica(s)"
-            threads = max(1, int(_cpus(ns, replicas))) if replicas else torch_threads
-            for c in ns.concurrency:
-                r = run_level(url, c, ns.requests, ns.max_tokens, ns.timeout)
-                r.update(server=label, replicas=replicas, threads=threads, load_average=round(os.getloadavg()[0], 2))
-                r["mean_batch"] = None if replicas else r["mean_batch"]  # /metrics is one replica's only
-                results.append(r)
-                print(json.dumps(r), flush=True)
-                _save_ray(results, ns, command, load)
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = build_tiny_assets(Path(tmp)) if ns.tiny else Path(ns.assets)
+        if not (assets / "manifest.json").exists():
+            raise SystemExit(f"no assets at {assets}; pass --assets DIR or --tiny")
+        for replicas in [None, *ns.replicas]:
+            with running_server(ns, assets, "continuous", replicas) as url:
+                # Warm-up on every replica: first-call allocations and lazy loading stay out of the figures.
+                warm = 2 * (replicas or 1)
+                run_level(url, warm, warm, 4, ns.timeout)
+                label = "uvicorn, 1 process" if replicas is None else f"Ray Serve, {replicas} replica(s)"
+                threads = max(1, int(_cpus(ns, replicas))) if replicas else torch_threads
+                for mix in ns.mixes:
+                    for c in ns.concurrency:
+                        r = run_level(url, c, c * ns.rounds, MIXES[mix], ns.timeout)
+                        r.update(server=label, mix=mix, replicas=replicas, threads=threads,
+                                 load_average=round(os.getloadavg()[0], 2))
+                        if replicas:  # /metrics is one replica's only
+                            r["mean_rows_per_step"] = None
+                        results.append(r)
+                        print(json.dumps(r), flush=True)
+                        _save_ray(results, ns, command, load)
     print(_save_ray(results, ns, command, load))
     return 0 if all(r["errors"] == 0 for r in results) else 1
 
@@ -326,24 +358,32 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/serve_load.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if ns.ray:
         return run_ray(ns, command)
-    with running_server(ns) as url:
-        for i in range(2):  # warm-up: first-call allocations and lazy loading stay out of the figures
-            httpx.post(f"{url}/v1/completions", json={"prompt": PROMPTS[i], "max_tokens": 4}, timeout=ns.timeout)
-        results = []
-        for c in ns.concurrency:
-            results.append(run_level(url, c, ns.requests, ns.max_tokens, ns.timeout))
-            print(json.dumps(results[-1]), flush=True)
-    table = markdown(results, ns, command)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        assets = build_tiny_assets(Path(tmp)) if ns.tiny else Path(ns.assets)
+        if not (assets / "manifest.json").exists():
+            raise SystemExit(f"no assets at {assets}; pass --assets DIR or --tiny")
+        for batching in ns.batching:
+            with running_server(ns, assets, batching) as url:
+                with httpx.Client(timeout=ns.timeout) as http:  # warm-up: first-call allocations stay out
+                    for i in range(2):
+                        _one(http, url, i, 4)
+                for mix in ns.mixes:
+                    rows = runs.setdefault((batching, mix), [])
+                    for c in ns.concurrency:
+                        rows.append(run_level(url, c, c * ns.rounds, MIXES[mix], ns.timeout))
+                        print(json.dumps({"batching": batching, "mix": mix, **rows[-1]}), flush=True)
+    table = markdown(runs, ns, command)
     print(table)
     if ns.json:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "max_tokens": ns.max_tokens,
-                                             "results": results}, indent=2) + "\n")
+        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "mixes": MIXES, "runs": [
+            {"batching": b, "mix": m, "results": rows} for (b, m), rows in runs.items()]}, indent=2) + "\n")
     if ns.markdown:
         from dlp_lora.cli import _write_section
 
         _write_section(Path(ns.markdown), "## Serving load", table)
-    return 0 if all(r["errors"] == 0 for r in results) else 1
+    return 0 if all(r["errors"] == 0 for rows in runs.values() for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -91,6 +91,44 @@ def test_bundled_assets_answer_a_mixed_batch():
         dlp.close()
 
 
+def test_server_on_the_bundled_assets_scores_and_batches_like_the_pipeline():
+    """The real model behind the server: echo + logprobs equal `option_logprobs` within 1e-4 (what
+    lm-evaluation-harness's log-likelihood tasks read), and greedy answers of requests decoded together
+    (continuous batching) equal the pipeline's answers alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from dlp_lora import DLPLoRA
+    from dlp_lora.chat import chat_prompt
+    from dlp_lora.config import ServerConfig
+    from dlp_lora.server import create_app
+
+    dlp = DLPLoRA.from_assets(ASSETS)
+    question = "Which gas do plants take in for photosynthesis?"
+    options = [" carbon dioxide", " oxygen", " nitrogen", " helium"]
+    want = dlp.option_logprobs([question], [options], dlp.routing_for([{"arc_easy": 1.0}]))[0]
+    prompts = ["Sort the following words alphabetically: List: pear apple fig",
+               "((2 + 3) * 4 - 1) =\nAnswer with a number.", "Name the capital of Canada."]
+    alone = [dlp.generate([p], config=GenerationConfig(max_new_tokens=n))[0] for p, n in zip(prompts, (12, 6, 20))]
+    ctx = dlp.tokenizer(chat_prompt(dlp.tokenizer, question), add_special_tokens=False)["input_ids"]
+    conts = [dlp.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    try:
+        with TestClient(create_app(dlp, ServerConfig(max_batch_size=8))) as client, ThreadPoolExecutor(3) as pool:
+            scored = client.post("/v1/completions", json={"model": "arc_easy", "prompt": [ctx + c for c in conts],
+                                                          "max_tokens": 0, "echo": True, "logprobs": 1}).json()
+            futures = [pool.submit(client.post, "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": p}], "max_tokens": n, "temperature": 0})
+                for p, n in zip(prompts, (12, 6, 20))]
+            answers = [f.result().json() for f in futures]
+        for choice, cont, lp in zip(scored["choices"], conts, want):
+            assert abs(sum(choice["logprobs"]["token_logprobs"][-len(cont):]) - lp) < 1e-4
+        for ref, ans in zip(alone, answers):
+            assert ans["choices"][0]["message"]["content"] == ref.text and ans["routing"]["adapters"] == ref.adapters
+    finally:
+        dlp.close()
+
+
 @pytest.mark.skipif(not (ASSETS / "manifest.json").exists(), reason="bundled assets not built (make assets)")
 def test_bfloat16_real_model_equals_peft_bfloat16():
     """The embedded model in bfloat16 with a bundled adapter: every path against peft in bfloat16 (the

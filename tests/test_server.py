@@ -20,6 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import make_peft_adapter
 from dlp_lora.assets import Manifest
+from dlp_lora.chat import chat_prompt
 from dlp_lora.config import GenerationConfig, RouterConfig, ServerConfig
 from dlp_lora.models import load_tokenizer
 from dlp_lora.pipeline import DLPLoRA
@@ -34,9 +35,9 @@ PROMPTS = ["What is 3 + 4?", "Name a noble gas.", "Sort: pear apple", "Translate
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory) -> DLPLoRA:
+def assets(tmp_path_factory):
     """A complete assets folder (tiny Llama with the real tokenizer, 3 random adapters, untrained router),
-    loaded the way `dlp-lora serve` loads one."""
+    and beside it `extra`, one more adapter for the runtime loading tests."""
     root = tmp_path_factory.mktemp("assets")
     tok = load_tokenizer()
     torch.manual_seed(0)
@@ -51,7 +52,14 @@ def pipe(tmp_path_factory) -> DLPLoRA:
     Router(RouterConfig(task_names=ADAPTERS, embed_dim=8, hidden_dim=16)).save(root / "router")
     Manifest(base_model=str(root / "base"), tasks=list(ADAPTERS),
              adapters={a: f"adapters/{a}" for a in ADAPTERS}, router="router", selection={"p": 0.9}).save(root)
-    return DLPLoRA.from_assets(root)
+    make_peft_adapter(root / "extra", seed=11, base=model)
+    return root
+
+
+@pytest.fixture(scope="module")
+def pipe(assets) -> DLPLoRA:
+    """The assets folder loaded the way `dlp-lora serve` loads one."""
+    return DLPLoRA.from_assets(assets)
 
 
 def _cfg(**kw) -> ServerConfig:
@@ -60,18 +68,39 @@ def _cfg(**kw) -> ServerConfig:
 
 
 class Gate:
-    """A runner that records batch sizes and holds every batch until `release` is set."""
+    """A StepRunner that records how many jobs each admission brings and holds every admission until
+    `release` is set: requests then pile up in the queue in a known state instead of racing the worker."""
 
     def __init__(self, pipe: DLPLoRA) -> None:
         self.inner = PipelineRunner(pipe)
         self.sizes: list[int] = []
         self.entered, self.release = threading.Event(), threading.Event()
 
-    def __call__(self, jobs) -> None:
+    @property
+    def running(self) -> int:
+        return self.inner.running
+
+    @property
+    def active_adapters(self) -> set[str]:
+        return self.inner.active_adapters
+
+    def admit(self, jobs) -> None:
         self.sizes.append(len(jobs))
         self.entered.set()
         assert self.release.wait(30), "the test never released the batch"
-        self.inner(jobs)
+        self.inner.admit(jobs)
+
+    def step(self) -> None:
+        self.inner.step()
+
+    def abort(self, error) -> None:
+        self.inner.abort(error)
+
+    def holds(self, job) -> bool:
+        return self.inner.holds(job)
+
+    def pause(self) -> None:
+        self.inner.pause()
 
 
 def _wait_for(cond, timeout: float = 20.0) -> None:
@@ -82,10 +111,20 @@ def _wait_for(cond, timeout: float = 20.0) -> None:
 
 
 def _alone(pipe: DLPLoRA, text: str, max_tokens: int, mixture=None, stop=()):
-    """What the pipeline answers for this request on its own: the reference every server answer must match."""
+    """What the pipeline answers for this request on its own (the chat template around `text`, as the chat
+    endpoint and `_templated` completions send it): the reference every server answer must match."""
     routing = pipe.routing_for([mixture]) if mixture is not None else None
     return pipe.generate([text], config=GenerationConfig(max_new_tokens=max_tokens, stop=tuple(stop)),
                          routing=routing)[0]
+
+
+def _templated(pipe: DLPLoRA, text: str) -> str:
+    """The completion prompt that tokenizes like the pipeline's chat prompt for `text`."""
+    return chat_prompt(pipe.tokenizer, text)
+
+
+def _user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
 
 
 def _sse(client: TestClient, path: str, body: dict) -> list[dict]:
@@ -107,22 +146,89 @@ def _streamed_text(chunks: list[dict], chat: bool) -> str:
 def test_completion_and_chat_match_the_pipeline(pipe):
     ref = _alone(pipe, PROMPTS[0], 6)
     with TestClient(create_app(pipe, _cfg())) as client:
-        r = client.post("/v1/completions", json={"model": "tiny-base", "prompt": [PROMPTS[0]], "max_tokens": 6})
+        r = client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 6,
+                                                      "temperature": 0})
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["object"] == "text_completion" and body["model"] == "tiny-base"
-        assert body["choices"][0]["text"] == ref.text and body["choices"][0]["finish_reason"] == ref.finish_reason
+        assert body["object"] == "chat.completion" and body["model"] == "dlp-lora"
+        assert body["choices"][0]["message"] == {"role": "assistant", "content": ref.text}
+        assert body["choices"][0]["finish_reason"] == ref.finish_reason
         assert body["usage"] == {"prompt_tokens": ref.prompt_tokens, "completion_tokens": ref.completion_tokens,
                                  "total_tokens": ref.prompt_tokens + ref.completion_tokens}
         assert body["routing"]["adapters"] == ref.adapters
         assert body["routing"]["weights"] == pytest.approx(ref.weights, abs=1e-5)
-        chat = client.post("/v1/chat/completions", json={"messages": [
-            {"role": "system", "content": "be brief"}, {"role": "user", "content": "earlier turn"},
-            {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]},
-        ], "temperature": 0})
-        assert chat.status_code == 200, chat.text
-        msg = chat.json()["choices"][0]["message"]
-        assert chat.json()["object"] == "chat.completion" and msg == {"role": "assistant", "content": ref.text}
+        # A completion prompt is used as given: the chat template written out gives the same answer.
+        mix = {"maths": 1.0}
+        done = client.post("/v1/completions", json={"prompt": _templated(pipe, PROMPTS[0]), "max_tokens": 6,
+                                                    "temperature": 0, "model": "maths"}).json()
+        assert done["object"] == "text_completion" and done["model"] == "maths"
+        assert done["choices"][0]["text"] == _alone(pipe, PROMPTS[0], 6, mix).text
+
+
+def test_chat_uses_the_whole_conversation(pipe):
+    """System prompt and history reach the model through the chat template (they used to be dropped)."""
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "earlier turn"},
+                {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]}]
+    template = pipe.tokenizer.apply_chat_template([{**m, "content": m["content"] if isinstance(m["content"], str)
+                                                    else PROMPTS[0]} for m in messages],
+                                                  tokenize=False, add_generation_prompt=True)
+    with TestClient(create_app(pipe, _cfg())) as client:
+        chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0,
+                                                         "adapters": ["code"]}).json()
+        same = client.post("/v1/completions", json={"prompt": template, "max_tokens": 6, "temperature": 0,
+                                                    "adapters": ["code"]}).json()
+        alone = client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 6,
+                                                          "temperature": 0, "adapters": ["code"]}).json()
+        tokens = client.post("/tokenize", json={"messages": messages}).json()
+    assert chat["choices"][0]["message"]["content"] == same["choices"][0]["text"]
+    assert chat["usage"]["prompt_tokens"] == same["usage"]["prompt_tokens"] == tokens["count"]
+    assert chat["usage"]["prompt_tokens"] > alone["usage"]["prompt_tokens"]
+    assert "be brief" in template and "earlier turn" in template
+
+
+def test_prompt_lists_token_ids_n_and_seeds(pipe):
+    ids = pipe.tokenizer(PROMPTS[1])["input_ids"]
+    with TestClient(create_app(pipe, _cfg())) as client:
+        def ask(**body):
+            r = client.post("/v1/completions", json={"max_tokens": 4, "temperature": 0, "model": "science", **body})
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        one = ask(prompt=PROMPTS[1])
+        assert ask(prompt=ids)["choices"][0]["text"] == one["choices"][0]["text"]
+        many = ask(prompt=[PROMPTS[1], PROMPTS[2], PROMPTS[1]])
+        assert [c["index"] for c in many["choices"]] == [0, 1, 2]
+        assert many["choices"][0]["text"] == many["choices"][2]["text"] == one["choices"][0]["text"]
+        assert ask(prompt=[ids, ids])["choices"][1]["text"] == one["choices"][0]["text"]
+        sampled = {"prompt": [PROMPTS[1], PROMPTS[2]], "n": 2, "temperature": 1.0, "seed": 2**64 - 1}
+        a, b = ask(**sampled), ask(**sampled)
+        assert len(a["choices"]) == 4 and a["choices"] == b["choices"]  # seeded: reproducible, any 64-bit seed
+        assert a["usage"]["prompt_tokens"] == many["usage"]["prompt_tokens"] - one["usage"]["prompt_tokens"]
+        assert ask(prompt="hi", seed=-(2**63), temperature=0.5)["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_echo_logprobs_equal_option_logprobs(pipe):
+    """lm-evaluation-harness's log-likelihood request: prompt + continuation as token ids, echo, max_tokens 0."""
+    options = [" Paris", " a noble gas", " 42"]
+    want = pipe.option_logprobs([PROMPTS[1]], [options], pipe.routing_for([{"science": 1.0}]))[0]
+    ctx = pipe.tokenizer(chat_prompt(pipe.tokenizer, PROMPTS[1]), add_special_tokens=False)["input_ids"]
+    conts = [pipe.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    with TestClient(create_app(pipe, _cfg())) as client:
+        r = client.post("/v1/completions", json={"model": "science", "prompt": [ctx + c for c in conts],
+                                                 "max_tokens": 0, "echo": True, "logprobs": 2, "temperature": 0})
+        assert r.status_code == 200, r.text
+        gen = client.post("/v1/completions", json={"model": "science", "prompt": ctx, "max_tokens": 3,
+                                                   "logprobs": 5, "temperature": 0}).json()["choices"][0]
+    for choice, cont, lp in zip(r.json()["choices"], conts, want):
+        got = choice["logprobs"]
+        assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
+        assert len(got["tokens"]) == len(ctx) + len(cont) and choice["text"] == pipe.tokenizer.decode(ctx + cont)
+        assert sum(got["token_logprobs"][-len(cont):]) == pytest.approx(lp, abs=1e-4)
+        assert got["text_offset"][0] == 0 and got["text_offset"] == sorted(got["text_offset"])
+        assert all(len(t) <= 3 for t in got["top_logprobs"][1:])  # 2 alternatives + the chosen token
+    assert len(gen["logprobs"]["tokens"]) == 3 and gen["text"] == "".join(gen["logprobs"]["tokens"])
+    assert all(max(t.values()) == pytest.approx(v) for t, v in zip(gen["logprobs"]["top_logprobs"],
+                                                                   gen["logprobs"]["token_logprobs"]))  # greedy
 
 
 def test_streaming_concatenates_to_the_non_streaming_text(pipe):
@@ -130,12 +236,13 @@ def test_streaming_concatenates_to_the_non_streaming_text(pipe):
     finals = []
     with TestClient(create_app(pipe, _cfg())) as client:
         for path, body, chat in [
-            ("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 12}, False),
-            ("/v1/completions", {"prompt": PROMPTS[1], "max_tokens": 12, "stop": stop}, False),
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPTS[2]}], "max_tokens": 9}, True),
-            ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPTS[1]}], "max_tokens": 12,
+            ("/v1/chat/completions", {"messages": _user(PROMPTS[1]), "max_tokens": 12}, True),
+            ("/v1/chat/completions", {"messages": _user(PROMPTS[1]), "max_tokens": 12, "stop": stop}, True),
+            ("/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 9}, False),
+            ("/v1/chat/completions", {"messages": _user(PROMPTS[1]), "max_tokens": 12,
                                       "stop": [stop, "\n\n"], "adapters": ["code"]}, True),
         ]:
+            body = {"temperature": 0, **body}
             whole = client.post(path, json=body).json()
             chunks = _sse(client, path, {**body, "stream_options": {"include_usage": True}})
             text = whole["choices"][0]["message"]["content"] if chat else whole["choices"][0]["text"]
@@ -149,38 +256,88 @@ def test_streaming_concatenates_to_the_non_streaming_text(pipe):
     assert finals[1] == (_alone(pipe, PROMPTS[1], 12, stop=[stop]).text, "stop") and stop not in finals[1][0]
 
 
-def test_routing_override_by_adapters_weights_and_model(pipe):
+def test_models_by_name_and_routing_override(pipe):
     text = PROMPTS[3]
-    refs = {"one": _alone(pipe, text, 5, {"maths": 1.0}),
+    refs = {"one": _alone(pipe, text, 5, {"maths": 1.0}), "base": _alone(pipe, text, 5, {}),
             "mix": _alone(pipe, text, 5, {"maths": 0.25, "science": 0.75}),
-            "equal": _alone(pipe, text, 5, {"maths": 0.5, "code": 0.5})}
+            "equal": _alone(pipe, text, 5, {"maths": 0.5, "code": 0.5}), "routed": _alone(pipe, text, 5)}
     with TestClient(create_app(pipe, _cfg())) as client:
         def ask(**extra):
-            r = client.post("/v1/completions", json={"prompt": text, "max_tokens": 5, **extra})
+            r = client.post("/v1/chat/completions", json={"messages": _user(text), "max_tokens": 5,
+                                                          "temperature": 0, **extra})
             assert r.status_code == 200, r.text
             return r.json()
 
+        def answer(body):
+            return body["choices"][0]["message"]["content"]
+
         one = ask(adapters=["maths"])
-        assert one["routing"] == {"adapters": ["maths"], "weights": [1.0]}
-        assert one["choices"][0]["text"] == refs["one"].text
+        assert one["routing"] == {"adapters": ["maths"], "weights": [1.0]} and answer(one) == refs["one"].text
         by_model = ask(model="maths")
-        assert (by_model["choices"], by_model["routing"]) == (one["choices"], one["routing"])
-        assert by_model["model"] == "maths"
+        assert (by_model["choices"], by_model["routing"], by_model["model"]) == (one["choices"], one["routing"], "maths")
+        base = ask(model="tiny-base")  # the base model's id: no adapter at all
+        assert base["routing"] == {"adapters": [], "weights": []} and answer(base) == refs["base"].text
+        assert answer(ask(model="dlp-lora")) == answer(ask()) == refs["routed"].text
         mix = ask(adapters=["maths", "science"], weights=[0.25, 0.75])
         assert mix["routing"] == {"adapters": ["science", "maths"], "weights": [0.75, 0.25]}
-        assert mix["choices"][0]["text"] == refs["mix"].text
+        assert answer(mix) == refs["mix"].text
         equal = ask(adapters=["maths", "code"], model="science")  # explicit adapters win over model
         assert equal["routing"] == {"adapters": ["maths", "code"], "weights": [0.5, 0.5]}
-        assert equal["choices"][0]["text"] == refs["equal"].text
+        assert answer(equal) == refs["equal"].text
+        missing = client.post("/v1/completions", json={"prompt": "hi", "model": "gpt-4"})
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
+def test_runtime_adapters_load_serve_and_unload(pipe, assets, tmp_path):
+    extra = assets / "extra"
+    ref = _alone(pipe, PROMPTS[0], 5, {"code": 1.0})
+    (tmp_path / "pickled").mkdir()
+    (tmp_path / "pickled" / "adapter_config.json").write_text((extra / "adapter_config.json").read_text())
+    (tmp_path / "pickled" / "adapter_model.bin").write_bytes(b"not safetensors")
+    with TestClient(create_app(pipe, _cfg())) as client:  # off by default, as in vLLM
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(extra)}).status_code == 404
+    with TestClient(create_app(pipe, _cfg(allow_runtime_adapters=True))) as client:
+        def ask(model: str):
+            return client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 5,
+                                                             "temperature": 0, "model": model})
+
+        for path in ("/nope", str(tmp_path / "pickled")):
+            bad = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path", bad.text
+        taken = client.post("/v1/load_lora_adapter", json={"lora_name": "code", "lora_path": str(extra)})
+        assert taken.status_code == 400 and "already served" in taken.json()["error"]["message"]
+        assert client.post("/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": str(extra)}).status_code == 200
+        assert "extra" in [m["id"] for m in client.get("/v1/models").json()["data"]]
+        served = ask("extra")
+        assert served.status_code == 200 and served.json()["routing"]["adapters"] == ["extra"]
+        assert ask("code").json()["choices"][0]["message"]["content"] == ref.text  # the bank's others unchanged
+        assert 'dlp_lora_adapter_selected_total{adapter="extra"} 1.0' in client.get("/metrics").text
+        router_class = client.post("/v1/unload_lora_adapter", json={"lora_name": "code"})
+        assert router_class.status_code == 400 and "router's classes" in router_class.json()["error"]["message"]
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 200
+        assert ask("extra").status_code == 404
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 400
+        assert ask("code").json()["choices"][0]["message"]["content"] == ref.text
+    assert pipe.adapter_names == list(ADAPTERS)
+
+
+def test_tokenize_and_detokenize(client, pipe):
+    r = client.post("/tokenize", json={"prompt": PROMPTS[0]}).json()
+    assert r["tokens"] == pipe.tokenizer(PROMPTS[0])["input_ids"] and r["count"] == len(r["tokens"])
+    assert client.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": PROMPTS[0]}
+    bad = client.post("/detokenize", json={"tokens": [10**9]})
+    assert bad.status_code == 400 and "out of range" in bad.json()["error"]["message"]
 
 
 # ---- refusals -------------------------------------------------------------------------------------
 
 BAD = [
-    ("/v1/completions", {"prompt": "   "}, "prompt is empty"),
+    ("/v1/completions", {"prompt": ""}, "prompt"),
     ("/v1/completions", {"prompt": 5}, "prompt"),
-    ("/v1/completions", {"prompt": ["a", "b"]}, "list of 2"),
+    ("/v1/completions", {"prompt": [[1, 2], []]}, "prompt"),
+    ("/v1/completions", {"prompt": [10**9]}, "out of range"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "lots"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens=0 asks for nothing"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 33},
      "max_tokens=33 is over this server's limit max_tokens_limit=32"),
     ("/v1/completions", {"prompt": "word " * 200}, "max_prompt_tokens=96"),
@@ -190,20 +347,22 @@ BAD = [
      "weights has 2 values for 1 adapters"),
     ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "weights": [-1]}, "weights.0"),
     ("/v1/completions", {"prompt": "hi", "weights": [1.0]}, "weights needs adapters"),
-    ("/v1/completions", {"prompt": "hi", "n": 2}, "n=2 is not supported"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 2, "stream": True}, "stream=true serves one choice"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 21}, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "temperature": -1}, "temperature"),
-    ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop strings must be non-empty"),
+    ("/v1/completions", {"prompt": "hi", "stop": [""]}, "stop"),
     ("/v1/completions", {"max_tokens": 4}, "prompt: Field required"),
     ("/v1/completions", [1, 2], "request body"),
-    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "x"}]}, "no user message"),
     ("/v1/chat/completions", {"messages": []}, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": ""}]}, "messages: the prompt is empty"),
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": _user("hi"), "top_logprobs": 2}, "top_logprobs needs logprobs=true"),
     ("/v1/completions", {"prompt": "hi", "routing_granularity": "token"}, "routing_granularity"),
-    ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "routing_granularity": "sentence"},
+    ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "routing_granularity": "segment"},
      "cannot be combined with explicit adapters"),
     ("/v1/completions", {"prompt": "hi", "model": "maths", "routing_granularity": "segment"}, "needs the router"),
     ("/v1/completions", {"prompt": "hi", "segment_marker": ""}, "segment_marker"),
+    ("/v1/completions", {"prompt": "hi", "routing_granularity": "sentence"}, "routing_granularity='sentence'"),
 ]
 
 
@@ -230,7 +389,7 @@ RAW = [
     (b'{"prompt": "hi", "temperature": 0.5, "seed": 100000000000000000000000000}', "seed"),
     (b'{"prompt": "hi", "adapters": ["maths"], "weights": [1e308]}', "weights.0"),
     (b'{"prompt": "hi", "top_p": NaN}', "top_p: Input should be a finite number"),
-    (b'{"prompt": "hi", "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]}', "limit is 16"),
+    (b'{"prompt": "hi", "stop": ["a","b","c","d","e","f","g","h","i","j","k","l","m","n","o","p","q"]}', "stop"),
 ]
 
 
@@ -240,19 +399,31 @@ def test_malformed_bodies_are_400_never_500(client, raw, needle):
     assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
 
 
+def test_openapi_states_limits_and_error_answers(client):
+    doc = client.get("/openapi.json").json()
+    post = doc["paths"]["/v1/completions"]["post"]
+    assert {"400", "429", "503"} <= set(post["responses"])
+    params = doc["components"]["schemas"]["CompletionRequest"]["properties"]
+    assert params["n"]["maximum"] == 16 and params["logprobs"]["anyOf"][0]["maximum"] == 20
+    assert params["seed"]["anyOf"][0]["maximum"] == pytest.approx(2**64) and params["max_tokens"]["anyOf"][0]["maximum"] == 32
+
+
 def test_unknown_routes_and_near_zero_temperature(client):
     tiny = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 1e-45})
-    greedy = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3})
+    greedy = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "temperature": 0})
     assert tiny.status_code == 200 and tiny.json()["choices"] == greedy.json()["choices"]
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
     assert client.get("/v1/completions").status_code == 405
 
 
-def test_internal_errors_are_a_generic_500(pipe):
-    def broken(jobs):
+class _Broken(Gate):
+    def admit(self, jobs) -> None:
         raise RuntimeError("secret internal detail /home/x")
 
+
+def test_internal_errors_are_a_generic_500(pipe):
+    broken = _Broken(pipe)
     with TestClient(create_app(pipe, _cfg(), runner=broken)) as client:
         for stream in (False, True):
             r = client.post("/v1/completions", json={"prompt": "hi", "stream": stream})
@@ -269,12 +440,13 @@ def test_full_queue_is_429(pipe):
     scheduler = app.state.server.scheduler
     with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
         running = pool.submit(client.post, "/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 2})
-        assert gate.entered.wait(20)  # the worker holds the first batch
+        assert gate.entered.wait(20)  # the worker holds the first admission
         waiting = pool.submit(client.post, "/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 2})
         _wait_for(lambda: scheduler.queue_depth == 1)
         refused = client.post("/v1/completions", json={"prompt": PROMPTS[2], "max_tokens": 2})
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "queue_full" and "max_queue=1" in refused.json()["error"]["message"]
+        assert "vllm:num_requests_waiting 1.0" in client.get("/metrics").text
         gate.release.set()
         assert running.result().status_code == 200 and waiting.result().status_code == 200
         assert 'status="429"' in client.get("/metrics").text
@@ -283,43 +455,101 @@ def test_full_queue_is_429(pipe):
 # ---- batching -------------------------------------------------------------------------------------
 
 def test_concurrent_requests_batch_together_and_match_solo_runs(pipe):
-    """Six greedy requests (router-chosen and explicit mixtures, different max_tokens, a stop string, one
-    streaming) ride in one batch; each answer equals the pipeline's answer for that request alone."""
+    """Seven requests (router-chosen and explicit mixtures, different max_tokens, a stop string, one
+    streaming, one seeded sampling) join one running batch; each greedy answer equals the pipeline's
+    answer for that request alone, and the seeded one equals itself alone."""
     mixes = [None, {"maths": 1.0}, {"science": 0.3, "code": 0.7}, None, {"code": 1.0}, {"maths": 0.5, "science": 0.5}]
     lengths = [3, 8, 5, 8, 1, 6]
     stop = _alone(pipe, PROMPTS[3], 8).text[4:6]
     stops = [(), (), (), (stop,), (), ()]
     refs = [_alone(pipe, p, m, mix, s) for p, m, mix, s in zip(PROMPTS, lengths, mixes, stops)]
-    sampled = {"prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0.8, "seed": 7}
+    sampled = {"messages": _user(PROMPTS[0]), "max_tokens": 4, "temperature": 0.8, "seed": 7}
     gate = Gate(pipe)
     app = create_app(pipe, _cfg(max_batch_size=8), runner=gate)
 
     def body(i: int) -> dict:
         extra = {"adapters": list(mixes[i]), "weights": list(mixes[i].values())} if mixes[i] else {}
-        return {"prompt": PROMPTS[i], "max_tokens": lengths[i], "stop": list(stops[i]) or None, **extra}
+        return {"messages": _user(PROMPTS[i]), "max_tokens": lengths[i], "stop": list(stops[i]) or None,
+                "temperature": 0, **extra}
 
     with TestClient(app) as client, ThreadPoolExecutor(8) as pool:
         blocker = pool.submit(client.post, "/v1/completions", json={"prompt": "hold", "max_tokens": 1})
         assert gate.entered.wait(20)
-        futures = [pool.submit(_sse, client, "/v1/completions", body(0))]
-        futures += [pool.submit(client.post, "/v1/completions", json=body(i)) for i in range(1, 6)]
-        seeded = pool.submit(client.post, "/v1/completions", json=sampled)
+        futures = [pool.submit(_sse, client, "/v1/chat/completions", body(0))]
+        futures += [pool.submit(client.post, "/v1/chat/completions", json=body(i)) for i in range(1, 6)]
+        seeded = pool.submit(client.post, "/v1/chat/completions", json=sampled)
         _wait_for(lambda: app.state.server.scheduler.queue_depth == 7)
         gate.release.set()
         assert blocker.result().status_code == 200
         answers = [futures[0].result()] + [f.result().json() for f in futures[1:]]
-        again = client.post("/v1/completions", json=sampled).json()
-    assert sorted(gate.sizes) == [1, 1, 1, 6]  # blocker, greedy six, seeded sampling alone (twice)
-    assert seeded.result().json()["choices"][0]["text"] == again["choices"][0]["text"]
+        again = client.post("/v1/chat/completions", json=sampled).json()
+    assert gate.sizes == [1, 7, 1]  # blocker, the seven together, the seeded one again alone
+    assert seeded.result().json()["choices"][0]["message"] == again["choices"][0]["message"]
     for i, (ref, ans) in enumerate(zip(refs, answers)):
         if i == 0:
-            text, finish = _streamed_text(ans, False), ans[-1]["choices"][0]["finish_reason"]
+            text, finish = _streamed_text(ans, True), ans[-1]["choices"][0]["finish_reason"]
             routing = ans[-1]["routing"]
         else:
-            text, finish, routing = ans["choices"][0]["text"], ans["choices"][0]["finish_reason"], ans["routing"]
+            text, finish = ans["choices"][0]["message"]["content"], ans["choices"][0]["finish_reason"]
+            routing = ans["routing"]
             assert ans["usage"]["completion_tokens"] == ref.completion_tokens
         assert (text, finish, routing["adapters"]) == (ref.text, ref.finish_reason, ref.adapters), i
         assert routing["weights"] == pytest.approx(ref.weights, abs=1e-5)
+
+
+class _Slow(Gate):
+    """Decode steps that take 10 ms, and the batch size at each step."""
+
+    def __init__(self, pipe: DLPLoRA) -> None:
+        super().__init__(pipe)
+        self.release.set()
+        self.steps: list[int] = []
+
+    def step(self) -> None:
+        self.steps.append(self.inner.running)
+        time.sleep(0.01)
+        self.inner.step()
+
+
+def test_a_short_request_joins_and_leaves_while_a_long_one_runs(pipe):
+    """Continuous batching: a request arriving mid-decode joins the running batch and answers before the
+    long one ends; both answers equal their solo runs."""
+    long_ref, short_ref = _alone(pipe, PROMPTS[4], 30, {"maths": 1.0}), _alone(pipe, PROMPTS[5], 2, {"code": 1.0})
+    slow = _Slow(pipe)
+    app = create_app(pipe, _cfg(max_batch_size=4), runner=slow)
+    order: list[str] = []
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        def ask(name: str, text: str, n: int, model: str):
+            r = client.post("/v1/chat/completions", json={"messages": _user(text), "max_tokens": n,
+                                                          "temperature": 0, "model": model})
+            order.append(name)
+            return r.json()["choices"][0]
+
+        long = pool.submit(ask, "long", PROMPTS[4], 30, "maths")
+        _wait_for(lambda: len(slow.steps) >= 3)
+        short = pool.submit(ask, "short", PROMPTS[5], 2, "code")
+        assert short.result()["message"]["content"] == short_ref.text
+        assert long.result()["message"]["content"] == long_ref.text
+    assert order == ["short", "long"] and long_ref.completion_tokens == 30
+    assert slow.sizes == [1, 1] and 2 in slow.steps and slow.steps[-1] == 1  # joined, left, long went on
+
+
+def test_static_batching_holds_a_late_request_until_the_batch_ends(pipe):
+    """The old policy, kept for comparison (`batching="static"`): the late request waits for the long one."""
+    slow = _Slow(pipe)
+    app = create_app(pipe, _cfg(max_batch_size=4, batching="static"), runner=slow)
+    order: list[str] = []
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+        def ask(name: str, n: int):
+            client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[4]), "max_tokens": n,
+                                                      "temperature": 0, "model": "maths"})
+            order.append(name)
+
+        long = pool.submit(ask, "long", 20)
+        _wait_for(lambda: len(slow.steps) >= 3)
+        short = pool.submit(ask, "short", 2)
+        long.result(), short.result()
+    assert order == ["long", "short"] and 2 not in slow.steps
 
 
 def test_abandoned_requests_are_dropped_or_cut_short(pipe):
@@ -329,12 +559,16 @@ def test_abandoned_requests_are_dropped_or_cut_short(pipe):
     gate = Gate(pipe)
     app = create_app(pipe, _cfg(), runner=gate)
     state = app.state.server
+
+    def job(text: str, n: int):
+        req = CompletionRequest(prompt=_templated(pipe, text), max_tokens=n, temperature=0)
+        return state.jobs(req, state.completion_prompts(req), [text], None, False)[0]
+
     with TestClient(app):
-        running = state.job(PROMPTS[0], CompletionRequest(prompt=PROMPTS[0], max_tokens=30), "prompt")
+        running = job(PROMPTS[0], 30)
         state.scheduler.submit(running)
         assert gate.entered.wait(20)
-        waiting = state.job(PROMPTS[1], CompletionRequest(prompt=PROMPTS[1], max_tokens=3), "prompt")
-        kept = state.job(PROMPTS[2], CompletionRequest(prompt=PROMPTS[2], max_tokens=3), "prompt")
+        waiting, kept = job(PROMPTS[1], 3), job(PROMPTS[2], 3)
         state.scheduler.submit(waiting)
         state.scheduler.submit(kept)
         waiting.abandon()
@@ -350,26 +584,27 @@ def test_abandoned_requests_are_dropped_or_cut_short(pipe):
 def test_models_health_and_metrics(pipe):
     with TestClient(create_app(pipe, _cfg())) as client:
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
-        assert ids == ["tiny-base", *ADAPTERS]
-        assert client.get("/health").json() == {"status": "ok", "queue_depth": 0, "adapters": 3}
+        assert ids == ["tiny-base", "dlp-lora", *ADAPTERS]
+        assert client.get("/health").json() == {"status": "ok", "queue_depth": 0, "running": 0, "adapters": 3}
         ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 3, "adapters": ["science"]}).json()
-        client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
-        client.post("/v1/completions", json={"prompt": "hi", "n": 3})
+        client.post("/v1/chat/completions", json={"messages": _user("hi"), "max_tokens": 2})
+        client.post("/v1/completions", json={"prompt": "hi", "n": 17})
         r = client.get("/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain; version=")
     lines = set(r.text.splitlines())
-    assert 'dlp_lora_requests_total{endpoint="/v1/completions",status="200"} 1' in lines
-    assert 'dlp_lora_requests_total{endpoint="/v1/completions",status="400"} 1' in lines
-    assert 'dlp_lora_requests_total{endpoint="/v1/chat/completions",status="200"} 1' in lines
-    selected = {ln.split()[0]: int(ln.split()[1]) for ln in lines if ln.startswith("dlp_lora_adapter_selected_total{")}
+    assert 'dlp_lora_requests_total{endpoint="/v1/completions",status="200"} 1.0' in lines
+    assert 'dlp_lora_requests_total{endpoint="/v1/completions",status="400"} 1.0' in lines
+    assert 'dlp_lora_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in lines
+    selected = {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("dlp_lora_adapter_selected_total{")}
     assert set(selected) == {f'dlp_lora_adapter_selected_total{{adapter="{a}"}}' for a in ADAPTERS}
     assert selected['dlp_lora_adapter_selected_total{adapter="science"}'] >= 1
-    assert "dlp_lora_queue_depth 0" in lines and "dlp_lora_batch_size_count 2" in lines
-    assert 'dlp_lora_batch_size_bucket{le="1"} 2' in lines
-    assert 'dlp_lora_request_latency_seconds_count{endpoint="/v1/completions"} 1' in lines
+    assert "dlp_lora_queue_depth 0.0" in lines and "dlp_lora_batch_size_count 2.0" in lines
+    assert "vllm:num_requests_running 0.0" in lines and "vllm:num_requests_waiting 0.0" in lines
+    assert any(ln.startswith('vllm:lora_requests_info{max_lora="3"') for ln in lines)
+    assert 'dlp_lora_request_latency_seconds_count{endpoint="/v1/completions"} 1.0' in lines
     prompt_total = next(ln for ln in lines if ln.startswith("dlp_lora_prompt_tokens_total "))
-    assert int(prompt_total.split()[1]) >= ok["usage"]["prompt_tokens"]
-    assert any(ln.startswith("dlp_lora_completion_tokens_total ") and int(ln.split()[1]) >= 3 for ln in lines)
+    assert float(prompt_total.split()[1]) >= ok["usage"]["prompt_tokens"]
+    assert any(ln.startswith("vllm:generation_tokens_total ") and float(ln.split()[1]) >= 3 for ln in lines)
 
 
 # ---- the official client against a live server ---------------------------------------------------
@@ -377,9 +612,8 @@ def test_models_health_and_metrics(pipe):
 def test_openai_client_against_live_uvicorn(pipe):
     openai = pytest.importorskip("openai")
     uvicorn = pytest.importorskip("uvicorn")
-    # References first: a request is answered as soon as its row ends, possibly before the worker has left
-    # the batch, so the test must not touch the pipeline while the server runs.
-    plain, science = _alone(pipe, PROMPTS[4], 6), _alone(pipe, PROMPTS[5], 6, {"science": 1.0})
+    # References first: the pipeline belongs to the server's worker while it runs.
+    plain, science = _alone(pipe, PROMPTS[4], 6, {}), _alone(pipe, PROMPTS[5], 6, {"science": 1.0})
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -389,19 +623,20 @@ def test_openai_client_against_live_uvicorn(pipe):
     try:
         _wait_for(lambda: server.started)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
-        assert [m.id for m in client.models.list()] == ["tiny-base", *ADAPTERS]
-        done = client.completions.create(model="tiny-base", prompt=PROMPTS[4], max_tokens=6, temperature=0)
+        assert [m.id for m in client.models.list()] == ["tiny-base", "dlp-lora", *ADAPTERS]
+        done = client.completions.create(model="tiny-base", prompt=_templated(pipe, PROMPTS[4]), max_tokens=6,
+                                         temperature=0)
         assert done.choices[0].text == plain.text and done.usage.completion_tokens == plain.completion_tokens
-        chat = client.chat.completions.create(model="science", max_tokens=6,
-                                              messages=[{"role": "user", "content": PROMPTS[5]}])
+        chat = client.chat.completions.create(model="science", max_tokens=6, temperature=0,
+                                              messages=_user(PROMPTS[5]))
         assert chat.choices[0].message.content == science.text
         assert chat.model_extra["routing"] == {"adapters": ["science"], "weights": [1.0]}
-        stream = client.chat.completions.create(model="tiny-base", max_tokens=6, stream=True,
-                                                messages=[{"role": "user", "content": PROMPTS[5]}],
-                                                extra_body={"adapters": ["science"]})
+        stream = client.chat.completions.create(model="tiny-base", max_tokens=6, stream=True, temperature=0,
+                                                messages=_user(PROMPTS[5]), extra_body={"adapters": ["science"]})
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
-        text_stream = client.completions.create(model="tiny-base", prompt=PROMPTS[4], max_tokens=6, stream=True)
-        assert "".join(c.choices[0].text for c in text_stream) == done.choices[0].text
+        scored = client.completions.create(model="science", prompt=[[5, 6, 7], [8, 9]], max_tokens=0, echo=True,
+                                           logprobs=1)
+        assert len(scored.choices) == 2 and scored.choices[1].logprobs.token_logprobs[0] is None
         with pytest.raises(openai.BadRequestError, match="unknown adapter 'nope'"):
             client.completions.create(model="tiny-base", prompt="hi", extra_body={"adapters": ["nope"]})
     finally:
@@ -410,26 +645,23 @@ def test_openai_client_against_live_uvicorn(pipe):
 
 
 def test_routing_granularity_in_the_request_body(pipe):
-    """`segment` and `sentence` requests get what the pipeline gives that granularity, switches included."""
-    import dataclasses
-    import string
-
+    """`segment` routes on the prompt's last segment (only the router's text changes, so continuous batching
+    serves it) and answers what the pipeline gives that granularity; `sentence` (mid-answer re-routing) is
+    refused with a 400 naming the field."""
     from dlp_lora.config import RoutingConfig
 
     prompt = "Sort: pear apple ## What is 3 + 4?"
-    busy = RoutingConfig(sentence_ends=tuple(string.ascii_letters + string.punctuation), min_sentence_tokens=2)
-    saved, pipe.routing_config = pipe.routing_config, busy  # the server's default settings (granularity prompt)
-    try:
-        with TestClient(create_app(pipe, _cfg())) as client:
-            for granularity in ("segment", "sentence"):
-                want = pipe.generate([prompt], config=GenerationConfig(max_new_tokens=12), routing_config=dataclasses.replace(
-                    busy, granularity=granularity, segment_marker="##"))[0]
-                r = client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "segment_marker": "##",
-                                                         "routing_granularity": granularity})
-                assert r.status_code == 200, r.text
-                body = r.json()
-                assert body["choices"][0]["text"] == want.text and body["routing"]["adapters"] == want.adapters
-                assert body["routing"].get("switches", []) == want.switches
-                assert bool(want.switches) == (granularity == "sentence")
-    finally:
-        pipe.routing_config = saved
+    want = pipe.generate([prompt], config=GenerationConfig(max_new_tokens=12),
+                         routing_config=RoutingConfig(granularity="segment", segment_marker="##"))[0]
+    last = pipe.route(["What is 3 + 4?"])
+    with TestClient(create_app(pipe, _cfg())) as client:
+        r = client.post("/v1/chat/completions", json={"messages": _user(prompt), "max_tokens": 12, "temperature": 0,
+                                                      "segment_marker": "##", "routing_granularity": "segment"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["choices"][0]["message"]["content"] == want.text
+        assert body["routing"]["adapters"] == want.adapters == [pipe.adapter_names[i] for i, _ in last.row(0)]
+        assert body["routing"]["weights"] == pytest.approx(want.weights, abs=1e-5)
+        r = client.post("/v1/chat/completions", json={"messages": _user(prompt), "max_tokens": 4,
+                                                      "routing_granularity": "sentence"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "routing_granularity", r.text

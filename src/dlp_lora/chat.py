@@ -9,16 +9,24 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["chat_prompt", "encode_prompts", "left_pad"]
+__all__ = ["chat_prompt", "conversation_prompt", "encode_prompts", "left_pad"]
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
     """The chat-template string for one user turn, ending where the assistant's answer begins."""
+    return conversation_prompt(tokenizer, [{"role": "user", "content": user_text}])
+
+
+def conversation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                        add_generation_prompt: bool = True) -> str:
+    """The chat-template string for a whole conversation ({role, content} dicts: system prompt and history
+    included), ending where the assistant's answer begins. One user message gives `chat_prompt`'s string."""
+    if not messages:
+        raise ValueError("expected at least one message, got none")
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
-        )
-    return user_text + "\n"  # tokenizers without a chat template (tiny test models) get the raw text
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    # Tokenizers without a chat template (tiny test models): each message's text on its own line.
+    return "".join(m["content"] + "\n" for m in messages)
 
 
 def encode_prompts(

@@ -373,8 +373,11 @@ class ServerConfig:
     """TCP port."""
     max_batch_size: int = 8
     """Most requests decoded together in one mixed batch."""
+    batching: Literal["continuous", "static"] = "continuous"
+    """`continuous`: requests join the running batch at the next decode step and leave it when they end;
+    `static`: a batch forms only when none runs and runs until its last request ends."""
     batch_window_ms: float = 20.0
-    """How long the scheduler waits for more requests after the first one arrives."""
+    """How long an idle scheduler waits for more requests after the first one arrives."""
     max_queue: int = 64
     """Requests waiting beyond this are refused with 429."""
     max_prompt_tokens: int = 1024
@@ -385,11 +388,16 @@ class ServerConfig:
     """`max_tokens` when a request gives none."""
     model_name: str | None = None
     """Name of the base model in `/v1/models` and responses (default: the manifest's base model)."""
+    allow_runtime_adapters: bool = False
+    """Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime adapters). Off by
+    default, as in vLLM: loading reads any path the server can read."""
 
     def __post_init__(self) -> None:
         _check(bool(self.host), "host must be non-empty")
         _check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
         _check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        _check(self.batching in ("continuous", "static"),
+               f"batching must be 'continuous' or 'static', got {self.batching!r}")
         _check(self.batch_window_ms >= 0, f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         _check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
         _check(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")

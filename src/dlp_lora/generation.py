@@ -47,6 +47,7 @@ def sample_next(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Ge
         sorted_p, order = probs.sort(-1, descending=True)
         # Drop a token when the mass before it already reaches top_p; the top token always survives.
         drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
+        drop[..., 0] = False  # also when top_p rounds to 0 in the logits' dtype (a denormal top_p)
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

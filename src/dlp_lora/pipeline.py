@@ -141,6 +141,19 @@ class DLPLoRA:
         dense[:, self._columns[keep]] = class_weights[:, keep]
         return dense
 
+    def add_adapter(self, name: str, path: str | Path) -> None:
+        """Serve one more PEFT adapter, by name only (the router has no class for it, like a baseline)."""
+        self.fused.add_adapter(name, path)
+        self.baselines.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter the router never picks (a runtime adapter or a baseline)."""
+        if name in self.task_names:
+            raise ValueError(f"adapter {name!r} is one of the router's classes; only adapters the router never "
+                             f"picks can be removed ({', '.join(self.baselines) or 'none loaded'})")
+        self.fused.remove_adapter(name)
+        self.baselines.remove(name)
+
     def route(self, prompts: Sequence[str],
               routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> Routing:
         """Router probabilities -> selected adapters and weights, (B, k) over the bank, on the whole prompt

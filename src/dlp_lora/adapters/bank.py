@@ -74,7 +74,7 @@ def stack_dtype(base_dtype: torch.dtype) -> torch.dtype:
 
 def _stack(module: str, adapters: list[LoraAdapter], layer: nn.Linear) -> ModuleStack:
     ranks = [a.modules[module].rank if module in a.modules else 0 for a in adapters]
-    n, r_max = len(adapters), max(ranks)
+    n, r_max = len(adapters), max(1, *ranks)  # one zero slot when no adapter is left on the module
     # An int8 layer (dlp_lora.quantize) computes in float32 on the CPU and has no float weight.
     quantized = is_quantized_linear(layer)
     dtype = torch.float32 if quantized else stack_dtype(layer.weight.dtype)
@@ -95,6 +95,7 @@ class AdapterBank:
     """N adapters over one base model, in a fixed order (index i <-> names[i])."""
 
     def __init__(self, base: nn.Module, adapters: Mapping[str, str | Path | LoraAdapter]) -> None:
+        # `add`/`remove` change the set later (runtime adapters); they rebuild the stacks the same way.
         if not adapters:
             raise ValueError("expected at least one adapter, got none")
         loaded = [a if isinstance(a, LoraAdapter) else read_peft_adapter(a, name) for name, a in adapters.items()]
@@ -109,6 +110,30 @@ class AdapterBank:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def add(self, base: nn.Module, name: str, adapter: str | Path | LoraAdapter) -> None:
+        """Append one adapter at index len(self), checked as at load time; on any error the bank is untouched."""
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already loaded")
+        loaded = adapter if isinstance(adapter, LoraAdapter) else read_peft_adapter(adapter, name)
+        for module, w in loaded.modules.items():
+            _expected_shapes(base, loaded, module, w)
+        self._restack(base, self.names + [name], self.adapters + [loaded])
+
+    def remove(self, base: nn.Module, name: str) -> None:
+        """Drop one adapter; later adapters move down one index. Modules keep their (now zero) stacks."""
+        i = self.index(name)
+        if len(self) == 1:
+            raise ValueError(f"cannot remove {name!r}: it is the only adapter")
+        self._restack(base, self.names[:i] + self.names[i + 1:], self.adapters[:i] + self.adapters[i + 1:],
+                      keep=set(self.modules))
+
+    def _restack(self, base: nn.Module, names: list[str], adapters: list[LoraAdapter], keep: set[str] = frozenset()
+                 ) -> None:
+        modules = {}
+        for module in sorted({m for a in adapters for m in a.modules} | set(keep)):
+            modules[module] = _stack(module, adapters, base.get_submodule(module))
+        self.names, self.adapters, self.modules = names, adapters, modules
 
     def index(self, name: str) -> int:
         """Bank index of an adapter name (ValueError listing the known names)."""

@@ -33,6 +33,21 @@ def choose_path(dense: torch.Tensor, bank_width: int, cfg: FusionConfig) -> Path
     return "dense" if bank_width <= cfg.dense_max_rank else "gathered"
 
 
+class _Unfused(nn.Module):
+    """The base model as the adapter bank must see it: wrapped modules resolve to the original linears."""
+
+    def __init__(self, model: nn.Module, originals: dict[str, nn.Linear]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # not registered as a submodule: a view, not an owner
+        object.__setattr__(self, "_originals", originals)
+
+    def get_submodule(self, target: str) -> nn.Module:
+        return self._originals.get(target) or self._model.get_submodule(target)
+
+    def parameters(self, recurse: bool = True):
+        return self._model.parameters(recurse)
+
+
 class FusedLoRAModel:
     """N LoRA adapters served from one base model, each batch row with its own weighted mixture.
 
@@ -59,12 +74,39 @@ class FusedLoRAModel:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._originals: dict[str, nn.Linear] = {}
+        self._sync_layers()
+
+    def _sync_layers(self) -> None:
+        """Point every fused layer at the bank's current stack; wrap modules the bank newly targets."""
         for name, stack in self.bank.modules.items():
             parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
+            parent = self.model.get_submodule(parent_name)
+            if name in self._originals:
+                getattr(parent, child).stack = stack
+                continue
             original = getattr(parent, child)
             setattr(parent, child, FusedLoRALinear(original, stack, self._slot, name))
             self._originals[name] = original
+        self._names = list(self.bank.names)
+
+    def add_adapter(self, name: str, adapter: str | FsPath | LoraAdapter) -> None:
+        """Serve one more adapter (index len(adapter_names)), checked as at load time: a bad directory,
+        a pickle file or wrong shapes raise and leave the bank as it was. Not inside `routed`."""
+        self._idle("add an adapter")
+        self.bank.add(_Unfused(self.model, self._originals), name, adapter)
+        self._sync_layers()
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving an adapter; later adapters move down one index. Not inside `routed`."""
+        self._idle("remove an adapter")
+        self.bank.remove(_Unfused(self.model, self._originals), name)
+        self._sync_layers()
+
+    def _idle(self, what: str) -> None:
+        if self.bank is None:
+            raise RuntimeError("this FusedLoRAModel was removed; build a new one")
+        if self._slot.active is not None:
+            raise RuntimeError(f"cannot {what} inside a `routed` block (routing weights index the bank)")
 
     @property
     def adapter_names(self) -> list[str]:

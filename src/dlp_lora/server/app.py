@@ -1,17 +1,18 @@
 """The HTTP entry point: an OpenAI-compatible FastAPI app over one `DLPLoRA` pipeline.
 
-Thin by design: validate the request at the boundary, queue it on the `Scheduler`, format the answer.
-All state lives on the app (`app.state.server`), none in this module. Errors map to HTTP codes by type
-(`errors.py`); anything unexpected is logged and the client gets a generic 500.
+Thin by design: validate the request at the boundary (`schemas.py`, `state.py`), queue its jobs on the
+`Scheduler`, format the answer (`responses.py`). All state lives on the app (`app.state.server`), none in
+this module. Errors map to HTTP codes by type (`errors.py`); anything unexpected is logged and the
+client gets a generic 500.
 
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with `stream`), GET /v1/models,
-GET /health, GET /metrics.
+POST /tokenize, POST /detokenize, GET /health, GET /metrics, the playground page at GET /, and with
+`allow_runtime_adapters` POST /v1/load_lora_adapter and POST /v1/unload_lora_adapter.
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
 import json
 import logging
@@ -27,72 +28,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dlp_lora.chat import chat_prompt
-from dlp_lora.config import DeviceConfig, RoutingConfig, ServerConfig
+from dlp_lora.config import DeviceConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
-from dlp_lora.server.errors import APIError, InvalidRequest, error_body
-from dlp_lora.server.metrics import CONTENT_TYPE, Metrics
-from dlp_lora.server.runner import PipelineRunner
-from dlp_lora.server.scheduler import BatchRunner, Job, Sampling, Scheduler
-from dlp_lora.server.schemas import (ChatCompletionRequest, CompletionRequest, GenerationParams, Kind, ModelCard,
-                                     ModelList, RoutingInfo, chunk_for, response_for, usage_chunk_for)
+from dlp_lora.server.errors import APIError, error_body
+from dlp_lora.server.extras import add_extra_routes
+from dlp_lora.server.metrics import CONTENT_TYPE
+from dlp_lora.server.responses import (ERROR_RESPONSES, Kind, ModelCard, ModelList, RoutingInfo, chat_choice, chunk_for,
+                                       completion_choice, response_for, usage_chunk_for, usage_of)
+from dlp_lora.server.scheduler import Completion, Job, StepRunner
+from dlp_lora.server.schemas import ChatCompletionRequest, CompletionRequest
+from dlp_lora.server.state import ROUTER_NAME, ServerState
 
 __all__ = ["create_app", "serve"]
-
-
-class ServerState:
-    """Everything the handlers share: the pipeline, its scheduler, metrics and the request validator."""
-
-    def __init__(self, pipeline: DLPLoRA, cfg: ServerConfig, runner: BatchRunner | None = None) -> None:
-        self.pipeline, self.cfg = pipeline, cfg
-        self.model_name = cfg.model_name or getattr(pipeline.model, "name_or_path", "") or "dlp-lora"
-        # The worker thread uses the pipeline's tokenizer; validation counts tokens on the event loop with
-        # a private copy so the two threads never share tokenizer state.
-        self.tokenizer = copy.deepcopy(pipeline.tokenizer)
-        self.metrics = Metrics(pipeline.adapter_names, cfg.max_batch_size)
-        self.scheduler = Scheduler(cfg, runner or PipelineRunner(pipeline), on_batch=self.metrics.observe_batch)
-        self.created = int(time.time())
-        # A pipeline with its own, lower prompt limit would fail a whole batch in the worker: refuse here.
-        self.max_prompt_tokens = min(cfg.max_prompt_tokens, pipeline.max_prompt_tokens or cfg.max_prompt_tokens)
-
-    def job(self, text: str, req: GenerationParams, param: str) -> Job:
-        """A validated Job, or InvalidRequest naming the field, the limit and the value."""
-        if not text.strip():
-            raise InvalidRequest(f"{param}: the prompt is empty; expected non-blank text", param=param)
-        max_tokens = req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
-        if max_tokens > self.cfg.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens={max_tokens} is over this server's limit "
-                                 f"max_tokens_limit={self.cfg.max_tokens_limit}", param="max_tokens")
-        n = len(self.tokenizer(chat_prompt(self.tokenizer, text), add_special_tokens=False)["input_ids"])
-        if n > self.max_prompt_tokens:
-            raise InvalidRequest(f"{param}: the prompt has {n} tokens (chat template included); the limit is "
-                                 f"max_prompt_tokens={self.max_prompt_tokens}", param=param)
-        return Job(text=text, prompt_tokens=n, max_tokens=max_tokens, stop=req.stop_strings,
-                   sampling=Sampling.of(req.temperature, req.top_p, req.seed), mixture=self._mixture(req),
-                   routing=self._routing_config(req))
-
-    def _routing_config(self, req: GenerationParams) -> RoutingConfig:
-        """The pipeline's routing granularity with the request's overrides."""
-        given = {"granularity": req.routing_granularity, "segment_marker": req.segment_marker}
-        cfg = dataclasses.replace(self.pipeline.routing_config, **{k: v for k, v in given.items() if v is not None})
-        if req.model in self.pipeline.adapter_names and cfg.granularity != "prompt":
-            raise InvalidRequest(f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
-                                 "names one adapter", param="routing_granularity")
-        return cfg
-
-    def _mixture(self, req: GenerationParams) -> dict[str, float] | None:
-        names = self.pipeline.adapter_names
-        mixture = req.mixture
-        if mixture is None and req.model in names:
-            mixture = {req.model: 1.0}
-        for name in mixture or {}:
-            if name not in names:
-                raise InvalidRequest(f"unknown adapter {name!r}; known adapters: {', '.join(names)}",
-                                     param="adapters")
-        if mixture is None and self.pipeline.router is None:
-            raise InvalidRequest("this server has no router; name adapters in `adapters` (or an adapter as "
-                                 f"`model`); known adapters: {', '.join(names)}", param="adapters")
-        return mixture
 
 
 def _state(request: Request) -> ServerState:
@@ -137,6 +84,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 async def _contain_and_count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
     """Outermost: count every response by route and status; turn any escaped exception into a generic 500."""
+    request.state.started = time.perf_counter()
     try:
         response = await call_next(request)
     except Exception:
@@ -173,38 +121,68 @@ class _QueueSink:
 
 
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _answer(request, body, body.user_text(), "prompt", "completion")
+    state = _state(request)
+    prompts = state.completion_prompts(body)
+    jobs = state.jobs(body, prompts, [text for text, _ in prompts], body.wanted_logprobs, body.echo)
+    if body.stream:
+        return await _start_stream(request, jobs[0], body.include_usage, "completion", body.model)
+    done = await _run_all(state, jobs)
+    text = state.tokenizer.decode
+    token_text = lambda t: text([t])  # noqa: E731
+    choices = [completion_choice(i, c, prompts[i // body.n][0] if body.echo else None, token_text)
+               for i, c in enumerate(done)]
+    return _respond(request, "completion", body.model, choices, [len(ids) for _, ids in prompts], done)
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _answer(request, body, body.user_text(), "messages", "chat")
-
-
-async def _answer(request: Request, body: GenerationParams, text: str, param: str, kind: Kind) -> Response:
     state = _state(request)
-    job = state.job(text, body, param)
-    started = time.perf_counter()
-    rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-    model, endpoint = body.model or state.model_name, request.scope["route"].path
+    jobs = state.chat_jobs(body)
     if body.stream:
-        return await _start_stream(state, job, body, kind, (rid, int(time.time()), model), endpoint, started)
-    c = await asyncio.wrap_future(state.scheduler.submit(job))
-    state.metrics.observe_completion(endpoint, time.perf_counter() - started, c.prompt_tokens,
-                                     c.completion_tokens, c.adapters)
-    return JSONResponse(response_for(kind, rid, int(time.time()), model, c))
+        return await _start_stream(request, jobs[0], body.include_usage, "chat", body.model)
+    done = await _run_all(state, jobs)
+    text = state.tokenizer.decode
+    choices = [chat_choice(i, c, lambda t: text([t])) for i, c in enumerate(done)]
+    return _respond(request, "chat", body.model, choices, [jobs[0].prompt_tokens], done)
 
 
-async def _start_stream(state: ServerState, job: Job, body: GenerationParams, kind: Kind, head: tuple,
-                        endpoint: str, started: float) -> Response:
-    """Queue the job and wait for its batch to start, so a failure before the first token is still a
+async def _run_all(state: ServerState, jobs: list[Job]) -> list[Completion]:
+    """Queue every choice at once (all or none); if one fails, the others are abandoned."""
+    state.scheduler.submit(jobs)
+    try:
+        return list(await asyncio.gather(*(asyncio.wrap_future(j.future) for j in jobs)))
+    finally:
+        for j in jobs:
+            if not j.future.done():
+                j.abandon()
+
+
+def _respond(request: Request, kind: Kind, model: str | None, choices: list[dict], prompt_tokens: list[int],
+             done: list[Completion]) -> JSONResponse:
+    state = _state(request)
+    usage = usage_of(prompt_tokens, done)
+    adapters = {a for c in done for a in c.adapters}
+    state.metrics.observe_completion(request.scope["route"].path, time.perf_counter() - request.state.started,
+                                     usage.prompt_tokens, usage.completion_tokens, adapters)
+    rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+    routing = RoutingInfo(adapters=done[0].adapters, weights=done[0].weights).model_dump()
+    return JSONResponse(response_for(kind, rid, int(time.time()), model or ROUTER_NAME, choices, usage, routing))
+
+
+async def _start_stream(request: Request, job: Job, include_usage: bool, kind: Kind, model: str | None
+                        ) -> Response:
+    """Queue the job and wait for its row to start, so a failure before the first token is still a
     proper HTTP error; then stream server-sent events."""
+    state = _state(request)
+    rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
+    head = (rid, int(time.time()), model or ROUTER_NAME)
     sink = _QueueSink(asyncio.get_running_loop())
     job.sink = sink
     state.scheduler.submit(job).add_done_callback(sink.done)
     first = await sink.events.get()
     if first[0] == "done":
         first[1].result()  # raises the job's error, mapped by type (a result without a start streams as usual)
-    events = _sse(state, job, sink, first, kind, head, body.include_usage, endpoint, started)
+    events = _sse(state, job, sink, first, kind, head, include_usage, request.scope["route"].path,
+                  request.state.started)
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -246,11 +224,12 @@ async def _closing(state: ServerState, future: Future, kind: Kind, head: tuple, 
         yield _data("[DONE]")
         return
     yield _data(chunk_for(kind, *head, routing, finish_reason=c.finish_reason))
+    usage = usage_of([c.prompt_tokens], [c])
     if include_usage:
         yield _data(usage_chunk_for(kind, *head, c))
     yield _data("[DONE]")
-    state.metrics.observe_completion(endpoint, time.perf_counter() - started, c.prompt_tokens,
-                                     c.completion_tokens, c.adapters)
+    state.metrics.observe_completion(endpoint, time.perf_counter() - started, usage.prompt_tokens,
+                                     usage.completion_tokens, c.adapters)
 
 
 # ---- other endpoints -----------------------------------------------------------------------------
@@ -259,19 +238,25 @@ async def health(request: Request) -> JSONResponse:
     state = _state(request)
     ok = state.scheduler.alive
     return JSONResponse({"status": "ok" if ok else "unavailable", "queue_depth": state.scheduler.queue_depth,
-                         "adapters": len(state.pipeline.adapter_names)}, status_code=200 if ok else 503)
+                         "running": state.scheduler.running, "adapters": len(state.pipeline.adapter_names)},
+                        status_code=200 if ok else 503)
 
 
 async def models(request: Request) -> JSONResponse:
     state = _state(request)
-    cards = [ModelCard(id=state.model_name, created=state.created)]
-    cards += [ModelCard(id=n, created=state.created, parent=state.model_name) for n in state.pipeline.adapter_names]
+    base, created, limit = state.model_name, state.created, state.max_prompt_tokens + state.cfg.max_tokens_limit
+    cards = [ModelCard(id=base, created=created, root=base, max_model_len=limit)]
+    cards += [ModelCard(id=n, created=created, root=base, parent=base, max_model_len=limit)
+              for n in state.model_ids()[1:]]
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
-async def metrics(request: Request) -> PlainTextResponse:
+async def metrics(request: Request) -> Response:
     state = _state(request)
-    return PlainTextResponse(state.metrics.render(state.scheduler.queue_depth), media_type=CONTENT_TYPE)
+    running = getattr(state.runner, "active_adapters", ())
+    waiting = [a for j in state.scheduler.waiting_jobs() for a in (j.mixture or {})]
+    body = state.metrics.render(state.scheduler.queue_depth, state.scheduler.running, running, waiting)
+    return Response(body, media_type=CONTENT_TYPE)
 
 
 @asynccontextmanager
@@ -285,7 +270,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(scheduler.stop)
 
 
-def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: BatchRunner | None = None) -> FastAPI:
+def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepRunner | None = None) -> FastAPI:
     """The app for one pipeline. The batching worker starts and stops with the app's lifespan.
 
     `runner` replaces the default `PipelineRunner` (tests wrap it to hold batches deterministically).
@@ -297,12 +282,47 @@ def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: Batch
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.middleware("http")(_contain_and_count)
-    app.add_api_route("/v1/completions", completions, methods=["POST"])
-    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"])
+    # With `stream`, the 200 is server-sent events: each one `data: <chunk JSON>` or `data: [DONE]`.
+    event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+    generation = {200: {"description": "The answer (JSON), or with `stream` server-sent events.",
+                        "content": {"text/event-stream": {"schema": event}}}, **ERROR_RESPONSES}
+    app.add_api_route("/v1/completions", completions, methods=["POST"], responses=generation)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=generation)
     app.add_api_route("/v1/models", models, methods=["GET"])
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"])
+    app.add_api_route("/health", health, methods=["GET"], responses={503: ERROR_RESPONSES[503]})
+    app.add_api_route("/metrics", metrics, methods=["GET"], response_class=PlainTextResponse)
+    add_extra_routes(app, cfg)
+    app.openapi = lambda: _openapi(app, cfg)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI, cfg: ServerConfig) -> dict:
+    """FastAPI's document, made true to this server: validation errors are 400 (never 422), and the
+    server's own limits (max_tokens) are stated where a generated client reads them."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    for path in doc.get("paths", {}).values():
+        for op in path.values():
+            op.get("responses", {}).pop("422", None)
+    for schema in ("CompletionRequest", "ChatCompletionRequest"):
+        props = doc.get("components", {}).get("schemas", {}).get(schema, {}).get("properties", {})
+        for name in ("max_tokens", "max_completion_tokens"):
+            for branch in props.get(name, {}).get("anyOf", []):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = cfg.max_tokens_limit
+    for path in doc.get("paths", {}).values():  # errors are JSON, also where success is plain text
+        for op in path.values():
+            for code, answer in op.get("responses", {}).items():
+                content = answer.get("content", {})
+                if code != "200" and "text/plain" in content:
+                    content["application/json"] = content.pop("text/plain")
+    for name in ("HTTPValidationError", "ValidationError"):
+        doc.get("components", {}).get("schemas", {}).pop(name, None)
+    app.openapi_schema = doc
+    return doc
 
 
 def serve(assets: str | Path, cfg: ServerConfig, base_model: str | None = None,

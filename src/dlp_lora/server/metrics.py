@@ -1,112 +1,92 @@
-"""Server counters and histograms, rendered in the Prometheus text exposition format (version 0.0.4).
+"""Server metrics with `prometheus_client`, in one registry per app (no process-wide state).
 
-Hand-rolled to avoid a dependency: a handful of counters, one gauge and two histograms. Updated from
-the event loop and the batching worker, so every update and the rendering hold one lock.
+Our own series keep their names (`dlp_lora_*`); where vLLM exports the same meaning we export vLLM's name
+as well, so gateways and dashboards written for vLLM read this server unchanged:
+`vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:lora_requests_info` (which adapters
+the running and waiting requests use), `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
-from typing import Sequence
+import time
+from typing import Iterable, Sequence
 
-__all__ = ["Histogram", "Metrics", "CONTENT_TYPE"]
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_PREFIX = "dlp_lora_"
+__all__ = ["Metrics", "CONTENT_TYPE"]
 
-
-def _labels(pairs: dict[str, str]) -> str:
-    if not pairs:
-        return ""
-    esc = {k: v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for k, v in pairs.items()}
-    return "{" + ",".join(f'{k}="{v}"' for k, v in esc.items()) + "}"
-
-
-def _num(x: float) -> str:
-    return repr(float(x)) if isinstance(x, float) and not x.is_integer() else str(int(x))
-
-
-class Histogram:
-    """Cumulative-bucket histogram (not thread-safe on its own; `Metrics` holds the lock)."""
-
-    def __init__(self, buckets: Sequence[float]) -> None:
-        self.buckets = tuple(sorted(buckets))
-        self.counts = [0] * len(self.buckets)
-        self.sum, self.count = 0.0, 0
-
-    def observe(self, value: float) -> None:
-        for i, edge in enumerate(self.buckets):
-            if value <= edge:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
-
-    def lines(self, name: str, labels: dict[str, str]) -> list[str]:
-        out = [f"{name}_bucket{_labels({**labels, 'le': _num(edge)})} {n}"
-               for edge, n in zip(self.buckets, self.counts)]
-        out.append(f"{name}_bucket{_labels({**labels, 'le': '+Inf'})} {self.count}")
-        out.append(f"{name}_sum{_labels(labels)} {_num(self.sum)}")
-        out.append(f"{name}_count{_labels(labels)} {self.count}")
-        return out
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
 class Metrics:
-    """What `/metrics` reports: requests by endpoint and status, tokens, batch sizes, queue depth,
-    latency, and how often each adapter is part of a request's mixture."""
+    """What `/metrics` reports: requests by endpoint and status, tokens, batch sizes, queue depth, running
+    requests, latency, and how often each adapter is part of a request's mixture."""
 
     LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
     BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
     def __init__(self, adapter_names: Sequence[str], max_batch_size: int = 64) -> None:
-        self._lock = threading.Lock()
-        self._requests: Counter[tuple[str, int]] = Counter()
-        self._prompt_tokens = 0
-        self._completion_tokens = 0
-        self._adapters: Counter[str] = Counter({name: 0 for name in adapter_names})
-        self._batch = Histogram(sorted({b for b in self.BATCH_BUCKETS if b < max_batch_size} | {max_batch_size}))
-        self._latency: dict[str, Histogram] = {}
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.max_loras = len(adapter_names)
+        self._requests = Counter("dlp_lora_requests", "HTTP requests by endpoint and status code.",
+                                 ["endpoint", "status"], registry=r)
+        self._prompt = Counter("dlp_lora_prompt_tokens", "Prompt tokens of answered requests.", registry=r)
+        self._completion = Counter("dlp_lora_completion_tokens", "Generated tokens of answered requests.", registry=r)
+        self._vllm_prompt = Counter("vllm:prompt_tokens", "Prompt tokens of answered requests (vLLM's name).",
+                                    registry=r)
+        self._vllm_generation = Counter("vllm:generation_tokens",
+                                        "Generated tokens of answered requests (vLLM's name).", registry=r)
+        self._queue = Gauge("dlp_lora_queue_depth", "Requests waiting to join the running batch.", registry=r)
+        self._waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to join the running batch.", registry=r)
+        self._running = Gauge("vllm:num_requests_running", "Requests (choices) in the running batch.", registry=r)
+        self._lora_info = Gauge("vllm:lora_requests_info", "Adapters used by running and waiting requests "
+                                "(value: when this was read, in seconds since the epoch).",
+                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+        buckets = sorted({b for b in self.BATCH_BUCKETS if b < max_batch_size} | {max_batch_size})
+        self._batch = Histogram("dlp_lora_batch_size", "Rows in the running batch after requests join it.",
+                                buckets=buckets, registry=r)
+        self._step = Histogram("dlp_lora_step_rows", "Rows decoded together in one decode step.",
+                               buckets=buckets, registry=r)
+        self._latency = Histogram("dlp_lora_request_latency_seconds", "Time from request to full answer.",
+                                  ["endpoint"], buckets=self.LATENCY_BUCKETS, registry=r)
+        self._adapters = Counter("dlp_lora_adapter_selected", "Requests whose mixture included the adapter.",
+                                 ["adapter"], registry=r)
+        for name in adapter_names:
+            self._adapters.labels(adapter=name)  # listed at 0 from the start
+
+    def add_adapter(self, name: str) -> None:
+        """A runtime adapter: listed at 0 from now on, and counted in `max_lora`."""
+        self._adapters.labels(adapter=name)
+        self.max_loras += 1
 
     def observe_request(self, endpoint: str, status: int) -> None:
-        with self._lock:
-            self._requests[(endpoint, status)] += 1
+        self._requests.labels(endpoint=endpoint, status=str(status)).inc()
 
     def observe_batch(self, size: int) -> None:
-        with self._lock:
-            self._batch.observe(size)
+        self._batch.observe(size)
+
+    def observe_step(self, rows: int) -> None:
+        self._step.observe(rows)
 
     def observe_completion(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int,
-                           adapters: Sequence[str]) -> None:
+                           adapters: Iterable[str]) -> None:
         """One answered generation request (streaming ones when their stream ends)."""
-        with self._lock:
-            self._prompt_tokens += prompt_tokens
-            self._completion_tokens += completion_tokens
-            self._adapters.update(adapters)
-            self._latency.setdefault(endpoint, Histogram(self.LATENCY_BUCKETS)).observe(seconds)
+        for counter, n in ((self._prompt, prompt_tokens), (self._vllm_prompt, prompt_tokens),
+                           (self._completion, completion_tokens), (self._vllm_generation, completion_tokens)):
+            counter.inc(n)
+        for a in set(adapters):
+            self._adapters.labels(adapter=a).inc()
+        self._latency.labels(endpoint=endpoint).observe(seconds)
 
-    def render(self, queue_depth: int) -> str:
-        """The exposition text; `queue_depth` is read live from the scheduler by the caller."""
-        p = _PREFIX
-        with self._lock:
-            out = [f"# HELP {p}requests_total HTTP requests by endpoint and status code.",
-                   f"# TYPE {p}requests_total counter"]
-            out += [f"{p}requests_total{_labels({'endpoint': e, 'status': str(s)})} {n}"
-                    for (e, s), n in sorted(self._requests.items())]
-            out += [f"# HELP {p}prompt_tokens_total Prompt tokens of answered requests.",
-                    f"# TYPE {p}prompt_tokens_total counter", f"{p}prompt_tokens_total {self._prompt_tokens}",
-                    f"# HELP {p}completion_tokens_total Generated tokens of answered requests.",
-                    f"# TYPE {p}completion_tokens_total counter",
-                    f"{p}completion_tokens_total {self._completion_tokens}",
-                    f"# HELP {p}queue_depth Requests waiting for a batch.", f"# TYPE {p}queue_depth gauge",
-                    f"{p}queue_depth {queue_depth}",
-                    f"# HELP {p}batch_size Requests decoded together per batch.", f"# TYPE {p}batch_size histogram"]
-            out += self._batch.lines(f"{p}batch_size", {})
-            out += [f"# HELP {p}request_latency_seconds Time from request to full answer.",
-                    f"# TYPE {p}request_latency_seconds histogram"]
-            for endpoint, hist in sorted(self._latency.items()):
-                out += hist.lines(f"{p}request_latency_seconds", {"endpoint": endpoint})
-            out += [f"# HELP {p}adapter_selected_total Requests whose mixture included the adapter.",
-                    f"# TYPE {p}adapter_selected_total counter"]
-            out += [f"{p}adapter_selected_total{_labels({'adapter': a})} {n}"
-                    for a, n in sorted(self._adapters.items())]
-        return "\n".join(out) + "\n"
+    def render(self, waiting: int, running: int, running_adapters: Iterable[str],
+               waiting_adapters: Iterable[str]) -> bytes:
+        """The exposition text; the live values are read from the scheduler by the caller."""
+        self._queue.set(waiting)
+        self._waiting.set(waiting)
+        self._running.set(running)
+        self._lora_info.clear()  # one sample: the current sets of adapters
+        self._lora_info.labels(max_lora=str(self.max_loras),
+                               running_lora_adapters=",".join(sorted(set(running_adapters))),
+                               waiting_lora_adapters=",".join(sorted(set(waiting_adapters)))).set(time.time())
+        return generate_latest(self.registry)

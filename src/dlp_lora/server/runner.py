@@ -1,46 +1,23 @@
-"""Run one batch of jobs on the pipeline so that every row gets exactly what it would get alone.
+"""The scheduler's `StepRunner` for a `DLPLoRA` pipeline: jobs in, engine rows out, answers back.
 
-Rows share one `generate` call but not their limits: the batch decodes up to the largest `max_tokens`
-and each row is tracked step by step (from `on_step`), ending at its own EOS, stop string or
-`max_tokens`. Because decoding is per-row independent (greedy), a row's first m tokens do not depend
-on how long the batch runs, so ending it at step m reproduces a solo run with max_new_tokens=m; stop
-strings are checked the same way `generation.py` checks them. A finished row answers its client at
-once; when every row has ended the batch stops early.
+Admitting jobs routes them (the router for rows without an explicit mixture), prefills them as their
+own batch (`Engine.prefill`) and merges them into the running batch; each step decodes one token for
+every running row. After every call, rows that ended answer their clients at once and leave the batch;
+streaming rows get the text that became safe to send (stop strings are checked on the text the way
+`generation.py` checks them, so a row's answer does not depend on the rows beside it).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Sequence
 
-import torch
-
-from dlp_lora.config import GenerationConfig, RoutingConfig
-from dlp_lora.generation import cut_at_stop, eos_ids
+from dlp_lora.config import GenerationConfig
+from dlp_lora.engine import Engine, Row, RunningBatch
 from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.scheduler import Completion, Job
-from dlp_lora.types import Routing
 
-__all__ = ["PipelineRunner", "batch_routing"]
-
-
-class _AllRowsEnded(Exception):
-    """Raised from `on_step` to end `generate` once every row has its answer (rows beyond their
-    max_tokens or past a stop string would otherwise keep the batch decoding)."""
-
-
-def batch_routing(pipeline: DLPLoRA, jobs: Sequence[Job]) -> Routing:
-    """One (B, k) routing: explicit mixtures as given, the router's choice for the other rows."""
-    n = len(pipeline.adapter_names)
-    dense = torch.zeros(len(jobs), n)
-    explicit = [b for b, j in enumerate(jobs) if j.mixture is not None]
-    routed = [b for b, j in enumerate(jobs) if j.mixture is None]
-    if explicit:
-        dense[explicit] = pipeline.routing_for([jobs[b].mixture for b in explicit]).to_dense(n).float()
-    if routed:
-        dense[routed] = pipeline.route([jobs[b].text for b in routed],
-                                       [jobs[b].routing for b in routed]).to_dense(n).float()
-    return Routing.from_dense(dense)
+__all__ = ["PipelineRunner"]
 
 
 def _held_back(text: str, stop: tuple[str, ...]) -> int:
@@ -52,15 +29,12 @@ def _held_back(text: str, stop: tuple[str, ...]) -> int:
     return hold
 
 
-class _Row:
-    """One job's tokens so far, its streamed prefix, and its end."""
+class _Ride:
+    """One job's row and what of its answer has been streamed."""
 
-    def __init__(self, job: Job, adapters: list[str], weights: list[float]) -> None:
-        self.job, self.adapters, self.weights = job, adapters, weights
-        self.tokens: list[int] = []
-        self.switches: list[dict] = []
+    def __init__(self, job: Job, row: Row, adapters: list[str], weights: list[float]) -> None:
+        self.job, self.row, self.adapters, self.weights = job, row, adapters, weights
         self.streamed = ""
-        self.ended = False
 
     def emit(self, text: str) -> None:
         """Stream the part of `text` beyond what was sent, if the client still listens."""
@@ -73,74 +47,111 @@ class _Row:
             logging.getLogger(__name__).warning("dropping the stream of a request whose sink failed", exc_info=True)
             self.job.sink = None
 
-    def end(self, text: str, finish_reason: str) -> None:
-        self.ended = True
-        if self.job.sink is not None and not text.startswith(self.streamed):
-            logging.getLogger(__name__).warning("streamed text is not a prefix of the final text")
-        self.emit(text)
-        self.job.future.set_result(Completion(
-            text=text, finish_reason=finish_reason, prompt_tokens=self.job.prompt_tokens,
-            completion_tokens=len(self.tokens), adapters=self.adapters, weights=self.weights,
-            switches=[s for s in self.switches if s["token"] < len(self.tokens)]))
-
 
 class PipelineRunner:
-    """The scheduler's `BatchRunner` for a `DLPLoRA` pipeline (called on the worker thread only)."""
+    """Continuous-batching rows over one pipeline (worker thread only)."""
 
     def __init__(self, pipeline: DLPLoRA) -> None:
         self.pipeline = pipeline
-        self._eos = eos_ids(pipeline.model, pipeline.tokenizer)
+        self.engine = Engine(pipeline.fused, pipeline.tokenizer)
+        self.batch: RunningBatch | None = None
+        self._rides: dict[int, _Ride] = {}  # id(row) -> its job
 
-    def __call__(self, jobs: list[Job]) -> None:
-        sampling = jobs[0].sampling
-        if any(j.sampling != sampling for j in jobs):
-            raise ValueError("every job of a batch must share its sampling settings")
-        routing = batch_routing(self.pipeline, jobs)
-        names = self.pipeline.adapter_names
-        rows = []
-        for b, job in enumerate(jobs):
-            pairs = routing.row(b)
-            rows.append(_Row(job, [names[i] for i, _ in pairs], [round(w, 6) for _, w in pairs]))
-            if job.sink is not None:
-                job.sink.started(rows[-1].adapters, rows[-1].weights)
-        # Stop strings are per row (checked in _step), so the batch decodes with none of its own.
-        cfg = GenerationConfig(max_new_tokens=max(j.max_tokens for j in jobs), do_sample=sampling.do_sample,
-                               temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed)
-        step = [0]
+    @property
+    def running(self) -> int:
+        return 0 if self.batch is None else len(self.batch)
 
-        def on_step(tokens: torch.Tensor, finished: torch.Tensor) -> None:
-            step[0] += 1
-            self._step(rows, tokens, step[0])
+    @property
+    def active_adapters(self) -> set[str]:
+        """Adapters with weight in some running row's mixture (read by metrics and adapter unloading)."""
+        return {n for r in list(self._rides.values()) for n in r.adapters}
 
-        def on_switch(b: int, token: int, adapters: list[str], weights: list[float]) -> None:
-            rows[b].switches.append({"token": token, "adapters": adapters, "weights": weights})
+    def holds(self, job: Job) -> bool:
+        return any(r.job is job for r in self._rides.values())
 
-        # Explicit mixtures keep their mixture (prompt granularity); routed rows route as their request asks.
-        routing_cfgs = [j.routing if j.mixture is None else RoutingConfig() for j in jobs]
+    def admit(self, jobs: list[Job]) -> None:
+        mixtures = self._mixtures(jobs)
+        rides = [self._ride(job, mixtures[id(job)]) for job in jobs if id(job) in mixtures]
+        if not rides:
+            return
+        for ride in rides:
+            if ride.job.sink is not None:
+                ride.job.sink.started(ride.adapters, ride.weights)
+        new = self.engine.prefill([r.row for r in rides])
+        self._rides.update({id(r.row): r for r in rides})
+        self.batch = Engine.merge(self.batch, new)
+        self._settle()
+
+    def step(self) -> None:
+        if self.batch is not None:
+            self.engine.decode(self.batch)
+            self._settle()
+
+    def abort(self, error: BaseException) -> None:
+        for ride in self._rides.values():
+            if not ride.job.future.done():
+                ride.job.future.set_exception(error)
+        self._rides.clear()
+        self.batch = None
+        self.engine.release()
+
+    def pause(self) -> None:
+        """Leave the routed block so the adapter bank may change (between two steps)."""
+        self.engine.release()
+
+    # ---- helpers --------------------------------------------------------------------------------
+    def _mixtures(self, jobs: list[Job]) -> dict[int, dict[str, float]]:
+        """id(job) -> its {adapter: weight}: its explicit mixture, or the router's choice for its text. A job
+        whose text the router refuses (nothing left after tokenizing) answers 400 and is left out; the
+        others are routed without it."""
+        out = {id(j): dict(j.mixture) for j in jobs if j.mixture is not None}
+        routed = [j for j in jobs if j.mixture is None]
         try:
-            self.pipeline.generate([j.text for j in jobs], config=cfg, routing=routing, on_step=on_step,
-                                   routing_config=routing_cfgs, on_switch=on_switch)
-        except _AllRowsEnded:
-            pass
+            out.update(zip(map(id, routed), self._routed([j.route_text for j in routed])))
+        except ValueError:  # one unreadable text fails the router's whole batch: route one by one
+            for job in routed:
+                try:
+                    out[id(job)] = self._routed([job.route_text])[0]
+                except ValueError as exc:
+                    job.future.set_exception(InvalidRequest(f"the router cannot read this prompt: {exc}",
+                                                            param="prompt"))
+        return out
 
-    def _step(self, rows: list[_Row], tokens: torch.Tensor, step: int) -> None:
-        """Record step `step`'s token (B,) for every row still going; end rows that are done."""
-        decode = self.pipeline.tokenizer.decode
-        for b, row in enumerate(rows):
-            if row.ended:
+    def _routed(self, texts: list[str]) -> list[dict[str, float]]:
+        if not texts:
+            return []
+        routing = self.pipeline.route(texts)
+        names = self.pipeline.adapter_names
+        return [{names[i]: w for i, w in routing.row(b)} for b in range(len(texts))]
+
+    def _ride(self, job: Job, mixture: dict[str, float]) -> _Ride:
+        s = job.sampling
+        sampling = GenerationConfig(do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p)
+        row = Row(prompt_ids=job.prompt_ids, mixture=mixture, max_tokens=job.max_tokens, sampling=sampling,
+                  seed=s.seed, stop=job.stop, logprobs=job.logprobs, echo=job.echo, ignore_eos=job.ignore_eos)
+        pairs = sorted(((n, w) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
+        return _Ride(job, row, [n for n, _ in pairs], [round(w, 6) for _, w in pairs])
+
+    def _settle(self) -> None:
+        """Stream new text, answer rows that ended (or whose client left), drop them from the batch."""
+        assert self.batch is not None
+        for row in self.batch.rows:
+            ride = self._rides[id(row)]
+            if ride.job.abandoned:
+                row.finish("length")
+            text = self.engine.text(row)
+            if not row.done:
+                if ride.job.sink is not None:
+                    ride.emit(text[: len(text) - _held_back(text, row.stop)])
                 continue
-            job, token = row.job, int(tokens[b])
-            if token in self._eos:
-                row.end(cut_at_stop(decode(row.tokens, skip_special_tokens=True), job.stop)[0], "stop")
-                continue
-            row.tokens.append(token)
-            if job.stop or job.sink is not None:
-                text, stopped = cut_at_stop(decode(row.tokens, skip_special_tokens=True), job.stop)
-                if stopped:
-                    row.end(text, "stop")
-                    continue
-                row.emit(text[: len(text) - _held_back(text, job.stop)])
-            if step >= job.max_tokens or job.abandoned:
-                row.end(decode(row.tokens, skip_special_tokens=True), "length")
-        if all(r.ended for r in rows):
-            raise _AllRowsEnded
+            ride.emit(text)
+            del self._rides[id(row)]
+            ride.job.future.set_result(Completion(
+                text=text, finish_reason=row.finish_reason or "length", prompt_tokens=len(row.prompt_ids),
+                completion_tokens=len(row.tokens), adapters=ride.adapters, weights=ride.weights,
+                prompt_ids=row.prompt_ids, token_ids=row.tokens,
+                token_logprobs=row.token_logprobs if row.logprobs is not None else None,
+                prompt_logprobs=row.prompt_logprobs if row.echo else None))
+        self.batch = Engine.drop_finished(self.batch)
+        if self.batch is None:
+            self.engine.release()

@@ -1,9 +1,14 @@
-"""Gather concurrent requests into mixed batches and run them one batch at a time on one worker thread.
+"""Queue requests and run them on one worker thread, in a running batch that rows join and leave.
 
 The model is not thread-safe, so exactly one thread ever touches it. Requests wait in a bounded FIFO
-queue; the worker takes the oldest request and, for up to `batch_window_ms` after it arrived, gathers
-later requests with the same sampling settings (up to `max_batch_size`). Each row keeps its own adapter
-mixture, prompt and `max_tokens`; how a batch is executed is the runner's job (`runner.py`).
+queue. Two policies (`ServerConfig.batching`):
+- continuous (iteration level): before every decode step the worker admits waiting requests up to
+  `max_batch_size` rows; their prompts are prefilled on their own and the rows join the running batch,
+  and a row that ends leaves it at once, so a long answer never holds a short one back;
+- static: a batch is formed only when none runs (the oldest request plus whatever arrives within
+  `batch_window_ms`), and it runs until its last row ends.
+Every row keeps its own adapter mixture, sampling settings, stop strings and `max_tokens`; how a row
+is prefilled and decoded is the runner's job (`runner.py`, over `dlp_lora.engine`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from dlp_lora.config import RoutingConfig, ServerConfig
+from dlp_lora.engine import TokenLogprob
 from dlp_lora.server.errors import QueueFull, Unavailable
 
-__all__ = ["BatchRunner", "Completion", "Job", "Sampling", "Scheduler", "StreamSink", "GREEDY_BELOW"]
+__all__ = ["StepRunner", "Completion", "Job", "Sampling", "Scheduler", "StreamSink", "GREEDY_BELOW"]
 
 GREEDY_BELOW = 1e-4
 """Temperatures below this decode greedily."""
@@ -27,11 +33,8 @@ GREEDY_BELOW = 1e-4
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings that every row of one batch must share (the batching key).
-
-    Greedy requests all share one key, whatever their temperature-free fields say. Seeded sampling
-    runs alone: rows of one batch draw from one generator, so a seeded row would not reproduce.
-    """
+    """One request's decoding settings (per row: rows of one batch need not share them; a seeded row
+    draws from its own generator, so it reproduces whatever runs beside it)."""
 
     do_sample: bool = False
     temperature: float = 1.0
@@ -40,22 +43,22 @@ class Sampling:
 
     @classmethod
     def of(cls, temperature: float | None, top_p: float | None, seed: int | None) -> "Sampling":
-        """Temperature 0 or absent means greedy; top_p and seed then play no part."""
+        """OpenAI's defaults: temperature 1.0 when absent; temperature 0 means greedy (top_p and seed then
+        play no part)."""
+        temperature = 1.0 if temperature is None else temperature
         # Below GREEDY_BELOW sampling is indistinguishable from greedy, and near 0 logits / temperature
         # overflows to inf (NaN probabilities): decode those greedily too.
-        if temperature is None or temperature < GREEDY_BELOW:
+        if temperature < GREEDY_BELOW:
             return cls()
         return cls(do_sample=True, temperature=float(temperature), top_p=1.0 if top_p is None else float(top_p),
                    seed=seed)
 
-    @property
-    def solo(self) -> bool:
-        return self.do_sample and self.seed is not None
-
 
 @dataclass(frozen=True)
 class Completion:
-    """One request's answer: what `DLPLoRA.generate` would return for it alone."""
+    """One request's answer: what `DLPLoRA.generate` would return for it alone, plus the token ids and,
+    when asked for, log-probabilities (`token_logprobs` may hold one more entry than `token_ids`: the
+    EOS token that ended the answer is scored but not part of the text)."""
 
     text: str
     finish_reason: str
@@ -63,8 +66,10 @@ class Completion:
     completion_tokens: int
     adapters: list[str]
     weights: list[float]
-    switches: list[dict] = field(default_factory=list)
-    """`sentence` routing: {"token", "adapters", "weights"} for each mid-answer mixture change."""
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 class StreamSink(Protocol):
@@ -77,19 +82,26 @@ class StreamSink(Protocol):
 
 @dataclass(eq=False)
 class Job:
-    """One validated request waiting for, or riding in, a batch. `future` gets its `Completion`."""
+    """One validated request (one choice) waiting for, or riding in, the batch. `future` gets its
+    `Completion`."""
 
-    text: str
-    """The user's text; the pipeline applies the chat template."""
-    prompt_tokens: int
-    """Prompt length after the chat template (counted at validation)."""
+    prompt_ids: list[int]
+    """The prompt's token ids, chat template (if any) applied."""
+    route_text: str
+    """What the router reads: the last user message of a chat, a completion's prompt text."""
     max_tokens: int
     sampling: Sampling = field(default_factory=Sampling)
     stop: tuple[str, ...] = ()
     mixture: dict[str, float] | None = None
-    """Explicit {adapter: weight}; None lets the router choose."""
+    """Explicit {adapter: weight} ({} is the base model alone); None lets the router choose."""
+    logprobs: int | None = None
+    """None, or how many alternatives to report per token."""
+    echo: bool = False
+    """Also score (and return) the prompt's tokens."""
+    ignore_eos: bool = False
+    """Decode past EOS up to max_tokens."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-    """How the router routes this row (granularity, segment marker)."""
+    """How the router reads this row's prompt (already applied to `route_text`; kept for metrics and logs)."""
     sink: StreamSink | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)
@@ -104,21 +116,44 @@ class Job:
     def abandoned(self) -> bool:
         return self._abandoned.is_set()
 
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
 
-BatchRunner = Callable[[list[Job]], None]
-"""Runs one batch; must set every job's future (the scheduler fails any it leaves unset)."""
+
+class StepRunner(Protocol):
+    """Runs the running batch one step at a time (called on the worker thread only)."""
+
+    @property
+    def running(self) -> int:
+        """Rows in the running batch."""
+
+    def admit(self, jobs: list[Job]) -> None:
+        """Prefill these jobs and add their rows to the running batch (rows that end at once answer)."""
+
+    def step(self) -> None:
+        """Decode one token for every running row; rows that end answer and leave."""
+
+    def abort(self, error: BaseException) -> None:
+        """Fail every running row's future with `error` and drop the running batch."""
+
+    def holds(self, job: Job) -> bool:
+        """Whether the job rides in the running batch."""
 
 
 class Scheduler:
-    """A bounded request queue drained by one worker thread that runs one batch at a time."""
+    """A bounded request queue drained by one worker thread that owns the running batch."""
 
-    def __init__(self, cfg: ServerConfig, runner: BatchRunner,
-                 on_batch: Callable[[int], None] | None = None) -> None:
-        self.cfg, self._runner, self._on_batch = cfg, runner, on_batch
+    def __init__(self, cfg: ServerConfig, runner: StepRunner,
+                 on_batch: Callable[[int], None] | None = None, on_step: Callable[[int], None] | None = None) -> None:
+        self.cfg, self._runner, self._on_batch, self._on_step = cfg, runner, on_batch, on_step
         self._pending: deque[Job] = deque()
+        self._controls: deque[tuple[Callable[[], object], Future]] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
+        self.running = 0
+        """Rows in the running batch (read by metrics; written by the worker)."""
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -129,14 +164,17 @@ class Scheduler:
             self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Refuse new work, fail waiting requests with 503, and wait for the running batch to end."""
+        """Refuse new work, fail waiting requests with 503, and wait for the running rows to end."""
         with self._cond:
             self._closing = True
             waiting, self._pending = list(self._pending), deque()
+            controls, self._controls = list(self._controls), deque()
             self._cond.notify_all()
         for job in waiting:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(Unavailable("the server is shutting down"))
+        for _, future in controls:
+            future.set_exception(Unavailable("the server is shutting down"))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -146,65 +184,105 @@ class Scheduler:
 
     @property
     def queue_depth(self) -> int:
-        """Requests waiting for a batch (not counting the batch that is running)."""
+        """Requests waiting to join the running batch."""
         with self._cond:
             return len(self._pending)
 
+    def waiting_jobs(self) -> list[Job]:
+        """A snapshot of the jobs waiting to join the running batch, oldest first."""
+        with self._cond:
+            return list(self._pending)
+
     # ---- producer side (event loop) -------------------------------------------------------------
-    def submit(self, job: Job) -> Future:
-        """Queue a job; raises QueueFull when `max_queue` are waiting, Unavailable when not running."""
+    def submit(self, jobs: Job | list[Job]) -> Future:
+        """Queue jobs (the choices of one request, all or none); raises QueueFull when they would exceed
+        `max_queue` waiting jobs, Unavailable when not running. Returns the (last) job's future."""
+        jobs = jobs if isinstance(jobs, list) else [jobs]
         with self._cond:
             if not self.alive:
                 raise Unavailable("the batching worker is not running")
-            if len(self._pending) >= self.cfg.max_queue:
-                raise QueueFull(f"the server queue is full ({self.cfg.max_queue} requests waiting, "
+            if len(self._pending) + len(jobs) > self.cfg.max_queue:
+                raise QueueFull(f"the server queue is full ({len(self._pending)} requests waiting, "
                                 f"max_queue={self.cfg.max_queue}); retry later")
-            self._pending.append(job)
+            self._pending.extend(jobs)
             self._cond.notify_all()
-        return job.future
+        return jobs[-1].future
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the worker thread between two decode steps (to change the adapter bank)."""
+        future: Future = Future()
+        with self._cond:
+            if not self.alive:
+                raise Unavailable("the batching worker is not running")
+            self._controls.append((fn, future))
+            self._cond.notify_all()
+        return future
 
     # ---- worker side ----------------------------------------------------------------------------
-    def _next_batch(self) -> list[Job] | None:
-        """Block until a batch is due: the oldest job plus same-key jobs, once its window has passed or
-        the batch is full. None when closing."""
+    def _admissible(self) -> list[Job] | None:
+        """Wait until there is work; return the jobs to admit now ([] to only decode). None when closing
+        with nothing left to run."""
         window = self.cfg.batch_window_ms / 1000.0
         with self._cond:
-            while not self._pending and not self._closing:
+            while not self._pending and not self._controls and self.running == 0 and not self._closing:
                 self._cond.wait()
-            if self._closing:
+            if self._closing and self.running == 0:
                 return None
-            head = self._pending[0]
-            limit = 1 if head.sampling.solo else self.cfg.max_batch_size
-            while not self._closing:
-                same = sum(1 for j in self._pending if j.sampling == head.sampling)
-                left = head.arrived + window - time.monotonic()
-                if same >= limit or left <= 0:
-                    break
-                self._cond.wait(left)
-            batch = [j for j in self._pending if j.sampling == head.sampling][:limit]
-            taken = {id(j) for j in batch}
-            self._pending = deque(j for j in self._pending if id(j) not in taken)
+            if self._controls or self._closing:
+                return []
+            room = self.cfg.max_batch_size - self.running
+            if self.cfg.batching == "static" and self.running:
+                return []
+            if self.running == 0:
+                # An idle worker waits up to the window after the oldest request for more to batch with it.
+                while not self._closing and not self._controls:
+                    left = self._pending[0].arrived + window - time.monotonic()
+                    if len(self._pending) >= room or left <= 0:
+                        break
+                    self._cond.wait(left)
+            batch = []
+            while self._pending and len(batch) < room:
+                batch.append(self._pending.popleft())
             return batch
 
     def _work(self) -> None:
         while True:
-            batch = self._next_batch()
+            batch = self._admissible()
             if batch is None:
                 return
+            self._run_controls()
             # Jobs cancelled while waiting (client gone) are dropped here; the rest can no longer be cancelled.
             jobs = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if jobs:
-                self._run(jobs)
+                self._guard(lambda: self._runner.admit(jobs), jobs)
+                if self._on_batch is not None:
+                    self._on_batch(self._runner.running)
+            if self._runner.running:
+                if self._on_step is not None:
+                    self._on_step(self._runner.running)
+                self._guard(self._runner.step, [])
+            self.running = self._runner.running
 
-    def _run(self, jobs: list[Job]) -> None:
-        if self._on_batch is not None:
-            self._on_batch(len(jobs))
+    def _run_controls(self) -> None:
+        while True:
+            with self._cond:
+                if not self._controls:
+                    return
+                fn, future = self._controls.popleft()
+            try:
+                future.set_result(fn())
+            except Exception as exc:
+                future.set_exception(exc)
+
+    def _guard(self, call: Callable[[], None], jobs: list[Job]) -> None:
+        """Run one admit or step; the worker survives any failure: its requests fail, serving goes on."""
         try:
-            self._runner(jobs)
-            error: BaseException = RuntimeError("the batch runner returned without answering this request")
-        except Exception as exc:  # the worker must survive any batch: fail its requests, keep serving
-            logging.getLogger(__name__).exception("batch of %d requests failed", len(jobs))
+            call()
+            error: BaseException = RuntimeError("the runner returned without answering this request")
+        except Exception as exc:
+            logging.getLogger(__name__).exception("a batch step failed (%d new requests)", len(jobs))
             error = exc
-        for job in jobs:
-            if not job.future.done():
+            self._runner.abort(exc)
+        for job in jobs:  # admitted jobs the runner neither answered nor kept running
+            if not job.future.done() and not self._runner.holds(job):
                 job.future.set_exception(error)

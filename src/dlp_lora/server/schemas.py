@@ -1,118 +1,123 @@
-"""The OpenAI wire format: request models (validated by pydantic) and the responses and stream chunks.
+"""The OpenAI wire format, requests side: pydantic models validated at the boundary (limits stated in the
+schema, so the OpenAPI document and a generated client know them).
 
-Beyond OpenAI's fields, requests may carry `adapters` (names) and `weights` to override the router,
-or `routing_granularity` ("prompt", "segment" or "sentence", see `dlp_lora.routing`) and
-`segment_marker` to choose how the router routes; every response and stream chunk carries a top-level
-`routing` object: the adapters that answered the request, heaviest first, with their weights:
-{"adapters": ["maths", "science"], "weights": [0.7, 0.3]}. Under `sentence` routing the final response
-adds `switches`: [{"token": i, "adapters": [...], "weights": [...]}], the mixture from answer token i on.
+Beyond OpenAI's fields, generation requests may carry `adapters` (names) and `weights` to override the
+router, or `routing_granularity` ("prompt" or "segment", see `dlp_lora.routing`) and `segment_marker`
+to choose which text the router reads ("sentence", re-routing mid-answer, is refused: rows of the
+continuous batch keep one mixture); responses carry a top-level `routing` object (`responses.py`).
+vLLM's extra endpoints are here too: /tokenize, /detokenize and the runtime adapter calls.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dlp_lora.config import Granularity
+from dlp_lora.engine import MAX_TOP_LOGPROBS
 from dlp_lora.server.errors import InvalidRequest
-from dlp_lora.server.scheduler import Completion
 
 __all__ = [
-    "ChatCompletionRequest", "CompletionRequest", "GenerationParams", "ModelCard", "ModelList", "RoutingInfo",
-    "Usage", "response_for", "chunk_for", "usage_chunk_for",
+    "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "GenerationParams",
+    "LoadLoraRequest", "RouteRequest", "TokenizeRequest", "UnloadLoraRequest", "MAX_N", "MAX_PROMPTS",
 ]
 
-Kind = Literal["completion", "chat"]
 Weight = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 """Bounded so that a fused delta cannot overflow float32 (a weight of 100 is already far outside any useful mix)."""
 MAX_STOP = 16
+MAX_N = 16
+"""Most choices per prompt."""
+MAX_PROMPTS = 64
+"""Most prompts in one completion request (each is its own batch row)."""
+MAX_TEXT = 100_000
+"""Longest string field, in characters (the token limit, checked after tokenizing, is lower in practice)."""
+MAX_NAME = 256
+
+Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TEXT)]
+Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+Prompt = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
+               Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
     include_usage: bool = False
     """Send one more chunk, with empty `choices` and the `usage`, before `[DONE]` (as OpenAI does)."""
 
 
-class GenerationParams(BaseModel):
-    """Fields shared by both endpoints. Unknown fields are ignored: OpenAI clients send some we do not use."""
+def _no_lone_surrogates(data: object) -> object:
+    """Refuse lone UTF-16 surrogates anywhere (JSON allows "\\ud800"): they cannot be tokenized or echoed."""
+    def walk(x: object, where: str) -> None:
+        if isinstance(x, str):
+            try:
+                x.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{where or 'a string'} is not valid Unicode text (it holds a lone surrogate)"
+                                 ) from None
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(k, where)
+                walk(v, f"{where}.{k}" if where else str(k))
+        elif isinstance(x, list):
+            for i, v in enumerate(x):
+                walk(v, f"{where}.{i}")
+    walk(data, "")
+    return data
 
-    model_config = ConfigDict(extra="ignore")
 
-    model: str | None = None
-    """An adapter's name serves that adapter alone; any other name lets the router choose."""
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    """0 or absent: greedy decoding."""
-    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
-    """Any value torch.Generator.manual_seed accepts."""
-    n: int = 1
-    logprobs: int | bool | None = None
-    adapters: list[str] | None = None
-    """Explicit routing: adapter names, overriding the router and `model`."""
-    weights: list[Weight] | None = None
-    """One weight >= 0 per adapter, used as given (default: equal weights summing to 1)."""
-    routing_granularity: Granularity | None = None
-    """How the router routes this request (default: the server's, `prompt`): once on the whole prompt,
-    on its last segment, or re-routing after each generated sentence. Not with `adapters`."""
-    segment_marker: str | None = Field(default=None, min_length=1, max_length=64)
-    """Separator of the prompt's segments for `segment` / `sentence` (default: a blank line)."""
+class _Request(BaseModel):
+    """Unknown fields are ignored: OpenAI clients send some we do not use."""
+
+    # Strict: JSON types as the schema states them (no "5" for 5, no false for 0), so a value the
+    # schema refuses is refused here too.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: object) -> object:
-        """Refuse lone UTF-16 surrogates anywhere (JSON allows "\\ud800"): they cannot be tokenized or echoed."""
-        def walk(x: object, where: str) -> None:
-            if isinstance(x, str):
-                try:
-                    x.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{where or 'a string'} is not valid Unicode text (it holds a lone surrogate)"
-                                     ) from None
-            elif isinstance(x, dict):
-                for k, v in x.items():
-                    walk(k, where)
-                    walk(v, f"{where}.{k}" if where else str(k))
-            elif isinstance(x, list):
-                for i, v in enumerate(x):
-                    walk(v, f"{where}.{i}")
-        walk(data, "")
-        return data
+        return _no_lone_surrogates(data)
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError(f"n={n} is not supported; this server returns exactly one choice (n=1)")
-        return n
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | bool | None) -> None:
-        if value not in (None, False, 0):
-            raise ValueError("logprobs are not supported by this server")
-        return None
+class GenerationParams(_Request):
+    """Fields shared by both generation endpoints."""
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if stop is not None and not all(stop if isinstance(stop, list) else [stop]):
-            raise ValueError("stop strings must be non-empty")
-        if isinstance(stop, list) and len(stop) > MAX_STOP:
-            raise ValueError(f"stop holds {len(stop)} strings; the limit is {MAX_STOP}")
-        return stop
+    model: Name | None = None
+    """`dlp-lora` (or absent): the router chooses the mixture; the base model's id: the base model alone;
+    an adapter's name: that adapter alone (see GET /v1/models)."""
+    max_tokens: int | None = Field(default=None, ge=0)
+    """New tokens at most (0 with `echo` scores the prompt only); the server's limit is in the
+    `x-max-tokens-limit` of this field in /openapi.json. Default: the server's `default_max_tokens`."""
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    """OpenAI's default 1.0 when absent; 0 is greedy decoding."""
+    top_p: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1)
+    """Any 64-bit value, signed or not; each choice samples from its own generator (choice i of a request
+    uses seed + i), so a seeded answer does not depend on the requests batched beside it."""
+    ignore_eos: bool = False
+    """vLLM's extra: keep decoding past the end-of-sequence token up to `max_tokens` (load tests)."""
+    n: int = Field(default=1, ge=1, le=MAX_N)
+    """Choices per prompt."""
+    adapters: Annotated[list[Name], Field(min_length=1, max_length=64)] | None = None
+    """Explicit routing: adapter names, overriding the router and `model`."""
+    weights: Annotated[list[Weight], Field(min_length=1, max_length=64)] | None = None
+    """One weight >= 0 per adapter, used as given (default: equal weights summing to 1)."""
+    routing_granularity: Granularity | None = None
+    """Which text the router reads (default: the server's, `prompt`): the whole prompt, or its last
+    segment. `sentence` (re-routing after each generated sentence) is refused with a 400: a row of the
+    continuous batch keeps one mixture. Not with `adapters`."""
+    segment_marker: Annotated[str, Field(min_length=1, max_length=64)] | None = None
+    """Separator of the prompt's segments for `segment` (default: a blank line)."""
 
     @model_validator(mode="after")
     def _routing_override(self) -> "GenerationParams":
-        if self.adapters is not None:
-            if not self.adapters:
-                raise ValueError("adapters must name at least one adapter (omit it to let the router choose)")
-            if len(set(self.adapters)) != len(self.adapters):
-                raise ValueError(f"adapters has duplicate names: {self.adapters}")
+        if self.adapters is not None and len(set(self.adapters)) != len(self.adapters):
+            raise ValueError(f"adapters has duplicate names: {self.adapters}")
         if self.weights is not None:
             if self.adapters is None:
                 raise ValueError("weights needs adapters: one weight per adapter name")
@@ -142,43 +147,50 @@ class GenerationParams(BaseModel):
 
 
 class CompletionRequest(GenerationParams):
-    """POST /v1/completions."""
+    """POST /v1/completions. The prompt is used as given (no chat template), as vLLM and OpenAI do: a
+    string, a list of strings, a list of token ids, or a list of token-id lists (one choice each)."""
 
-    prompt: str | list[str]
-    """One prompt: a string or a list holding one string."""
+    prompt: Prompt
     echo: bool = False
+    """Return the prompt before the completion (with `logprobs`: the prompt tokens' log-probabilities,
+    the first one null)."""
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """Log-probability of each token and of the `logprobs` most likely alternatives at its position."""
 
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str:
-        if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ValueError(f"prompt must be one string (or a list of one string), got a list of {len(prompt)}; "
-                                 "send several requests concurrently instead, they are batched together")
-            prompt = prompt[0]
-        return prompt
+    @model_validator(mode="after")
+    def _streams_one_choice(self) -> "CompletionRequest":
+        if self.stream and (self.n > 1 or len(self.prompts) > 1):
+            raise InvalidRequest("stream=true serves one choice; send n=1 and one prompt (or do not stream)",
+                                 param="n" if self.n > 1 else "prompt")
+        if self.stream and (self.echo or self.logprobs is not None):
+            raise InvalidRequest("stream=true does not return echo or logprobs; send them without stream",
+                                 param="echo" if self.echo else "logprobs")
+        return self
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo is not supported by this server")
-        return echo
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        return list(p) if isinstance(p[0], (str, list)) else [list(p)]  # type: ignore[arg-type]
 
-    def user_text(self) -> str:
-        return str(self.prompt)
+    @property
+    def wanted_logprobs(self) -> int | None:
+        """None, or how many alternatives to report per token."""
+        return self.logprobs
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: str
-    text: str | None = None
+    model_config = ConfigDict(extra="ignore", strict=True)
+    type: Annotated[str, Field(max_length=64)]
+    text: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: Annotated[str, Field(max_length=MAX_TEXT)] | Annotated[list[ContentPart], Field(max_length=64)] | None = None
 
     def text(self) -> str:
         if not isinstance(self.content, list):
@@ -187,99 +199,84 @@ class ChatMessage(BaseModel):
             raise InvalidRequest("only text content parts are supported", param="messages")
         return "".join(p.text or "" for p in self.content)
 
+    def as_template_message(self) -> dict[str, str]:
+        """{role, content} for the tokenizer's chat template (`developer` is OpenAI's newer `system`)."""
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
 
 class ChatCompletionRequest(GenerationParams):
-    """POST /v1/chat/completions. The last user message is the prompt (the chat template is applied by the
-    pipeline, the way the adapters were trained); system and earlier turns are not used."""
+    """POST /v1/chat/completions. The whole message list (system prompt and history) goes through the
+    tokenizer's chat template; the router reads the last user message (what it was trained on)."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    max_completion_tokens: int | None = Field(default=None, ge=0)
     """Newer OpenAI name for max_tokens; wins when both are given."""
+    logprobs: bool = False
+    """Return each generated token's log-probability."""
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    """With `logprobs`: also the most likely alternatives at each position."""
 
     @model_validator(mode="after")
-    def _max_tokens_alias(self) -> "ChatCompletionRequest":
+    def _checks(self) -> "ChatCompletionRequest":
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
+        if self.stream and self.n > 1:
+            raise InvalidRequest("stream=true serves one choice; send n=1 (or do not stream)", param="n")
+        if self.stream and self.logprobs:
+            raise InvalidRequest("stream=true does not return logprobs; send them without stream", param="logprobs")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs=true", param="top_logprobs")
         return self
 
-    def user_text(self) -> str:
-        users = [m for m in self.messages if m.role == "user"]
-        if not users:
-            raise InvalidRequest("messages holds no user message; expected at least one with role 'user'",
-                                 param="messages")
+    @property
+    def wanted_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def route_text(self) -> str:
+        """The last user message (the last message of any role when there is none)."""
+        users = [m for m in self.messages if m.role == "user"] or self.messages
         return users[-1].text()
 
 
-# ---- responses ------------------------------------------------------------------------------------
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's shape): a `prompt`, or chat `messages` put through the chat template."""
 
-class RoutingInfo(BaseModel):
-    adapters: list[str]
-    weights: list[float]
-    switches: list[dict] | None = None
-    """`sentence` routing: the mixture changes along the answer (final responses only)."""
+    model: Name | None = None
+    prompt: Annotated[str, Field(max_length=MAX_TEXT)] | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
 
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "dlp-lora"
-    parent: str | None = None
-    """For adapters: the base model they run on."""
+    @model_validator(mode="after")
+    def _one_input(self) -> "TokenizeRequest":
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send exactly one of prompt and messages")
+        return self
 
 
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+class RouteRequest(_Request):
+    """POST /v1/route: what the router makes of a prompt (the playground's bar chart)."""
+
+    prompt: Text
 
 
-def _usage(c: Completion) -> Usage:
-    return Usage(prompt_tokens=c.prompt_tokens, completion_tokens=c.completion_tokens,
-                 total_tokens=c.prompt_tokens + c.completion_tokens)
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's shape)."""
+
+    model: Name | None = None
+    tokens: Annotated[list[TokenId], Field(max_length=MAX_TEXT)]
 
 
-def _choice(kind: Kind, text: str | None, finish_reason: str | None, first: bool = False, final: bool = False) -> dict:
-    if kind == "completion":
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-    if final:
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                "finish_reason": finish_reason}
-    delta = {"role": "assistant", "content": text or ""} if first else ({} if text is None else {"content": text})
-    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+class LoadLoraRequest(_Request):
+    """POST /v1/load_lora_adapter (vLLM's shape): a PEFT LoRA directory (safetensors) served as `lora_name`."""
+
+    lora_name: Annotated[str, Field(min_length=1, max_length=MAX_NAME, pattern=r"^[A-Za-z0-9_.:\-/]+$")]
+    lora_path: Annotated[str, Field(min_length=1, max_length=4096)]
 
 
-def _envelope(kind: Kind, rid: str, created: int, model: str, stream: bool) -> dict:
-    obj = "text_completion" if kind == "completion" else ("chat.completion.chunk" if stream else "chat.completion")
-    return {"id": rid, "object": obj, "created": created, "model": model}
+class UnloadLoraRequest(_Request):
+    """POST /v1/unload_lora_adapter (vLLM's shape)."""
 
-
-def response_for(kind: Kind, rid: str, created: int, model: str, c: Completion) -> dict:
-    """The non-streaming response body."""
-    return {**_envelope(kind, rid, created, model, False),
-            "choices": [_choice(kind, c.text, c.finish_reason, final=True)],
-            "usage": _usage(c).model_dump(),
-            "routing": _routing(c)}
-
-
-def _routing(c: Completion) -> dict:
-    return RoutingInfo(adapters=c.adapters, weights=c.weights,
-                       switches=c.switches or None).model_dump(exclude_none=True)
-
-
-def chunk_for(kind: Kind, rid: str, created: int, model: str, routing: RoutingInfo, text: str | None = None,
-              first: bool = False, finish_reason: str | None = None) -> dict:
-    """One stream chunk: the opening one (`first`), a text delta, or the closing one (`finish_reason`)."""
-    return {**_envelope(kind, rid, created, model, True),
-            "choices": [_choice(kind, text, finish_reason, first=first)], "routing": routing.model_dump(exclude_none=True)}
-
-
-def usage_chunk_for(kind: Kind, rid: str, created: int, model: str, c: Completion) -> dict:
-    """The extra chunk sent when `stream_options.include_usage` is set: no choices, only usage."""
-    return {**_envelope(kind, rid, created, model, True), "choices": [], "usage": _usage(c).model_dump(),
-            "routing": _routing(c)}
+    lora_name: Name
+    lora_int_id: int | None = None
+    """Accepted for vLLM compatibility and ignored."""

@@ -1,0 +1,279 @@
+"""Step-level decoding for a running batch whose rows come and go (continuous batching).
+
+The caller (the server's scheduler) owns one `RunningBatch` and drives it with four calls:
+  prefill(rows)          run new rows' prompts on their own (left padded) and pick each row's first token
+  merge(running, new)    one batch: KV caches and masks left padded to the longer one, rows stacked
+  decode(batch)          one more token for every row of the batch
+  drop_finished(batch)   rows that ended leave at once (and padding columns no row needs any more go)
+Every row keeps its own adapter mixture, sampling settings (its own generator, so a seeded row
+reproduces whatever runs beside it), stop strings and token limit. The mixtures become the (B, N)
+routing of the fused layers through `FusedLoRAModel.routed` / `reroute`, set again only when the rows
+of the forward pass change (a join, a leave), so gathered stacks or merged weights are built once per
+change, not once per token.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from dlp_lora.chat import left_pad
+from dlp_lora.config import GenerationConfig
+from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.generation import cut_at_stop, eos_ids, sample_next
+
+__all__ = ["Engine", "Row", "RunningBatch", "TokenLogprob"]
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives reported per token (OpenAI's limit)."""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability under the model, and the `top` most likely tokens at that position."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence of the running batch: what was asked, and what it has produced so far.
+
+    `mixture` maps adapter names to weights ({} is the base model alone). `sampling` gives do_sample,
+    temperature and top_p (its max_new_tokens, stop and seed are ignored: `max_tokens` is the limit, and
+    may be 0 when only the prompt's log-probabilities are wanted; `seed` seeds this row's own generator,
+    any 64-bit value, signed or not). `logprobs`: None, or how many alternatives to
+    report per generated token (0 reports the chosen token's log-probability only); `echo` also scores
+    the prompt's tokens (the first has no log-probability); `ignore_eos` decodes past EOS up to
+    `max_tokens` (vLLM's option, for load tests that need answers of a known length).
+    """
+
+    prompt_ids: list[int]
+    mixture: Mapping[str, float]
+    max_tokens: int
+    sampling: GenerationConfig = field(default_factory=GenerationConfig)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    echo: bool = False
+    ignore_eos: bool = False
+    tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise ValueError("a row needs at least one prompt token, got none")
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def finish(self, reason: Literal["stop", "length", "abort"]) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+
+@dataclass(eq=False)
+class RunningBatch:
+    """Rows decoded together. cache: the model's KV cache (B rows, T columns); mask: (B, T) attention
+    mask, 0 on each row's left padding; positions: (B, 1) position id of each row's last token."""
+
+    rows: list[Row]
+    cache: object
+    mask: torch.Tensor
+    positions: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+def _left_pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """Zeros on the left of `dim` up to `width` (KV tensors (B, H, T, D) use dim 2, masks (B, T) dim 1)."""
+    missing = width - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Engine:
+    """Step-level calls over one fused model; use from one thread only (the model is not thread-safe)."""
+
+    def __init__(self, fused: FusedLoRAModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.fused, self.model, self.tokenizer = fused, fused.model, tokenizer
+        self.eos = eos_ids(self.model, tokenizer)
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
+        self._routing: ExitStack | None = None
+        self._routed_rows: list[Row] = []
+
+    # ---- routing --------------------------------------------------------------------------------
+    def dense(self, rows: list[Row]) -> torch.Tensor:
+        """(B, N) routing weights of the rows' mixtures in the bank's current order."""
+        names = self.fused.adapter_names
+        dense = torch.zeros(len(rows), len(names))
+        for b, row in enumerate(rows):
+            for name, w in row.mixture.items():
+                dense[b, names.index(name)] = float(w)
+        return dense
+
+    def _route(self, rows: list[Row]) -> None:
+        """Set the fused layers' routing to these rows, unless it already is."""
+        if self._routing is not None and len(rows) == len(self._routed_rows) and all(
+                a is b for a, b in zip(rows, self._routed_rows)):
+            return
+        dense = self.dense(rows)
+        if self._routing is None:
+            stack = ExitStack()
+            stack.enter_context(self.fused.routed(dense))
+            self._routing = stack
+        else:
+            self.fused.reroute(dense)
+        self._routed_rows = list(rows)
+
+    def release(self) -> None:
+        """Leave the routed block (the model is the plain base model again); call when the batch empties
+        and before the adapter bank changes."""
+        if self._routing is not None:
+            self._routing.close()
+        self._routing, self._routed_rows = None, []
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device: every tensor the engine makes is made there."""
+        return next(self.model.parameters()).device
+
+    # ---- steps ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def prefill(self, rows: list[Row]) -> RunningBatch:
+        """Run the rows' prompts (one left-padded forward pass) and pick each row's first token.
+
+        Rows with `echo` get their prompt tokens' log-probabilities. Rows may end here (EOS first,
+        max_tokens 0): `drop_finished` removes them.
+        """
+        if not rows:
+            raise ValueError("prefill needs at least one row")
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        for row in rows:
+            if row.sampling.do_sample and row.seed is not None and row.generator is None:
+                # Any 64-bit seed, signed or not, maps onto torch's unsigned 64-bit seeds; the generator
+                # lives where sampling happens (torch.multinomial refuses one on another device).
+                row.generator = torch.Generator(device=self.device).manual_seed(row.seed % 2**64)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        self._route(rows)
+        echo = any(r.echo for r in rows)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=0 if echo else 1)
+        for b, row in enumerate(rows):
+            if row.echo:
+                n = len(row.prompt_ids)
+                row.prompt_logprobs = [None] + self._scored(out.logits[b, -n:-1], row.prompt_ids[1:], row.logprobs)
+        batch = RunningBatch(rows=list(rows), cache=out.cache, mask=mask, positions=positions[:, -1:].clone())
+        self._advance(batch, out.logits[:, -1])
+        return batch
+
+    @torch.no_grad()
+    def decode(self, batch: RunningBatch) -> None:
+        """One more token for every row (none of them may have ended: call `drop_finished` first)."""
+        if any(r.done for r in batch.rows):
+            raise ValueError("decode got a batch holding finished rows; call drop_finished first")
+        self._route(batch.rows)
+        last = torch.tensor([r.tokens[-1] for r in batch.rows], dtype=torch.long, device=self.device)
+        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
+        batch.positions = batch.positions + 1
+        out = self.model(input_ids=last[:, None], attention_mask=batch.mask, position_ids=batch.positions,
+                         cache=batch.cache, use_cache=True)
+        batch.cache = out.cache
+        self._advance(batch, out.logits[:, -1])
+
+    @staticmethod
+    def merge(running: RunningBatch | None, new: RunningBatch) -> RunningBatch:
+        """Stack `new`'s rows under `running`'s: the shorter KV cache and mask are left padded (masked
+        out), so every row keeps exactly the keys and values it had."""
+        if running is None or not running.rows:
+            return new
+        width = max(running.mask.shape[1], new.mask.shape[1])
+        for a, b in zip(running.cache.layers, new.cache.layers):
+            a.keys = torch.cat([_left_pad_to(a.keys, width, 2), _left_pad_to(b.keys, width, 2)], dim=0)
+            a.values = torch.cat([_left_pad_to(a.values, width, 2), _left_pad_to(b.values, width, 2)], dim=0)
+        mask = torch.cat([_left_pad_to(running.mask, width, 1), _left_pad_to(new.mask, width, 1)], dim=0)
+        return RunningBatch(rows=running.rows + new.rows, cache=running.cache, mask=mask,
+                            positions=torch.cat([running.positions, new.positions], dim=0))
+
+    @staticmethod
+    def drop_finished(batch: RunningBatch) -> RunningBatch | None:
+        """The batch without its finished rows (None when none is left), trimmed of the padding columns
+        on the left that no remaining row attends to."""
+        keep = [i for i, r in enumerate(batch.rows) if not r.done]
+        if not keep:
+            return None
+        if len(keep) == len(batch.rows):
+            return batch
+        index = torch.tensor(keep, dtype=torch.long, device=batch.mask.device)
+        mask = batch.mask[index]
+        start = int(mask.any(0).long().argmax())  # first column some remaining row attends to
+        for layer in batch.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+        return RunningBatch(rows=[batch.rows[i] for i in keep], cache=batch.cache, mask=mask[:, start:],
+                            positions=batch.positions[index])
+
+    # ---- per-row token choice ---------------------------------------------------------------------
+    def _advance(self, batch: RunningBatch, logits: torch.Tensor) -> None:
+        """logits: (B, V) at each row's last position -> each unfinished row's next token and its end."""
+        greedy = logits.argmax(-1)
+        want_lp = any(r.logprobs is not None for r in batch.rows)
+        logp = torch.log_softmax(logits.float(), -1) if want_lp else None
+        for b, row in enumerate(batch.rows):
+            if row.done:
+                continue
+            if len(row.tokens) >= row.max_tokens:  # max_tokens 0: the prompt alone was wanted
+                row.finish("length")
+                continue
+            if row.sampling.do_sample:
+                token = int(sample_next(logits[b: b + 1], row.sampling, row.generator)[0])
+            else:
+                token = int(greedy[b])
+            if logp is not None and row.logprobs is not None:
+                row.token_logprobs.append(self._scored(logp[b: b + 1], [token], row.logprobs, normed=True)[0])
+            if token in self.eos and not row.ignore_eos:
+                row.finish("stop")
+                continue
+            row.tokens.append(token)
+            if row.stop and cut_at_stop(self._decoded(row), row.stop)[1]:
+                row.finish("stop")
+            elif len(row.tokens) >= row.max_tokens:
+                row.finish("length")
+
+    @staticmethod
+    def _scored(logits: torch.Tensor, tokens: list[int], top: int | None, normed: bool = False) -> list[TokenLogprob]:
+        """logits: (n, V) predicting `tokens` (n) -> each token's log-probability and the `top` best."""
+        logp = logits if normed else torch.log_softmax(logits.float(), -1)
+        chosen = logp.gather(-1, torch.tensor(tokens, dtype=torch.long, device=logp.device)[:, None])[:, 0].tolist()
+        if top:
+            values, indices = logp.topk(top, dim=-1)
+            tops = [tuple(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
+        else:
+            tops = [()] * len(tokens)
+        return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen, tops)]
+
+    def _decoded(self, row: Row) -> str:
+        return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+
+    def text(self, row: Row) -> str:
+        """The row's answer so far, cut at its first stop string."""
+        return cut_at_stop(self._decoded(row), row.stop)[0]

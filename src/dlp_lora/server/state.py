@@ -1,0 +1,168 @@
+"""What the handlers share (`app.state.server`): the pipeline, its scheduler and metrics, and the
+validation that turns a request into jobs (one per choice) or a 400 naming the field.
+
+Models by name: the router's name (`dlp-lora`, also when `model` is absent) lets the router choose each
+prompt's mixture; the base model's id serves the base model alone; an adapter's name (runtime adapters
+included) serves that adapter alone; `adapters` (+ `weights`) in the body overrides all of these.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+
+from dlp_lora.chat import conversation_prompt
+from dlp_lora.config import RoutingConfig, ServerConfig
+from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.routing import routing_text
+from dlp_lora.server.errors import APIError, InvalidRequest
+from dlp_lora.server.metrics import Metrics
+from dlp_lora.server.runner import PipelineRunner
+from dlp_lora.server.scheduler import Job, Sampling, Scheduler, StepRunner
+from dlp_lora.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams
+
+__all__ = ["ModelNotFound", "ROUTER_NAME", "ServerState"]
+
+ROUTER_NAME = "dlp-lora"
+"""The model id that routes (the router chooses each prompt's adapter mixture)."""
+
+
+class ModelNotFound(APIError):
+    """`model` names no model this server serves (404, as OpenAI and vLLM answer)."""
+
+    status, type, code = 404, "invalid_request_error", "model_not_found"
+
+
+class ServerState:
+    """The pipeline, its scheduler and metrics, and request validation."""
+
+    def __init__(self, pipeline: DLPLoRA, cfg: ServerConfig, runner: StepRunner | None = None) -> None:
+        self.pipeline, self.cfg = pipeline, cfg
+        self.model_name = cfg.model_name or getattr(pipeline.model, "name_or_path", "") or "base"
+        # The worker thread uses the pipeline's tokenizer; the event loop tokenizes with a private copy so
+        # the two threads never share tokenizer state.
+        self.tokenizer = copy.deepcopy(pipeline.tokenizer)
+        self.vocab_size = pipeline.model.get_input_embeddings().num_embeddings
+        self.metrics = Metrics(pipeline.adapter_names, cfg.max_batch_size)
+        self.runner = runner if runner is not None else PipelineRunner(pipeline)
+        self.scheduler = Scheduler(cfg, self.runner, on_batch=self.metrics.observe_batch,
+                                   on_step=self.metrics.observe_step)
+        self.created = int(time.time())
+        # A pipeline with its own, lower prompt limit would fail in the worker: refuse here.
+        self.max_prompt_tokens = min(cfg.max_prompt_tokens, pipeline.max_prompt_tokens or cfg.max_prompt_tokens)
+
+    # ---- models -----------------------------------------------------------------------------------
+    def model_ids(self) -> list[str]:
+        """Served model ids: the base model, the router (when there is one), every adapter."""
+        return [self.model_name] + ([ROUTER_NAME] if self.pipeline.router is not None else []) + \
+            list(self.pipeline.adapter_names)
+
+    def mixture(self, req: GenerationParams) -> dict[str, float] | None:
+        """The request's explicit {adapter: weight} ({} for the base model), or None for the router."""
+        names = self.pipeline.adapter_names
+        if req.mixture is not None:
+            for name in req.mixture:
+                if name not in names:
+                    raise InvalidRequest(f"unknown adapter {name!r}; known adapters: {', '.join(names)}",
+                                         param="adapters")
+            return req.mixture
+        model = req.model
+        if model is None or model == ROUTER_NAME:
+            if self.pipeline.router is None:
+                raise InvalidRequest("this server has no router; name an adapter or the base model as `model`, "
+                                     f"or adapters in `adapters`; known adapters: {', '.join(names)}", param="model")
+            return None
+        if model == self.model_name:
+            return {}
+        if model in names:
+            return {model: 1.0}
+        raise ModelNotFound(f"the model {model!r} does not exist; served models: {', '.join(self.model_ids())}",
+                            param="model")
+
+    # ---- requests -> jobs -------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text)["input_ids"]
+
+    def completion_prompts(self, req: CompletionRequest) -> list[tuple[str, list[int]]]:
+        """(prompt text, prompt token ids) per prompt; the text of a token prompt is its decoding."""
+        out = []
+        for i, p in enumerate(req.prompts):
+            where = "prompt" if len(req.prompts) == 1 else f"prompt.{i}"
+            if isinstance(p, str):
+                out.append((p, self.encode(p)))
+                continue
+            bad = next((t for t in p if t >= self.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(f"{where}: token id {bad} is out of range; the vocabulary has "
+                                     f"{self.vocab_size} tokens", param="prompt")
+            out.append((self.tokenizer.decode(p), list(p)))
+        return out
+
+    def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
+        text = conversation_prompt(self.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def jobs(self, req: GenerationParams, prompts: list[tuple[str, list[int]]], route_texts: list[str],
+             logprobs: int | None, echo: bool) -> list[Job]:
+        """One job per (prompt, choice), prompt-major as OpenAI numbers choices: validated limits."""
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
+        if max_tokens > self.cfg.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens={max_tokens} is over this server's limit "
+                                 f"max_tokens_limit={self.cfg.max_tokens_limit}", param="max_tokens")
+        if max_tokens == 0 and not echo:
+            raise InvalidRequest("max_tokens=0 asks for nothing; send max_tokens >= 1 (0 only with echo)",
+                                 param="max_tokens")
+        if len(prompts) * req.n > self.cfg.max_queue:
+            raise InvalidRequest(f"{len(prompts)} prompts x n={req.n} choices is more than this server queues "
+                                 f"(max_queue={self.cfg.max_queue}); split the request", param="n")
+        for i, (_, ids) in enumerate(prompts):
+            if not ids:
+                raise InvalidRequest("the prompt is empty after tokenizing; expected at least one token",
+                                     param="prompt")
+            if len(ids) > self.max_prompt_tokens:
+                where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+                raise InvalidRequest(f"{where} has {len(ids)} tokens (chat template included); the limit is "
+                                     f"max_prompt_tokens={self.max_prompt_tokens}", param="prompt")
+        mixture = self.mixture(req)
+        if mixture is None and not all(route_texts):
+            raise InvalidRequest("the router reads the prompt's text (a chat's last user message) and it is empty; "
+                                 "send text, or name an adapter or the base model as `model`",
+                                 param="messages" if isinstance(req, ChatCompletionRequest) else "prompt")
+        routing = self.routing_config(req, mixture)
+        if mixture is None:
+            route_texts = [routing_text(t, routing) for t in route_texts]
+        jobs = []
+        for (_, ids), route in zip(prompts, route_texts):
+            for c in range(req.n):
+                seed = None if req.seed is None else (req.seed + c) % 2**64
+                jobs.append(Job(prompt_ids=ids, route_text=route, max_tokens=max_tokens, stop=req.stop_strings,
+                                sampling=Sampling.of(req.temperature, req.top_p, seed), mixture=mixture,
+                                logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos, routing=routing))
+        return jobs
+
+    def routing_config(self, req: GenerationParams, mixture: dict[str, float] | None) -> RoutingConfig:
+        """The pipeline's routing granularity with the request's overrides, or a 400 naming the field.
+
+        `segment` routes on the prompt's last segment: it only changes the text the router reads before
+        the prefill, so continuous batching serves it as is. `sentence` re-routes mid-answer, which a row
+        of the continuous batch (one mixture for its whole life) cannot do: refused, pointing to the
+        library path that can (`DLPLoRA.generate(routing_config=...)`)."""
+        given = {"granularity": req.routing_granularity, "segment_marker": req.segment_marker}
+        cfg = dataclasses.replace(self.pipeline.routing_config, **{k: v for k, v in given.items() if v is not None})
+        if cfg.granularity == "prompt":
+            return cfg
+        if mixture is not None:
+            raise InvalidRequest(f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
+                                 "names one model or adapter (send model=dlp-lora or none)",
+                                 param="routing_granularity")
+        if cfg.granularity == "sentence":
+            raise InvalidRequest("routing_granularity='sentence' (re-routing after each generated sentence) is not "
+                                 "served: a row of the continuous batch keeps one adapter mixture; send 'prompt' or "
+                                 "'segment', or use the library (DLPLoRA.generate with a RoutingConfig)",
+                                 param="routing_granularity")
+        return cfg
+
+    def chat_jobs(self, req: ChatCompletionRequest) -> list[Job]:
+        ids = self.chat_prompt_ids(req.messages)
+        return self.jobs(req, [("", ids)], [req.route_text()], req.wanted_logprobs, echo=False)

@@ -1,0 +1,113 @@
+"""Continuous batching at the engine level: rows joining a running batch at different decode steps, each
+with its own mixture, sampling and stop, answer exactly what they answer alone; echo log-probabilities
+equal the in-process scorer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from dlp_lora import FusedLoRAModel
+from dlp_lora.config import GenerationConfig
+from dlp_lora.engine import Engine, Row
+from dlp_lora.generation import generate_ids
+
+
+class _Tok:
+    """Just enough tokenizer for the engine on a 128-token vocabulary: ids decode to letters."""
+
+    pad_token_id, eos_token_id = 0, 2
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(65 + i % 58) for i in ids if not (skip_special_tokens and i in (0, 2)))
+
+
+PROMPTS = [[5, 9, 17, 33], [40, 41], [7, 8, 9, 10, 11, 12, 13], [3]]
+MIXES = [{"a": 1.0}, {"b": 0.3, "c": 0.7}, {}, {"a": 0.5, "c": 0.5}]
+LIMITS = [9, 4, 7, 6]
+
+
+def _alone(fused, tok, row_ids, mixture, max_tokens, sampling=None, seed=None) -> list[int]:
+    names = fused.adapter_names
+    dense = torch.zeros(1, len(names))
+    for n, w in mixture.items():
+        dense[0, names.index(n)] = w
+    cfg = sampling or GenerationConfig(max_new_tokens=max_tokens)
+    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
+                           seed=seed)
+    with fused.routed(dense):
+        out = generate_ids(fused.model, tok, torch.tensor([row_ids]), torch.ones(1, len(row_ids), dtype=torch.long), cfg)
+    return out[0].token_ids
+
+
+@pytest.fixture
+def engine(adapter_dirs):
+    model = tiny_llama()
+    return Engine(FusedLoRAModel(model, adapter_dirs), _Tok())
+
+
+def test_rows_joining_mid_decode_answer_as_alone(engine):
+    refs = [_alone(engine.fused, engine.tokenizer, p, m, n) for p, m, n in zip(PROMPTS, MIXES, LIMITS)]
+    rows = [Row(prompt_ids=p, mixture=m, max_tokens=n) for p, m, n in zip(PROMPTS, MIXES, LIMITS)]
+    batch = engine.prefill(rows[:1])
+    joins = {2: [rows[1]], 3: [rows[2], rows[3]]}  # rows arrive after the running one's 2nd and 3rd steps
+    step, sizes = 0, []
+    while batch is not None or joins:
+        step += 1
+        if step in joins:
+            batch = Engine.merge(batch, engine.prefill(joins.pop(step)))
+        batch = Engine.drop_finished(batch)
+        if batch is None:
+            continue
+        sizes.append(len(batch))
+        engine.decode(batch)
+        batch = Engine.drop_finished(batch)
+    engine.release()
+    assert max(sizes) >= 3  # the rows really shared decode steps
+    for row, ref in zip(rows, refs):
+        assert row.tokens == ref and row.finish_reason in ("stop", "length")
+
+
+def test_seeded_sampling_rows_do_not_depend_on_neighbours(engine):
+    sampling = GenerationConfig(do_sample=True, temperature=0.9)
+    alone = Row(prompt_ids=PROMPTS[0], mixture=MIXES[1], max_tokens=8, sampling=sampling, seed=2**64 - 1)
+    batch = engine.prefill([alone])
+    while batch is not None:
+        engine.decode(batch)
+        batch = Engine.drop_finished(batch)
+    crowd = [Row(prompt_ids=p, mixture=m, max_tokens=8, sampling=sampling, seed=s)
+             for p, m, s in zip(PROMPTS, MIXES, [2**64 - 1, 3, 4, 5])]
+    crowd[0].prompt_ids = PROMPTS[0]
+    crowd[0].mixture = MIXES[1]
+    batch = engine.prefill(crowd)
+    while batch is not None:
+        engine.decode(batch)
+        batch = Engine.drop_finished(batch)
+    engine.release()
+    assert crowd[0].tokens == alone.tokens and len(alone.tokens) > 0
+
+
+def test_echo_logprobs_score_the_prompt(engine):
+    ids = PROMPTS[2]
+    row = Row(prompt_ids=ids, mixture=MIXES[1], max_tokens=0, logprobs=3, echo=True)
+    other = Row(prompt_ids=PROMPTS[1], mixture={}, max_tokens=0, logprobs=0, echo=True)  # padding beside it
+    batch = engine.prefill([row, other])
+    assert Engine.drop_finished(batch) is None and row.tokens == [] and row.finish_reason == "length"
+    engine.release()
+    dense = engine.dense([row])
+    with engine.fused.routed(dense):
+        want = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    assert row.prompt_logprobs[0] is None and len(row.prompt_logprobs) == len(ids)
+    for j, lp in enumerate(row.prompt_logprobs[1:]):
+        assert lp.token == ids[j + 1] and lp.logprob == pytest.approx(float(want[j, ids[j + 1]]), abs=1e-4)
+        assert [t for t, _ in lp.top] == want[j].topk(3).indices.tolist()
+
+
+def test_bad_rows_are_refused():
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        Row(prompt_ids=[], mixture={}, max_tokens=1)
+    with pytest.raises(ValueError, match="max_tokens must be >= 0"):
+        Row(prompt_ids=[1], mixture={}, max_tokens=-1)
+    with pytest.raises(ValueError, match=r"logprobs must be in \[0, 20\]"):
+        Row(prompt_ids=[1], mixture={}, max_tokens=1, logprobs=21)
