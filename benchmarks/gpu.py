@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from dlp_lora.adapters.io import LoraModuleWeights, write_peft_adapter
+from dlp_lora.benchmark import random_adapters, random_mixtures
 from dlp_lora.config import GenerationConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.generation import generate_ids
@@ -42,30 +42,6 @@ class _NoEos:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _random_adapters(model: torch.nn.Module, n: int, rank: int, root: Path) -> dict[str, Path]:
-    """n random rank-`rank` LoRAs on every q/k/v/o projection, written as PEFT dirs (fp16 on disk)."""
-    g = torch.Generator().manual_seed(0)
-    targets = [name for name, m in model.named_modules() if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj"))]
-    out = {}
-    for i in range(n):
-        modules = {}
-        for name in targets:
-            layer = model.get_submodule(name)
-            A = torch.randn(rank, layer.in_features, generator=g) / layer.in_features ** 0.5
-            B = torch.randn(layer.out_features, rank, generator=g) * 0.01
-            modules[name] = LoraModuleWeights(A=A, B=B, scale=2.0)
-        out[f"task{i:03d}"] = write_peft_adapter(root / f"task{i:03d}", modules, "bench")
-    return out
-
-
-def _mixtures(batch: int, n: int, k: int, g: torch.Generator) -> torch.Tensor:
-    """(batch, n): every row k distinct adapters, positive weights summing to one, rows all different."""
-    w = torch.zeros(batch, n)
-    for b in range(batch):
-        w[b, torch.randperm(n, generator=g)[:k]] = torch.softmax(torch.randn(k, generator=g), 0)
-    return w
 
 
 def _measure(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
@@ -108,7 +84,7 @@ def _one_repeat(model, args, paths: dict[str, Path], prompts: dict[int, torch.Te
         fused = FusedLoRAModel(model, {name: paths[name] for name in list(paths)[:n]})
         try:
             for b in args.batch_sizes:
-                with fused.routed(_mixtures(b, n, min(args.k, n), g)) as active:
+                with fused.routed(random_mixtures(b, n, min(args.k, n), g)) as active:
                     record("fused", n, b, active.path)
         finally:
             fused.remove()
@@ -125,7 +101,8 @@ def run(args: argparse.Namespace) -> dict:
     prompts = {b: torch.randint(100, vocab, (b, args.prompt_tokens), generator=g).to(device) for b in args.batch_sizes}
     raw: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = _random_adapters(model, max(args.num_adapters), args.rank, Path(tmp))
+        paths = random_adapters(model, max(args.num_adapters), args.rank, Path(tmp),
+                                targets=("q_proj", "k_proj", "v_proj", "o_proj"))
         _measure(model, prompts[max(args.batch_sizes)], 2, device)  # warm-up: kernels, allocator
         for rep in range(args.repeats):
             raw += [{**r, "repeat": rep} for r in _one_repeat(model, args, paths, prompts, device, g)]

@@ -25,7 +25,7 @@ from dlp_lora.config import BenchConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.quantize import quantize_model
 
-__all__ = ["run_fusion_benchmark", "markdown_table", "save_json"]
+__all__ = ["run_fusion_benchmark", "markdown_table", "save_json", "random_adapters", "random_mixtures"]
 
 
 def _rss_mb() -> float:
@@ -35,13 +35,15 @@ def _rss_mb() -> float:
     return float("nan")
 
 
-def _random_adapters(model: torch.nn.Module, n: int, rank: int, root: Path, seed: int) -> dict[str, Path]:
+def random_adapters(model: torch.nn.Module, n: int, rank: int, root: Path, seed: int = 0,
+                    targets: tuple[str, ...] = ("q_proj", "v_proj")) -> dict[str, Path]:
+    """n random rank-`rank` LoRAs on every linear named by `targets`, written as PEFT dirs (fp16 on disk)."""
     g = torch.Generator().manual_seed(seed)
-    targets = [name for name, m in model.named_modules() if name.endswith(("q_proj", "v_proj"))]
+    names = [name for name, m in model.named_modules() if name.endswith(targets)]
     out = {}
     for i in range(n):
         modules = {}
-        for name in targets:
+        for name in names:
             layer = model.get_submodule(name)
             A = torch.randn(rank, layer.in_features, generator=g) / layer.in_features ** 0.5
             B = torch.randn(layer.out_features, rank, generator=g) * 0.01
@@ -50,7 +52,7 @@ def _random_adapters(model: torch.nn.Module, n: int, rank: int, root: Path, seed
     return out
 
 
-def _mixtures(batch: int, n: int, k: int, g: torch.Generator) -> torch.Tensor:
+def random_mixtures(batch: int, n: int, k: int, g: torch.Generator) -> torch.Tensor:
     """(batch, n) weights: each row k distinct adapters with random positive weights summing to one."""
     w = torch.zeros(batch, n)
     for b in range(batch):
@@ -113,7 +115,7 @@ def _one_repeat(model, quant: str, cfg: BenchConfig, paths: dict[str, Path], pro
         try:
             for b in cfg.batch_sizes:
                 for k in cfg.ks:
-                    with fused.routed(_mixtures(b, n, min(k, n), g)) as active:
+                    with fused.routed(random_mixtures(b, n, min(k, n), g)) as active:
                         record("fused", n, k, b, active.path, mem)
         finally:
             fused.remove()
@@ -138,7 +140,7 @@ def run_fusion_benchmark(model: torch.nn.Module, cfg: BenchConfig = BenchConfig(
     raw: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp, tqdm(total=per_repeat * cfg.repeats, desc="bench",
                                                      disable=not progress) as bar:
-        paths = _random_adapters(model, max(cfg.num_adapters), cfg.rank, Path(tmp), cfg.seed)
+        paths = random_adapters(model, max(cfg.num_adapters), cfg.rank, Path(tmp), cfg.seed)
         for m in models.values():  # warm-up: first calls pay one-time allocation costs
             _measure(m, prompts[max(cfg.batch_sizes)], 2)
         if llama is not None:
