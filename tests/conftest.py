@@ -43,18 +43,45 @@ def tiny_vocab_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
-def make_tiny_assets(root: Path, vocab: int, names=("maths", "science"), selection=None) -> Path:
-    """A complete assets folder over `tiny_vocab_model(vocab)`: random adapters, an untrained router, manifest."""
+def padded_ids(b: int = 3, t: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, t) random token ids and their mask, row r left-padded by r tokens (rows of different lengths)."""
+    ids = torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    for row in range(1, b):
+        ids[row, :row] = 0
+        mask[row, :row] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: a second OpenMP thread only spins against other jobs on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_tiny_assets(root: Path, vocab: int, names=("maths", "science"), selection=None, tokenizer=None) -> Path:
+    """A complete assets folder over `tiny_vocab_model(vocab)`: random adapters, an untrained router, manifest.
+
+    With `tokenizer`, the tiny model and the tokenizer are saved under root/base and the manifest names that
+    folder, so a process given only the path (a server, a Ray replica) can load the assets on its own."""
     from dlp_lora.assets import Manifest
     from dlp_lora.config import RouterConfig
     from dlp_lora.router import Router
 
     model = tiny_vocab_model(vocab)
+    base = "tiny"
+    if tokenizer is not None:
+        model.save_pretrained(root / "base")
+        tokenizer.save_pretrained(root / "base")
+        base = str(root / "base")
     for i, name in enumerate(names):
         make_peft_adapter(root / "adapters" / name, seed=i + 1, base=model)
     torch.manual_seed(0)
     Router(RouterConfig(task_names=tuple(names), embed_dim=8, hidden_dim=16)).save(root / "router")
-    Manifest(base_model="tiny", tasks=list(names), adapters={n: f"adapters/{n}" for n in names}, router="router",
+    Manifest(base_model=base, tasks=list(names), adapters={n: f"adapters/{n}" for n in names}, router="router",
              selection=selection if selection is not None else {"p": 0.9}).save(root)
     return root
 

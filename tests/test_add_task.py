@@ -25,12 +25,7 @@ DATA = RouterDataConfig(renderings_per_example=2, none_class=False)
 SPLIT = SplitConfig(train_cap=200, dev_size=10, test_size=10)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _write(path, rows):

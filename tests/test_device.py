@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import make_tiny_assets, tiny_llama, tiny_pipeline, tiny_vocab_model
+from conftest import make_tiny_assets, padded_ids, tiny_llama, tiny_pipeline, tiny_vocab_model
 from devcheck import DeviceCheck
 from dlp_lora import FusedLoRAModel
 from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig
@@ -21,15 +21,6 @@ from dlp_lora.models import load_base_model, load_tokenizer, resolve_device, res
 HALF_ATOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 PATHS = ["gathered", "dense", "merged"]
 MIXED = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])  # a, a+b, base
-
-
-def _ids(b: int = 3, t: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.randint(3, 128, (b, t), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    for row in range(1, b):  # left padding of different lengths
-        ids[row, :row] = 0
-        mask[row, :row] = 0
-    return ids, mask
 
 
 def _peft(adapter_dirs, mix: dict[str, float], dtype: torch.dtype) -> PeftModel:
@@ -52,7 +43,7 @@ def _logits(model, ids, mask) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", list(HALF_ATOL))
 @pytest.mark.parametrize("path", PATHS)
 def test_half_single_adapter_equals_peft(adapter_dirs, dtype, path):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     want = _logits(_peft(adapter_dirs, {"c": 1.0}, dtype), ids, mask)
     model = tiny_llama().to(dtype)
     fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
@@ -64,7 +55,7 @@ def test_half_single_adapter_equals_peft(adapter_dirs, dtype, path):
 
 @pytest.mark.parametrize("dtype", list(HALF_ATOL))
 def test_half_mixture_equals_peft_cat_mixture(adapter_dirs, dtype):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     mix = {"a": 0.7, "b": 0.2, "c": 0.5}
     want = _logits(_peft(adapter_dirs, mix, dtype), ids, mask)
     model = tiny_llama().to(dtype)
@@ -79,7 +70,7 @@ def test_half_mixture_equals_peft_cat_mixture(adapter_dirs, dtype):
 @pytest.mark.parametrize("dtype", list(HALF_ATOL))
 @pytest.mark.parametrize("path", ["gathered", "dense"])
 def test_half_mixed_batch_rows_equal_peft(adapter_dirs, dtype, path):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     model = tiny_llama().to(dtype)
     fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
     with fused.routed(MIXED):
@@ -102,7 +93,7 @@ class _Tok:
 
 
 def test_bf16_greedy_generation_equals_peft(adapter_dirs):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     cfg = GenerationConfig(max_new_tokens=6)
     ref = _peft(adapter_dirs, {"b": 1.0}, torch.bfloat16)
     want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)

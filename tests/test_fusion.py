@@ -9,7 +9,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from conftest import make_peft_adapter, tiny_llama
+from conftest import make_peft_adapter, padded_ids, tiny_llama
 from dlp_lora import FusedLoRAModel
 from dlp_lora.adapters.bank import AdapterBank
 from dlp_lora.config import FusionConfig, GenerationConfig
@@ -21,16 +21,6 @@ ATOL = 1e-5
 PATHS = ["gathered", "dense", "merged"]
 
 
-def _ids(b: int = 3, t: int = 6, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 128, (b, t), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(1, b):  # left padding of different lengths
-        ids[row, :row] = 0
-        mask[row, :row] = 0
-    return ids, mask
-
-
 def _peft_logits(adapter_dir, ids, mask) -> torch.Tensor:
     model = PeftModel.from_pretrained(tiny_llama(), adapter_dir).eval()
     with torch.no_grad():
@@ -39,7 +29,7 @@ def _peft_logits(adapter_dir, ids, mask) -> torch.Tensor:
 
 @pytest.mark.parametrize("path", PATHS)
 def test_single_adapter_equals_peft(tiny_model, adapter_dirs, path):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     want = _peft_logits(adapter_dirs["c"], ids, mask)
     fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(path=path))
     weights = torch.tensor([[0.0, 0.0, 1.0]]).repeat(3, 1)
@@ -50,7 +40,7 @@ def test_single_adapter_equals_peft(tiny_model, adapter_dirs, path):
 
 
 def test_mixture_equals_peft_cat_weighted_adapter(tiny_model, adapter_dirs):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     mix = {"a": 0.7, "b": 0.2, "c": 0.5}
     ref = PeftModel.from_pretrained(tiny_llama(), adapter_dirs["a"], adapter_name="a")
     for name in ("b", "c"):
@@ -73,7 +63,7 @@ def _mixed_weights() -> torch.Tensor:
 
 @pytest.mark.parametrize("path", ["gathered", "dense"])
 def test_mixed_batch_equals_rows_alone(tiny_model, adapter_dirs, path):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     weights = _mixed_weights()
     fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(path=path))
     with torch.no_grad(), fused.routed(weights):
@@ -87,7 +77,7 @@ def test_mixed_batch_equals_rows_alone(tiny_model, adapter_dirs, path):
 
 
 def test_mixed_batch_greedy_tokens_equal_rows_alone(tiny_model, adapter_dirs):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     weights = _mixed_weights()
     fused = FusedLoRAModel(tiny_model, adapter_dirs)
     tok = _FakeTokenizer()
@@ -134,7 +124,7 @@ def test_all_paths_equal_loop_reference(tiny_model, adapter_dirs):
 
 def test_model_level_paths_equal_loop_reference(tiny_model, adapter_dirs):
     """Whole-model logits: every path against a model whose layers compute the loop reference."""
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     uniform = torch.tensor([[0.5, 0.25, 1.0]]).repeat(3, 1)
     mixed = _mixed_weights()
     fused = FusedLoRAModel(tiny_model, adapter_dirs)
@@ -168,7 +158,7 @@ def test_auto_path_choice(tiny_model, adapter_dirs):
 
 def test_zero_row_is_base_model(adapter_dirs):
     model = tiny_llama()
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     with torch.no_grad():
         base = model(input_ids=ids, attention_mask=mask).logits
     fused = FusedLoRAModel(model, adapter_dirs)
@@ -180,7 +170,7 @@ def test_zero_row_is_base_model(adapter_dirs):
 def test_remove_restores_bit_for_bit(adapter_dirs):
     model = tiny_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask).logits
     fused = FusedLoRAModel(model, adapter_dirs)
@@ -231,7 +221,7 @@ def test_nested_routing_refused(tiny_model, adapter_dirs):
 
 def test_batch_size_mismatch_refused(tiny_model, adapter_dirs):
     fused = FusedLoRAModel(tiny_model, adapter_dirs)
-    ids, mask = _ids(b=2)
+    ids, mask = padded_ids(b=2)
     with fused.routed(_mixed_weights()), pytest.raises(ValueError, match="batch of 3 rows"):
         tiny_model(input_ids=ids, attention_mask=mask)
 
@@ -327,7 +317,7 @@ def _decode(model, ids, mask, steps, on_step=None):
 @pytest.mark.parametrize("path", PATHS)
 def test_reroute_mid_decode_equals_two_blocks_on_one_cache(tiny_model, adapter_dirs, path):
     """A row switched at step t equals a run of t steps under mixture 1, then mixture 2 on the same cache."""
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     first = _mixed_weights()
     second = first.clone()
     second[1] = torch.tensor([0.0, 0.2, 0.9])  # only row 1 switches

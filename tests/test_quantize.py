@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from conftest import padded_ids, tiny_llama
 from dlp_lora import FusedLoRAModel
 from dlp_lora.adapters.bank import AdapterBank
 from dlp_lora.config import FusionConfig, GenerationConfig
@@ -21,16 +21,6 @@ PATHS = ["gathered", "dense", "merged"]
 
 def _qmodel() -> nn.Module:
     return quantize_model(tiny_llama(), "int8")
-
-
-def _ids(b: int = 3, t: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 128, (b, t), generator=g)
-    mask = torch.ones_like(ids)
-    for row in range(1, b):  # left padding of different lengths
-        ids[row, :row] = 0
-        mask[row, :row] = 0
-    return ids, mask
 
 
 class _RefLinear(nn.Module):
@@ -62,7 +52,7 @@ def test_every_linear_is_int8_and_close_to_fp32():
     assert not any(type(m) is nn.Linear for m in q.modules())
     assert isinstance(q.lm_head, Int8Linear)
     assert q.model.embed_tokens.weight.dtype == torch.float32  # the tied embedding stays a float lookup
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     with torch.no_grad():
         a, b = fp32(input_ids=ids, attention_mask=mask).logits, q(input_ids=ids, attention_mask=mask).logits
     assert (a - b).abs().max() < 0.05 * a.abs().max()  # quantized, so close but not equal
@@ -80,7 +70,7 @@ def test_int8_linear_matches_its_definition():
 
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_equals_quantized_base_plus_reference_delta(adapter_dirs, path):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     weights = torch.tensor([[0.7, 0.2, 0.5]]).repeat(3, 1) if path == "merged" else \
         torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.4, 0.6]])
     want = _reference_logits(adapter_dirs, weights, ids, mask)
@@ -95,7 +85,7 @@ def test_fused_equals_quantized_base_plus_reference_delta(adapter_dirs, path):
 
 @pytest.mark.parametrize("path", ["gathered", "dense"])
 def test_mixed_batch_equals_rows_alone(adapter_dirs, path):
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     weights = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])
     model = _qmodel()
     fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
@@ -115,7 +105,7 @@ def test_mixed_batch_greedy_tokens_equal_rows_alone(adapter_dirs):
         def decode(self, ids, skip_special_tokens=True):
             return " ".join(map(str, ids))
 
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     weights = torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.0, 0.0]])
     model = _qmodel()
     fused = FusedLoRAModel(model, adapter_dirs)
@@ -131,7 +121,7 @@ def test_mixed_batch_greedy_tokens_equal_rows_alone(adapter_dirs):
 
 def test_remove_restores_the_quantized_base(adapter_dirs):
     model = _qmodel()
-    ids, mask = _ids()
+    ids, mask = padded_ids()
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
         fused = FusedLoRAModel(model, adapter_dirs)

@@ -14,19 +14,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from transformers import LlamaConfig, LlamaForCausalLM
 
 ray = pytest.importorskip("ray", reason="the optional `ray` extra is not installed")
 serve = pytest.importorskip("ray.serve")
 
-from conftest import make_peft_adapter  # noqa: E402
-from dlp_lora.assets import Manifest  # noqa: E402
-from dlp_lora.config import RayServeConfig, RouterConfig, ServerConfig  # noqa: E402
+from conftest import make_tiny_assets  # noqa: E402
+from dlp_lora.config import RayServeConfig, ServerConfig  # noqa: E402
 from dlp_lora.models import load_tokenizer  # noqa: E402
 from dlp_lora.pipeline import DLPLoRA  # noqa: E402
-from dlp_lora.router import Router  # noqa: E402
 from dlp_lora.server import create_app  # noqa: E402
 from dlp_lora.server.ray import APP_NAME, REPLICA_HEADER, app_builder, deployment, deployment_options  # noqa: E402
 
@@ -44,19 +40,7 @@ def _build_assets(root: Path) -> Path:
     """A complete assets folder a replica can load by path: tiny Llama + real tokenizer, 3 random
     adapters, an untrained router."""
     tok = load_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)).eval()
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    for i, name in enumerate(ADAPTERS):
-        make_peft_adapter(root / "adapters" / name, seed=i + 1, base=model)
-    torch.manual_seed(0)
-    Router(RouterConfig(task_names=ADAPTERS, embed_dim=8, hidden_dim=16)).save(root / "router")
-    Manifest(base_model=str(root / "base"), tasks=list(ADAPTERS),
-             adapters={a: f"adapters/{a}" for a in ADAPTERS}, router="router", selection={"p": 0.9}).save(root)
-    return root
+    return make_tiny_assets(root, len(tok), ADAPTERS, tokenizer=tok)
 
 
 def _free_port() -> int:

@@ -39,13 +39,7 @@ def synthetic(n_per_task: int = 60, seed: int = 0) -> tuple[list[str], list[str]
     return [r[0] for r in rows], [r[1] for r in rows]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread only spins against other jobs on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from fastapi.testclient import TestClient
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import make_peft_adapter
-from dlp_lora.assets import Manifest
+from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
 from dlp_lora.chat import chat_prompt
-from dlp_lora.config import GenerationConfig, RouterConfig, ServerConfig
+from dlp_lora.config import GenerationConfig, ServerConfig
 from dlp_lora.models import load_tokenizer
 from dlp_lora.pipeline import DLPLoRA
-from dlp_lora.router import Router
 from dlp_lora.server import create_app
 from dlp_lora.server.runner import PipelineRunner
 from dlp_lora.server.schemas import CompletionRequest
@@ -40,19 +36,8 @@ def assets(tmp_path_factory):
     and beside it `extra`, one more adapter for the runtime loading tests."""
     root = tmp_path_factory.mktemp("assets")
     tok = load_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)).eval()
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    for i, name in enumerate(ADAPTERS):
-        make_peft_adapter(root / "adapters" / name, seed=i + 1, base=model)
-    torch.manual_seed(0)
-    Router(RouterConfig(task_names=ADAPTERS, embed_dim=8, hidden_dim=16)).save(root / "router")
-    Manifest(base_model=str(root / "base"), tasks=list(ADAPTERS),
-             adapters={a: f"adapters/{a}" for a in ADAPTERS}, router="router", selection={"p": 0.9}).save(root)
-    make_peft_adapter(root / "extra", seed=11, base=model)
+    make_tiny_assets(root, len(tok), ADAPTERS, tokenizer=tok)
+    make_peft_adapter(root / "extra", seed=11, base=tiny_vocab_model(len(tok)))
     return root
 
 
