@@ -35,16 +35,18 @@ def _avg(values: list[float]) -> float:
     return mean(values) if values else float("nan")
 
 
-def summarise(per_task: dict[str, dict[str, dict]], tasks: Mapping[str, Task]) -> dict[str, dict]:
+def summarise(per_task: dict[str, dict[str, dict]], tasks: Mapping[str, Task],
+              diffs: dict[str, dict[str, dict]] | None = None) -> dict[str, dict]:
     """Averages per method over tasks: MCQ headline (acc_norm) and generated accuracy, QA headline, BLEU,
     ROUGE, mean adapters fused; with a `base` method, each other method's difference from it.
 
-    per_task: task name -> method -> scores (with HEADLINE_SCORES); tasks: task name -> Task.
+    per_task: task name -> method -> scores (with HEADLINE_SCORES); tasks: task name -> Task; diffs: the
+    per-task `differences` when already computed.
     """
     methods = list(next(iter(per_task.values())))
     mcq = [t for t in per_task if tasks[t].kind == "mcq"]
     qa = [t for t in per_task if tasks[t].kind == "qa"]
-    diffs = differences(per_task)
+    diffs = differences(per_task) if diffs is None else diffs
     out = {}
     for m in methods:
         out[m] = {
@@ -107,8 +109,8 @@ def _vs_base_table(summary: dict, methods: list[str]) -> list[str]:
         vs = summary[m].get("vs_base")
         if vs is None:
             continue
-        cell = [Interval(**vs[g]).fmt() + ("" if Interval(**vs[g]).excludes_zero else " (no difference)")
-                if g in vs else "-" for g in ("mcq", "qa", "all")]
+        intervals = [Interval(**vs[g]) if g in vs else None for g in ("mcq", "qa", "all")]
+        cell = ["-" if i is None else i.fmt() + ("" if i.excludes_zero else " (no difference)") for i in intervals]
         c = vs["tasks"]
         lines.append(f"| {m} | " + " | ".join(cell) + f" | {c['better']} / {c['same']} / {c['worse']} |")
     return lines
@@ -202,8 +204,8 @@ def write_report(out_dir: Path, per_task: dict, tasks: Mapping[str, Task], meta:
     """Write results.json, results.md, per_task.png and (with a sweep) p_sweep.png; returns the summary.
 
     results.json keeps the means and intervals; the per-example scores stay in the prediction files."""
-    summary = summarise(per_task, tasks)
     diffs = differences(per_task)
+    summary = summarise(per_task, tasks, diffs)
     means = {t: {m: {k: v for k, v in s.items() if k != HEADLINE_SCORES} for m, s in by.items()}
              for t, by in per_task.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
