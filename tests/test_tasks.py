@@ -287,10 +287,11 @@ def test_user_task_named_like_a_builtin_loads_its_own_rows(tmp_path):
 def test_split_sizes_follow_the_config(tmp_path):
     task = _synthetic_task(tmp_path, 50)
     s = load_splits(task, tmp_path, SplitConfig(train_cap=10, dev_size=3, test_size=7))
-    assert (len(s.train), len(s.dev), len(s.test)) == (10, 3, 7)
+    assert (len(s.train), len(s.dev), len(s.test), len(s.gate)) == (10, 3, 7, 30)  # the gate takes what is left
+    assert len(load_splits(task, tmp_path, SplitConfig(train_cap=10, dev_size=3, test_size=7, gate_size=4)).gate) == 4
     # Defaults on 50 examples: test = min(200, 30% = 15), dev = min(50, 10% = 5), train = the other 30.
     s = load_splits(task, tmp_path, SplitConfig())
-    assert (len(s.train), len(s.dev), len(s.test)) == (30, 5, 15)
+    assert (len(s.train), len(s.dev), len(s.test), len(s.gate)) == (30, 5, 15, 0)
     assert {e.uid for e in s.train + s.dev + s.test} == {f"synthetic/{i}" for i in range(50)}  # nothing lost
     s = load_splits(task, tmp_path, SplitConfig(dev_size=0, test_size=1))
     assert (len(s.train), len(s.dev), len(s.test)) == (49, 0, 1)
@@ -357,15 +358,16 @@ def test_builtin_loader_on_real_files(name):
 @pytest.mark.parametrize("name", task_names())
 def test_builtin_splits_disjoint_deterministic_and_capped(name):
     task = get_task(name)
-    cfg = SplitConfig(train_cap=40, dev_size=10, test_size=30)
+    cfg = SplitConfig(train_cap=40, dev_size=10, test_size=30, gate_size=20)
     s = load_splits(task, cfg=cfg)
     again = load_splits(task, cfg=cfg)
-    parts = (s.train, s.dev, s.test)
+    parts = (s.train, s.dev, s.test, s.gate)
     for key in ("uid", "prompt"):
         sets = [{getattr(e, key) for e in part} for part in parts]
         assert sum(map(len, sets)) == sum(map(len, parts)) == len(set().union(*sets)), key
-    assert [[e.uid for e in p] for p in parts] == [[e.uid for e in p] for p in (again.train, again.dev, again.test)]
-    assert (len(s.train), len(s.dev), len(s.test)) == (40, 10, 30)  # every task has > 100 examples
+    assert [[e.uid for e in p] for p in parts] == [[e.uid for e in p] for p in (again.train, again.dev, again.test,
+                                                                              again.gate)]
+    assert (len(s.train), len(s.dev), len(s.test), len(s.gate)) == (40, 10, 30, 20)  # every task has > 100 examples
     reseeded = load_splits(task, cfg=SplitConfig(train_cap=40, dev_size=10, test_size=30, seed=1))
     assert [e.uid for e in reseeded.test] != [e.uid for e in s.test]
 

@@ -1,5 +1,5 @@
 """Adapter training: batching, the schedule, one LoRA trained on a tiny model with the real tokenizer (dev curve,
-best checkpoint, resume), the dev gate and collapse check, pool resume."""
+best checkpoint, resume), the deployment gate (gate split or dev) and collapse check, pool resume."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dlp_lora.tasks.loaders import resolve_data_dir, user_file
 from dlp_lora.training import pool
 from dlp_lora.training.adapters import STATE_FILE, lr_factor, planned_steps, train_adapter
 from dlp_lora.training.batching import bucketed_batches, collate, encode_examples
-from dlp_lora.training.gate import COLLAPSE_SHARE, collapsed, dev_gate
+from dlp_lora.training.gate import COLLAPSE_SHARE, collapsed, deployment_gate
 
 # Library noise on every step of the tiny runs (float(loss) on a graph tensor; a transformers deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning",
@@ -185,6 +185,23 @@ def test_train_adapter_leaves_the_base_model_unchanged(trained):
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
+def test_gate_scores_are_the_base_model_and_the_saved_adapter_on_the_gate_split(trained, tok):
+    from peft import PeftModel
+
+    from dlp_lora.evaluation.examples import example_scores
+
+    model, before, _, out = trained
+    examples = _examples(3, answer="red")
+    got = pool.gate_scores(model, tok, _task(examples), out, examples)
+    assert got["gate_examples"] == 3 and len(got["gate_scores"]) == len(got["gate_chosen"]) == 3
+    assert got["base_gate_scores"] == example_scores(model, tok, _task(examples), examples).headline
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # unloaded afterwards
+    adapted = PeftModel.from_pretrained(copy.deepcopy(model), str(out)).eval()
+    want = example_scores(adapted, tok, _task(examples), examples)
+    assert (got["gate_scores"], got["gate_chosen"]) == (want.headline, want.chosen)
+    assert got["gate_chosen"] != example_scores(model, tok, _task(examples), examples).chosen  # the adapter acts
+
+
 def test_trained_adapter_loads_with_fused_lora_model(trained, tok):
     from peft import PeftModel
 
@@ -253,13 +270,24 @@ def test_interrupted_training_resumes_to_the_same_adapter(tok, tmp_path):
 # ---------------------------------------------------------------- dev gate and collapse
 
 def test_gate_deploys_only_beyond_noise():
-    gain = dev_gate({"dev_scores": [100.0] * 30 + [0.0] * 10, "base_dev_scores": [0.0] * 30 + [0.0] * 10})
+    gain = deployment_gate({"dev_scores": [100.0] * 30 + [0.0] * 10, "base_dev_scores": [0.0] * 30 + [0.0] * 10})
     assert gain["deployed"] and gain["diff"] == 75.0 and gain["low"] > 0
-    noise = dev_gate({"dev_scores": [100.0, 0.0] * 20, "base_dev_scores": [0.0, 100.0] * 10 + [100.0, 0.0] * 10})
+    noise = deployment_gate({"dev_scores": [100.0, 0.0] * 20, "base_dev_scores": [0.0, 100.0] * 10 + [100.0, 0.0] * 10})
     assert not noise["deployed"] and noise["low"] < 0 < noise["high"] and "not better" in noise["reason"]
-    worse = dev_gate({"dev_scores": [0.0] * 40, "base_dev_scores": [100.0] * 40})
+    worse = deployment_gate({"dev_scores": [0.0] * 40, "base_dev_scores": [100.0] * 40})
     assert not worse["deployed"] and worse["high"] < 0
-    assert not dev_gate({"dev_scores": [], "base_dev_scores": []})["deployed"]
+    assert not deployment_gate({"dev_scores": [], "base_dev_scores": []})["deployed"]
+
+
+def test_gate_decides_on_the_gate_split_when_the_record_has_one():
+    # Dev says the adapter wins (dev also picked its checkpoint); the held-out gate split says it does not.
+    record = {"dev_scores": [100.0] * 40, "base_dev_scores": [0.0] * 40,
+              "gate_scores": [100.0, 0.0] * 50, "base_gate_scores": [0.0, 100.0] * 25 + [100.0, 0.0] * 25}
+    decision = deployment_gate(record)
+    assert decision["split"] == "gate" and decision["n"] == 100 and not decision["deployed"]
+    del record["gate_scores"]
+    decision = deployment_gate(record)
+    assert decision["split"] == "dev" and decision["n"] == 40 and decision["deployed"]
 
 
 def test_gate_refuses_an_adapter_collapsed_onto_one_option():
@@ -267,7 +295,7 @@ def test_gate_refuses_an_adapter_collapsed_onto_one_option():
     chosen = [0] * 36 + [1, 2, 3, 1]  # 90% one option: right on every gold-0 prompt only
     scores = [100.0 * (c == g) for c, g in zip(chosen, gold)]
     record = {"dev_scores": scores, "base_dev_scores": [0.0] * 40, "dev_chosen": chosen}
-    decision = dev_gate(record, gold)
+    decision = deployment_gate(record, gold)
     assert collapsed(chosen, gold) and not decision["deployed"] and decision["majority_share"] == 0.9
     assert "collapsed" in decision["reason"]
     # A task whose gold answers are themselves mostly one option may be answered that way.
@@ -282,6 +310,7 @@ class _Calls:
 
     def __init__(self) -> None:
         self.trained: list[str] = []
+        self.gated: list[str] = []
         self.loads = 0
 
     def load_base_model(self, name=None):
@@ -299,6 +328,14 @@ class _Calls:
         won = [0.0 if task.name == "new" else 100.0] * len(dev)
         return {"task": task.name, "train_examples": len(train), "dev_scores": won, "base_dev_scores": [0.0] * len(dev)}
 
+    def gate_scores(self, model, tokenizer, task, adapter_dir, examples):
+        assert (model, tokenizer) == ("base-model", "tokenizer") and adapter_dir.name == task.name
+        self.gated.append(task.name)
+        # As on dev: 'new' ties with the base model on the gate split; the others win.
+        won = [0.0 if task.name == "new" else 100.0] * len(examples)
+        return {"gate_examples": len(examples), "gate_scores": won, "base_gate_scores": [0.0] * len(examples),
+                "gate_chosen": []}
+
 
 @pytest.fixture
 def pool_env(tmp_path, monkeypatch):
@@ -311,13 +348,15 @@ def pool_env(tmp_path, monkeypatch):
     calls = _Calls()
     monkeypatch.setattr(pool, "load_base_model", calls.load_base_model)
     monkeypatch.setattr(pool, "train_adapter", calls.train_adapter)
+    monkeypatch.setattr(pool, "gate_scores", calls.gate_scores)
     root = tmp_path / "assets"
     for name in ("done", "file_only"):
         (root / "adapters" / name).mkdir(parents=True)
         (root / "adapters" / name / "adapter_model.safetensors").write_bytes(b"weights")
     Manifest(base_model=EMBEDDED_MODEL_ID, tasks=["done", "record_only"],
              adapters={"done": "adapters/done", "record_only": "adapters/record_only"},
-             records={"done": {"task": "done", "kept": True}, "record_only": {"task": "record_only"}}).save(root)
+             records={"done": {"task": "done", "kept": True, "gate_examples": 0},
+                      "record_only": {"task": "record_only", "gate_examples": 0}}).save(root)
     return root, tasks, calls
 
 
@@ -326,10 +365,13 @@ def test_pool_resume_skips_only_finished_tasks(pool_env, tmp_path):
     split = SplitConfig(train_cap=5, dev_size=3, test_size=2)
     manifest = pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split,
                                         progress=False)
-    # 'done' has both its adapter file and its record; the others miss one of them.
+    # 'done' has both its adapter file and its gated record; the others miss one of them.
     assert calls.trained == ["file_only", "record_only", "new"] and calls.loads == 1
-    assert manifest.records["done"] == {"task": "done", "kept": True}  # untouched
-    assert manifest.records["new"]["splits"]["train"] == 5 and manifest.records["new"]["splits"]["test"] == 2
+    assert calls.gated == ["file_only", "record_only", "new"]
+    assert manifest.records["done"] == {"task": "done", "kept": True, "gate_examples": 0}  # untouched
+    # 10 examples: test 2, dev 1, train 5 and the 2 left over are the gate split the decision is made on.
+    assert {"train": 5, "dev": 1, "test": 2, "gate": 2}.items() <= manifest.records["new"]["splits"].items()
+    assert manifest.records["new"]["gate"]["split"] == "gate" and manifest.records["new"]["gate"]["n"] == 2
     saved = Manifest.load(root)
     assert sorted(saved.tasks) == sorted(tasks) and len(saved.tasks) == 4
     assert set(saved.records) == set(tasks)
@@ -341,6 +383,23 @@ def test_pool_resume_skips_only_finished_tasks(pool_env, tmp_path):
     # A second run finds everything finished: no model load, no training.
     pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split, progress=False)
     assert calls.trained == ["file_only", "record_only", "new"] and calls.loads == 1
+
+
+def test_pool_gates_a_trained_task_whose_record_predates_the_gate_split(pool_env, tmp_path):
+    root, tasks, calls = pool_env
+    manifest = Manifest.load(root)
+    manifest.records["done"] = {"task": "done", "dev_scores": [100.0], "base_dev_scores": [0.0]}  # no gate_examples
+    manifest.save(root)
+    split = SplitConfig(train_cap=5, dev_size=3, test_size=2)
+    manifest = pool.train_pool_adapters(root, [tasks["done"]], data_dir=tmp_path, split_cfg=split, progress=False)
+    assert calls.trained == [] and calls.gated == ["done"]  # scored on the gate split, not retrained
+    assert manifest.records["done"]["gate"]["split"] == "gate" and manifest.records["done"]["dev_scores"] == [100.0]
+    # With no gate split (gate_size 0) the decision falls back to dev.
+    manifest.records["done"].pop("gate_examples")
+    manifest.save(root)
+    manifest = pool.train_pool_adapters(root, [tasks["done"]], data_dir=tmp_path, progress=False,
+                                        split_cfg=SplitConfig(train_cap=5, dev_size=3, test_size=2, gate_size=0))
+    assert calls.gated == ["done"] and manifest.records["done"]["gate_examples"] == 0
 
 
 def test_pool_unknown_task_fails_before_any_training(pool_env, tmp_path):

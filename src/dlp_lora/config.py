@@ -259,6 +259,9 @@ class SplitConfig:
     """Dev examples per task (fewer when the task is small)."""
     test_size: int = 200
     """Most test examples per task."""
+    gate_size: int = 200
+    """Most examples held out for the deployment gate, taken from those left beyond the training cap (a
+    small task has none and is gated on dev)."""
     seed: int = 0
     """Seed of the shuffle that makes the splits."""
 
@@ -266,6 +269,7 @@ class SplitConfig:
         _check(self.train_cap >= 1, f"train_cap must be >= 1, got {self.train_cap}")
         _check(self.dev_size >= 0, f"dev_size must be >= 0, got {self.dev_size}")
         _check(self.test_size >= 1, f"test_size must be >= 1, got {self.test_size}")
+        _check(self.gate_size >= 0, f"gate_size must be >= 0, got {self.gate_size}")
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 __all__ = ["Example", "Task", "Splits", "Metric"]
@@ -83,8 +83,10 @@ class Task:
 
 @dataclass(frozen=True)
 class Splits:
-    """Disjoint train/dev/test examples of one task."""
+    """Disjoint train/dev/test examples of one task, and a held-out gate split (possibly empty) that
+    neither training nor checkpoint selection sees."""
 
     train: list[Example]
     dev: list[Example]
     test: list[Example]
+    gate: list[Example] = field(default_factory=list)

@@ -1,11 +1,12 @@
-"""The dev gate: deploy a task's adapter only where it beats the base model on dev by more than noise.
+"""The deployment gate: deploy a task's adapter only where it beats the base model by more than noise.
 
-Both are scored on the same dev examples (the base model is the step-0 evaluation of training: a fresh
-LoRA is exactly the base model), so the comparison is paired: the 95% paired-bootstrap interval of
-(adapter - base) must lie above 0. A multiple-choice adapter that picks one option position for more
-than `COLLAPSE_SHARE` of the prompts (when the gold answers do not) is collapsed and never deployed.
-The best checkpoint is chosen on the same dev split, which favours the adapter slightly; the test-split
-results (docs/results.md) are the unbiased check.
+Both are scored on the same examples, so the comparison is paired: the 95% paired-bootstrap interval of
+(adapter - base) must lie above 0. The examples are the task's held-out gate split (`Splits.gate`, up
+to 200 examples that neither training nor checkpoint selection saw) where the task has one; a small task
+has none and is gated on dev, where the best checkpoint was also chosen (which favours the adapter, and
+50 examples or fewer only resolve gains of about 15 points). A multiple-choice adapter that picks one
+option position for more than `COLLAPSE_SHARE` of the prompts (when the gold answers do not) is
+collapsed and never deployed. The test-split results (docs/results.md) are the final check.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, Sequence
 from dlp_lora.evaluation.examples import majority_share
 from dlp_lora.evaluation.stats import paired_difference
 
-__all__ = ["dev_gate", "collapsed", "COLLAPSE_SHARE"]
+__all__ = ["deployment_gate", "collapsed", "COLLAPSE_SHARE"]
 
 COLLAPSE_SHARE = 0.8
 """An adapter whose most frequent answer covers more than this share of prompts is collapsed."""
@@ -26,25 +27,28 @@ def collapsed(chosen: Sequence, gold: Sequence) -> bool:
     return majority_share(chosen) > COLLAPSE_SHARE and majority_share(gold) <= COLLAPSE_SHARE
 
 
-def dev_gate(record: dict[str, Any], gold: Sequence | None = None, level: float = 0.95) -> dict[str, Any]:
-    """Deployment decision for one trained adapter, from its training record.
+def deployment_gate(record: dict[str, Any], gold: Sequence | None = None, level: float = 0.95) -> dict[str, Any]:
+    """Deployment decision for one trained adapter, from its record.
 
     record: from `train_adapter` (per-example `dev_scores`, `base_dev_scores` and, for multiple choice,
-    `dev_chosen` option indices); gold: the gold option indices of those dev examples (multiple choice).
+    `dev_chosen` option indices), with `gate_scores`, `base_gate_scores`, `gate_chosen` when the task
+    was scored on its gate split (those are used then); gold: the gold option indices of the examples
+    the decision is made on (multiple choice).
     """
-    adapter, base = record.get("dev_scores") or [], record.get("base_dev_scores") or []
+    split = "gate" if record.get("gate_scores") else "dev"
+    adapter, base = record.get(f"{split}_scores") or [], record.get(f"base_{split}_scores") or []
     if not adapter or len(adapter) != len(base):
-        return {"deployed": False, "reason": "no dev split to compare on", "n": len(adapter)}
+        return {"deployed": False, "reason": "no gate or dev split to compare on", "n": len(adapter)}
     diff = paired_difference(adapter, base, level=level)
-    out: dict[str, Any] = {"n": diff.n, "base": round(sum(base) / len(base), 2),
+    out: dict[str, Any] = {"split": split, "n": diff.n, "base": round(sum(base) / len(base), 2),
                            "adapter": round(sum(adapter) / len(adapter), 2), "diff": round(diff.estimate, 2),
                            "low": round(diff.low, 2), "high": round(diff.high, 2), "level": level}
-    chosen = record.get("dev_chosen") or []
+    chosen = record.get(f"{split}_chosen") or []
     if gold is not None and chosen:
         out["majority_share"] = round(majority_share(chosen), 3)
         if collapsed(chosen, gold):
             return {**out, "deployed": False, "reason": f"collapsed: one option for {out['majority_share']:.0%} "
-                                                       "of dev prompts"}
+                                                       f"of {split} prompts"}
     if diff.low > 0:
         return {**out, "deployed": True, "reason": "beats the base model beyond noise"}
     return {**out, "deployed": False, "reason": "not better than the base model beyond noise"}

@@ -11,19 +11,22 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from peft import PeftModel
 from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
 from dlp_lora.config import AdapterTrainConfig, SplitConfig
+from dlp_lora.evaluation.examples import example_scores
 from dlp_lora.models import EMBEDDED_MODEL_ID, load_base_model
-from dlp_lora.tasks import Task, get_task, load_splits
+from dlp_lora.tasks import Example, Task, get_task, load_splits
 from dlp_lora.tasks.out_of_pool import NONE
 from dlp_lora.tasks.registry import TASKS
 from dlp_lora.training.adapters import STATE_FILE, planned_steps, train_adapter
-from dlp_lora.training.gate import dev_gate
+from dlp_lora.training.gate import deployment_gate
 from dlp_lora.training.router_pool import train_pool_router, train_task_router
 
-__all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router"]
+__all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router", "gate_scores"]
 
 
 def _open_manifest(root: Path, base_model: str) -> Manifest:
@@ -45,12 +48,14 @@ def train_pool_adapters(
     progress: bool = True,
     time_budget_s: float | None = None,
 ) -> Manifest:
-    """Train (or skip, when already finished) one adapter per task under root/adapters/<task>, gated on dev.
+    """Train (or skip, when already finished) one adapter per task under root/adapters/<task>, and gate it.
 
-    Resumable per task and per checkpoint: a task is finished when the manifest holds its record (and its
-    adapter file, if deployed); an unfinished one resumes from root/checkpoints/<task>. With `time_budget_s`, training stops at the first
-    checkpoint past the budget (run it again to continue). The manifest is saved after every task, with
-    the task mapped to its adapter if the dev gate deploys it, else to the base model (None).
+    Resumable per task and per checkpoint: a task is finished when the manifest holds its gated record
+    (and its adapter file, if deployed); an unfinished one resumes from root/checkpoints/<task>, and a
+    trained one whose record predates the gate split is only scored on it. With `time_budget_s`, training
+    stops at the first checkpoint past the budget (run it again to continue). The manifest is saved after
+    every task, with the task mapped to its adapter if `deployment_gate` deploys it, else to the base
+    model (None).
     """
     root = Path(root)
     base_id = base_model or EMBEDDED_MODEL_ID
@@ -61,22 +66,29 @@ def train_pool_adapters(
         return manifest
     model, tok = load_base_model(base_model)
     splits = {t.name: load_splits(t, data_dir, split_cfg) for t in todo}
-    total = sum(planned_steps(len(splits[t.name].train), train_cfg) for t in todo)
+    # Trained already (a record and the weights), a task only needs its gate; otherwise it is (re)trained.
+    train = [t.name for t in todo if t.name not in manifest.records or not _weights(root, t.name).exists()]
+    total = sum(planned_steps(len(splits[n].train), train_cfg) for n in train)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     pool_bar = tqdm(total=total, desc="all tasks (steps)", disable=not progress, dynamic_ncols=True, position=1)
     for task in todo:
-        name, split = task.name, splits[task.name]
-        ckpt = root / "checkpoints" / name
-        pool_bar.update(_resumed_steps(ckpt))
-        record = train_adapter(model, tok, task, split.train, split.dev, root / "adapters" / name, train_cfg,
-                               ckpt_dir=ckpt, progress=progress, on_step=lambda: pool_bar.update(1),
-                               should_stop=None if deadline is None else lambda: time.monotonic() > deadline)
-        if record is None:
-            break  # out of time: the checkpoint holds the progress
-        gold = [ex.gold_index for ex in split.dev[: train_cfg.dev_limit]] if task.kind == "mcq" else None
-        record["gate"] = dev_gate(record, gold)
+        name, split, out = task.name, splits[task.name], _weights(root, task.name).parent
+        if name in train:
+            ckpt = root / "checkpoints" / name
+            pool_bar.update(_resumed_steps(ckpt))
+            record = train_adapter(model, tok, task, split.train, split.dev, out, train_cfg, ckpt_dir=ckpt,
+                                   progress=progress, on_step=lambda: pool_bar.update(1),
+                                   should_stop=None if deadline is None else lambda: time.monotonic() > deadline)
+            if record is None:
+                break  # out of time: the checkpoint holds the progress
+        else:
+            record = manifest.records[name]
+        record.update(gate_scores(model, tok, task, out, split.gate) if split.gate else {"gate_examples": 0})
+        decided_on = split.gate if record["gate_examples"] else split.dev[: train_cfg.dev_limit]
+        gold = [ex.gold_index for ex in decided_on] if task.kind == "mcq" else None
+        record["gate"] = deployment_gate(record, gold)
         record["splits"] = {"train": len(split.train), "dev": len(split.dev), "test": len(split.test),
-                            **asdict(split_cfg)}
+                            "gate": len(split.gate), **asdict(split_cfg)}
         if TASKS.get(name) is not task:  # a user task: name its file so the router can be retrained from it
             record["examples_file"] = str(Path(task.source).resolve())
         manifest.records[name] = record
@@ -91,9 +103,30 @@ def train_pool_adapters(
     return manifest
 
 
+def gate_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, adapter_dir: Path,
+                examples: Sequence[Example]) -> dict:
+    """Per-example scores of the base model and of the saved adapter at `adapter_dir` on the gate split
+    (`gate_scores`, `base_gate_scores`, the adapter's `gate_chosen` answers), for `deployment_gate`."""
+    with torch.no_grad():
+        base = example_scores(model, tokenizer, task, examples)
+        peft_model = PeftModel.from_pretrained(model, str(adapter_dir))
+        try:
+            peft_model.eval()
+            adapted = example_scores(peft_model, tokenizer, task, examples)
+        finally:
+            peft_model.unload()  # the base model leaves unchanged
+    return {"gate_examples": len(examples), "gate_scores": adapted.headline, "gate_chosen": adapted.chosen,
+            "base_gate_scores": base.headline}
+
+
+def _weights(root: Path, name: str) -> Path:
+    return root / "adapters" / name / "adapter_model.safetensors"
+
+
 def _finished(root: Path, manifest: Manifest, name: str) -> bool:
-    """A task is finished when it has a record and, if the gate deployed its adapter, the adapter file."""
-    if name not in manifest.records:
+    """A task is finished when it has a gated record and, if the gate deployed its adapter, the adapter file."""
+    record = manifest.records.get(name)
+    if record is None or "gate_examples" not in record:
         return False
     path = manifest.adapters.get(name)
     return path is None or (root / path / "adapter_model.safetensors").exists()
