@@ -169,3 +169,23 @@ def test_baseline_adapter_is_served_only_when_named_and_evaluated(tmp_path, tok)
         DLPLoRA(plain.model, tok, None, {"maths": root / "adapters/maths"}, baselines={"maths": extra})
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         run_evaluation(dlp, list(_tasks().values()), tmp_path / "e2", EvalConfig(methods=("nope",), limit=2), SPLIT)
+
+
+def test_composite_counts_the_class_of_a_task_the_base_model_serves(tmp_path, tok):
+    from dlp_lora.assets import Manifest
+    from dlp_lora.evaluation.composite import evaluate_composite, make_pairs
+
+    root = make_tiny_assets(tmp_path / "assets", len(tok))
+    manifest = Manifest.load(root)
+    manifest.adapters["science"] = None  # gated: the router keeps the class, the base model answers
+    manifest.save(root)
+    dlp = tiny_pipeline(root, tok)
+    assert dlp.base_served == ["science"] and dlp.adapter_names == ["maths"]
+    tasks = _tasks()
+    pairs = make_pairs({name: task.load(None) for name, task in tasks.items()}, 2)
+    out = evaluate_composite(dlp, pairs, tasks, max_new_tokens=3)
+    parts = [ex for pair in pairs for ex in pair]
+    classes = dlp.class_weights([ex.prompt for ex in parts])
+    truth = torch.tensor([dlp.task_names.index(ex.task) for ex in parts])
+    assert out["per_segment_true_task_weight"] == pytest.approx(float(classes[torch.arange(len(parts)), truth].mean()))
+    assert 0 <= out["per_segment_mean_k"] <= 1  # one adapter in the bank

@@ -158,12 +158,16 @@ class DLPLoRA:
               routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> Routing:
         """Router probabilities -> selected adapters and weights, (B, k) over the bank, on the whole prompt
         (default) or on the text `routing_config` (one, or one per prompt) routes the answer's start on."""
+        return Routing.from_dense(self.to_bank(self.class_weights(prompts, routing_config)))
+
+    def class_weights(self, prompts: Sequence[str],
+                      routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> torch.Tensor:
+        """The selected weights per router class, (B, classes), before classes without an adapter drop out."""
         if self.router is None:
             raise ValueError("this pipeline has no router; pass an explicit routing")
         cfgs = self._routing_configs(prompts, routing_config) if routing_config is not None else None
         texts = [routing_text(p, c) for p, c in zip(prompts, cfgs)] if cfgs is not None else list(prompts)
-        chosen = select_with(self.router.predict_proba(texts), self.selection)
-        return Routing.from_dense(self.to_bank(chosen.to_dense(len(self.classes))))
+        return select_with(self.router.predict_proba(texts), self.selection).to_dense(len(self.classes))
 
     def routing_for(self, mixtures: Sequence[Mapping[str, float]]) -> Routing:
         """Explicit routing by adapter name, one {name: weight} per prompt (weights used as given)."""

@@ -49,11 +49,13 @@ def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], t
     """
     joined = [a.prompt + SEPARATOR + b.prompt for a, b in pairs]
     parts = [ex for pair in pairs for ex in pair]
-    per_prompt = dlp.route(joined).to_dense(len(dlp.adapter_names)).repeat_interleave(2, dim=0)
-    per_segment = dlp.route([ex.prompt for ex in parts]).to_dense(len(dlp.adapter_names))
-    truth = torch.tensor([dlp.adapter_names.index(ex.task) for ex in parts])
+    # Per router class: a task the gate serves with the base model still has its class (and its weight).
+    per_prompt = dlp.class_weights(joined).repeat_interleave(2, dim=0)
+    per_segment = dlp.class_weights([ex.prompt for ex in parts])
+    truth = torch.tensor([dlp.task_names.index(ex.task) for ex in parts])
     out: dict[str, float] = {"pairs": len(pairs)}
-    for name, dense in (("per_prompt", per_prompt), ("per_segment", per_segment)):
+    for name, classes in (("per_prompt", per_prompt), ("per_segment", per_segment)):
+        dense = dlp.to_bank(classes)
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
             rows = slice(i, i + batch_size)
@@ -62,6 +64,6 @@ def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], t
             res = dlp.generate([ex.prompt for ex in parts[rows]], config=gen, routing=Routing.from_dense(dense[rows]))
             texts += [r.text for r in res]
         out[f"{name}_score"] = sum(_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)) / len(parts)
-        out[f"{name}_true_task_weight"] = float(dense[torch.arange(len(parts)), truth].mean())
+        out[f"{name}_true_task_weight"] = float(classes[torch.arange(len(parts)), truth].mean())
         out[f"{name}_mean_k"] = float((dense > 0).sum(1).float().mean())
     return out
