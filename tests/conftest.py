@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,33 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+# Numerical tests run in float32 and bfloat16 (the `dtype` fixture). The tolerance, stated once here and in
+# the README ("Devices and precision"): logits equal the reference in the same dtype (peft, or the plain
+# per-row run) to max |diff| <= ATOL[dtype], rtol 0. The tiny model's logits are below 1 in magnitude, so
+# 1e-2 in bfloat16 and 2e-3 in float16 are a few units in the last place; measured here, one adapter alone
+# is bit-identical to peft in bfloat16 and within 1 ulp in float16.
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+def dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, msg: str | None = None) -> None:
+    """got equals want to the tolerance of their dtype (both must have it: a result in another dtype than
+    the reference's is itself a failure)."""
+    assert got.dtype == want.dtype, f"got {got.dtype}, the reference is {want.dtype}"
+    torch.testing.assert_close(got, want, atol=ATOL[want.dtype], rtol=0, msg=msg)
+
+
+@pytest.fixture(params=DTYPES, ids=dtype_id)
+def dtype(request) -> torch.dtype:
+    """The base model's dtype for a numerical test: each runs in float32 and in bfloat16."""
+    return request.param
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -17,7 +44,7 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     )
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
-    return model
+    return model.to(dtype)
 
 
 def make_peft_adapter(out: Path, seed: int, r: int = 4, alpha: int = 8, targets=("q_proj", "v_proj"),
@@ -102,15 +129,22 @@ def tiny_model() -> LlamaForCausalLM:
     return tiny_llama()
 
 
-@pytest.fixture
-def adapter_dirs(tmp_path: Path) -> dict[str, Path]:
-    """Three adapters with different ranks, alphas and target modules."""
+@pytest.fixture(scope="session")
+def _made_adapter_dirs(tmp_path_factory) -> dict[str, Path]:
     specs = {
         "a": dict(r=4, alpha=8, targets=("q_proj", "v_proj")),
         "b": dict(r=2, alpha=4, targets=("q_proj", "k_proj", "o_proj")),
         "c": dict(r=8, alpha=4, targets=("v_proj", "up_proj", "down_proj")),
     }
-    return {name: make_peft_adapter(tmp_path / name, seed=i + 1, **spec) for i, (name, spec) in enumerate(specs.items())}
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_peft_adapter(root / name, seed=i + 1, **spec) for i, (name, spec) in enumerate(specs.items())}
+
+
+@pytest.fixture
+def adapter_dirs(_made_adapter_dirs, tmp_path: Path) -> dict[str, Path]:
+    """Three adapters with different ranks, alphas and target modules: made by peft once per session, copied
+    into each test's own folder (a test may edit its copy)."""
+    return {name: Path(shutil.copytree(src, tmp_path / name)) for name, src in _made_adapter_dirs.items()}
 
 
 def pytest_configure(config) -> None:

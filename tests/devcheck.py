@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -29,3 +32,13 @@ class DeviceCheck(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device != self.device and not (t.dim() == 0 and t.device.type == "cpu"):
                 raise AssertionError(f"{func}: a {tuple(t.shape)} tensor on {t.device}; the model is on {self.device}")
         return out
+
+
+@contextmanager
+def device_checked(device: str | torch.device = "cpu") -> Iterator[DeviceCheck]:
+    """DeviceCheck around engine calls on a model on `device`, with the default device set to `meta`: a
+    tensor the engine makes without `device=` lands on meta and the op that makes or uses it fails. Make the
+    test's own inputs before entering (inside, a bare `torch.tensor(...)` is on meta too)."""
+    with torch.device("meta"), DeviceCheck(device) as check:
+        yield check
+    assert check.ops > 0, "no op ran under the device check: it checked nothing"

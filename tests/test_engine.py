@@ -1,13 +1,15 @@
 """Continuous batching at the engine level: rows joining a running batch at different decode steps, each
 with its own mixture, sampling and stop, answer exactly what they answer alone; echo log-probabilities
-equal the in-process scorer."""
+equal the in-process scorer. Each runs in float32 and bfloat16 (the `dtype` fixture) with the device check on
+around the engine's calls."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import tiny_llama
+from conftest import ATOL, tiny_llama
+from devcheck import device_checked
 from dlp_lora import FusedLoRAModel
 from dlp_lora.config import GenerationConfig
 from dlp_lora.engine import Engine, Row
@@ -42,27 +44,36 @@ def _alone(fused, tok, row_ids, mixture, max_tokens, sampling=None, seed=None) -
 
 
 @pytest.fixture
-def engine(adapter_dirs):
-    model = tiny_llama()
-    return Engine(FusedLoRAModel(model, adapter_dirs), _Tok())
+def engine(adapter_dirs, dtype):
+    return Engine(FusedLoRAModel(tiny_llama(dtype=dtype), adapter_dirs), _Tok())
+
+
+def _run(engine: Engine, rows: list[Row]) -> None:
+    """Prefill `rows` together and decode until every one has finished, device-checked."""
+    with device_checked():
+        batch = engine.prefill(rows)
+        while batch is not None:
+            engine.decode(batch)
+            batch = Engine.drop_finished(batch)
 
 
 def test_rows_joining_mid_decode_answer_as_alone(engine):
     refs = [_alone(engine.fused, engine.tokenizer, p, m, n) for p, m, n in zip(PROMPTS, MIXES, LIMITS)]
     rows = [Row(prompt_ids=p, mixture=m, max_tokens=n) for p, m, n in zip(PROMPTS, MIXES, LIMITS)]
-    batch = engine.prefill(rows[:1])
     joins = {2: [rows[1]], 3: [rows[2], rows[3]]}  # rows arrive after the running one's 2nd and 3rd steps
     step, sizes = 0, []
-    while batch is not None or joins:
-        step += 1
-        if step in joins:
-            batch = Engine.merge(batch, engine.prefill(joins.pop(step)))
-        batch = Engine.drop_finished(batch)
-        if batch is None:
-            continue
-        sizes.append(len(batch))
-        engine.decode(batch)
-        batch = Engine.drop_finished(batch)
+    with device_checked():
+        batch = engine.prefill(rows[:1])
+        while batch is not None or joins:
+            step += 1
+            if step in joins:
+                batch = Engine.merge(batch, engine.prefill(joins.pop(step)))
+            batch = Engine.drop_finished(batch)
+            if batch is None:
+                continue
+            sizes.append(len(batch))
+            engine.decode(batch)
+            batch = Engine.drop_finished(batch)
     engine.release()
     assert max(sizes) >= 3  # the rows really shared decode steps
     for row, ref in zip(rows, refs):
@@ -72,18 +83,12 @@ def test_rows_joining_mid_decode_answer_as_alone(engine):
 def test_seeded_sampling_rows_do_not_depend_on_neighbours(engine):
     sampling = GenerationConfig(do_sample=True, temperature=0.9)
     alone = Row(prompt_ids=PROMPTS[0], mixture=MIXES[1], max_tokens=8, sampling=sampling, seed=2**64 - 1)
-    batch = engine.prefill([alone])
-    while batch is not None:
-        engine.decode(batch)
-        batch = Engine.drop_finished(batch)
+    _run(engine, [alone])
     crowd = [Row(prompt_ids=p, mixture=m, max_tokens=8, sampling=sampling, seed=s)
              for p, m, s in zip(PROMPTS, MIXES, [2**64 - 1, 3, 4, 5])]
     crowd[0].prompt_ids = PROMPTS[0]
     crowd[0].mixture = MIXES[1]
-    batch = engine.prefill(crowd)
-    while batch is not None:
-        engine.decode(batch)
-        batch = Engine.drop_finished(batch)
+    _run(engine, crowd)
     engine.release()
     assert crowd[0].tokens == alone.tokens and len(alone.tokens) > 0
 
@@ -92,15 +97,18 @@ def test_echo_logprobs_score_the_prompt(engine):
     ids = PROMPTS[2]
     row = Row(prompt_ids=ids, mixture=MIXES[1], max_tokens=0, logprobs=3, echo=True)
     other = Row(prompt_ids=PROMPTS[1], mixture={}, max_tokens=0, logprobs=0, echo=True)  # padding beside it
-    batch = engine.prefill([row, other])
+    with device_checked():
+        batch = engine.prefill([row, other])
     assert Engine.drop_finished(batch) is None and row.tokens == [] and row.finish_reason == "length"
     engine.release()
     dense = engine.dense([row])
     with engine.fused.routed(dense):
         want = torch.log_softmax(engine.model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), -1)
+    # A log-probability is a logit minus a log-sum-exp of logits: twice the logits' tolerance.
+    tol = 2 * ATOL[engine.model.dtype]
     assert row.prompt_logprobs[0] is None and len(row.prompt_logprobs) == len(ids)
     for j, lp in enumerate(row.prompt_logprobs[1:]):
-        assert lp.token == ids[j + 1] and lp.logprob == pytest.approx(float(want[j, ids[j + 1]]), abs=1e-4)
+        assert lp.token == ids[j + 1] and lp.logprob == pytest.approx(float(want[j, ids[j + 1]]), abs=tol)
         assert [t for t, _ in lp.top] == want[j].topk(3).indices.tolist()
 
 

@@ -1,4 +1,6 @@
-"""Batched decoding: greedy equals transformers' generate, EOS and stop strings end rows, sampling is seeded."""
+"""Batched decoding: greedy equals transformers' generate, EOS and stop strings end rows, sampling is seeded.
+
+Each decoding test runs in float32 and bfloat16 (the `dtype` fixture) with the device check on."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import pytest
 import torch
 
 from conftest import tiny_llama
+from devcheck import device_checked
 from dlp_lora.config import GenerationConfig
 from dlp_lora.generation import cut_at_stop, generate_ids, sample_next
 
@@ -27,59 +30,66 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (ids != 0).long()
 
 
-def _model():
-    model = tiny_llama()
+def _model(dtype: torch.dtype = torch.float32):
+    model = tiny_llama(dtype=dtype)
     model.generation_config.eos_token_id = None  # only the tokenizer's EOS (set per test) ends rows
     return model
 
 
-def test_greedy_equals_hf_generate_with_left_padding():
-    model, (ids, mask) = _model(), _batch()
-    out = generate_ids(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
+def _generate(model, tok, ids, mask, cfg, **kw):
+    """generate_ids with every op it runs device-checked."""
+    with device_checked(model.device):
+        return generate_ids(model, tok, ids, mask, cfg, **kw)
+
+
+def test_greedy_equals_hf_generate_with_left_padding(dtype):
+    model, (ids, mask) = _model(dtype), _batch()
+    out = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
     hf = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
     for b in range(2):
         assert out[b].token_ids == hf[b, ids.shape[1]:].tolist()
         assert out[b].finish_reason == "length" and out[b].prompt_tokens == int(mask[b].sum())
 
 
-def test_eos_ends_only_its_row():
-    model, (ids, mask) = _model(), _batch()
-    free = generate_ids(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
+def test_eos_ends_only_its_row(dtype):
+    model, (ids, mask) = _model(dtype), _batch()
+    free = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
     eos = free[0].token_ids[2]  # row 0's third token becomes its EOS
-    out = generate_ids(model, _Tok(eos=eos), ids, mask, GenerationConfig(max_new_tokens=6))
+    out = _generate(model, _Tok(eos=eos), ids, mask, GenerationConfig(max_new_tokens=6))
     assert out[0].token_ids == free[0].token_ids[:2] and out[0].finish_reason == "stop"
     cut = free[1].token_ids.index(eos) if eos in free[1].token_ids else 6
     assert out[1].token_ids == free[1].token_ids[:cut]
 
 
-def test_stop_string_cuts_text_and_ends_row():
-    model, (ids, mask) = _model(), _batch()
-    free = generate_ids(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
+def test_stop_string_cuts_text_and_ends_row(dtype):
+    model, (ids, mask) = _model(dtype), _batch()
+    free = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
     stop = f"t{free[0].token_ids[1]} "
-    out = generate_ids(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6, stop=(stop,)))
+    out = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6, stop=(stop,)))
     assert out[0].text == free[0].text[: free[0].text.find(stop)] and out[0].finish_reason == "stop"
     assert stop not in out[0].text
     assert cut_at_stop("abcXYdef", ("XY", "d")) == ("abc", True) and cut_at_stop("abc", ("z",)) == ("abc", False)
 
 
-def test_sampling_is_seeded_and_streams_steps():
-    model, (ids, mask) = _model(), _batch()
+def test_sampling_is_seeded_and_streams_steps(dtype):
+    model, (ids, mask) = _model(dtype), _batch()
     cfg = GenerationConfig(max_new_tokens=5, do_sample=True, temperature=1.5, seed=7)
     steps = []
-    a = generate_ids(model, _Tok(), ids, mask, cfg, on_step=lambda tok, fin: steps.append(tok.tolist()))
-    b = generate_ids(model, _Tok(), ids, mask, cfg)
+    a = _generate(model, _Tok(), ids, mask, cfg, on_step=lambda tok, fin: steps.append(tok.tolist()))
+    b = _generate(model, _Tok(), ids, mask, cfg)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [s[0] for s in steps] == a[0].token_ids
-    other = generate_ids(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=5, do_sample=True, seed=8,
+    other = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=5, do_sample=True, seed=8,
                                                                    temperature=1.5))
     assert [r.token_ids for r in other] != [r.token_ids for r in a]
 
 
-def test_sample_next_top_p_keeps_the_nucleus_only():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+def test_sample_next_top_p_keeps_the_nucleus_only(dtype):
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).to(dtype)  # the model's dtype reaches it
     cfg = GenerationConfig(do_sample=True, top_p=0.7)
     g = torch.Generator().manual_seed(0)
-    drawn = {int(sample_next(logits, cfg, g)) for _ in range(300)}
+    with device_checked():
+        drawn = {int(sample_next(logits, cfg, g)) for _ in range(300)}
     assert drawn == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are never drawn
     assert int(sample_next(logits, GenerationConfig(), None)) == 0
 

@@ -132,7 +132,7 @@ def test_server_on_the_bundled_assets_scores_and_batches_like_the_pipeline():
 @pytest.mark.skipif(not (ASSETS / "manifest.json").exists(), reason="bundled assets not built (make assets)")
 def test_bfloat16_real_model_equals_peft_bfloat16():
     """The embedded model in bfloat16 with a bundled adapter: every path against peft in bfloat16 (the
-    tolerance of tests/test_device.py scaled to these logits, which reach ~30: a few bf16 ulps)."""
+    tolerance of conftest.ATOL scaled to these logits, which reach ~30: a few bf16 ulps)."""
     from peft import PeftModel
 
     model, tok = load_base_model(dtype="bfloat16")

@@ -124,7 +124,9 @@ class Engine:
     def dense(self, rows: list[Row]) -> torch.Tensor:
         """(B, N) routing weights of the rows' mixtures in the bank's current order."""
         names = self.fused.adapter_names
-        dense = torch.zeros(len(rows), len(names))
+        # On the host on purpose, whatever the default device: filled element by element from Python, then
+        # read by `routed` (path, k) and moved to the stacks' device once.
+        dense = torch.zeros(len(rows), len(names), device="cpu")
         for b, row in enumerate(rows):
             for name, w in row.mixture.items():
                 dense[b, names.index(name)] = float(w)
