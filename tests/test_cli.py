@@ -31,7 +31,6 @@ def test_export_writes_a_peft_adapter(assets, tmp_path, capsys):
     (["generate", "--assets", "/nonexistent", "--prompt", "hi"], "no assets at /nonexistent"),
     (["train-router", "--tasks", "poetry", "--out", "x"], "unknown task 'poetry'"),
     (["generate", "--assets", "{assets}", "--prompt", "hi", "--device", "gpu"], "device must be auto, cpu"),
-    (["serve", "--assets", "{assets}", "--ray", "--dtype", "bfloat16"], "--dtype is not supported with --ray"),
 ])
 def test_errors_exit_2_with_a_message(assets, argv, message, capsys):
     argv = [a.format(assets=assets) for a in argv]

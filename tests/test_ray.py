@@ -14,17 +14,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 ray = pytest.importorskip("ray", reason="the optional `ray` extra is not installed")
 serve = pytest.importorskip("ray.serve")
 
+import dlp_lora.server.ray as ray_deployment  # noqa: E402
 from conftest import make_tiny_assets  # noqa: E402
-from dlp_lora.config import RayServeConfig, ServerConfig  # noqa: E402
+from dlp_lora.config import DeviceConfig, RayServeConfig, ServerConfig  # noqa: E402
 from dlp_lora.models import load_tokenizer  # noqa: E402
 from dlp_lora.pipeline import DLPLoRA  # noqa: E402
 from dlp_lora.server import create_app  # noqa: E402
-from dlp_lora.server.ray import APP_NAME, REPLICA_HEADER, app_builder, deployment, deployment_options  # noqa: E402
+from dlp_lora.server.ray import (APP_NAME, REPLICA_HEADER, app_builder, deployment, deployment_options,  # noqa: E402
+                                 replica_spec)
 
 ADAPTERS = ("maths", "science", "code")
 PROMPTS = ["What is 3 + 4?", "Name a noble gas.", "Sort: pear apple", "Translate 'cat' to French.",
@@ -100,13 +103,60 @@ def test_deployment_options_fixed_and_autoscaling():
     auto = deployment_options(RayServeConfig(replicas=1, max_replicas=4, target_ongoing_requests=2))
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
     assert "num_replicas" not in auto
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0}
+    assert deployment_options(RayServeConfig(gpus_per_replica=0.5))["ray_actor_options"] == {"num_cpus": 1.0,
+                                                                                            "num_gpus": 0.5}
+
+
+BF16 = DeviceConfig(device="cpu", dtype="bfloat16")
+
+
+def test_each_replica_loads_its_pipeline_on_the_given_device(assets):
+    """The spec every replica is built from carries the DeviceConfig; what a replica loads from it (its own
+    DLPLoRA) is on that device in that dtype, the adapters in float32 over it."""
+    spec = replica_spec(assets, CFG, RayServeConfig(), device=BF16)
+    assert spec.device == BF16 and spec.assets == str(assets.resolve())
+    dlp = spec.load()
+    assert {p.dtype for p in dlp.model.parameters()} == {torch.bfloat16} and dlp.device == torch.device("cpu")
+    assert all(s.A.dtype == torch.float32 for s in dlp.fused.bank.modules.values())
+    assert replica_spec(assets, CFG, RayServeConfig()).device == DeviceConfig()  # auto, float32 by default
+
+
+def test_device_reaches_the_replicas_from_cli_builder_and_deployment(assets, monkeypatch):
+    """`serve --ray --device/--dtype`, `app_builder` args and `deployment(device=...)` all build the replicas'
+    spec with that device (the builder each replica runs loads `spec.load()`)."""
+    from dlp_lora.cli import main
+
+    specs, served = [], []
+    monkeypatch.setattr(ray_deployment, "replica_spec",
+                        lambda *a, **kw: specs.append(replica_spec(*a, **kw)) or specs[-1])
+    monkeypatch.setattr(ray_deployment, "serve_ray", lambda *a, **kw: served.append(a[-1]))
+    assert main(["serve", "--assets", str(assets), "--ray", "--device", "cpu", "--dtype", "bfloat16"]) == 0
+    assert served == [BF16]
+    assert isinstance(app_builder({"assets": str(assets), "device": "cpu", "dtype": "bfloat16"}), serve.Application)
+    assert isinstance(deployment(assets, CFG, RayServeConfig(), device=BF16), serve.Application)
+    assert [s.device for s in specs] == [BF16, BF16]
+    with pytest.raises(ValueError, match="DeviceConfig\ndtype"):
+        app_builder({"assets": str(assets), "dtype": "fp8"})
+    with pytest.raises(ValueError, match="device must be auto"):
+        app_builder({"assets": str(assets), "device": "gpu"})
+
+
+def test_cuda_replicas_must_reserve_gpus(assets):
+    with pytest.raises(ValueError, match="needs gpus_per_replica > 0"):
+        replica_spec(assets, CFG, RayServeConfig(), device=DeviceConfig(device="cuda"))
+    if not torch.cuda.is_available():  # with a reservation the spec is fine; the replica's load says no CUDA
+        spec = replica_spec(assets, CFG, RayServeConfig(gpus_per_replica=1), device=DeviceConfig(device="cuda"))
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            spec.load()
 
 
 @pytest.mark.parametrize("kw, match", [({"replicas": 0}, "replicas must be >= 1"),
                                        ({"replicas": 3, "max_replicas": 2}, "max_replicas must be >= replicas=3"),
                                        ({"max_ongoing_requests": 0}, "max_ongoing_requests"),
                                        ({"max_queued_requests": 0}, "max_queued_requests"),
-                                       ({"cpus_per_replica": 0}, "cpus_per_replica")])
+                                       ({"cpus_per_replica": 0}, "cpus_per_replica"),
+                                       ({"gpus_per_replica": -1}, "gpus_per_replica")])
 def test_config_errors_name_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         RayServeConfig(**kw)

@@ -471,13 +471,9 @@ def _serve(ns: argparse.Namespace) -> None:
         from dlp_lora.server.app import serve
 
         return serve(ns.assets, cfg, ns.base_model, device, ns.quantize)
-    device_flags = [f.name for f in dataclasses.fields(DeviceConfig) if hasattr(ns, f.name)]
-    if device_flags:  # replicas load with the library defaults (auto device, float32)
-        raise ValueError(f"--{device_flags[0]} is not supported with --ray yet; replicas use --device auto "
-                         "--dtype float32")
     from dlp_lora.server.ray import serve_ray
 
-    serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model, ns.quantize)
+    serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model, ns.quantize, device)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]

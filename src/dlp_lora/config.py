@@ -459,6 +459,8 @@ class RayServeConfig:
     """Requests waiting for a replica beyond this are refused with 503 by Ray Serve (-1: no bound)."""
     cpus_per_replica: float = 1.0
     """Logical CPUs Ray reserves for each replica (also its torch thread count when a whole number)."""
+    gpus_per_replica: float = 0.0
+    """GPUs Ray reserves for each replica (0.5: two replicas share one); needed for `--device cuda`."""
     address: str | None = None
     """Ray cluster to join ("auto": the one this node belongs to); None starts a local one."""
 
@@ -472,4 +474,5 @@ class RayServeConfig:
         _check(self.max_queued_requests == -1 or self.max_queued_requests >= 1,
                f"max_queued_requests must be >= 1 or -1 (no bound), got {self.max_queued_requests}")
         _check(self.cpus_per_replica > 0, f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        _check(self.gpus_per_replica >= 0, f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
         _check(self.address is None or bool(self.address.strip()), "address must be non-empty when given")

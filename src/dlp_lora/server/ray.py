@@ -1,7 +1,8 @@
 """Scale-out: the same FastAPI app (`create_app`) as a Ray Serve deployment (`dlp-lora serve --ray`).
 
 Each replica is a Ray actor that loads its own pipeline (base model, the whole adapter bank, router) from
-the assets folder and serves `create_app(pipeline, cfg)` through `serve.ingress`: same routes, same
+the assets folder, on the device and in the dtype of a `DeviceConfig` (a `ReplicaSpec` holds all a replica
+needs), and serves `create_app(pipeline, cfg)` through `serve.ingress`: same routes, same
 batching scheduler, same errors, nothing re-implemented. Ray Serve's proxy spreads requests over the
 replicas, caps each at `max_ongoing_requests` (back-pressure: the rest wait in the proxy, and beyond
 `max_queued_requests` they get a 503) and replaces a replica that dies. Every response carries an
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -23,21 +25,25 @@ except ImportError as exc:  # the optional extra is missing: say how to get it
     raise ModuleNotFoundError("Ray Serve is not installed; install it with `pip install 'dlp-lora[ray]'`") from exc
 from fastapi import FastAPI, Request, Response
 
-from dlp_lora.config import RayServeConfig, ServerConfig
+from dlp_lora.config import DeviceConfig, RayServeConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.app import create_app
 
-__all__ = ["REPLICA_HEADER", "app_builder", "deployment", "deployment_options", "replica_app", "serve_ray"]
+__all__ = ["REPLICA_HEADER", "ReplicaSpec", "app_builder", "deployment", "deployment_options", "replica_app",
+           "replica_spec", "serve_ray"]
 
 REPLICA_HEADER = "X-Replica-Id"
 APP_NAME = "dlp-lora"
 
 
 def deployment_options(ray_cfg: RayServeConfig) -> dict:
-    """Keyword arguments for `serve.deployment`: fixed replicas or an autoscaling range, and back-pressure."""
+    """Keyword arguments for `serve.deployment`: fixed replicas or an autoscaling range, back-pressure, and
+    the CPUs and GPUs Ray reserves for each replica."""
+    actor: dict = {"num_cpus": ray_cfg.cpus_per_replica}
+    if ray_cfg.gpus_per_replica > 0:
+        actor["num_gpus"] = ray_cfg.gpus_per_replica
     options: dict = {"max_ongoing_requests": ray_cfg.max_ongoing_requests,
-                     "max_queued_requests": ray_cfg.max_queued_requests,
-                     "ray_actor_options": {"num_cpus": ray_cfg.cpus_per_replica}}
+                     "max_queued_requests": ray_cfg.max_queued_requests, "ray_actor_options": actor}
     if ray_cfg.max_replicas is None:
         options["num_replicas"] = ray_cfg.replicas
     else:
@@ -46,15 +52,54 @@ def deployment_options(ray_cfg: RayServeConfig) -> dict:
     return options
 
 
-def replica_app(assets: str, cfg: ServerConfig, base_model: str | None, threads: int,
-                quantize: str = "none") -> FastAPI:
-    """What one replica serves: its own pipeline under `create_app`, plus the replica id header."""
-    import torch
+@dataclass(frozen=True)
+class ReplicaSpec:
+    """All one replica needs to build its app; only these paths and configs travel to the replicas."""
 
-    # Each replica is its own process on its own share of the node: one pool of `threads` per replica,
-    # not one per core per replica (which would oversubscribe the node).
-    torch.set_num_threads(threads)
-    app = create_app(DLPLoRA.from_assets(assets, base_model, quantize=quantize), cfg)
+    assets: str
+    """Absolute path of the assets folder (every node must see it there)."""
+    cfg: ServerConfig
+    """The server's settings, `model_name` resolved."""
+    base_model: str | None = None
+    """Overrides the manifest's base model (HF dir or hub id)."""
+    quantize: str = "none"
+    """`int8` loads the base model in int8 (CPU only)."""
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    """Where each replica places its model, and in which dtype."""
+    threads: int = 1
+    """torch threads in each replica."""
+
+    def load(self) -> DLPLoRA:
+        """The pipeline a replica serves: loaded by the replica itself, on `device` in its dtype."""
+        import torch
+
+        # Each replica is its own process on its own share of the node: one pool of `threads` per replica,
+        # not one per core per replica (which would oversubscribe the node).
+        torch.set_num_threads(self.threads)
+        return DLPLoRA.from_assets(self.assets, self.base_model, quantize=self.quantize, device=self.device)
+
+
+def replica_spec(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
+                 quantize: str = "none", device: DeviceConfig | None = None) -> ReplicaSpec:
+    """What every replica of `deployment(...)` loads, checked here once rather than in every replica."""
+    from dlp_lora.assets import Manifest
+
+    device = device or DeviceConfig()
+    if device.device.startswith("cuda") and ray_cfg.gpus_per_replica <= 0:
+        # Ray schedules and isolates replicas by the GPUs they reserve: without any, a replica may land on a
+        # node without one, and every replica would share the same visible GPUs unaccounted for.
+        raise ValueError(f"device {device.device!r} with Ray needs gpus_per_replica > 0 (e.g. 1, or 0.5 for two "
+                         "replicas per GPU), got 0")
+    root = str(Path(assets).resolve())
+    manifest = Manifest.load(root)
+    manifest.check(root)  # fail here, not in every replica's constructor
+    cfg = dataclasses.replace(cfg, model_name=cfg.model_name or base_model or manifest.base_model)
+    return ReplicaSpec(root, cfg, base_model, quantize, device, threads=max(1, int(ray_cfg.cpus_per_replica)))
+
+
+def replica_app(spec: ReplicaSpec) -> FastAPI:
+    """What one replica serves: its own pipeline under `create_app`, plus the replica id header."""
+    app = create_app(spec.load(), spec.cfg)
     replica = serve.get_replica_context().replica_id.to_full_id_str()
 
     async def tag(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -66,23 +111,19 @@ def replica_app(assets: str, cfg: ServerConfig, base_model: str | None, threads:
     return app
 
 
-def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
-               base_model: str | None = None, quantize: str = "none") -> serve.Application:
+def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
+               quantize: str = "none", device: DeviceConfig | None = None) -> serve.Application:
     """The bound Ray Serve application for one assets folder; run it with `serve.run(..., route_prefix="/")`.
 
-    The app is built on each replica (a builder given to `serve.ingress`), so only the assets path and
-    the configs travel to the replicas; every replica must see the assets folder at the same path.
+    The app is built on each replica (a builder given to `serve.ingress`) from `replica_spec(...)`, so only
+    the assets path and the configs travel to the replicas; every replica must see the assets folder at the
+    same path. `device` (default: auto, float32) places each replica's model; a cuda device needs
+    `ray_cfg.gpus_per_replica` > 0.
     """
-    from dlp_lora.assets import Manifest
-
-    root = str(Path(assets).resolve())
-    Manifest.load(root).check(root)  # fail here, not in every replica's constructor
-    name = cfg.model_name or base_model or Manifest.load(root).base_model
-    cfg = dataclasses.replace(cfg, model_name=name)
-    threads = max(1, int(ray_cfg.cpus_per_replica))
+    spec = replica_spec(assets, cfg, ray_cfg, base_model, quantize, device)
 
     def build() -> FastAPI:
-        return replica_app(root, cfg, base_model, threads, quantize)
+        return replica_app(spec)
 
     ingress = serve.ingress(build)()
     return serve.deployment(ingress, name="DLPLoRA", **deployment_options(ray_cfg)).bind()
@@ -91,23 +132,24 @@ def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run` / a KubeRay `RayService` (`import_path: dlp_lora.server.ray:app_builder`).
 
-    `args` holds `assets` (required), optionally `base_model` and `quantize` (none/int8), and any `ServerConfig` or `RayServeConfig`
-    field by name (e.g. `replicas`, `max_ongoing_requests`, `max_tokens_limit`); unknown keys are an error.
-    Values may be strings (`serve run ... replicas=2` passes them so): each becomes its field's type.
+    `args` holds `assets` (required), optionally `base_model` and `quantize` (none/int8), and any
+    `ServerConfig`, `RayServeConfig` or `DeviceConfig` field by name (e.g. `replicas`, `max_ongoing_requests`,
+    `max_tokens_limit`, `device`, `dtype`); unknown keys are an error. Values may be strings (`serve run ...
+    replicas=2` passes them so): each becomes its field's type.
     """
     from pydantic import TypeAdapter
 
-    fields = {"server": {f.name for f in dataclasses.fields(ServerConfig)},
-              "ray": {f.name for f in dataclasses.fields(RayServeConfig)}}
-    unknown = sorted(set(args) - fields["server"] - fields["ray"] - {"assets", "base_model", "quantize"})
+    configs = (ServerConfig, RayServeConfig, DeviceConfig)
+    fields = {c: {f.name for f in dataclasses.fields(c)} for c in configs}
+    unknown = sorted(set(args).difference(*fields.values(), {"assets", "base_model", "quantize"}))
     if unknown or "assets" not in args:
-        raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig fields, got "
-                         f"{'unknown ' + ', '.join(unknown) if unknown else 'no assets'}")
+        raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig/DeviceConfig "
+                         f"fields, got {'unknown ' + ', '.join(unknown) if unknown else 'no assets'}")
     # pydantic's lax mode turns "2" into 2 for an int field (and refuses "two" naming the field), then
     # the dataclass's own __post_init__ checks run as usual.
-    cfg = TypeAdapter(ServerConfig).validate_python({k: v for k, v in args.items() if k in fields["server"]})
-    ray_cfg = TypeAdapter(RayServeConfig).validate_python({k: v for k, v in args.items() if k in fields["ray"]})
-    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"), args.get("quantize", "none"))
+    cfg, ray_cfg, device = (TypeAdapter(c).validate_python({k: v for k, v in args.items() if k in fields[c]})
+                            for c in configs)
+    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"), args.get("quantize", "none"), device)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -115,7 +157,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
-              quantize: str = "none") -> None:
+              quantize: str = "none", device: DeviceConfig | None = None) -> None:
     """Deploy the app on `cfg.host:cfg.port` and block until interrupted (Ctrl-C or SIGTERM).
 
     With `ray_cfg.address` None this starts a local Ray cluster sized for the most replicas it may run
@@ -126,7 +168,7 @@ def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, ba
 
     import ray
 
-    app = deployment(assets, cfg, ray_cfg, base_model, quantize)
+    app = deployment(assets, cfg, ray_cfg, base_model, quantize, device)
     if ray_cfg.address is None:
         most = ray_cfg.max_replicas or ray_cfg.replicas
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * ray_cfg.cpus_per_replica)),
