@@ -119,3 +119,73 @@ def test_bad_rows_are_refused():
         Row(prompt_ids=[1], mixture={}, max_tokens=-1)
     with pytest.raises(ValueError, match=r"logprobs must be in \[0, 20\]"):
         Row(prompt_ids=[1], mixture={}, max_tokens=1, logprobs=21)
+
+
+# ---- mid-decode switches (sentence routing) ----------------------------------------------------------
+
+def _planned(plan: dict[int, dict]):
+    """A `Row.reroute` that switches to plan[k] once the row holds k answer tokens (no router needed)."""
+    fed: list[int] = []
+
+    def reroute(token: int):
+        fed.append(token)
+        return plan.get(len(fed))
+    return reroute
+
+
+def _switched_alone(engine: Engine, row_ids: list[int], first: dict, plan: dict[int, dict], max_tokens: int) -> list[int]:
+    """The reference: one row alone, greedy, each mixture in its own `routed` block over the same KV cache
+    (the forward on answer token k - 1 is the first under plan[k])."""
+    from contextlib import ExitStack
+
+    model, tokens = engine.model, []
+    ids = torch.tensor([row_ids])
+    mask = torch.ones_like(ids)
+    positions = torch.arange(len(row_ids))[None]
+    with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(engine.fused.routed(engine.dense([Row(prompt_ids=row_ids, mixture=first, max_tokens=1)])))
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        while len(tokens) < max_tokens:
+            token = out.logits[:, -1].argmax(-1)
+            if int(token) in engine.eos:
+                break
+            tokens.append(int(token))
+            if len(tokens) in plan:
+                stack.close()
+                stack.enter_context(engine.fused.routed(engine.dense([Row(prompt_ids=row_ids, mixture=plan[len(tokens)],
+                                                                          max_tokens=1)])))
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                        use_cache=True)
+    return tokens
+
+
+@pytest.mark.parametrize("path, neighbours", [("gathered", True), ("dense", True), ("merged", False),
+                                              ("auto", True), ("auto", False)])
+def test_a_row_switching_mixture_mid_decode_equals_the_reference(adapter_dirs, dtype, path, neighbours):
+    """A row whose `reroute` changes its mixture twice equals the block-by-block reference on every fusion
+    path; the rows beside it (joining, leaving) answer as alone; the switches are recorded."""
+    from dlp_lora.config import FusionConfig
+
+    engine = Engine(FusedLoRAModel(tiny_llama(dtype=dtype), adapter_dirs, FusionConfig(path=path)), _Tok())
+    plan = {2: {"b": 0.3, "c": 0.7}, 5: {"c": 1.0}}
+    want = _switched_alone(engine, PROMPTS[0], MIXES[0], plan, 9)
+    assert len(want) > 5, "the row ends before its second switch: the test would prove less"
+    row = Row(prompt_ids=PROMPTS[0], mixture=MIXES[0], max_tokens=9, reroute=_planned(plan))
+    others = [Row(prompt_ids=p, mixture=m, max_tokens=n) for p, m, n in zip(PROMPTS[1:], MIXES[1:], LIMITS[1:])]
+    refs = [_alone(engine.fused, engine.tokenizer, p, m, n) for p, m, n in zip(PROMPTS[1:], MIXES[1:], LIMITS[1:])]
+    with device_checked():
+        batch = engine.prefill([row] + others[:1] if neighbours else [row])
+        step = 0
+        while batch is not None:
+            step += 1
+            if neighbours and step == 3:  # two more rows join after the first switch
+                batch = Engine.merge(batch, engine.prefill(others[1:]))
+            engine.decode(batch)
+            batch = Engine.drop_finished(batch)
+    engine.release()
+    assert row.tokens == want
+    assert row.switches == [(2, plan[2]), (5, plan[5])] and row.mixture == plan[5]
+    for other, ref in zip(others if neighbours else [], refs):
+        assert other.tokens == ref and other.switches == []

@@ -7,18 +7,22 @@ requests then pile up in the queue in a known state instead of racing the worker
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
+import string
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
-from dlp_lora.chat import chat_prompt
-from dlp_lora.config import GenerationConfig, ServerConfig
+from dlp_lora.chat import chat_prompt, encode_prompts
+from dlp_lora.config import FusionConfig, GenerationConfig, RoutingConfig, SelectionConfig, ServerConfig
 from dlp_lora.models import load_tokenizer
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server import create_app
@@ -347,7 +351,7 @@ BAD = [
      "cannot be combined with explicit adapters"),
     ("/v1/completions", {"prompt": "hi", "model": "maths", "routing_granularity": "segment"}, "needs the router"),
     ("/v1/completions", {"prompt": "hi", "segment_marker": ""}, "segment_marker"),
-    ("/v1/completions", {"prompt": "hi", "routing_granularity": "sentence"}, "routing_granularity='sentence'"),
+    ("/v1/completions", {"prompt": "hi", "model": "tiny-base", "routing_granularity": "sentence"}, "needs the router"),
 ]
 
 
@@ -630,10 +634,8 @@ def test_openai_client_against_live_uvicorn(pipe):
 
 
 def test_routing_granularity_in_the_request_body(pipe):
-    """`segment` routes on the prompt's last segment (only the router's text changes, so continuous batching
-    serves it) and answers what the pipeline gives that granularity; `sentence` (mid-answer re-routing) is
-    refused with a 400 naming the field."""
-    from dlp_lora.config import RoutingConfig
+    """`segment` routes on the prompt's last segment (only the router's text changes) and answers what the
+    pipeline gives that granularity, without `switches` in its routing."""
 
     prompt = "Sort: pear apple ## What is 3 + 4?"
     want = pipe.generate([prompt], config=GenerationConfig(max_new_tokens=12),
@@ -647,6 +649,138 @@ def test_routing_granularity_in_the_request_body(pipe):
         assert body["choices"][0]["message"]["content"] == want.text
         assert body["routing"]["adapters"] == want.adapters == [pipe.adapter_names[i] for i, _ in last.row(0)]
         assert body["routing"]["weights"] == pytest.approx(want.weights, abs=1e-5)
-        r = client.post("/v1/chat/completions", json={"messages": _user(prompt), "max_tokens": 4,
-                                                      "routing_granularity": "sentence"})
-        assert r.status_code == 400 and r.json()["error"]["param"] == "routing_granularity", r.text
+        assert "switches" not in body["routing"]
+
+
+# Nearly every token ends a "sentence" (the server's defaults; requests ask for `sentence`), so the untrained
+# router re-routes a row many times during a short answer.
+BUSY = RoutingConfig(sentence_ends=tuple(string.ascii_letters + string.digits + string.punctuation),
+                     min_sentence_tokens=2)
+SENTENCE_PROMPT = "What is 3 + 4?\n\nName a noble gas."
+
+
+def _busy(assets, path: str = "auto") -> DLPLoRA:
+    return DLPLoRA.from_assets(assets, selection=SelectionConfig(p=0.99), fusion=FusionConfig(path=path),
+                               routing_config=BUSY)
+
+
+def _sentence_ref(pipe: DLPLoRA, text: str, max_tokens: int):
+    """The library's answer: `DLPLoRA.generate` with sentence routing, this prompt alone."""
+    return pipe.generate([text], config=GenerationConfig(max_new_tokens=max_tokens),
+                         routing_config=dataclasses.replace(BUSY, granularity="sentence"))[0]
+
+
+def _check_sentence(ref, text: str, routing: dict) -> None:
+    """The server's answer and routing are the library's. The first mixture to float rounding: the server
+    routes the prompts admitted together in one router batch; each switch is routed on its own window."""
+    assert ref.switches, "the library never switched: the test would prove nothing"
+    assert (text, routing["adapters"], routing["switches"]) == (ref.text, ref.adapters, ref.switches)
+    assert routing["weights"] == pytest.approx(ref.weights, abs=1e-5) and set(routing) == {"adapters", "weights", "switches"}
+
+
+def _switched_logprobs(pipe: DLPLoRA, text: str, routing: dict, steps: int) -> list[float]:
+    """The reference for a switching row: greedy decoding alone, each mixture of `routing` (the first, then
+    each switch) in its own `routed` block over the same KV cache; the chosen tokens' log-probabilities."""
+    mixes = {s["token"]: pipe.routing_for([dict(zip(s["adapters"], s["weights"]))]) for s in routing["switches"]}
+    ids, mask = encode_prompts(pipe.tokenizer, [text])
+    out_lp = []
+    with ExitStack() as stack, torch.no_grad():
+        stack.enter_context(pipe.fused.routed(pipe.routing_for([dict(zip(routing["adapters"], routing["weights"]))])))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = pipe.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        for i in range(steps):
+            logp = torch.log_softmax(out.logits[:, -1].float(), -1)
+            token = logp.argmax(-1)
+            out_lp.append(float(logp[0, token]))
+            if i + 1 in mixes:  # the forward on token i samples token i + 1: leave the block, enter the next
+                stack.close()
+                stack.enter_context(pipe.fused.routed(mixes[i + 1]))
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = pipe.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
+                             use_cache=True)
+    return out_lp
+
+
+@pytest.mark.parametrize("path", ["gathered", "dense", "merged", "auto"])
+def test_sentence_routing_alone_equals_the_library(assets, path):
+    """A `sentence` request re-routes its row mid-answer: the text and the switches are the library's, and
+    each token's log-probability is the block-by-block reference's, on every fusion path (a row alone:
+    merged under `auto`, re-merged at each switch); streamed, the chunks concatenate to the same text and
+    the closing chunk lists the same switches."""
+    pipe = _busy(assets, path)
+    ref = _sentence_ref(pipe, SENTENCE_PROMPT, 12)
+    body = {"messages": _user(SENTENCE_PROMPT), "max_tokens": 12, "temperature": 0, "routing_granularity": "sentence"}
+    with TestClient(create_app(pipe, _cfg())) as client:
+        r = client.post("/v1/chat/completions", json={**body, "logprobs": True})
+        assert r.status_code == 200, r.text
+        ans = r.json()
+        _check_sentence(ref, ans["choices"][0]["message"]["content"], ans["routing"])
+        got = [t["logprob"] for t in ans["choices"][0]["logprobs"]["content"]]
+        want = _switched_logprobs(pipe, SENTENCE_PROMPT, ans["routing"], len(got))
+        assert got == pytest.approx(want, abs=1e-5, rel=0)
+        assert ans["choices"][0]["routing"] == ans["routing"]
+        if path == "auto":
+            chunks = _sse(client, "/v1/chat/completions", body)
+            _check_sentence(ref, _streamed_text(chunks, True), chunks[-1]["routing"])
+            assert chunks[0]["routing"]["switches"] == []  # listed as they happen
+            seen = [len(c["routing"]["switches"]) for c in chunks]
+            assert seen == sorted(seen) and seen[-1] == len(ref.switches)
+
+
+class _SlowGate(Gate):
+    """A Gate whose decode steps take 20 ms (so a request sent mid-answer joins it), recording the batch size."""
+
+    def __init__(self, pipe: DLPLoRA) -> None:
+        super().__init__(pipe)
+        self.steps: list[int] = []
+
+    def step(self) -> None:
+        self.steps.append(self.inner.running)
+        time.sleep(0.02)
+        self.inner.step()
+
+
+@pytest.mark.parametrize("path", ["gathered", "dense", "auto"])
+def test_sentence_rows_switch_without_touching_their_neighbours(assets, path):
+    """Two `sentence` requests (one streaming) share the continuous batch with prompt-routed ones (router-
+    chosen and explicit, different lengths, one joining later): the sentence rows answer and switch as the
+    library does alone, and every neighbour answers what it answers alone, without `switches`."""
+    pipe = _busy(assets, path)
+    sentence = [SENTENCE_PROMPT, PROMPTS[2]]
+    refs = [_sentence_ref(pipe, t, 12) for t in sentence]
+    mixes, lengths = [None, {"science": 0.3, "code": 0.7}, None], [3, 9, 12]
+    alone = [_alone(pipe, p, n, m) for p, n, m in zip(PROMPTS[3:], lengths, mixes)]
+
+    def prompt_routed(i: int) -> dict:
+        extra = {"adapters": list(mixes[i]), "weights": list(mixes[i].values())} if mixes[i] else {}
+        return {"messages": _user(PROMPTS[3 + i]), "max_tokens": lengths[i], "temperature": 0, **extra}
+
+    gate = _SlowGate(pipe)
+    app = create_app(pipe, _cfg(max_batch_size=8), runner=gate)
+    with TestClient(app) as client, ThreadPoolExecutor(8) as pool:
+        blocker = pool.submit(client.post, "/v1/completions", json={"prompt": "hold", "max_tokens": 1})
+        assert gate.entered.wait(20)
+        streamed = pool.submit(_sse, client, "/v1/chat/completions", {"messages": _user(sentence[0]), "max_tokens": 12,
+                                                                      "temperature": 0, "routing_granularity": "sentence"})
+        plain = pool.submit(client.post, "/v1/chat/completions", json={
+            "messages": _user(sentence[1]), "max_tokens": 12, "temperature": 0, "routing_granularity": "sentence",
+            "logprobs": True})
+        first = [pool.submit(client.post, "/v1/chat/completions", json=prompt_routed(i)) for i in range(2)]
+        _wait_for(lambda: app.state.server.scheduler.queue_depth == 4)
+        gate.release.set()
+        assert blocker.result().status_code == 200
+        _wait_for(lambda: first[0].done())  # the short neighbour has left; the last one joins the running rows
+        late = client.post("/v1/chat/completions", json=prompt_routed(2)).json()
+        chunks, body = streamed.result(), plain.result().json()
+        neighbours = [f.result().json() for f in first] + [late]
+    assert gate.sizes[:2] == [1, 4]
+    assert (3, 4) in zip(gate.steps, gate.steps[1:]), f"the late request never joined the running rows: {gate.steps}"
+    _check_sentence(refs[0], _streamed_text(chunks, True), chunks[-1]["routing"])
+    _check_sentence(refs[1], body["choices"][0]["message"]["content"], body["routing"])
+    got = [t["logprob"] for t in body["choices"][0]["logprobs"]["content"]]
+    # Batched beside other rows, against the reference alone: a log-probability is twice a logit's tolerance.
+    assert got == pytest.approx(_switched_logprobs(pipe, sentence[1], body["routing"], len(got)), abs=2e-5, rel=0)
+    for ref, ans in zip(alone, neighbours):
+        assert ans["choices"][0]["message"]["content"] == ref.text and "switches" not in ans["routing"]
+        assert (ans["routing"]["adapters"], ans["usage"]["completion_tokens"]) == (ref.adapters, ref.completion_tokens)

@@ -8,15 +8,15 @@ The caller (the server's scheduler) owns one `RunningBatch` and drives it with f
 Every row keeps its own adapter mixture, sampling settings (its own generator, so a seeded row
 reproduces whatever runs beside it), stop strings and token limit. The mixtures become the (B, N)
 routing of the fused layers through `FusedLoRAModel.routed` / `reroute`, set again only when the rows
-of the forward pass change (a join, a leave), so gathered stacks or merged weights are built once per
-change, not once per token.
+of the forward pass change (a join, a leave) or a row's mixture changes (`Row.reroute`, sentence
+routing), so gathered stacks or merged weights are built once per change, not once per token.
 """
 
 from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -52,6 +52,12 @@ class Row:
     report per generated token (0 reports the chosen token's log-probability only); `echo` also scores
     the prompt's tokens (the first has no log-probability); `ignore_eos` decodes past EOS up to
     `max_tokens` (vLLM's option, for load tests that need answers of a known length).
+
+    `reroute` (sentence routing; the engine knows no router) is fed every answer token the row keeps
+    and goes on after (not the one that ends it) and returns the mixture the row continues under from
+    its next token on, or None to keep its mixture; the other rows keep theirs and the KV cache stays as
+    it was computed. `switches` records each change: (index of the first answer token sampled under
+    it, the mixture).
     """
 
     prompt_ids: list[int]
@@ -68,6 +74,8 @@ class Row:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     finish_reason: Literal["stop", "length", "abort"] | None = None
     generator: torch.Generator | None = None
+    reroute: Callable[[int], Mapping[str, float] | None] | None = None
+    switches: list[tuple[int, Mapping[str, float]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -119,6 +127,7 @@ class Engine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         self._routing: ExitStack | None = None
         self._routed_rows: list[Row] = []
+        self._stale = False  # a routed row changed its mixture: route again before the next forward
 
     # ---- routing --------------------------------------------------------------------------------
     def dense(self, rows: list[Row]) -> torch.Tensor:
@@ -134,7 +143,7 @@ class Engine:
 
     def _route(self, rows: list[Row]) -> None:
         """Set the fused layers' routing to these rows, unless it already is."""
-        if self._routing is not None and len(rows) == len(self._routed_rows) and all(
+        if self._routing is not None and not self._stale and len(rows) == len(self._routed_rows) and all(
                 a is b for a, b in zip(rows, self._routed_rows)):
             return
         dense = self.dense(rows)
@@ -144,14 +153,14 @@ class Engine:
             self._routing = stack
         else:
             self.fused.reroute(dense)
-        self._routed_rows = list(rows)
+        self._routed_rows, self._stale = list(rows), False
 
     def release(self) -> None:
         """Leave the routed block (the model is the plain base model again); call when the batch empties
         and before the adapter bank changes."""
         if self._routing is not None:
             self._routing.close()
-        self._routing, self._routed_rows = None, []
+        self._routing, self._routed_rows, self._stale = None, [], False
 
     @property
     def device(self) -> torch.device:
@@ -260,6 +269,18 @@ class Engine:
                 row.finish("stop")
             elif len(row.tokens) >= row.max_tokens:
                 row.finish("length")
+            elif row.reroute is not None:
+                self._switch(row, token)
+
+    def _switch(self, row: Row, token: int) -> None:
+        """Ask the row's policy about its newest token; a new mixture applies from the next forward on."""
+        mixture = row.reroute(token)
+        if mixture is None:
+            return
+        row.mixture = dict(mixture)
+        # The forward on `token` (next step) samples answer token len(row.tokens): the first one under it.
+        row.switches.append((len(row.tokens), row.mixture))
+        self._stale = True
 
     @staticmethod
     def _scored(logits: torch.Tensor, tokens: list[int], top: int | None, normed: bool = False) -> list[TokenLogprob]:

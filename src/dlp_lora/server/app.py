@@ -33,8 +33,9 @@ from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, error_body
 from dlp_lora.server.extras import add_extra_routes
 from dlp_lora.server.metrics import CONTENT_TYPE
-from dlp_lora.server.responses import (ERROR_RESPONSES, Kind, ModelCard, ModelList, RoutingInfo, chat_choice, chunk_for,
-                                       completion_choice, response_for, usage_chunk_for, usage_of)
+from dlp_lora.server.responses import (ERROR_RESPONSES, Kind, ModelCard, ModelList, RoutingInfo, SwitchInfo,
+                                       chat_choice, chunk_for, completion_choice, response_for, routing_of,
+                                       usage_chunk_for, usage_of)
 from dlp_lora.server.scheduler import Completion, Job, StepRunner
 from dlp_lora.server.schemas import ChatCompletionRequest, CompletionRequest
 from dlp_lora.server.state import ROUTER_NAME, ServerState
@@ -113,6 +114,9 @@ class _QueueSink:
     def started(self, adapters: list[str], weights: list[float]) -> None:
         self._put(("start", RoutingInfo(adapters=adapters, weights=weights)))
 
+    def switched(self, switch: dict) -> None:
+        self._put(("switch", SwitchInfo(**switch)))
+
     def delta(self, text: str) -> None:
         self._put(("delta", text))
 
@@ -160,12 +164,17 @@ def _respond(request: Request, kind: Kind, model: str | None, choices: list[dict
              done: list[Completion]) -> JSONResponse:
     state = _state(request)
     usage = usage_of(prompt_tokens, done)
-    adapters = {a for c in done for a in c.adapters}
+    adapters = {a for c in done for a in _used(c)}
     state.metrics.observe_completion(request.scope["route"].path, time.perf_counter() - request.state.started,
                                      usage.prompt_tokens, usage.completion_tokens, adapters)
     rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-    routing = RoutingInfo(adapters=done[0].adapters, weights=done[0].weights).model_dump()
-    return JSONResponse(response_for(kind, rid, int(time.time()), model or ROUTER_NAME, choices, usage, routing))
+    return JSONResponse(response_for(kind, rid, int(time.time()), model or ROUTER_NAME, choices, usage,
+                                     routing_of(done[0])))
+
+
+def _used(c: Completion) -> list[str]:
+    """Every adapter that answered some of the completion's tokens (the first mixture's and any switch's)."""
+    return c.adapters + [a for s in c.switches or [] for a in s["adapters"]]
 
 
 async def _start_stream(request: Request, job: Job, include_usage: bool, kind: Kind, model: str | None
@@ -193,12 +202,15 @@ def _data(payload: dict | str) -> str:
 async def _sse(state: ServerState, job: Job, sink: _QueueSink, item: tuple, kind: Kind, head: tuple,
                include_usage: bool, endpoint: str, started: float) -> AsyncIterator[str]:
     routing = RoutingInfo(adapters=[], weights=[])
+    sentence = job.mixture is None and job.routing.granularity == "sentence"
     try:
         while True:
             event, payload = item
             if event == "start":
-                routing = payload
+                routing = payload.model_copy(update={"switches": [] if sentence else None})
                 yield _data(chunk_for(kind, *head, routing, text="", first=True))
+            elif event == "switch":  # `sentence` routing: the chunks from here on list it
+                routing = routing.model_copy(update={"switches": [*(routing.switches or []), payload]})
             elif event == "delta":
                 yield _data(chunk_for(kind, *head, routing, text=payload))
             else:
@@ -229,7 +241,7 @@ async def _closing(state: ServerState, future: Future, kind: Kind, head: tuple, 
         yield _data(usage_chunk_for(kind, *head, c))
     yield _data("[DONE]")
     state.metrics.observe_completion(endpoint, time.perf_counter() - started, usage.prompt_tokens,
-                                     usage.completion_tokens, c.adapters)
+                                     usage.completion_tokens, _used(c))
 
 
 # ---- other endpoints -----------------------------------------------------------------------------

@@ -2,7 +2,11 @@
 
 Every response and stream chunk carries, beyond OpenAI's fields, a top-level `routing` object: the
 adapters that answered, heaviest first, with their weights: {"adapters": ["maths"], "weights": [1.0]}
-(for several choices: the first choice's; each choice also carries its own `routing`).
+(for several choices: the first choice's; each choice also carries its own `routing`). Under
+`routing_granularity="sentence"` it also lists `switches`, the mid-answer mixture changes as
+`DLPLoRA.generate` reports them (`Result.switches`): [{"token": 7, "adapters": [...], "weights": [...]}],
+answer tokens 7, 8, ... were sampled under that mixture; `adapters`/`weights` are the first one. A stream
+chunk's `routing` lists the switches made up to it (the closing chunk: all of them).
 Log-probabilities are laid out as OpenAI (and vLLM) lay them out: for completions
 `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` (with `echo`, the prompt's tokens first,
 the very first with a null log-probability); for chat `{"content": [{"token", "logprob", "bytes",
@@ -18,8 +22,8 @@ from pydantic import BaseModel
 from dlp_lora.engine import TokenLogprob
 from dlp_lora.server.scheduler import Completion
 
-__all__ = ["ERROR_RESPONSES", "ErrorResponse", "Kind", "ModelCard", "ModelList", "RoutingInfo", "Usage", "chat_choice", "chunk_for",
-           "completion_choice", "response_for", "usage_chunk_for", "usage_of"]
+__all__ = ["ERROR_RESPONSES", "ErrorResponse", "Kind", "ModelCard", "ModelList", "RoutingInfo", "SwitchInfo", "Usage",
+           "chat_choice", "chunk_for", "completion_choice", "response_for", "routing_of", "usage_chunk_for", "usage_of"]
 
 Kind = Literal["completion", "chat"]
 TokenText = Callable[[int], str]
@@ -50,9 +54,23 @@ ERROR_RESPONSES: dict[int | str, dict] = {
 """The error answers of the generation endpoints, for the OpenAPI document."""
 
 
+class SwitchInfo(BaseModel):
+    """A mid-answer mixture change: answer tokens from index `token` on were sampled under it."""
+
+    token: int
+    adapters: list[str]
+    weights: list[float]
+
+
 class RoutingInfo(BaseModel):
     adapters: list[str]
     weights: list[float]
+    switches: list[SwitchInfo] | None = None
+    """`sentence` routing only (absent otherwise)."""
+
+    def wire(self) -> dict:
+        """The JSON object sent: `switches` only where the row was sentence-routed."""
+        return self.model_dump(exclude_none=True)
 
 
 class Usage(BaseModel):
@@ -77,8 +95,9 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def _routing(c: Completion) -> dict:
-    return RoutingInfo(adapters=c.adapters, weights=c.weights).model_dump()
+def routing_of(c: Completion) -> dict:
+    """A completion's `routing` object."""
+    return RoutingInfo(adapters=c.adapters, weights=c.weights, switches=c.switches).wire()
 
 
 def usage_of(prompt_tokens: Sequence[int], choices: Sequence[Completion]) -> Usage:
@@ -119,7 +138,7 @@ def completion_choice(index: int, c: Completion, prompt_text: str | None, text: 
     if c.token_logprobs is not None:
         logprobs = _completion_logprobs(c, echo, 0 if echo else len(prompt_text or ""), text)
     return {"index": index, "text": (prompt_text or "") + c.text, "logprobs": logprobs,
-            "finish_reason": c.finish_reason, "routing": _routing(c)}
+            "finish_reason": c.finish_reason, "routing": routing_of(c)}
 
 
 def _chat_logprobs(c: Completion, text: TokenText) -> dict | None:
@@ -136,7 +155,7 @@ def _chat_logprobs(c: Completion, text: TokenText) -> dict | None:
 
 def chat_choice(index: int, c: Completion, text: TokenText) -> dict:
     return {"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": _chat_logprobs(c, text),
-            "finish_reason": c.finish_reason, "routing": _routing(c)}
+            "finish_reason": c.finish_reason, "routing": routing_of(c)}
 
 
 def _envelope(kind: Kind, rid: str, created: int, model: str, stream: bool) -> dict:
@@ -162,10 +181,10 @@ def chunk_for(kind: Kind, rid: str, created: int, model: str, routing: RoutingIn
               first: bool = False, finish_reason: str | None = None) -> dict:
     """One stream chunk: the opening one (`first`), a text delta, or the closing one (`finish_reason`)."""
     return {**_envelope(kind, rid, created, model, True),
-            "choices": [_stream_choice(kind, text, finish_reason, first)], "routing": routing.model_dump()}
+            "choices": [_stream_choice(kind, text, finish_reason, first)], "routing": routing.wire()}
 
 
 def usage_chunk_for(kind: Kind, rid: str, created: int, model: str, c: Completion) -> dict:
     """The extra chunk sent when `stream_options.include_usage` is set: no choices, only usage."""
     return {**_envelope(kind, rid, created, model, True), "choices": [],
-            "usage": usage_of([c.prompt_tokens], [c]).model_dump(), "routing": _routing(c)}
+            "usage": usage_of([c.prompt_tokens], [c]).model_dump(), "routing": routing_of(c)}

@@ -5,15 +5,24 @@ own batch (`Engine.prefill`) and merges them into the running batch; each step d
 every running row. After every call, rows that ended answer their clients at once and leave the batch;
 streaming rows get the text that became safe to send (stop strings are checked on the text the way
 `generation.py` checks them, so a row's answer does not depend on the rows beside it).
+
+A `sentence`-routed job's row gets its own `SentencePolicy` (`_SentenceRerouter`, the one
+`DLPLoRA.generate` uses, over one row): the engine feeds it the row's tokens, and when a sentence ends
+under a new mixture the row continues under it, its neighbours untouched.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Mapping
+
+import torch
 
 from dlp_lora.config import GenerationConfig
 from dlp_lora.engine import Engine, Row, RunningBatch
+from dlp_lora.generation import eos_ids
 from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.routing import SentencePolicy
 from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.scheduler import Completion, Job
 
@@ -29,12 +38,63 @@ def _held_back(text: str, stop: tuple[str, ...]) -> int:
     return hold
 
 
+def _listed(mixture: Mapping[str, float]) -> tuple[list[str], list[float]]:
+    """{adapter: weight} -> (adapters, weights) heaviest first, as responses list them."""
+    pairs = sorted(((n, w) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
+    return [n for n, _ in pairs], [round(w, 6) for _, w in pairs]
+
+
+class _SentenceRerouter:
+    """`Row.reroute` for a `sentence`-routed job: one row's `SentencePolicy`.
+
+    The policy works on weights over the router's classes (a class the base model serves carries none),
+    not over the adapter bank, which runtime adapters may grow or shrink while the row runs; the row's
+    mixture maps the same weights to adapter names, so the fused routing is the library's exactly.
+    """
+
+    def __init__(self, pipeline: DLPLoRA, job: Job, mixture: Mapping[str, float]) -> None:
+        self.pipeline, self.classes = pipeline, pipeline.task_names
+        # Host tensors on purpose: the policy reads text and its weights become the row's {name: weight}.
+        initial = torch.tensor([[float(mixture.get(c, 0.0)) for c in self.classes]], device="cpu")
+        tokenizer = pipeline.tokenizer
+        self.policy = SentencePolicy(job.routing, [job.window_text], initial,
+                                     decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
+                                     route=self._route, eos=frozenset(eos_ids(pipeline.model, tokenizer)))
+
+    def _route(self, texts: list[str]) -> torch.Tensor:
+        """(B',) texts -> (B', classes) selected weights of the classes with an adapter."""
+        routing, names = self.pipeline.route(texts), self.pipeline.adapter_names
+        out = torch.zeros(len(texts), len(self.classes), device="cpu")
+        for b in range(len(texts)):
+            for i, w in routing.row(b):
+                out[b, self.classes.index(names[i])] = w
+        return out
+
+    def __call__(self, token: int) -> dict[str, float] | None:
+        changes = self.policy.step(torch.tensor([token], device="cpu"), torch.zeros(1, dtype=torch.bool, device="cpu"))
+        if not changes:
+            return None
+        return {self.classes[i]: w for i, w in enumerate(changes[0].tolist()) if w > 0}
+
+
 class _Ride:
     """One job's row and what of its answer has been streamed."""
 
     def __init__(self, job: Job, row: Row, adapters: list[str], weights: list[float]) -> None:
         self.job, self.row, self.adapters, self.weights = job, row, adapters, weights
         self.streamed = ""
+        self.switches: list[dict] = []
+
+    def switched(self) -> None:
+        """Record (and stream) the row's mixture changes that some answer token was sampled under: as
+        `DLPLoRA.generate` reports them, a change just before the row's end (EOS) is none."""
+        for token, mixture in self.row.switches[len(self.switches):]:
+            if token >= len(self.row.tokens):
+                return
+            adapters, weights = _listed(mixture)
+            self.switches.append({"token": token, "adapters": adapters, "weights": weights})
+            if self.job.sink is not None:
+                self.job.sink.switched(self.switches[-1])
 
     def emit(self, text: str) -> None:
         """Stream the part of `text` beyond what was sent, if the client still listens."""
@@ -64,7 +124,7 @@ class PipelineRunner:
     @property
     def active_adapters(self) -> set[str]:
         """Adapters with weight in some running row's mixture (read by metrics and adapter unloading)."""
-        return {n for r in list(self._rides.values()) for n in r.adapters}
+        return {n for r in list(self._rides.values()) for n, w in dict(r.row.mixture).items() if w > 0}
 
     def holds(self, job: Job) -> bool:
         return any(r.job is job for r in self._rides.values())
@@ -127,10 +187,11 @@ class PipelineRunner:
     def _ride(self, job: Job, mixture: dict[str, float]) -> _Ride:
         s = job.sampling
         sampling = GenerationConfig(do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p)
+        sentence = job.routing.granularity == "sentence" and job.mixture is None
         row = Row(prompt_ids=job.prompt_ids, mixture=mixture, max_tokens=job.max_tokens, sampling=sampling,
-                  seed=s.seed, stop=job.stop, logprobs=job.logprobs, echo=job.echo, ignore_eos=job.ignore_eos)
-        pairs = sorted(((n, w) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
-        return _Ride(job, row, [n for n, _ in pairs], [round(w, 6) for _, w in pairs])
+                  seed=s.seed, stop=job.stop, logprobs=job.logprobs, echo=job.echo, ignore_eos=job.ignore_eos,
+                  reroute=_SentenceRerouter(self.pipeline, job, mixture) if sentence else None)
+        return _Ride(job, row, *_listed(mixture))
 
     def _settle(self) -> None:
         """Stream new text, answer rows that ended (or whose client left), drop them from the batch."""
@@ -139,6 +200,8 @@ class PipelineRunner:
             ride = self._rides[id(row)]
             if ride.job.abandoned:
                 row.finish("length")
+            if row.reroute is not None:
+                ride.switched()
             text = self.engine.text(row)
             if not row.done:
                 if ride.job.sink is not None:
@@ -151,7 +214,8 @@ class PipelineRunner:
                 completion_tokens=len(row.tokens), adapters=ride.adapters, weights=ride.weights,
                 prompt_ids=row.prompt_ids, token_ids=row.tokens,
                 token_logprobs=row.token_logprobs if row.logprobs is not None else None,
-                prompt_logprobs=row.prompt_logprobs if row.echo else None))
+                prompt_logprobs=row.prompt_logprobs if row.echo else None,
+                switches=ride.switches if row.reroute is not None else None))
         self.batch = Engine.drop_finished(self.batch)
         if self.batch is None:
             self.engine.release()

@@ -70,12 +70,20 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    switches: list[dict] | None = None
+    """`sentence` routing only (None otherwise): the mid-answer mixture changes, as `Result.switches` has
+    them: {"token": i, "adapters": [...], "weights": [...]}, the mixture answer tokens i, i+1, ... were
+    sampled under; `adapters`/`weights` above are the first mixture."""
 
 
 class StreamSink(Protocol):
     """Receives a streaming request's events from the worker thread (must not block)."""
 
     def started(self, adapters: list[str], weights: list[float]) -> None: ...
+
+    def switched(self, switch: dict) -> None:
+        """`sentence` routing: the row changed mixture (a `Completion.switches` entry), before the text
+        sampled under it is streamed."""
 
     def delta(self, text: str) -> None: ...
 
@@ -101,7 +109,11 @@ class Job:
     ignore_eos: bool = False
     """Decode past EOS up to max_tokens."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-    """How the router reads this row's prompt (already applied to `route_text`; kept for metrics and logs)."""
+    """How the router reads this row's prompt (already applied to `route_text`); under `sentence` the row
+    is also re-routed after each generated sentence."""
+    window_text: str = ""
+    """`sentence` routing: the router's text before segmenting (a chat's last user message, a completion's
+    prompt), the start of the window the row is re-routed on (prompt + answer so far)."""
     sink: StreamSink | None = None
     future: Future = field(default_factory=Future)
     arrived: float = field(default_factory=time.monotonic)

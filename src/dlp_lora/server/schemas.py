@@ -2,9 +2,10 @@
 schema, so the OpenAPI document and a generated client know them).
 
 Beyond OpenAI's fields, generation requests may carry `adapters` (names) and `weights` to override the
-router, or `routing_granularity` ("prompt" or "segment", see `dlp_lora.routing`) and `segment_marker`
-to choose which text the router reads ("sentence", re-routing mid-answer, is refused: rows of the
-continuous batch keep one mixture); responses carry a top-level `routing` object (`responses.py`).
+router, or `routing_granularity` ("prompt", "segment" or "sentence", see `dlp_lora.routing`) and
+`segment_marker` to choose which text the router reads and whether the answer is re-routed after each
+generated sentence; responses carry a top-level `routing` object (`responses.py`), with the mid-answer
+`switches` under "sentence".
 vLLM's extra endpoints are here too: /tokenize, /detokenize and the runtime adapter calls.
 """
 
@@ -109,8 +110,8 @@ class GenerationParams(_Request):
     """One weight >= 0 per adapter, used as given (default: equal weights summing to 1)."""
     routing_granularity: Granularity | None = None
     """Which text the router reads (default: the server's, `prompt`): the whole prompt, or its last
-    segment. `sentence` (re-routing after each generated sentence) is refused with a 400: a row of the
-    continuous batch keeps one mixture. Not with `adapters`."""
+    segment; `sentence` starts as `segment` and re-routes the answer after each generated sentence (the
+    response's `routing.switches` lists the changes). Not with `adapters`."""
     segment_marker: Annotated[str, Field(min_length=1, max_length=64)] | None = None
     """Separator of the prompt's segments for `segment` (default: a blank line)."""
 

@@ -130,24 +130,24 @@ class ServerState:
                                  "send text, or name an adapter or the base model as `model`",
                                  param="messages" if isinstance(req, ChatCompletionRequest) else "prompt")
         routing = self.routing_config(req, mixture)
-        if mixture is None:
-            route_texts = [routing_text(t, routing) for t in route_texts]
         jobs = []
-        for (_, ids), route in zip(prompts, route_texts):
+        for (_, ids), text in zip(prompts, route_texts):
+            route = routing_text(text, routing) if mixture is None else text
             for c in range(req.n):
                 seed = None if req.seed is None else (req.seed + c) % 2**64
                 jobs.append(Job(prompt_ids=ids, route_text=route, max_tokens=max_tokens, stop=req.stop_strings,
                                 sampling=Sampling.of(req.temperature, req.top_p, seed), mixture=mixture,
-                                logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos, routing=routing))
+                                logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos, routing=routing,
+                                window_text=text))
         return jobs
 
     def routing_config(self, req: GenerationParams, mixture: dict[str, float] | None) -> RoutingConfig:
         """The pipeline's routing granularity with the request's overrides, or a 400 naming the field.
 
         `segment` routes on the prompt's last segment: it only changes the text the router reads before
-        the prefill, so continuous batching serves it as is. `sentence` re-routes mid-answer, which a row
-        of the continuous batch (one mixture for its whole life) cannot do: refused, pointing to the
-        library path that can (`DLPLoRA.generate(routing_config=...)`)."""
+        the prefill. `sentence` starts the same way, then re-routes the row after each sentence it
+        generates (`PipelineRunner` gives the row a policy; its neighbours in the continuous batch keep
+        their mixtures). Both need the router: refused when the request names one model or adapter."""
         given = {"granularity": req.routing_granularity, "segment_marker": req.segment_marker}
         cfg = dataclasses.replace(self.pipeline.routing_config, **{k: v for k, v in given.items() if v is not None})
         if cfg.granularity == "prompt":
@@ -155,11 +155,6 @@ class ServerState:
         if mixture is not None:
             raise InvalidRequest(f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
                                  "names one model or adapter (send model=dlp-lora or none)",
-                                 param="routing_granularity")
-        if cfg.granularity == "sentence":
-            raise InvalidRequest("routing_granularity='sentence' (re-routing after each generated sentence) is not "
-                                 "served: a row of the continuous batch keeps one adapter mixture; send 'prompt' or "
-                                 "'segment', or use the library (DLPLoRA.generate with a RoutingConfig)",
                                  param="routing_granularity")
         return cfg
 
