@@ -784,3 +784,21 @@ def test_sentence_rows_switch_without_touching_their_neighbours(assets, path):
     for ref, ans in zip(alone, neighbours):
         assert ans["choices"][0]["message"]["content"] == ref.text and "switches" not in ans["routing"]
         assert (ans["routing"]["adapters"], ans["usage"]["completion_tokens"]) == (ref.adapters, ref.completion_tokens)
+
+
+def test_a_window_the_router_refuses_keeps_the_mixture(pipe):
+    """Sentence routing never fails a row (or its batch) over a window the router cannot read: the row keeps
+    its mixture."""
+    from dlp_lora.server.runner import _SentenceRerouter
+    from dlp_lora.server.scheduler import Job
+
+    class Refusing:
+        def route(self, texts):
+            raise ValueError("prompt 0 has no tokens (whitespace only?)")
+
+    job = Job(prompt_ids=[1], route_text="hi", max_tokens=4, routing=dataclasses.replace(BUSY, granularity="sentence"),
+              window_text="hi")
+    reroute = _SentenceRerouter(pipe, job, {"maths": 1.0})
+    reroute.pipeline = Refusing()
+    ids = pipe.tokenizer("ab.", add_special_tokens=False)["input_ids"]
+    assert [reroute(t) for t in ids * 2] == [None] * len(ids) * 2

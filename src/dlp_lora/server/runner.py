@@ -71,7 +71,13 @@ class _SentenceRerouter:
         return out
 
     def __call__(self, token: int) -> dict[str, float] | None:
-        changes = self.policy.step(torch.tensor([token], device="cpu"), torch.zeros(1, dtype=torch.bool, device="cpu"))
+        try:
+            changes = self.policy.step(torch.tensor([token], device="cpu"),
+                                       torch.zeros(1, dtype=torch.bool, device="cpu"))
+        except ValueError:  # a window the router cannot read (no tokens): keep the mixture, fail no row
+            logging.getLogger(__name__).warning("sentence routing kept a row's mixture: the router refused its "
+                                                "window", exc_info=True)
+            return None
         if not changes:
             return None
         return {self.classes[i]: w for i, w in enumerate(changes[0].tolist()) if w > 0}
