@@ -76,7 +76,7 @@ def test_playground_shows_bars_mixture_and_streamed_answer(pipe, browser):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
-        _wait_for(lambda: server.started)
+        _wait_for(lambda: server.started, 60)
         tab = next(t for t in _targets(browser) if t["type"] == "page")
         page = _Page(tab["webSocketDebuggerUrl"])
         page.eval(f"location.href = 'http://127.0.0.1:{port}/?send=1&max_tokens=6&prompt={quote(prompt)}'")
