@@ -63,12 +63,9 @@ class _SentenceRerouter:
 
     def _route(self, texts: list[str]) -> torch.Tensor:
         """(B',) texts -> (B', classes) selected weights of the classes with an adapter."""
-        routing, names = self.pipeline.route(texts), self.pipeline.adapter_names
-        out = torch.zeros(len(texts), len(self.classes), device="cpu")
-        for b in range(len(texts)):
-            for i, w in routing.row(b):
-                out[b, self.classes.index(names[i])] = w
-        return out
+        served = set(self.pipeline.base_served)
+        keep = torch.tensor([[c not in served for c in self.classes]], device="cpu")
+        return self.pipeline.class_weights(texts) * keep
 
     def __call__(self, token: int) -> dict[str, float] | None:
         try:
