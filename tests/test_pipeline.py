@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
 from dlp_lora.assets import Manifest
@@ -58,6 +59,28 @@ def test_router_adapter_mismatch_refused(assets, tok):
     swapped = dict(reversed(list(manifest.adapter_paths(assets).items())))
     with pytest.raises(ValueError, match="do not match adapters"):
         DLPLoRA(tiny_vocab_model(len(tok)), tok, router, swapped)
+
+
+def test_runtime_adapter_fills_a_base_served_class(assets, tok):
+    """Removing a class's adapter leaves the class to the base model (its weight on nothing); an adapter
+    added under the class's name is routed again, wherever it lands in the bank; another name is served
+    by name only."""
+    dlp = _pipeline(assets, tok, selection=SelectionConfig(p=0.99))
+    prompts = ["What is 3 + 4?", "Name a noble gas."]
+    classes = dlp.class_weights(prompts)
+    assert (classes > 0).all()  # both classes carry weight in both rows, so every column below is tested
+    dlp.remove_adapter("maths")
+    assert dlp.base_served == ["maths"] and dlp.adapter_names == ["science"]
+    assert torch.equal(dlp.route(prompts).to_dense(1), classes[:, [1]])
+    dlp.add_adapter("extra", assets / "adapters" / "science")  # a name the router has no class for
+    dlp.add_adapter("maths", assets / "adapters" / "maths")
+    assert dlp.adapter_names == ["science", "extra", "maths"] and dlp.base_served == [] and dlp.baselines == ["extra"]
+    science, maths = classes[:, [1]], classes[:, [0]]
+    assert torch.equal(dlp.route(prompts).to_dense(3), torch.hstack([science, torch.zeros(2, 1), maths]))
+    with pytest.raises(ValueError, match="already served"):
+        dlp.add_adapter("maths", assets / "adapters" / "maths")
+    with pytest.raises(ValueError, match="no adapter named"):
+        dlp.remove_adapter("nope")
 
 
 def test_bad_requests(assets, tok):

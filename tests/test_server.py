@@ -301,11 +301,25 @@ def test_runtime_adapters_load_serve_and_unload(pipe, assets, tmp_path):
         assert served.status_code == 200 and served.json()["routing"]["adapters"] == ["extra"]
         assert ask("code").json()["choices"][0]["message"]["content"] == ref.text  # the bank's others unchanged
         assert 'dlp_lora_adapter_selected_total{adapter="extra"} 1.0' in client.get("/metrics").text
-        router_class = client.post("/v1/unload_lora_adapter", json={"lora_name": "code"})
-        assert router_class.status_code == 400 and "router's classes" in router_class.json()["error"]["message"]
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 200
         assert ask("extra").status_code == 404
         assert client.post("/v1/unload_lora_adapter", json={"lora_name": "extra"}).status_code == 400
+        assert ask("code").json()["choices"][0]["message"]["content"] == ref.text
+
+        # A router class's adapter: unloaded, its class goes to the base model (as the dev gate leaves it);
+        # loaded again under the class's name, it is routed again.
+        def route(prompt: str) -> dict:
+            return client.post("/v1/route", json={"prompt": prompt}).json()
+
+        prompt = next(p for p in PROMPTS if "code" in route(p)["adapters"])
+        before = route(prompt)
+        assert client.post("/v1/unload_lora_adapter", json={"lora_name": "code"}).status_code == 200
+        after = route(prompt)
+        assert after["base_served"] == ["code"] and after["probabilities"] == before["probabilities"]
+        assert "code" not in after["adapters"] and ask("code").status_code == 404
+        back = client.post("/v1/load_lora_adapter", json={"lora_name": "code", "lora_path": str(assets / "adapters" / "code")})
+        assert back.status_code == 200 and "routed" in back.text
+        assert route(prompt) == before
         assert ask("code").json()["choices"][0]["message"]["content"] == ref.text
     assert pipe.adapter_names == list(ADAPTERS)
 

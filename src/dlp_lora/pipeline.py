@@ -81,10 +81,12 @@ class DLPLoRA:
         self.baselines = list(baselines)
         self.classes = list(adapters)
         self.fused = FusedLoRAModel(model, {**deployed, **baselines}, fusion)
+        self._reindex()
+
+    def _reindex(self) -> None:
+        """Bank column of each router class; -1 where the class has no adapter (redone when the bank changes)."""
         names = self.fused.adapter_names
-        # Bank column of each router class; -1 where the class has no adapter.
-        self._columns = torch.tensor([names.index(c) if c in deployed else -1 for c in self.classes],
-                                     dtype=torch.long)
+        self._columns = torch.tensor([names.index(c) if c in names else -1 for c in self.classes], dtype=torch.long)
 
     @classmethod
     def from_assets(
@@ -142,17 +144,25 @@ class DLPLoRA:
         return dense
 
     def add_adapter(self, name: str, path: str | Path) -> None:
-        """Serve one more PEFT adapter, by name only (the router has no class for it, like a baseline)."""
+        """Serve one more PEFT adapter. Named after a router class the base model serves (the dev gate kept
+        no adapter for it), it becomes that class's adapter and is routed; any other name is served by name
+        only (the router has no class for it, like a baseline)."""
+        if name in self.adapter_names:
+            raise ValueError(f"an adapter named {name!r} is already served")
         self.fused.add_adapter(name, path)
-        self.baselines.append(name)
+        if name not in self.classes:
+            self.baselines.append(name)
+        self._reindex()
 
     def remove_adapter(self, name: str) -> None:
-        """Stop serving an adapter the router never picks (a runtime adapter or a baseline)."""
-        if name in self.task_names:
-            raise ValueError(f"adapter {name!r} is one of the router's classes; only adapters the router never "
-                             f"picks can be removed ({', '.join(self.baselines) or 'none loaded'})")
+        """Stop serving an adapter. A router class's adapter leaves its class to the base model (routing to
+        it then puts weight on nothing, as the dev gate does); later adapters move down one bank index."""
+        if name not in self.adapter_names:
+            raise ValueError(f"no adapter named {name!r} is served; served adapters: {self.adapter_names}")
         self.fused.remove_adapter(name)
-        self.baselines.remove(name)
+        if name in self.baselines:
+            self.baselines.remove(name)
+        self._reindex()
 
     def route(self, prompts: Sequence[str],
               routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> Routing:

@@ -3,7 +3,8 @@
 POST /tokenize and /detokenize (vLLM's shapes), POST /v1/route (what the router makes of a prompt: the
 playground's bars), GET / (the playground: plain HTML + JS from `static/`, no build step), and with
 `ServerConfig.allow_runtime_adapters` POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's
-runtime adapters; the bank changes on the worker thread, between two decode steps).
+runtime adapters; the bank changes on the worker thread, between two decode steps). An adapter loaded under
+the name of a router class that the base model serves (the dev gate kept none) is routed from then on.
 """
 
 from __future__ import annotations
@@ -95,10 +96,12 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
 
     await asyncio.wrap_future(state.scheduler.call(load))
     state.metrics.add_adapter(body.lora_name)
-    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+    routed = " and routed (the router has a class for it)" if body.lora_name in state.pipeline.task_names else ""
+    return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully{routed}.")
 
 
 async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> PlainTextResponse:
+    """vLLM's runtime adapter unloading; a router class's adapter leaves its class to the base model."""
     state = _state(request)
     if body.lora_name not in state.pipeline.adapter_names:
         raise InvalidRequest(f"no adapter named {body.lora_name!r} is loaded", param="lora_name")
