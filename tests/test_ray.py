@@ -22,7 +22,7 @@ serve = pytest.importorskip("ray.serve")
 
 import dlp_lora.server.ray as ray_deployment  # noqa: E402
 from conftest import make_tiny_assets  # noqa: E402
-from dlp_lora.config import DeviceConfig, RayServeConfig, ServerConfig  # noqa: E402
+from dlp_lora.config import DeviceConfig, RayServeConfig, RoutingConfig, ServerConfig  # noqa: E402
 from dlp_lora.models import load_tokenizer  # noqa: E402
 from dlp_lora.pipeline import DLPLoRA  # noqa: E402
 from dlp_lora.server import create_app  # noqa: E402
@@ -123,19 +123,22 @@ def test_each_replica_loads_its_pipeline_on_the_given_device(assets):
 
 
 def test_device_reaches_the_replicas_from_cli_builder_and_deployment(assets, monkeypatch):
-    """`serve --ray --device/--dtype`, `app_builder` args and `deployment(device=...)` all build the replicas'
-    spec with that device (the builder each replica runs loads `spec.load()`)."""
+    """`serve --ray --device/--dtype/--granularity`, `app_builder` args and `deployment(device=...)` all
+    build the replicas' spec with that device and routing (the builder each replica runs loads `spec.load()`)."""
     from dlp_lora.cli import main
 
     specs, served = [], []
     monkeypatch.setattr(ray_deployment, "replica_spec",
                         lambda *a, **kw: specs.append(replica_spec(*a, **kw)) or specs[-1])
-    monkeypatch.setattr(ray_deployment, "serve_ray", lambda *a, **kw: served.append(a[-1]))
-    assert main(["serve", "--assets", str(assets), "--ray", "--device", "cpu", "--dtype", "bfloat16"]) == 0
-    assert served == [BF16]
-    assert isinstance(app_builder({"assets": str(assets), "device": "cpu", "dtype": "bfloat16"}), serve.Application)
+    monkeypatch.setattr(ray_deployment, "serve_ray", lambda *a, **kw: served.append(a[-2:]))
+    assert main(["serve", "--assets", str(assets), "--ray", "--device", "cpu", "--dtype", "bfloat16",
+                 "--granularity", "sentence"]) == 0
+    assert served == [(BF16, RoutingConfig(granularity="sentence"))]
+    assert isinstance(app_builder({"assets": str(assets), "device": "cpu", "dtype": "bfloat16",
+                                   "granularity": "segment", "window_chars": "200"}), serve.Application)
     assert isinstance(deployment(assets, CFG, RayServeConfig(), device=BF16), serve.Application)
     assert [s.device for s in specs] == [BF16, BF16]
+    assert [s.routing for s in specs] == [RoutingConfig(granularity="segment", window_chars=200), RoutingConfig()]
     with pytest.raises(ValueError, match="DeviceConfig\ndtype"):
         app_builder({"assets": str(assets), "dtype": "fp8"})
     with pytest.raises(ValueError, match="device must be auto"):

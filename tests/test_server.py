@@ -742,6 +742,20 @@ def test_sentence_routing_alone_equals_the_library(assets, path):
             assert seen == sorted(seen) and seen[-1] == len(ref.switches)
 
 
+def test_server_default_granularity_comes_from_the_pipeline(assets):
+    """`dlp-lora serve --granularity sentence` loads the pipeline with that routing config: a routed
+    request that names no granularity gets it (and its switches); one asking for `prompt` gets none."""
+    pipe = DLPLoRA.from_assets(assets, selection=SelectionConfig(p=0.99),
+                               routing_config=dataclasses.replace(BUSY, granularity="sentence"))
+    ref = _sentence_ref(pipe, SENTENCE_PROMPT, 12)
+    body = {"messages": _user(SENTENCE_PROMPT), "max_tokens": 12, "temperature": 0}
+    with TestClient(create_app(pipe, _cfg())) as client:
+        ans = client.post("/v1/chat/completions", json=body).json()
+        _check_sentence(ref, ans["choices"][0]["message"]["content"], ans["routing"])
+        once = client.post("/v1/chat/completions", json={**body, "routing_granularity": "prompt"}).json()
+        assert "switches" not in once["routing"]
+
+
 class _SlowGate(Gate):
     """A Gate whose decode steps take 20 ms (so a request sent mid-answer joins it), recording the batch size."""
 

@@ -44,7 +44,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type, skip: Sequence[s
             parser.add_argument(flag, choices=typing.get_args(hint), default=default)
         else:
             scalar = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if origin else hint
-            parser.add_argument(flag, type=scalar, default=default, help=f"default: {f.default}")
+            shown = repr(f.default) if isinstance(f.default, str) else f.default  # a blank-line marker stays visible
+            parser.add_argument(flag, type=scalar, default=default, help=f"default: {shown}")
 
 
 def config_from_args(cls: type, ns: argparse.Namespace) -> Any:
@@ -447,33 +448,36 @@ def _demo(ns: argparse.Namespace) -> None:
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
-    from dlp_lora.config import RayServeConfig, ServerConfig
+    from dlp_lora.config import RayServeConfig, RoutingConfig, ServerConfig
 
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
     _quantize_arg(p)
     add_config_args(p, ServerConfig)
     _device_args(p)
+    add_config_args(p.add_argument_group("routing granularity of routed requests that do not choose one "
+                                         "(docs: dlp_lora.routing)"), RoutingConfig)
     ray = p.add_argument_group("scale-out on Ray Serve (needs `pip install 'dlp-lora[ray]'`)")
     ray.add_argument("--ray", action="store_true", help="serve the same app as Ray Serve replicas")
     add_config_args(ray, RayServeConfig, overrides_only=True)
 
 
 def _serve(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import DeviceConfig, RayServeConfig, ServerConfig
+    from dlp_lora.config import DeviceConfig, RayServeConfig, RoutingConfig, ServerConfig
 
     cfg = config_from_args(ServerConfig, ns)
     device = config_from_args(DeviceConfig, ns)
+    routing = config_from_args(RoutingConfig, ns)
     ray_flags = [f.name for f in dataclasses.fields(RayServeConfig) if hasattr(ns, f.name)]
     if not ns.ray:
         if ray_flags:
             raise ValueError(f"--{ray_flags[0].replace('_', '-')} needs --ray")
         from dlp_lora.server.app import serve
 
-        return serve(ns.assets, cfg, ns.base_model, device, ns.quantize)
+        return serve(ns.assets, cfg, ns.base_model, device, ns.quantize, routing)
     from dlp_lora.server.ray import serve_ray
 
-    serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model, ns.quantize, device)
+    serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model, ns.quantize, device, routing)
 
 
 Command = tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], None]]

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dlp_lora.config import DeviceConfig, ServerConfig
+from dlp_lora.config import DeviceConfig, RoutingConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, error_body
 from dlp_lora.server.extras import add_extra_routes
@@ -338,16 +338,17 @@ def _openapi(app: FastAPI, cfg: ServerConfig) -> dict:
 
 
 def serve(assets: str | Path, cfg: ServerConfig, base_model: str | None = None,
-          device: DeviceConfig | None = None, quantize: str = "none") -> None:
+          device: DeviceConfig | None = None, quantize: str = "none", routing: RoutingConfig | None = None) -> None:
     """Load an assets folder and serve it with uvicorn until interrupted (`dlp-lora serve`).
 
     device: where the model runs and in which dtype (default: cuda when available, float32);
-    quantize: the base weights, none or int8 (`dlp_lora.quantize`)."""
+    quantize: the base weights, none or int8 (`dlp_lora.quantize`); routing: the routing granularity of
+    routed requests that do not choose one (default: per prompt)."""
     import uvicorn
 
     from dlp_lora.assets import Manifest
 
-    pipeline = DLPLoRA.from_assets(assets, base_model, device=device, quantize=quantize)
+    pipeline = DLPLoRA.from_assets(assets, base_model, device=device, quantize=quantize, routing_config=routing)
     name = cfg.model_name or base_model or Manifest.load(assets).base_model
     app = create_app(pipeline, dataclasses.replace(cfg, model_name=name))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

@@ -25,7 +25,7 @@ except ImportError as exc:  # the optional extra is missing: say how to get it
     raise ModuleNotFoundError("Ray Serve is not installed; install it with `pip install 'dlp-lora[ray]'`") from exc
 from fastapi import FastAPI, Request, Response
 
-from dlp_lora.config import DeviceConfig, RayServeConfig, ServerConfig
+from dlp_lora.config import DeviceConfig, RayServeConfig, RoutingConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.app import create_app
 
@@ -68,6 +68,8 @@ class ReplicaSpec:
     """Where each replica places its model, and in which dtype."""
     threads: int = 1
     """torch threads in each replica."""
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    """The routing granularity of routed requests that do not choose one."""
 
     def load(self) -> DLPLoRA:
         """The pipeline a replica serves: loaded by the replica itself, on `device` in its dtype."""
@@ -76,11 +78,13 @@ class ReplicaSpec:
         # Each replica is its own process on its own share of the node: one pool of `threads` per replica,
         # not one per core per replica (which would oversubscribe the node).
         torch.set_num_threads(self.threads)
-        return DLPLoRA.from_assets(self.assets, self.base_model, quantize=self.quantize, device=self.device)
+        return DLPLoRA.from_assets(self.assets, self.base_model, quantize=self.quantize, device=self.device,
+                                   routing_config=self.routing)
 
 
 def replica_spec(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
-                 quantize: str = "none", device: DeviceConfig | None = None) -> ReplicaSpec:
+                 quantize: str = "none", device: DeviceConfig | None = None,
+                 routing: RoutingConfig | None = None) -> ReplicaSpec:
     """What every replica of `deployment(...)` loads, checked here once rather than in every replica."""
     from dlp_lora.assets import Manifest
 
@@ -94,7 +98,8 @@ def replica_spec(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
     manifest = Manifest.load(root)
     manifest.check(root)  # fail here, not in every replica's constructor
     cfg = dataclasses.replace(cfg, model_name=cfg.model_name or base_model or manifest.base_model)
-    return ReplicaSpec(root, cfg, base_model, quantize, device, threads=max(1, int(ray_cfg.cpus_per_replica)))
+    return ReplicaSpec(root, cfg, base_model, quantize, device, threads=max(1, int(ray_cfg.cpus_per_replica)),
+                       routing=routing or RoutingConfig())
 
 
 def replica_app(spec: ReplicaSpec) -> FastAPI:
@@ -112,7 +117,8 @@ def replica_app(spec: ReplicaSpec) -> FastAPI:
 
 
 def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
-               quantize: str = "none", device: DeviceConfig | None = None) -> serve.Application:
+               quantize: str = "none", device: DeviceConfig | None = None,
+               routing: RoutingConfig | None = None) -> serve.Application:
     """The bound Ray Serve application for one assets folder; run it with `serve.run(..., route_prefix="/")`.
 
     The app is built on each replica (a builder given to `serve.ingress`) from `replica_spec(...)`, so only
@@ -120,7 +126,7 @@ def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, b
     same path. `device` (default: auto, float32) places each replica's model; a cuda device needs
     `ray_cfg.gpus_per_replica` > 0.
     """
-    spec = replica_spec(assets, cfg, ray_cfg, base_model, quantize, device)
+    spec = replica_spec(assets, cfg, ray_cfg, base_model, quantize, device, routing)
 
     def build() -> FastAPI:
         return replica_app(spec)
@@ -133,23 +139,24 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     """The application for `serve run` / a KubeRay `RayService` (`import_path: dlp_lora.server.ray:app_builder`).
 
     `args` holds `assets` (required), optionally `base_model` and `quantize` (none/int8), and any
-    `ServerConfig`, `RayServeConfig` or `DeviceConfig` field by name (e.g. `replicas`, `max_ongoing_requests`,
-    `max_tokens_limit`, `device`, `dtype`); unknown keys are an error. Values may be strings (`serve run ...
+    `ServerConfig`, `RayServeConfig`, `DeviceConfig` or `RoutingConfig` field by name (e.g. `replicas`,
+    `max_ongoing_requests`, `max_tokens_limit`, `device`, `dtype`, `granularity`); unknown keys are an error. Values may be strings (`serve run ...
     replicas=2` passes them so): each becomes its field's type.
     """
     from pydantic import TypeAdapter
 
-    configs = (ServerConfig, RayServeConfig, DeviceConfig)
+    configs = (ServerConfig, RayServeConfig, DeviceConfig, RoutingConfig)
     fields = {c: {f.name for f in dataclasses.fields(c)} for c in configs}
     unknown = sorted(set(args).difference(*fields.values(), {"assets", "base_model", "quantize"}))
     if unknown or "assets" not in args:
-        raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig/DeviceConfig "
+        raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig/DeviceConfig/RoutingConfig "
                          f"fields, got {'unknown ' + ', '.join(unknown) if unknown else 'no assets'}")
     # pydantic's lax mode turns "2" into 2 for an int field (and refuses "two" naming the field), then
     # the dataclass's own __post_init__ checks run as usual.
-    cfg, ray_cfg, device = (TypeAdapter(c).validate_python({k: v for k, v in args.items() if k in fields[c]})
-                            for c in configs)
-    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"), args.get("quantize", "none"), device)
+    cfg, ray_cfg, device, routing = (TypeAdapter(c).validate_python({k: v for k, v in args.items() if k in fields[c]})
+                                     for c in configs)
+    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"), args.get("quantize", "none"), device,
+                      routing)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -157,7 +164,7 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
-              quantize: str = "none", device: DeviceConfig | None = None) -> None:
+              quantize: str = "none", device: DeviceConfig | None = None, routing: RoutingConfig | None = None) -> None:
     """Deploy the app on `cfg.host:cfg.port` and block until interrupted (Ctrl-C or SIGTERM).
 
     With `ray_cfg.address` None this starts a local Ray cluster sized for the most replicas it may run
@@ -168,7 +175,7 @@ def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, ba
 
     import ray
 
-    app = deployment(assets, cfg, ray_cfg, base_model, quantize, device)
+    app = deployment(assets, cfg, ray_cfg, base_model, quantize, device, routing)
     if ray_cfg.address is None:
         most = ray_cfg.max_replicas or ray_cfg.replicas
         ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * ray_cfg.cpus_per_replica)),
