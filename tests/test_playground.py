@@ -1,5 +1,6 @@
 """The playground page at `/`, in a real headless browser (Debian's chromium, `make browser`): the page
-loads, a prompt is sent, the router's bars, the mixture and the streamed answer appear. Driven over the
+loads, a prompt is sent, the router's bars, the mixture, the streamed answer and (under sentence routing)
+each mid-answer switch appear. Driven over the
 Chrome DevTools protocol; skipped with the reason when no chromium is installed."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import httpx
 import pytest
 
 from dlp_lora.server import create_app
-from test_server import ADAPTERS, _alone, _cfg, _wait_for, pipe, assets  # noqa: F401  (fixtures)
+from test_server import (ADAPTERS, SENTENCE_PROMPT, _alone, _busy, _cfg, _sentence_ref, _wait_for,  # noqa: F401
+                         assets, pipe)  # fixtures
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (install it with `make browser`)")
@@ -67,10 +69,10 @@ def _targets(debug: int) -> list | None:
         return None
 
 
-def test_playground_shows_bars_mixture_and_streamed_answer(pipe, browser):
+def _show(pipe, browser, query: str) -> dict:
+    """Serve `pipe`, open the page with `query` (which sends a prompt) and read what it shows once the answer
+    has finished: the bars (task, chosen), the answer, the mixture, the switch list and the error line."""
     uvicorn = pytest.importorskip("uvicorn")
-    prompt = "What is 3 + 4?"
-    ref = _alone(pipe, prompt, 6)  # greedy, router-chosen: what the page must show
     port = _port()
     server = uvicorn.Server(uvicorn.Config(create_app(pipe, _cfg()), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -79,18 +81,38 @@ def test_playground_shows_bars_mixture_and_streamed_answer(pipe, browser):
         _wait_for(lambda: server.started, 60)
         tab = next(t for t in _targets(browser) if t["type"] == "page")
         page = _Page(tab["webSocketDebuggerUrl"])
-        page.eval(f"location.href = 'http://127.0.0.1:{port}/?send=1&max_tokens=6&prompt={quote(prompt)}'")
+        page.eval(f"location.href = 'http://127.0.0.1:{port}/?send=1&{query}'")
         _wait_for(lambda: page.eval("document.getElementById('answer') && "
                                     "document.getElementById('answer').dataset.finish || null") is not None, 60)
-        bars = page.eval("[...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.task, "
-                         "b.classList.contains('chosen')])")
-        answer = page.eval("document.getElementById('answer').textContent")
-        mixture = page.eval("document.getElementById('mixture').textContent")
-        error = page.eval("document.getElementById('error').textContent")
+        return page.eval("""({
+            bars: [...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.task, b.classList.contains('chosen')]),
+            answer: document.getElementById('answer').textContent,
+            mixture: document.getElementById('mixture').textContent,
+            switches: [...document.querySelectorAll('#switches li')].map(li => [Number(li.dataset.token), li.textContent]),
+            error: document.getElementById('error').textContent })""")
     finally:
         server.should_exit = True
         thread.join(15)
-    assert error == "" and answer == ref.text
-    assert sorted(task for task, _ in bars) == sorted(ADAPTERS)
-    assert sorted(task for task, chosen in bars if chosen) == sorted(ref.adapters)
-    assert re.findall(r"[a-z]+", mixture) == ref.adapters
+
+
+def test_playground_shows_bars_mixture_and_streamed_answer(pipe, browser):
+    prompt = "What is 3 + 4?"
+    ref = _alone(pipe, prompt, 6)  # greedy, router-chosen: what the page must show
+    shown = _show(pipe, browser, f"max_tokens=6&prompt={quote(prompt)}")
+    assert shown["error"] == "" and shown["answer"] == ref.text and shown["switches"] == []
+    assert sorted(task for task, _ in shown["bars"]) == sorted(ADAPTERS)
+    assert sorted(task for task, chosen in shown["bars"] if chosen) == sorted(ref.adapters)
+    assert re.findall(r"[a-z]+", shown["mixture"]) == ref.adapters
+
+
+def test_playground_lists_the_switches_of_sentence_routing(assets, browser):
+    """Routing `sentence` chosen on the page: the bars are the last segment's, the answer is the library's
+    and every mid-answer switch is listed with its first token and mixture."""
+    pipe = _busy(assets)
+    ref = _sentence_ref(pipe, SENTENCE_PROMPT, 12)
+    shown = _show(pipe, browser, f"max_tokens=12&granularity=sentence&prompt={quote(SENTENCE_PROMPT)}")
+    assert shown["error"] == "" and shown["answer"] == ref.text and ref.switches
+    assert sorted(task for task, chosen in shown["bars"] if chosen) == sorted(ref.adapters)  # the answer's start
+    assert [token for token, _ in shown["switches"]] == [s["token"] for s in ref.switches]
+    for (_, text), s in zip(shown["switches"], ref.switches):
+        assert re.findall(r"[a-z]+", text.split(":", 1)[1]) == s["adapters"]

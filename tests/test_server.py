@@ -664,6 +664,11 @@ def test_routing_granularity_in_the_request_body(pipe):
         assert body["routing"]["adapters"] == want.adapters == [pipe.adapter_names[i] for i, _ in last.row(0)]
         assert body["routing"]["weights"] == pytest.approx(want.weights, abs=1e-5)
         assert "switches" not in body["routing"]
+        routed = client.post("/v1/route", json={"prompt": prompt, "routing_granularity": "segment",
+                                                "segment_marker": "##"}).json()
+        alone = client.post("/v1/route", json={"prompt": "What is 3 + 4?"}).json()
+        assert routed.pop("text") == alone.pop("text") == "What is 3 + 4?" and routed == alone
+        assert routed["adapters"] == body["routing"]["adapters"]
 
 
 # Nearly every token ends a "sentence" (the server's defaults; requests ask for `sentence`), so the untrained

@@ -10,12 +10,14 @@ the name of a router class that the base model serves (the dev gate kept none) i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from dlp_lora.config import ServerConfig
+from dlp_lora.routing import routing_text
 from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.responses import ERROR_RESPONSES
 from dlp_lora.server.schemas import (DetokenizeRequest, LoadLoraRequest, RouteRequest, TokenizeRequest,
@@ -53,23 +55,28 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
 
 
 async def route(body: RouteRequest, request: Request) -> JSONResponse:
-    """The router's probabilities over its classes for one prompt, and the mixture it selects (run on the
+    """The router's probabilities over its classes for one prompt (its last segment under `segment` or
+    `sentence` routing: the text the answer's first mixture is chosen on), the mixture it selects and that
+    text (run on the
     worker thread, between two decode steps: the router's tokenizer is not shared across threads)."""
     state = _state(request)
     if state.pipeline.router is None:
         raise InvalidRequest("this server has no router", param="prompt")
     pipeline = state.pipeline
+    given = {"granularity": body.routing_granularity, "segment_marker": body.segment_marker}
+    text = routing_text(body.prompt, dataclasses.replace(pipeline.routing_config,
+                                                         **{k: v for k, v in given.items() if v is not None}))
 
     def run() -> dict:
         try:
-            probs = pipeline.router.predict_proba([body.prompt])[0].tolist()
+            probs = pipeline.router.predict_proba([text])[0].tolist()
         except ValueError as exc:
             raise InvalidRequest(f"the router cannot read this prompt: {exc}", param="prompt") from None
-        routing = pipeline.route([body.prompt])
+        routing = pipeline.route([text])
         pairs = sorted(routing.row(0), key=lambda p: -p[1])
         return {"tasks": list(pipeline.router.task_names), "probabilities": [round(p, 6) for p in probs],
                 "adapters": [pipeline.adapter_names[i] for i, _ in pairs], "weights": [round(w, 6) for _, w in pairs],
-                "base_served": list(pipeline.base_served)}
+                "base_served": list(pipeline.base_served), "text": text}
 
     return JSONResponse(await asyncio.wrap_future(state.scheduler.call(run)))
 

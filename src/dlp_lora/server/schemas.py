@@ -256,9 +256,12 @@ class TokenizeRequest(_Request):
 
 
 class RouteRequest(_Request):
-    """POST /v1/route: what the router makes of a prompt (the playground's bar chart)."""
+    """POST /v1/route: what the router makes of a prompt (the playground's bar chart), read at the answer's
+    start under a routing granularity (`segment` and `sentence` read the prompt's last segment)."""
 
     prompt: Text
+    routing_granularity: Granularity | None = None
+    segment_marker: Annotated[str, Field(min_length=1, max_length=64)] | None = None
 
 
 class DetokenizeRequest(_Request):
