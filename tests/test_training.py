@@ -23,7 +23,7 @@ from dlp_lora.tasks.loaders import resolve_data_dir, user_file
 from dlp_lora.training import pool
 from dlp_lora.training.adapters import STATE_FILE, lr_factor, planned_steps, train_adapter
 from dlp_lora.training.batching import bucketed_batches, collate, encode_examples
-from dlp_lora.training.gate import COLLAPSE_SHARE, collapsed, deployment_gate
+from dlp_lora.training.gate import COLLAPSE_SHARE, collapsed, deployment_gate, gate_table
 
 # Library noise on every step of the tiny runs (float(loss) on a graph tensor; a transformers deprecation).
 pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning",
@@ -301,6 +301,18 @@ def test_gate_refuses_an_adapter_collapsed_onto_one_option():
     # A task whose gold answers are themselves mostly one option may be answered that way.
     assert not collapsed([0] * 40, [0] * 36 + [1] * 4)
     assert not collapsed(gold, gold) and COLLAPSE_SHARE == 0.8
+
+
+def test_gate_table_lists_each_trained_task_with_its_decision():
+    win = {"dev_scores": [100.0] * 30 + [0.0] * 10, "base_dev_scores": [0.0] * 40}
+    tie = {"dev_scores": [0.0] * 40, "base_dev_scores": [0.0] * 40}
+    records = {name: {**rec, "steps": 42, "best_step": 25,
+                      "dev_curve": [{"step": 0, "dev": 0.0}, {"step": 25, "dev": 75.0}], "gate": deployment_gate(rec)}
+               for name, rec in (("won", win), ("tied", tie))}
+    rows = gate_table({**records, "router": {"kind": "mini-mlp"}}, ["tied", "untrained", "won"]).splitlines()[2:]
+    assert [r.split(" | ")[0] for r in rows] == ["| tied", "| won"]  # table order; untrained and non-task left out
+    assert "| 0, 75 | 25 | 0.0 -> 75.0 | 0.0 -> 75.0 (dev, n=40) | +75.0 [" in rows[1] and rows[1].endswith("| **yes** |")
+    assert "| 0 [+0.0, +0.0] | no |" in rows[0]
 
 
 # ---------------------------------------------------------------- train_pool_adapters (resume)

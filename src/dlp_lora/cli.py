@@ -131,6 +131,7 @@ def _tasks_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--markdown", default=None, help="write the pool table here (e.g. docs/tasks.md)")
     p.add_argument("--results", default=None, help="an evaluation's results.json: add base and oracle test scores")
+    p.add_argument("--assets", default=None, help="an assets folder: add its adapters' dev curves and gate decisions")
 
 
 def _tasks(ns: argparse.Namespace) -> None:
@@ -139,6 +140,16 @@ def _tasks(ns: argparse.Namespace) -> None:
 
     results = json.loads(Path(ns.results).read_text()) if ns.results else None
     table = pool_table(ns.data_dir, config_from_args(SplitConfig, ns), results)
+    if ns.assets:
+        from dlp_lora.assets import Manifest
+        from dlp_lora.training.gate import gate_table
+
+        manifest = Manifest.load(ns.assets)
+        table += (f"\n## Adapters of {ns.assets} and the deployment gate\n\nFrom the manifest's training records "
+                  "(`dlp-lora tasks --assets DIR`): the dev curve (headline score every `eval_every` steps from step "
+                  "0), the step kept, and the gate: base and adapter on the task's gate split (or dev where it has "
+                  "none), the paired-bootstrap interval of the difference; deployed only when it lies above 0.\n\n"
+                  + gate_table(manifest.records, manifest.tasks))
     print(table)
     if ns.markdown:
         Path(ns.markdown).parent.mkdir(parents=True, exist_ok=True)

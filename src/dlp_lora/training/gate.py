@@ -16,7 +16,7 @@ from typing import Any, Sequence
 from dlp_lora.evaluation.examples import majority_share
 from dlp_lora.evaluation.stats import paired_difference
 
-__all__ = ["deployment_gate", "collapsed", "COLLAPSE_SHARE"]
+__all__ = ["deployment_gate", "collapsed", "gate_table", "COLLAPSE_SHARE"]
 
 COLLAPSE_SHARE = 0.8
 """An adapter whose most frequent answer covers more than this share of prompts is collapsed."""
@@ -52,3 +52,27 @@ def deployment_gate(record: dict[str, Any], gold: Sequence | None = None, level:
     if diff.low > 0:
         return {**out, "deployed": True, "reason": "beats the base model beyond noise"}
     return {**out, "deployed": False, "reason": "not better than the base model beyond noise"}
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.1f}" if x else "0"
+
+
+def gate_table(records: dict[str, dict[str, Any]], tasks: Sequence[str]) -> str:
+    """Markdown: each trained task's dev curve, best step, dev and gate scores (base -> adapter) and the
+    gate's decision with its interval, from a manifest's records (tasks not trained yet are left out)."""
+    lines = ["| task | steps | dev curve | best step | dev: base -> adapter | gate split: base -> adapter | "
+             "difference [95% CI] | deployed |", "|---|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        rec = records.get(task) or {}
+        gate = rec.get("gate")
+        if not gate or "base" not in gate:
+            continue
+        curve = ", ".join(f"{p['dev']:.0f}" for p in rec.get("dev_curve", []))
+        base_dev, dev = rec.get("base_dev_scores") or [], rec.get("dev_scores") or []  # the kept checkpoint's
+        dev_cell = f"{sum(base_dev) / len(base_dev):.1f} -> {sum(dev) / len(dev):.1f}" if base_dev and dev else ""
+        where = f"{gate['split']}, n={gate['n']}"
+        lines.append(f"| {task} | {rec.get('steps', '')} | {curve} | {rec.get('best_step', '')} | {dev_cell} | "
+                     f"{gate['base']:.1f} -> {gate['adapter']:.1f} ({where}) | {_signed(gate['diff'])} "
+                     f"[{gate['low']:+.1f}, {gate['high']:+.1f}] | {'**yes**' if gate['deployed'] else 'no'} |")
+    return "\n".join(lines) + "\n"
