@@ -57,8 +57,8 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
 async def route(body: RouteRequest, request: Request) -> JSONResponse:
     """The router's probabilities over its classes for one prompt (its last segment under `segment` or
     `sentence` routing: the text the answer's first mixture is chosen on), the mixture it selects and that
-    text (run on the
-    worker thread, between two decode steps: the router's tokenizer is not shared across threads)."""
+    text. Run on the worker thread, between two decode steps: the router's tokenizer is not shared across
+    threads."""
     state = _state(request)
     if state.pipeline.router is None:
         raise InvalidRequest("this server has no router", param="prompt")
