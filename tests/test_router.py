@@ -12,7 +12,7 @@ import torch
 from dlp_lora.config import RouterConfig, RouterTrainConfig
 from dlp_lora.evaluation.router_report import comparison_markdown, router_report
 from dlp_lora.router import Router
-from dlp_lora.router.model import canonical_text, head_tail
+from dlp_lora.router.model import head_tail
 from dlp_lora.training.router import load_labelled_jsonl, train_router
 
 TASKS = ("math", "translate", "sentiment")
@@ -85,28 +85,6 @@ def test_save_load_round_trip(trained, data, tmp_path):
         Router.load(tmp_path / "router", expected_tasks=("translate", "math", "sentiment"))
     with pytest.raises(ValueError, match="expected"):
         Router.load(tmp_path / "router", expected_tasks=("math", "translate"))
-
-
-def test_canonical_text_keeps_words_only():
-    assert canonical_text("Which gas?\n(A) Oxygen | B: CO2\n  c) nitrogen - d. helium") == \
-        "which gas oxygen co2 nitrogen helium"
-    assert canonical_text("Übersetze: ¿Qué hora es? 5 + 2") == "übersetze qué hora es 5 2"  # any script; digits stay
-    assert canonical_text("A) B) ?") == "A) B) ?"  # nothing left: the text as it was, never an empty prompt
-
-
-def test_normalizing_router_reads_every_format_alike(data, tmp_path):
-    """With `normalize`, renderings that differ only in case, punctuation and option markers are the same
-    prompt to the router (identical probabilities); the setting survives save and load."""
-    router, _ = train_router(data["train_x"], data["train_y"], data["dev_x"], data["dev_y"],
-                             RouterConfig(**TINY, normalize=True), FAST, progress=False)
-    plain = "What is 12 times 7?\nA. 84\nB. 74"
-    shifted = ["WHAT IS 12 TIMES 7?  (a) 84 | (b) 74", "what is 12 times 7 -- a: 84, b: 74"]
-    assert torch.equal(router.predict_proba(shifted), router.predict_proba([plain] * 2))
-    router.save(tmp_path / "norm")
-    loaded = Router.load(tmp_path / "norm")
-    assert loaded.cfg.normalize and torch.equal(loaded.predict_proba(shifted), router.predict_proba(shifted))
-    raw = Router(RouterConfig(**TINY))  # the default reads the text as written
-    assert not torch.equal(raw.predict_proba(shifted[:1]), raw.predict_proba([plain]))
 
 
 def test_load_refuses_mismatched_weights(trained, tmp_path):

@@ -192,10 +192,6 @@ class RouterConfig:
     temperature: float = 1.0
     """Logits are divided by this before the softmax; fitted on dev after training (temperature scaling),
     so the probabilities top-p selection sums are calibrated."""
-    normalize: bool = False
-    """Read each prompt in a canonical form (`dlp_lora.router.model.canonical_text`: lower case, words only,
-    single letters dropped), so case, whitespace, punctuation and option markers such as "(A)", "b)" or
-    "A: x | B: y" stop mattering; the router then learns the task from its words, not its template."""
 
     def __post_init__(self) -> None:
         _check(self.kind in ("mini-mlp", "encoder"), f"kind must be mini-mlp|encoder, got {self.kind!r}")

