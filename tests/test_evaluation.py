@@ -145,6 +145,14 @@ def test_harness_refuses_task_outside_router_classes(dlp, tmp_path):
         run_evaluation(dlp, [other], tmp_path, EvalConfig(limit=2), SPLIT)
 
 
+def test_the_none_class_is_not_evaluated(dlp, tmp_path):
+    """`dlp-lora evaluate` passes the router's classes; `none` (no adapter, no test split) is skipped."""
+    summary = run_evaluation(dlp, [*_tasks().values(), "none"], tmp_path, EvalConfig(methods=("base",), p_sweep=(),
+                                                                                   limit=2, loglik=False), SPLIT)
+    assert set(json.loads((tmp_path / "results.json").read_text())["per_task"]) == {"maths", "science"}
+    assert set(summary) == {"base"}
+
+
 def test_baseline_adapter_is_served_only_when_named_and_evaluated(tmp_path, tok):
     from conftest import make_peft_adapter, tiny_vocab_model
     from dlp_lora.pipeline import DLPLoRA

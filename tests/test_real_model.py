@@ -71,22 +71,27 @@ def test_bundled_assets_answer_a_mixed_batch():
     from dlp_lora.assets import Manifest
 
     manifest = Manifest.load(ASSETS)
-    assert len(manifest.tasks) == 26 and manifest.router == "router"
-    assert all(t in manifest.records for t in manifest.tasks + ["router"])
+    tasks = [t for t in manifest.tasks if t != "none"]
+    assert len(tasks) == 26 and manifest.router == "router" and manifest.deployed
+    assert all(t in manifest.records for t in tasks + ["router"])
     dlp = DLPLoRA.from_assets(ASSETS)
     try:
         prompts = ["Sort the following words alphabetically: List: pear apple fig",
                    "((2 + 3) * 4 - 1) =\nAnswer with a number.",
                    "Context: The Nile flows north into the Mediterranean Sea.\nQuestion: Into which sea does the "
                    "Nile flow?\nAnswer with a short span from the context."]
+        classes = dlp.class_weights(prompts)  # the router's choice, before classes without an adapter drop out
         routing = dlp.route(prompts)
         results = dlp.generate(prompts, max_new_tokens=12)
         for b, r in enumerate(results):
-            assert r.adapters and set(r.adapters) <= set(manifest.tasks)
-            assert r.weights == sorted(r.weights, reverse=True) and abs(sum(r.weights) - 1) < 1e-4
+            # A class the dev gate gave to the base model keeps no weight; the others keep the router's.
+            want = {c: float(w) for c, w in zip(dlp.task_names, classes[b]) if w > 0 and c in manifest.deployed}
+            assert dict(zip(r.adapters, r.weights)) == pytest.approx(want, abs=1e-6)
+            assert r.weights == sorted(r.weights, reverse=True)
             assert [dlp.adapter_names[i] for i, _ in routing.row(b)] == r.adapters
             assert r.text.strip()
-        assert results[0].adapters[0] == "bbh_word_sorting" and results[2].adapters[0] == "squad"
+        top = [dlp.task_names[i] for i in classes.argmax(1).tolist()]
+        assert top[0] == "bbh_word_sorting" and top[2] == "squad"
     finally:
         dlp.close()
 
@@ -100,14 +105,16 @@ def test_server_on_the_bundled_assets_scores_and_batches_like_the_pipeline():
     from fastapi.testclient import TestClient
 
     from dlp_lora import DLPLoRA
+    from dlp_lora.assets import Manifest
     from dlp_lora.chat import chat_prompt
     from dlp_lora.config import ServerConfig
     from dlp_lora.server import create_app
 
     dlp = DLPLoRA.from_assets(ASSETS)
+    adapter = Manifest.load(ASSETS).deployed[0]  # whichever adapter the dev gate deployed first
     question = "Which gas do plants take in for photosynthesis?"
     options = [" carbon dioxide", " oxygen", " nitrogen", " helium"]
-    want = dlp.option_logprobs([question], [options], dlp.routing_for([{"arc_easy": 1.0}]))[0]
+    want = dlp.option_logprobs([question], [options], dlp.routing_for([{adapter: 1.0}]))[0]
     prompts = ["Sort the following words alphabetically: List: pear apple fig",
                "((2 + 3) * 4 - 1) =\nAnswer with a number.", "Name the capital of Canada."]
     alone = [dlp.generate([p], config=GenerationConfig(max_new_tokens=n))[0] for p, n in zip(prompts, (12, 6, 20))]
@@ -115,7 +122,7 @@ def test_server_on_the_bundled_assets_scores_and_batches_like_the_pipeline():
     conts = [dlp.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     try:
         with TestClient(create_app(dlp, ServerConfig(max_batch_size=8))) as client, ThreadPoolExecutor(3) as pool:
-            scored = client.post("/v1/completions", json={"model": "arc_easy", "prompt": [ctx + c for c in conts],
+            scored = client.post("/v1/completions", json={"model": adapter, "prompt": [ctx + c for c in conts],
                                                           "max_tokens": 0, "echo": True, "logprobs": 1}).json()
             futures = [pool.submit(client.post, "/v1/chat/completions", json={
                 "messages": [{"role": "user", "content": p}], "max_tokens": n, "temperature": 0})
@@ -136,7 +143,7 @@ def test_bfloat16_real_model_equals_peft_bfloat16():
     from peft import PeftModel
 
     model, tok = load_base_model(dtype="bfloat16")
-    adapters = {n: ASSETS / "adapters" / n for n in ("squad", "gsm8k")}
+    adapters = {n: ASSETS / "adapters" / n for n in ("squad", "bbh_object_counting")}
     ids, mask = encode_prompts(tok, ["Context: Paris is in France.\nQuestion: Where is Paris?", "What is 2 + 3?"])
     peft_model = PeftModel.from_pretrained(model, adapters["squad"]).eval()
     cfg = GenerationConfig(max_new_tokens=8)

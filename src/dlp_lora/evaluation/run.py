@@ -15,6 +15,7 @@ from dlp_lora.evaluation.methods import check_method
 from dlp_lora.evaluation.report import write_report
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Task, get_task, load_splits
+from dlp_lora.tasks.out_of_pool import NONE
 
 __all__ = ["run_evaluation"]
 
@@ -22,8 +23,10 @@ __all__ = ["run_evaluation"]
 def run_evaluation(dlp: DLPLoRA, tasks: Sequence[str | Task], out_dir: str | Path, cfg: EvalConfig,
                    split_cfg: SplitConfig = SplitConfig(), data_dir: str | Path | None = None,
                    command: str = "dlp-lora evaluate") -> dict:
-    """Evaluate all methods on all tasks (resumable per method and task) and write the report into out_dir."""
-    task_map = {t.name: t for t in map(get_task, tasks)}
+    """Evaluate all methods on all tasks (resumable per method and task) and write the report into out_dir.
+    The router's `none` class (out-of-pool prompts, no adapter, no test split) is left out of `tasks`, so
+    `dlp.task_names` can be passed as it is."""
+    task_map = {t.name: t for t in map(get_task, (t for t in tasks if t != NONE))}
     unknown = [t for t in task_map if t not in dlp.task_names]
     if unknown:
         raise ValueError(f"tasks {unknown} are not router classes of these assets; they hold {dlp.task_names}")
