@@ -313,6 +313,11 @@ def test_gate_table_lists_each_trained_task_with_its_decision():
     assert [r.split(" | ")[0] for r in rows] == ["| tied", "| won"]  # table order; untrained and non-task left out
     assert "| 0, 75 | 25 | 0.0 -> 75.0 | 0.0 -> 75.0 (dev, n=40) | +75.0 [" in rows[1] and rows[1].endswith("| **yes** |")
     assert "| 0 [+0.0, +0.0] | no |" in rows[0]
+    gold, chosen = [0, 1] * 20, [0] * 40
+    one = {"dev_scores": [100.0 * (c == g) for c, g in zip(chosen, gold)], "base_dev_scores": [0.0] * 40,
+           "dev_chosen": chosen}
+    row = gate_table({"one": {**one, "gate": deployment_gate(one, gold)}}, ["one"]).splitlines()[2]
+    assert row.endswith("| no: collapsed (100% one option) |")
 
 
 # ---------------------------------------------------------------- train_pool_adapters (resume)

@@ -54,6 +54,12 @@ def deployment_gate(record: dict[str, Any], gold: Sequence | None = None, level:
     return {**out, "deployed": False, "reason": "not better than the base model beyond noise"}
 
 
+def _decision(gate: dict[str, Any]) -> str:
+    if gate["deployed"]:
+        return "**yes**"
+    return f"no: collapsed ({gate['majority_share']:.0%} one option)" if "collapsed" in gate["reason"] else "no"
+
+
 def _signed(x: float) -> str:
     return f"{x:+.1f}" if x else "0"
 
@@ -74,5 +80,5 @@ def gate_table(records: dict[str, dict[str, Any]], tasks: Sequence[str]) -> str:
         where = f"{gate['split']}, n={gate['n']}"
         lines.append(f"| {task} | {rec.get('steps', '')} | {curve} | {rec.get('best_step', '')} | {dev_cell} | "
                      f"{gate['base']:.1f} -> {gate['adapter']:.1f} ({where}) | {_signed(gate['diff'])} "
-                     f"[{gate['low']:+.1f}, {gate['high']:+.1f}] | {'**yes**' if gate['deployed'] else 'no'} |")
+                     f"[{gate['low']:+.1f}, {gate['high']:+.1f}] | {_decision(gate)} |")
     return "\n".join(lines) + "\n"
