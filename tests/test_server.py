@@ -826,7 +826,9 @@ def test_a_window_the_router_refuses_keeps_the_mixture(pipe):
     from dlp_lora.server.scheduler import Job
 
     class Refusing:
-        def route(self, texts):
+        base_served: list[str] = []
+
+        def class_weights(self, texts):
             raise ValueError("prompt 0 has no tokens (whitespace only?)")
 
     job = Job(prompt_ids=[1], route_text="hi", max_tokens=4, routing=dataclasses.replace(BUSY, granularity="sentence"),
