@@ -444,8 +444,10 @@ def test_multitask_baseline_trains_once_on_every_task_and_is_recorded(tmp_path, 
     monkeypatch.setattr(pool, "load_base_model", calls.load_base_model)
     monkeypatch.setattr(pool, "train_adapter", calls.train_adapter)
     root = tmp_path / "assets"
-    Manifest(base_model=EMBEDDED_MODEL_ID, tasks=["bbh_navigate", "bbh_snarks"],
-             adapters={"bbh_navigate": "adapters/bbh_navigate", "bbh_snarks": "adapters/bbh_snarks"}).save(root)
+    # A router with a `none` class puts it last in the tasks, with no adapter and no data to train on.
+    Manifest(base_model=EMBEDDED_MODEL_ID, tasks=["bbh_navigate", "bbh_snarks", "none"],
+             adapters={"bbh_navigate": "adapters/bbh_navigate", "bbh_snarks": "adapters/bbh_snarks", "none": None}
+             ).save(root)
     split = SplitConfig(train_cap=5)
     manifest = pool.train_pool_multitask(root, split_cfg=split, progress=False)
     assert calls.trained == ["multitask"] and manifest.records["multitask"]["train_examples"] == 10

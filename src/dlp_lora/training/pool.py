@@ -159,8 +159,9 @@ def train_pool_multitask(
     out = root / "baselines" / name
     if (out / "adapter_model.safetensors").exists() and name in manifest.records:
         return manifest
-    train = [ex for t in manifest.tasks for ex in load_splits(get_task(t), data_dir, split_cfg).train]
-    union = Task(name=name, kind="qa", source="training splits of " + ", ".join(manifest.tasks), metric="exact",
+    tasks = [t for t in manifest.tasks if t != NONE]  # the router's `none` class has no training split
+    train = [ex for t in tasks for ex in load_splits(get_task(t), data_dir, split_cfg).train]
+    union = Task(name=name, kind="qa", source="training splits of " + ", ".join(tasks), metric="exact",
                  load=lambda _root: train)
     model, tok = load_base_model(base_model or manifest.base_model)
     # No dev score: one metric cannot score 26 tasks; `dlp-lora evaluate` scores it per task instead.
