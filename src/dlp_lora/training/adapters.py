@@ -157,7 +157,9 @@ class _Run:
             self.losses.append(float(loss.detach()))
             self.step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{self.losses[-1]:.3f}", dev=f"{self.best.get('score', float('nan')):.1f}")
+            # Without a dev split the "best score" is the step (the last checkpoint wins): show no dev then.
+            dev = {"dev": f"{self.best.get('score', float('nan')):.1f}"} if self.dev else {}
+            bar.set_postfix(loss=f"{self.losses[-1]:.3f}", **dev)
             if on_step is not None:
                 on_step()
             if self.step % self.cfg.eval_every == 0 or self.step == self.total:
