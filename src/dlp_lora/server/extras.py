@@ -10,7 +10,6 @@ the name of a router class that the base model serves (the dev gate kept none) i
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from importlib import resources
 
 from fastapi import FastAPI, Request
@@ -63,9 +62,7 @@ async def route(body: RouteRequest, request: Request) -> JSONResponse:
     if state.pipeline.router is None:
         raise InvalidRequest("this server has no router", param="prompt")
     pipeline = state.pipeline
-    given = {"granularity": body.routing_granularity, "segment_marker": body.segment_marker}
-    text = routing_text(body.prompt, dataclasses.replace(pipeline.routing_config,
-                                                         **{k: v for k, v in given.items() if v is not None}))
+    text = routing_text(body.prompt, state.routing_config(body, None))
 
     def run() -> dict:
         try:

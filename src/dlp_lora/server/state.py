@@ -20,7 +20,7 @@ from dlp_lora.server.errors import APIError, InvalidRequest
 from dlp_lora.server.metrics import Metrics
 from dlp_lora.server.runner import PipelineRunner
 from dlp_lora.server.scheduler import Job, Sampling, Scheduler, StepRunner
-from dlp_lora.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams
+from dlp_lora.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams, RouteRequest
 
 __all__ = ["ModelNotFound", "ROUTER_NAME", "ServerState"]
 
@@ -141,8 +141,9 @@ class ServerState:
                                 window_text=text))
         return jobs
 
-    def routing_config(self, req: GenerationParams, mixture: dict[str, float] | None) -> RoutingConfig:
-        """The pipeline's routing granularity with the request's overrides, or a 400 naming the field.
+    def routing_config(self, req: GenerationParams | RouteRequest, mixture: dict[str, float] | None) -> RoutingConfig:
+        """The pipeline's routing granularity with the request's overrides, or a 400 naming the field
+        (`/v1/route` passes no mixture: it never names a model).
 
         `segment` routes on the prompt's last segment: it only changes the text the router reads before
         the prefill. `sentence` starts the same way, then re-routes the row after each sentence it

@@ -22,6 +22,7 @@ from dlp_lora.models import EMBEDDED_MODEL_ID, load_base_model
 from dlp_lora.tasks import Example, Task, get_task, load_splits
 from dlp_lora.tasks.out_of_pool import NONE
 from dlp_lora.tasks.registry import TASKS
+from dlp_lora.tasks.router_prompts import task_classes
 from dlp_lora.training.adapters import STATE_FILE, planned_steps, train_adapter
 from dlp_lora.training.gate import deployment_gate
 from dlp_lora.training.router_pool import train_pool_router, train_task_router
@@ -159,7 +160,7 @@ def train_pool_multitask(
     out = root / "baselines" / name
     if (out / "adapter_model.safetensors").exists() and name in manifest.records:
         return manifest
-    tasks = [t for t in manifest.tasks if t != NONE]  # the router's `none` class has no training split
+    tasks = task_classes(manifest)  # not the router's `none` class: it has no training split
     train = [ex for t in tasks for ex in load_splits(get_task(t), data_dir, split_cfg).train]
     union = Task(name=name, kind="qa", source="training splits of " + ", ".join(tasks), metric="exact",
                  load=lambda _root: train)
