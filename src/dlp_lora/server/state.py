@@ -20,7 +20,8 @@ from dlp_lora.server.errors import APIError, InvalidRequest
 from dlp_lora.server.metrics import Metrics
 from dlp_lora.server.runner import PipelineRunner
 from dlp_lora.server.scheduler import Job, Sampling, Scheduler, StepRunner
-from dlp_lora.server.schemas import ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams, RouteRequest
+from dlp_lora.server.schemas import (ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams,
+                                     RouteRequest)
 
 __all__ = ["ModelNotFound", "ROUTER_NAME", "ServerState"]
 
