@@ -82,14 +82,19 @@ def _reference_logprob(dlp, prompt: str, option: str, mix: torch.Tensor) -> floa
     return float(sum(logp[len(ctx) - 1 + j, cont[j]] for j in range(len(cont))))
 
 
-@pytest.mark.parametrize("options", [["A", "B", "C"], ["the red fox", "a blue whale swimming", "no"]])
-def test_option_logprobs_equal_per_row_reference(dlp, options):
-    prompts = ["Pick one.", "A much longer question that makes the rows of different lengths, pick one."]
-    routing = Routing.from_dense(torch.tensor([[1.0, 0.0], [0.3, 0.7]]))
-    got = dlp.option_logprobs(prompts, [options, options], routing, batch_size=4)
+@pytest.mark.parametrize("options", [[["A", "B", "C"]] * 3, [["the red fox", "a blue whale swimming", "no"]] * 3,
+                                     [["yes", "no"], ["the red fox", "a blue whale swimming", "x", "y z"], ["one"]]])
+@pytest.mark.parametrize("batch_size", [1, 2, 4])
+def test_option_logprobs_equal_per_row_reference(dlp, options, batch_size):
+    """Prompts of different lengths (left padding), options of different lengths and counts (the shared
+    prompt cache fans out unevenly), each prompt under its own mixture, in chunks of every size."""
+    prompts = ["A much longer question that makes the rows of different lengths, pick one.", "Pick one.",
+               "Which is it?"]
+    routing = Routing.from_dense(torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 0.0]]))
+    got = dlp.option_logprobs(prompts, options, routing, batch_size=batch_size)
     dense = routing.to_dense(2)
     for b, prompt in enumerate(prompts):
-        want = [_reference_logprob(dlp, prompt, o, dense[b]) for o in options]
+        want = [_reference_logprob(dlp, prompt, o, dense[b]) for o in options[b]]
         assert got[b] == pytest.approx(want, abs=1e-4)
 
 

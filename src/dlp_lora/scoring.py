@@ -27,8 +27,8 @@ def continuation_logprobs(
 ) -> list[list[float]]:
     """Summed log-probability of each option's tokens after its prompt's chat template; shaped like `options`.
 
-    The option is the assistant's answer, tokenised on its own as in training. When every option is one
-    token (letters) one forward pass per prompt gives them all; otherwise each (prompt, option) is a row.
+    The option is the assistant's answer, tokenised on its own as in training. Each prompt is read once and
+    its KV cache shared by its options, so an option costs its own tokens only.
     """
     if len(prompts) != len(options):
         raise ValueError(f"expected one option list per prompt, got {len(prompts)} prompts and {len(options)} lists")
@@ -37,43 +37,51 @@ def continuation_logprobs(
     if any(not c for cs in conts for c in cs):
         raise ValueError("every option must be non-empty text")
     scope = scope or (lambda owners: nullcontext())
-    if all(len(c) == 1 for cs in conts for c in cs):
-        last = _last_logprobs(model, tokenizer, ctx, list(range(len(ctx))), batch_size, 1, scope)
-        return [[float(lp[0, c[0]]) for c in cs] for lp, cs in zip(last, conts)]
-    rows, owners, opts = [], [], []
-    for b, cs in enumerate(conts):
-        for c in cs:
-            rows.append(ctx[b] + c)
-            owners.append(b)
-            opts.append(c)
-    logps = _last_logprobs(model, tokenizer, rows, owners, batch_size, max(map(len, opts)) + 1, scope)
-    # lp holds the row's last positions; the n option tokens are predicted by lp[-n-1], ..., lp[-2].
-    scores = [float(sum(lp[j - len(c) - 1, t] for j, t in enumerate(c))) for lp, c in zip(logps, opts)]
+    order = sorted(range(len(ctx)), key=lambda i: len(ctx[i]))  # similar lengths side by side: less padding
+    out: dict[int, list[float]] = {}
+    for i in range(0, len(order), batch_size):
+        chunk = order[i: i + batch_size]
+        scores = _shared_prompt_logprobs(model, tokenizer, [ctx[b] for b in chunk], [conts[b] for b in chunk],
+                                         chunk, scope)
+        out.update(zip(chunk, scores))
+    return [out[b] for b in range(len(ctx))]
+
+
+def _shared_prompt_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ctx: list[list[int]],
+                            conts: list[list[list[int]]], owners: list[int], scope: Scope) -> list[list[float]]:
+    """One chunk of prompts: each prompt is read once and its KV cache shared by all of its options (an
+    option costs its own few tokens, not prompt + option again). The prompt's last position predicts an
+    option's first token; the option's own positions predict the rest."""
+    device = next(model.parameters()).device
+    ids, mask = left_pad(ctx, tokenizer.pad_token_id or 0)
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+    with scope(owners):
+        pre = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    prompt_of = [b for b, cs in enumerate(conts) for _ in cs]  # option row -> its prompt in the chunk
+    flat = [c for cs in conts for c in cs]
+    width = max(map(len, flat))
+    opt_ids = torch.tensor([c + [0] * (width - len(c)) for c in flat], device=device)  # right-padded (R, L)
+    opt_mask = torch.tensor([[1] * len(c) + [0] * (width - len(c)) for c in flat], device=device)
+    rows = torch.tensor(prompt_of, device=device)
+    first = torch.log_softmax(pre.logits[:, -1].float(), -1)[rows].gather(-1, opt_ids[:, :1])[:, 0]  # (R,)
+    scores = first
+    if width > 1:  # else every option of this chunk is one token: the prompts' last positions said it all
+        cache = pre.cache
+        cache.batch_select_indices(rows)  # (P, ...) -> (R, ...): every option row attends to its own prompt
+        # Right padding after an option is never attended by its real tokens (causal), so it changes nothing.
+        with scope([owners[b] for b in prompt_of]):
+            logits = model(input_ids=opt_ids[:, :-1], attention_mask=torch.cat([mask[rows], opt_mask[:, :-1]], 1),
+                           position_ids=positions[rows, -1:] + 1 + torch.arange(width - 1, device=device),
+                           cache=cache, use_cache=True).logits  # position j predicts option token j+1
+        rest = torch.log_softmax(logits.float(), -1).gather(-1, opt_ids[:, 1:, None])[..., 0] * opt_mask[:, 1:]
+        scores = first + rest.sum(-1)
+    scores = scores.tolist()
     out, k = [], 0
     for cs in conts:
         out.append(scores[k: k + len(cs)])
         k += len(cs)
     return out
-
-
-def _last_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[list[int]],
-                   owners: list[int], batch_size: int, keep_last: int, scope: Scope) -> list[torch.Tensor]:
-    """Log-softmax over the vocabulary at each row's last `keep_last` positions: list of (keep_last, V)."""
-    # Similar lengths side by side: less padding per chunk.
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
-    by_row: dict[int, torch.Tensor] = {}
-    for i in range(0, len(order), batch_size):
-        chunk = order[i: i + batch_size]
-        ids, mask = left_pad([rows[j] for j in chunk], tokenizer.pad_token_id or 0)
-        device = next(model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-        with scope([owners[j] for j in chunk]):
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                           logits_to_keep=keep_last).logits
-        for j, lp in zip(chunk, torch.log_softmax(logits.float(), -1).cpu()):  # read per token on the host
-            by_row[j] = lp
-    return [by_row[j] for j in range(len(rows))]
 
 
 def option_choice(logprobs: Sequence[float], options: Sequence[str], normalize: bool) -> int:
