@@ -15,6 +15,7 @@ from dlp_lora.evaluation.harness import EvalConfig, evaluate_task
 from dlp_lora.evaluation.methods import METHODS, method_weights
 from dlp_lora.evaluation.run import run_evaluation
 from dlp_lora.models import load_tokenizer
+from dlp_lora.router import select_with
 from dlp_lora.tasks import Example, Task
 from dlp_lora.tasks.prompts import mcq_example
 from dlp_lora.types import Routing
@@ -57,6 +58,13 @@ def test_every_method_gives_valid_weights():
     torch.testing.assert_close(method_weights("dlp", probs, truth, sel)[1], torch.tensor([0.4, 0.35, 0]) / 0.75)
     assert (method_weights("dlp@0.3", probs, truth, sel) > 0).sum(1).tolist() == [1, 1]
     assert (method_weights("topk2", probs, truth, sel) > 0).sum(1).tolist() == [2, 2]
+    # Class 0 without an adapter: row 0 keeps class 1 alone, row 1 (top class 0) is the base model alone,
+    # under every routed method, as serving selects; uniform and oracle are not routed.
+    swapped = torch.tensor([[0.2, 0.7, 0.1], [0.4, 0.35, 0.25]])
+    for name in ("dlp", "dlp-paper", "top1", "topk2", "dlp@0.9"):
+        gated = method_weights(name, swapped, truth, sel, no_adapter=[0])
+        assert gated[:, 0].eq(0).all() and gated[1].eq(0).all() and gated[0, 1] > 0, name
+    assert torch.equal(method_weights("uniform", probs, truth, sel, [0]), method_weights("uniform", probs, truth, sel))
     # The paper's weighting: softmax over the kept probabilities, so near-uniform for close probabilities.
     paper = method_weights("dlp-paper", probs, truth, sel)[1]
     torch.testing.assert_close(paper[:2], torch.softmax(torch.tensor([0.4, 0.35]), 0))
@@ -141,6 +149,21 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     path.write_text(path.read_text().splitlines()[0] + "\n")
     evaluate_task(dlp, tasks["science"], out, cfg, SPLIT, progress=False)
     assert sum(calls) == 3
+    # A file made under other mixtures (another router, p or gate) is stale: its method is rerun, and the
+    # rows another method already answered under the same mixture are reused, not generated again.
+    path = out / "predictions" / "dlp" / "science.jsonl"
+    stale = [{**json.loads(line), "weights": [0.5]} for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    (out / "predictions" / "oracle" / "science.jsonl").unlink()
+    calls.clear()
+    evaluate_task(dlp, tasks["science"], out, cfg, SPLIT, progress=False)
+    assert json.loads(path.read_text().splitlines()[0])["weights"] != [0.5]
+
+    def keys(method: str) -> set:
+        rows = map(json.loads, (out / "predictions" / method / "science.jsonl").read_text().splitlines())
+        return {(r["uid"], tuple(r["adapters"]), tuple(r["weights"])) for r in rows}
+
+    assert sum(calls) == len((keys("oracle") | keys("dlp")) - keys("base") - keys("dlp@0.5")) < 6
 
 
 def test_harness_refuses_task_outside_router_classes(dlp, tmp_path):
@@ -198,7 +221,7 @@ def test_composite_counts_the_class_of_a_task_the_base_model_serves(tmp_path, to
     pairs = make_pairs({name: task.load(None) for name, task in tasks.items()}, 2)
     out = evaluate_composite(dlp, pairs, tasks, max_new_tokens=3)
     parts = [ex for pair in pairs for ex in pair]
-    classes = dlp.class_weights([ex.prompt for ex in parts])
+    classes = select_with(dlp.router.predict_proba([ex.prompt for ex in parts]), dlp.selection).to_dense(2)
     truth = torch.tensor([dlp.task_names.index(ex.task) for ex in parts])
     assert out["per_segment_true_task_weight"] == pytest.approx(float(classes[torch.arange(len(parts)), truth].mean()))
     assert 0 <= out["per_segment_mean_k"] <= 1  # one adapter in the bank

@@ -78,20 +78,27 @@ def test_bundled_assets_answer_a_mixed_batch():
     try:
         prompts = ["Sort the following words alphabetically: List: pear apple fig",
                    "((2 + 3) * 4 - 1) =\nAnswer with a number.",
-                   "Context: The Nile flows north into the Mediterranean Sea.\nQuestion: Into which sea does the "
-                   "Nile flow?\nAnswer with a short span from the context."]
-        classes = dlp.class_weights(prompts)  # the router's choice, before classes without an adapter drop out
+                   # A SQuAD-sized passage: the router reads a two-line context as small talk (`none`).
+                   "Context: The Nile is a major north-flowing river in northeastern Africa. It flows into the "
+                   "Mediterranean Sea. The Nile is among the longest rivers in the world, and its drainage basin "
+                   "covers eleven countries, including Tanzania, Uganda, Rwanda, Ethiopia, Sudan and Egypt.\n"
+                   "Question: Into which sea does the Nile flow?\nAnswer with a short span from the context."]
+        probs = dlp.router.predict_proba(prompts)
+        top = [dlp.task_names[i] for i in probs.argmax(1).tolist()]
+        assert top[0] == "bbh_word_sorting" and top[2] == "squad"
+        classes = dlp.class_weights(prompts)
         routing = dlp.route(prompts)
         results = dlp.generate(prompts, max_new_tokens=12)
         for b, r in enumerate(results):
-            # A class the dev gate gave to the base model keeps no weight; the others keep the router's.
-            want = {c: float(w) for c, w in zip(dlp.task_names, classes[b]) if w > 0 and c in manifest.deployed}
+            # A class the dev gate gave to the base model keeps no weight, and a prompt whose top class is one
+            # of them gets the base model alone; the others keep the router's weights.
+            want = {c: float(w) for c, w in zip(dlp.task_names, classes[b]) if w > 0}
+            assert set(want) <= set(manifest.deployed)
             assert dict(zip(r.adapters, r.weights)) == pytest.approx(want, abs=1e-6)
             assert r.weights == sorted(r.weights, reverse=True)
             assert [dlp.adapter_names[i] for i, _ in routing.row(b)] == r.adapters
             assert r.text.strip()
-        top = [dlp.task_names[i] for i in classes.argmax(1).tolist()]
-        assert top[0] == "bbh_word_sorting" and top[2] == "squad"
+        assert results[0].adapters == [] and results[2].adapters[0] == "squad"  # word_sorting is base-served
     finally:
         dlp.close()
 

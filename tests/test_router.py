@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dlp_lora.config import RouterConfig, RouterTrainConfig
-from dlp_lora.evaluation.router_report import comparison_markdown, router_report
+from dlp_lora.config import SelectionConfig
+from dlp_lora.evaluation.router_report import comparison_markdown, router_report, served_stats
 from dlp_lora.router import Router
 from dlp_lora.router.model import head_tail
 from dlp_lora.training.router import load_labelled_jsonl, train_router
@@ -150,6 +151,23 @@ def test_router_report(trained, data, tmp_path):
         assert (tmp_path / "rep" / name).stat().st_size > 0
     assert "| math |" in (tmp_path / "rep" / "report.md").read_text()
     assert report["top1_accuracy_grouped"] == report["top1_accuracy"]  # no groups: the same number
+
+
+def test_served_stats_count_what_prompts_get():
+    """Classes b and none serve the base model: confusing a with b is wrong, b with none is not."""
+    names = ["a", "b", "c", "none"]
+    probs = torch.tensor([[0.9, 0.1, 0.0, 0.0],    # a -> a alone: right
+                          [0.5, 0.0, 0.5, 0.0],    # a -> a and c kept: adapter kept, not alone
+                          [0.0, 0.6, 0.0, 0.4],    # b -> base alone: right
+                          [0.0, 0.0, 0.0, 1.0],    # b -> none (base alone): right
+                          [0.3, 0.0, 0.0, 0.7],    # none -> base alone: right
+                          [0.0, 0.2, 0.8, 0.0]])   # none -> c: wrong
+    truth = torch.tensor([0, 0, 1, 1, 3, 3])
+    got = served_stats(probs, truth, SelectionConfig(strategy="top_p", p=0.9), [1, 3], names)
+    assert got["top1"] == 1.0 and got["selection"] == 3 / 4  # the second row ties a and c: a, the first
+    assert got["adapter_tasks_keep_only_their_adapter"] == 0.5 and got["adapter_tasks_keep_their_adapter"] == 1.0
+    assert got["base_tasks_base_alone"] == 1.0 and got["out_of_pool_base_alone"] == 0.5
+    assert got["per_class"] == {"a": 0.5, "b": 1.0, "c": None, "none": 0.5}
 
 
 def test_router_report_grouped_accuracy(trained, data, tmp_path):

@@ -87,6 +87,7 @@ class DLPLoRA:
         """Bank column of each router class; -1 where the class has no adapter (redone when the bank changes)."""
         names = self.fused.adapter_names
         self._columns = torch.tensor([names.index(c) if c in names else -1 for c in self.classes], dtype=torch.long)
+        self._no_adapter = [i for i, col in enumerate(self._columns.tolist()) if col < 0]
 
     @classmethod
     def from_assets(
@@ -132,7 +133,7 @@ class DLPLoRA:
     @property
     def base_served(self) -> list[str]:
         """Classes the base model serves (no deployed adapter)."""
-        return [c for c, col in zip(self.classes, self._columns.tolist()) if col < 0]
+        return [self.classes[i] for i in self._no_adapter]
 
     def to_bank(self, class_weights: torch.Tensor) -> torch.Tensor:
         """(B, classes) weights -> (B, bank) weights; a class without adapter drops its weight (base model)."""
@@ -172,12 +173,14 @@ class DLPLoRA:
 
     def class_weights(self, prompts: Sequence[str],
                       routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> torch.Tensor:
-        """The selected weights per router class, (B, classes), before classes without an adapter drop out."""
+        """The selected weights per router class, (B, classes). A class without an adapter (`none`, or a task
+        the dev gate left to the base model) carries no weight, and a row whose most probable class has no
+        adapter is all zero: the base model alone, as that class's prompts are served."""
         if self.router is None:
             raise ValueError("this pipeline has no router; pass an explicit routing")
         cfgs = self._routing_configs(prompts, routing_config) if routing_config is not None else None
         texts = [routing_text(p, c) for p, c in zip(prompts, cfgs)] if cfgs is not None else list(prompts)
-        return select_with(self.router.predict_proba(texts), self.selection).to_dense(len(self.classes))
+        return select_with(self.router.predict_proba(texts), self.selection, self._no_adapter).to_dense(len(self.classes))
 
     def routing_for(self, mixtures: Sequence[Mapping[str, float]]) -> Routing:
         """Explicit routing by adapter name, one {name: weight} per prompt (weights used as given)."""
@@ -256,7 +259,7 @@ class DLPLoRA:
                 self.fused.reroute(policy.current)  # other rows keep their weights (same rows of `current`)
                 if on_switch is not None:
                     for s in policy.switches[len(policy.switches) - len(changes):]:
-                        on_switch(s.row, s.token, *self._mixture(s.weights))
+                        on_switch(s.row, s.token, *self.mixture(s.weights))
             if on_step is not None:
                 on_step(tokens, finished)
         return step
@@ -272,7 +275,9 @@ class DLPLoRA:
         return continuation_logprobs(self.model, self.tokenizer, prompts, options, batch_size,
                                      scope=lambda owners: self.fused.routed(dense[owners]))
 
-    def _mixture(self, dense_row: torch.Tensor) -> tuple[list[str], list[float]]:
+    def mixture(self, dense_row: torch.Tensor) -> tuple[list[str], list[float]]:
+        """(adapter names, weights rounded to 1e-6), heaviest first, of one row of bank weights (bank width,):
+        what a `Result` reports for a row generated under it."""
         pairs = Routing.from_dense(dense_row[None]).row(0)
         return [self.adapter_names[i] for i, _ in pairs], [round(w, 6) for _, w in pairs]
 
@@ -281,7 +286,7 @@ class DLPLoRA:
         switches = []
         for s in (policy.switches if policy is not None else []):
             if s.row == b and 0 < s.token < len(out.token_ids):
-                adapters, weights = self._mixture(s.weights)
+                adapters, weights = self.mixture(s.weights)
                 switches.append({"token": s.token, "adapters": adapters, "weights": weights})
         return Result(text=out.text, adapters=[self.adapter_names[i] for i, _ in pairs],
                       weights=[round(w, 6) for _, w in pairs], finish_reason=out.finish_reason,

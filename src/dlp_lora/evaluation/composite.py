@@ -15,6 +15,7 @@ import torch
 from dlp_lora.config import GenerationConfig
 from dlp_lora.evaluation.metrics import score_task
 from dlp_lora.pipeline import DLPLoRA
+from dlp_lora.router import select_with
 from dlp_lora.tasks import Example, Task, parse_answer
 from dlp_lora.types import Routing
 
@@ -49,13 +50,13 @@ def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], t
     """
     joined = [a.prompt + SEPARATOR + b.prompt for a, b in pairs]
     parts = [ex for pair in pairs for ex in pair]
-    # Per router class: a task the gate serves with the base model still has its class (and its weight).
-    per_prompt = dlp.class_weights(joined).repeat_interleave(2, dim=0)
-    per_segment = dlp.class_weights([ex.prompt for ex in parts])
     truth = torch.tensor([dlp.task_names.index(ex.task) for ex in parts])
     out: dict[str, float] = {"pairs": len(pairs)}
-    for name, classes in (("per_prompt", per_prompt), ("per_segment", per_segment)):
-        dense = dlp.to_bank(classes)
+    for name, texts_routed in (("per_prompt", [t for t in joined for _ in range(2)]),
+                               ("per_segment", [ex.prompt for ex in parts])):
+        dense = dlp.to_bank(dlp.class_weights(texts_routed))
+        # Routing quality on the router's classes: a task the gate serves with the base model keeps its class.
+        classes = select_with(dlp.router.predict_proba(texts_routed), dlp.selection).to_dense(len(dlp.task_names))
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
             rows = slice(i, i + batch_size)

@@ -88,7 +88,9 @@ def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig
     """All methods on one task: method -> metric means and HEADLINE_SCORES (per example); per-example
     predictions go to out_dir/predictions/<method>/<task>.jsonl.
 
-    A (method, task) whose prediction file is complete is read back instead of rerun (resume).
+    A (method, task) whose prediction file is complete and was made with the same mixtures is read back
+    instead of rerun (resume); rows read or run under one method answer the rows of any other method that
+    gives an example the same mixture (`oracle` is `base` on a task the base model serves).
     """
     task = get_task(task)
     task_name = task.name
@@ -97,15 +99,17 @@ def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig
         raise ValueError(f"task {task_name!r} is not a router class of these assets: {dlp.task_names}")
     probs = dlp.router.predict_proba([ex.prompt for ex in examples])
     truth = torch.full((len(examples),), dlp.task_names.index(task_name), dtype=torch.long)
-    cache: dict = {}
+    dense = {m: _method_dense(dlp, m, probs, truth) for m in cfg.all_methods}
+    path = {m: out_dir / "predictions" / m / f"{task_name}.jsonl" for m in cfg.all_methods}
+    done = {m: _read_complete(path[m], examples, [dlp.mixture(row) for row in dense[m]]) for m in cfg.all_methods}
+    cache = {(ex.uid, routing_key(dense[m][b])): r for m, rows in done.items() if rows is not None
+             for b, (ex, r) in enumerate(zip(examples, rows))}
     results = {}
     for method in tqdm(cfg.all_methods, desc=task_name, disable=not progress, leave=False):
-        path = out_dir / "predictions" / method / f"{task_name}.jsonl"
-        rows = _read_complete(path, examples)
+        rows = done[method]
         if rows is None:
-            dense = _method_dense(dlp, method, probs, truth)
-            rows = _run_rows(dlp, task, examples, dense, cfg, cache)
-            _write_rows(path, examples, rows)
+            rows = _run_rows(dlp, task, examples, dense[method], cfg, cache)
+            _write_rows(path[method], examples, rows)
         results[method] = _score(task, examples, rows)
     return results
 
@@ -117,15 +121,19 @@ def _method_dense(dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.T
         dense = torch.zeros(len(probs), len(dlp.adapter_names))
         dense[:, dlp.adapter_names.index(method)] = 1.0
         return dense
-    return dlp.to_bank(method_weights(method, probs, truth, dlp.selection))
+    no_adapter = [dlp.task_names.index(c) for c in dlp.base_served]
+    return dlp.to_bank(method_weights(method, probs, truth, dlp.selection, no_adapter))
 
 
-def _read_complete(path: Path, examples: Sequence[Example]) -> list[dict] | None:
+def _read_complete(path: Path, examples: Sequence[Example], mixtures: list[tuple[list[str], list[float]]]
+                   ) -> list[dict] | None:
+    """The rows of a finished run with these examples and these (adapters, weights) per example, else None."""
     if not path.exists():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if [r.get("uid") for r in rows] != [ex.uid for ex in examples]:
-        return None  # partial or from other settings: rerun
+    if [r.get("uid") for r in rows] != [ex.uid for ex in examples] or \
+            [(r.get("adapters"), r.get("weights")) for r in rows] != [(list(a), list(w)) for a, w in mixtures]:
+        return None  # partial, or from other settings (router, p, gate): rerun
     return rows
 
 

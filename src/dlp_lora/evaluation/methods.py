@@ -1,13 +1,14 @@
 """Evaluation methods: how each baseline turns router probabilities and the true task into weights.
 
-Every method is a pure function (probs (B, N), truth (B,), selection) -> dense weights (B, N), so all
-methods run on the same examples, through the same fused model, in one harness run.
+Every method is a pure function (probs (B, N), truth (B,), selection, no_adapter) -> dense weights (B, N),
+so all methods run on the same examples, through the same fused model, in one harness run. `no_adapter`:
+the classes without an adapter; the router's methods select as serving does (`DLPLoRA.class_weights`).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -16,19 +17,19 @@ from dlp_lora.router import select_with
 
 __all__ = ["METHODS", "check_method", "method_weights"]
 
-MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig], torch.Tensor]
+MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig, Sequence[int]], torch.Tensor]
 
 
 def _selected(**overrides) -> MethodFn:
-    def fn(probs: torch.Tensor, truth: torch.Tensor, sel: SelectionConfig) -> torch.Tensor:
-        return select_with(probs, replace(sel, **overrides)).to_dense(probs.shape[1])
+    def fn(probs: torch.Tensor, truth: torch.Tensor, sel: SelectionConfig, no_adapter: Sequence[int]) -> torch.Tensor:
+        return select_with(probs, replace(sel, **overrides), no_adapter).to_dense(probs.shape[1])
     return fn
 
 
 METHODS: dict[str, tuple[str, MethodFn]] = {
-    "base": ("no adapter", lambda probs, truth, sel: torch.zeros_like(probs)),
+    "base": ("no adapter", lambda probs, truth, sel, no_adapter: torch.zeros_like(probs)),
     "oracle": ("the true task's adapter alone (the paper's single LoRA)",
-               lambda probs, truth, sel: torch.nn.functional.one_hot(truth, probs.shape[1]).to(probs.dtype)),
+               lambda probs, truth, sel, no_adapter: torch.nn.functional.one_hot(truth, probs.shape[1]).to(probs.dtype)),
     "dlp": ("router + top-p, renormalised weights (ours)", _selected(strategy="top_p", weighting="renorm")),
     "dlp-paper": ("router + top-p, softmax of kept probabilities (the paper's code)",
                   _selected(strategy="top_p", weighting="softmax")),
@@ -36,7 +37,7 @@ METHODS: dict[str, tuple[str, MethodFn]] = {
     "topk2": ("the router's two best adapters, renormalised", _selected(strategy="top_k", k=2, max_k=None,
                                                                          weighting="renorm")),
     "uniform": ("every adapter fused with equal weights (static)",
-                lambda probs, truth, sel: torch.full_like(probs, 1.0 / probs.shape[1])),
+                lambda probs, truth, sel, no_adapter: torch.full_like(probs, 1.0 / probs.shape[1])),
 }
 
 
@@ -56,7 +57,8 @@ def check_method(method: str, selection: SelectionConfig) -> tuple[MethodFn, Sel
     return METHODS[name][1], selection
 
 
-def method_weights(method: str, probs: torch.Tensor, truth: torch.Tensor, selection: SelectionConfig) -> torch.Tensor:
-    """(B, N) weights for `method` (see `check_method`)."""
+def method_weights(method: str, probs: torch.Tensor, truth: torch.Tensor, selection: SelectionConfig,
+                   no_adapter: Sequence[int] = ()) -> torch.Tensor:
+    """(B, N) weights for `method` (see `check_method`); no_adapter: class indices without an adapter."""
     fn, selection = check_method(method, selection)
-    return fn(probs, truth, selection)
+    return fn(probs, truth, selection, no_adapter)

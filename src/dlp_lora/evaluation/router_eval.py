@@ -44,6 +44,7 @@ def router_report_for(
     selection: SelectionConfig fields overriding the manifest's defaults (a bare router: the library's).
     same_task: indistinguishable groups (default: ARC-Easy and ARC-Challenge when both are routed).
     """
+    gated: list[str] = []
     if router_dir is not None:
         router = Router.load(router_dir)
         tasks: list = [t for t in router.task_names if t != NONE]
@@ -55,6 +56,7 @@ def router_report_for(
         router = Router.load(Path(assets) / (manifest.router or "router"), expected_tasks=manifest.tasks)
         tasks = [manifest_task(manifest, t, assets) for t in task_classes(manifest)]
         base = SelectionConfig(**manifest.selection)
+        gated = [t for t in task_classes(manifest) if manifest.adapters.get(t) is None]
     chosen = replace(base, **(selection or {}))
     groups = list(same_task) if same_task is not None else [g for g in (_ARC,) if set(g) <= set(router.task_names)]
     prompts = pool_test_prompts(tasks, data_dir, split_cfg, RouterDataConfig(none_class=NONE in router.task_names),
@@ -63,7 +65,7 @@ def router_report_for(
     unseen = sorted({s for s, lab in zip(prompts.sources, prompts.labels) if lab == NONE and is_unseen_source(s)})
     report = router_report(router, prompts.texts, prompts.labels, out_dir, selection=chosen, same_task=groups,
                            renderings=prompts.renderings, sources=prompts.sources, held_out=HELD_OUT_RENDERINGS,
-                           unseen_sources=unseen, command=command, latency=latency)
+                           unseen_sources=unseen, command=command, latency=latency, base_served=gated)
     if compare:
         reports = [("this router", report)]
         for i, other_dir in enumerate(compare):

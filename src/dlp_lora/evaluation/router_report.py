@@ -132,6 +132,36 @@ def _none_stats(pred: torch.Tensor, truth: torch.Tensor, none: int | None, sourc
             "per_source_to_base": per_source, "unseen_sources": sorted(unseen)}
 
 
+def served_stats(probs: torch.Tensor, truth: torch.Tensor, cfg: SelectionConfig, no_adapter: Sequence[int],
+                 names: Sequence[str]) -> dict:
+    """What prompts get once classes without an adapter serve the base model: a prompt is served right when
+    its adapters are exactly its true class's (that adapter alone, or none at all for a class without one).
+
+    Top-1 counts the most probable class's server; `selection` the adapters kept under cfg, as serving
+    keeps them. Rates over in-pool prompts (truth not `none`), by whether the true class has an adapter,
+    per class, and for out-of-pool prompts (truth `none`): the base model alone.
+    """
+    routing = select_with(probs, cfg, no_adapter)
+    kept = routing.weights > 0
+    has = torch.ones(len(names), dtype=torch.bool)
+    has[list(no_adapter)] = False
+    served_by = torch.where(has, torch.arange(len(names)), -1)  # class -> its adapter, -1 the base model
+    top1 = served_by[probs.argmax(1)] == served_by[truth]
+    alone = ~kept.any(1)
+    only_true = ((routing.indices == truth[:, None]) & kept).any(1) & (kept.sum(1) == 1)
+    right = torch.where(has[truth], only_true, alone)
+    rate = lambda x, rows: float(x[rows].float().mean()) if bool(rows.any()) else None  # noqa: E731
+    in_pool = truth != names.index(NONE) if NONE in names else torch.ones_like(truth, dtype=torch.bool)
+    return {"top1": rate(top1, in_pool), "selection": rate(right, in_pool),
+            "adapter_tasks_keep_only_their_adapter": rate(right, in_pool & has[truth]),
+            "adapter_tasks_keep_their_adapter": rate(((routing.indices == truth[:, None]) & kept).any(1),
+                                                     in_pool & has[truth]),
+            "base_tasks_base_alone": rate(alone, in_pool & ~has[truth]),
+            "out_of_pool_base_alone": rate(alone, ~in_pool),
+            "per_class": {n: rate(right, truth == i) for i, n in enumerate(names)},
+            "classes_without_adapter": [names[i] for i in no_adapter]}
+
+
 def router_report(
     router: Router,
     texts: Sequence[str],
@@ -146,6 +176,7 @@ def router_report(
     unseen_sources: Sequence[str] = (),
     command: str = "",
     latency: bool = True,
+    base_served: Sequence[str] = (),
 ) -> dict:
     """Evaluate router on labelled prompts and write report.json / report.md / PNGs into out_dir.
 
@@ -154,7 +185,8 @@ def router_report(
     never trained on). same_task: groups of tasks that text cannot tell apart (ARC-Easy and ARC-Challenge):
     `top1_grouped` counts a prediction inside the true task's group as right, and `top1_distinguishable`
     leaves their prompts out. Labels `none` (when the router has that class) are out-of-pool prompts:
-    they are scored by the rate sent to the base model, not by recall.
+    they are scored by the rate sent to the base model, not by recall. base_served: the classes whose
+    task the dev gate left to the base model; with them the report adds what prompts are served ("served").
     """
     names = list(router.task_names)
     truth = _truth_ids(labels, names, len(texts))
@@ -191,6 +223,8 @@ def router_report(
                         "bins_before": before,
                         "bins_after": after},
         "none": _none_stats(pred, truth, none, sources, unseen_sources),
+        "served": served_stats(probs, truth, selection, sorted({names.index(c) for c in base_served} | set(no_adapter)),
+                               names) if base_served else None,
         "per_task": {n: {"support": int((truth == i).sum()), "accuracy": _acc(pred, truth, truth == i)}
                      for i, n in enumerate(names)},
         "confusion": confusion_matrix(truth, pred, len(names)),
@@ -275,6 +309,21 @@ def _markdown(rep: dict) -> str:
                       ["in-pool (wrongly)", nn["in_pool_prompts"], _f(nn["in_pool_to_base"])]]),
                   _table(["out-of-pool source", "sent to the base model"],
                          [[s, _f(v)] for s, v in nn["per_source_to_base"].items()])]
+    if rep.get("served"):
+        sv = rep["served"]
+        parts += ["## What prompts are served (classes without an adapter serve the base model)\n",
+                  f"Classes without an adapter: {', '.join(sv['classes_without_adapter'])}. A prompt is served right "
+                  "when it gets exactly its true class's adapter, or no adapter at all when its class has none; "
+                  "confusing two classes that both serve the base model costs nothing.\n",
+                  _table(["prompts", "served right"], [
+                      ["in-pool, top-1 class's server", _f(sv["top1"])],
+                      [f"in-pool, selection (p={rep['selection']['p']})", _f(sv["selection"])],
+                      ["tasks with an adapter: that adapter alone", _f(sv["adapter_tasks_keep_only_their_adapter"])],
+                      ["tasks with an adapter: that adapter kept (maybe with others)",
+                       _f(sv["adapter_tasks_keep_their_adapter"])],
+                      ["tasks without an adapter: base model alone", _f(sv["base_tasks_base_alone"])],
+                      ["out-of-pool: base model alone", _f(sv["out_of_pool_base_alone"])]]),
+                  _table(["class", "served right (selection)"], [[c, _f(v)] for c, v in sv["per_class"].items()])]
     parts += ["## Top-p sweep (calibrated, in-pool prompts)\n",
               _table(["p", "recall", "mean k"], [[s["p"], _f(s["recall"]), _f(s["mean_k"], 3)] for s in rep["p_sweep"]]),
               "## Adapters kept per prompt\n", _table(["k", "prompts"], list(sel["k_histogram"].items()))]

@@ -62,10 +62,8 @@ class _SentenceRerouter:
                                      route=self._route, eos=frozenset(eos_ids(pipeline.model, tokenizer)))
 
     def _route(self, texts: list[str]) -> torch.Tensor:
-        """(B',) texts -> (B', classes) selected weights of the classes with an adapter."""
-        served = set(self.pipeline.base_served)
-        keep = torch.tensor([[c not in served for c in self.classes]], device="cpu")
-        return self.pipeline.class_weights(texts) * keep
+        """(B',) texts -> (B', classes) selected weights (none on a class without an adapter)."""
+        return self.pipeline.class_weights(texts)
 
     def __call__(self, token: int) -> dict[str, float] | None:
         try:
