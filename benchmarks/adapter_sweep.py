@@ -4,9 +4,12 @@ Each run trains one task's LoRA with `dlp_lora.training.train_adapter` exactly a
 splits, same config but the swept learning rate), with early stopping off so the dev curve runs to the
 planned steps: the steps axis is read off that curve (dev score every `eval_every` steps), which is what
 early stopping would choose from. A run's result is saved as it finishes and its checkpoints as it goes,
-so the script resumes where it stopped (run it again with the same arguments).
+so the script resumes where it stopped (run it again with the same arguments). `--from-assets DIR` takes
+the runs that an assets folder already holds (its adapters' records, at the recipe's learning rate) instead
+of training them again; they were trained with early stopping on, so their curves may end early.
 
     python benchmarks/adapter_sweep.py --out runs/sweep --data-dir ../shared/data
+    python benchmarks/adapter_sweep.py --out runs/sweep --data-dir ../shared/data --from-assets assets/smollm2-135m-26tasks
     python benchmarks/adapter_sweep.py --out runs/sweep --plot docs/training_sweep.png --markdown docs/training_sweep.md
 
 Timed: never run it beside other CPU work if you want its tokens/s.
@@ -21,6 +24,23 @@ from pathlib import Path
 
 TASKS = ("arc_challenge", "socialiqa", "squad")  # knowledge MCQ, commonsense MCQ, extractive QA
 LRS = (1e-4, 5e-4, 2e-3)
+
+
+KEEP = ("task", "kind", "lr", "steps", "planned_steps", "best_step", "dev_curve", "dev", "train_examples",
+        "truncated_examples", "train_seconds", "eval_seconds", "tokens_per_second", "train_tokens")
+
+
+def take_from_assets(assets: Path, out: Path, tasks: tuple[str, ...], lrs: tuple[float, ...]) -> None:
+    """Save as sweep runs the adapter records of `assets` whose task and learning rate the sweep has."""
+    from dlp_lora.assets import Manifest
+
+    records = Manifest.load(assets).records
+    for name in tasks:
+        rec = records.get(name)
+        if rec and rec.get("lr") in lrs and not _result_path(out, name, rec["lr"]).exists():
+            _result_path(out, name, rec["lr"]).parent.mkdir(parents=True, exist_ok=True)
+            _result_path(out, name, rec["lr"]).write_text(json.dumps(
+                {**{k: rec.get(k) for k in KEEP}, "source": f"{assets} (early stopping on)"}, indent=1))
 
 
 def run_all(out: Path, data_dir: str | None, tasks: tuple[str, ...], lrs: tuple[float, ...]) -> None:
@@ -42,9 +62,8 @@ def run_all(out: Path, data_dir: str | None, tasks: tuple[str, ...], lrs: tuple[
         record = train_adapter(model, tok, task, split.train, split.dev, run_dir / "adapter", cfg,
                                ckpt_dir=run_dir / "checkpoint")
         assert record is not None
-        keep = ("task", "kind", "lr", "steps", "planned_steps", "best_step", "dev_curve", "dev", "train_examples",
-                "truncated_examples", "train_seconds", "eval_seconds", "tokens_per_second", "train_tokens")
-        _result_path(out, name, lr).write_text(json.dumps({k: record.get(k) for k in keep}, indent=1))
+        _result_path(out, name, lr).write_text(json.dumps({**{k: record.get(k) for k in KEEP}, "source": "this sweep"},
+                                                          indent=1))
 
 
 def _result_path(out: Path, task: str, lr: float) -> Path:
@@ -85,13 +104,15 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
 def markdown(runs: dict[str, list[dict]]) -> str:
     """The sweep's table: base, best dev score and its step, final dev score, training throughput."""
-    lines = ["| task | lr | base dev | best dev (step) | last dev (step) | train tokens/s |", "|---|---|---|---|---|---|"]
+    lines = ["| task | lr | base dev | best dev (step) | last dev (step) | train tokens/s | run |",
+             "|---|---|---|---|---|---|---|"]
     for task, rs in runs.items():
         for r in rs:
             curve = r["dev_curve"]
             best = max(curve, key=lambda c: (c["dev"], -c["step"]))
             lines.append(f"| {task} | {r['lr']:g} | {curve[0]['dev']:.1f} | {best['dev']:.1f} ({best['step']}) | "
-                         f"{curve[-1]['dev']:.1f} ({curve[-1]['step']}) | {r.get('tokens_per_second') or 0:.0f} |")
+                         f"{curve[-1]['dev']:.1f} ({curve[-1]['step']}) | {r.get('tokens_per_second') or 0:.0f} | "
+                         f"{r.get('source', 'this sweep')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -101,9 +122,12 @@ def main() -> None:
     ap.add_argument("--data-dir", default=None, help="benchmark data (default: ../shared/data or $DLP_LORA_DATA)")
     ap.add_argument("--tasks", nargs="+", default=list(TASKS))
     ap.add_argument("--lrs", nargs="+", type=float, default=list(LRS))
+    ap.add_argument("--from-assets", type=Path, default=None, help="take the runs this assets folder already holds")
     ap.add_argument("--plot", type=Path, default=None, help="PNG of the dev curves (only plots saved runs)")
     ap.add_argument("--markdown", type=Path, default=None, help="markdown table of the saved runs")
     ns = ap.parse_args()
+    if ns.from_assets is not None:
+        take_from_assets(ns.from_assets, ns.out, tuple(ns.tasks), tuple(ns.lrs))
     if ns.plot is None and ns.markdown is None:
         run_all(ns.out, ns.data_dir, tuple(ns.tasks), tuple(ns.lrs))
     runs = load_results(ns.out)

@@ -317,6 +317,7 @@ def test_runtime_adapters_load_serve_and_unload(pipe, assets, tmp_path):
         after = route(prompt)
         assert after["base_served"] == ["code"] and after["probabilities"] == before["probabilities"]
         assert "code" not in after["adapters"] and ask("code").status_code == 404
+        assert "task 'code' has no deployed adapter" in ask("code").json()["error"]["message"]
         back = client.post("/v1/load_lora_adapter", json={"lora_name": "code", "lora_path": str(assets / "adapters" / "code")})
         assert back.status_code == 200 and "routed" in back.text
         assert route(prompt) == before

@@ -21,7 +21,7 @@ from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.responses import ERROR_RESPONSES
 from dlp_lora.server.schemas import (DetokenizeRequest, LoadLoraRequest, RouteRequest, TokenizeRequest,
                                      UnloadLoraRequest)
-from dlp_lora.server.state import ModelNotFound, ServerState
+from dlp_lora.server.state import ServerState
 
 __all__ = ["add_extra_routes"]
 
@@ -80,8 +80,7 @@ async def route(body: RouteRequest, request: Request) -> JSONResponse:
 
 def _check_model(state: ServerState, model: str | None) -> None:
     if model is not None and model not in state.model_ids():
-        raise ModelNotFound(f"the model {model!r} does not exist; served models: {', '.join(state.model_ids())}",
-                            param="model")
+        raise state.not_found(model)
 
 
 async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTextResponse:

@@ -78,8 +78,15 @@ class ServerState:
             return {}
         if model in names:
             return {model: 1.0}
-        raise ModelNotFound(f"the model {model!r} does not exist; served models: {', '.join(self.model_ids())}",
-                            param="model")
+        raise self.not_found(model)
+
+    def not_found(self, model: str) -> ModelNotFound:
+        """The error for a `model` this server does not serve, saying why when it is a gated task."""
+        why = (f"task {model!r} has no deployed adapter (the dev gate left it to the base model: ask for "
+               f"{self.model_name!r}, or {ROUTER_NAME!r} to let the router choose); "
+               if model in self.pipeline.base_served else "")
+        return ModelNotFound(f"the model {model!r} does not exist; {why}served models: {', '.join(self.model_ids())}",
+                             param="model")
 
     # ---- requests -> jobs -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
