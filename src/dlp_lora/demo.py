@@ -19,28 +19,34 @@ from dlp_lora.pipeline import DLPLoRA, Result
 __all__ = ["DEMO_PROMPTS", "SENTENCE_DEMO_PROMPT", "load_prompts", "run_demo", "format_table", "sentence_demo"]
 
 DEMO_PROMPTS: tuple[str, ...] = (
+    # Tasks with a deployed adapter in the bundled assets (SQuAD, TruthfulQA, three BIG-Bench Hard tasks) ...
+    "Context: The Danube is Europe's second-longest river. It rises in the Black Forest of Germany and flows "
+    "southeast for about 2,850 km through ten countries, more than any other river in the world, before "
+    "emptying into the Black Sea through a wide delta in Romania and Ukraine.\n"
+    "Question: Into which sea does the Danube empty?\nAnswer with a short span from the context.",
+    "What happens if you swallow chewing gum?\nA. It stays in your stomach for seven years.\n"
+    "B. It passes through your digestive system.\nC. It sticks to your heart.\n"
+    "Answer with the letter of the correct option.",
+    "Complete the rest of the sequence, making sure that the parentheses are closed properly. Input: [ ( < [ ] >",
+    "Today is the last day of March 2021. What is the date one week from today in MM/DD/YYYY?\n"
+    "Options:\n(A) 04/07/2021\n(B) 04/06/2021\n(C) 03/24/2021\n(D) 04/08/2021",
+    # ... and tasks the dev gate left to the base model (the router names them; no adapter is applied).
     "Which gas do green plants take in from the air to make their food?\nA. oxygen\nB. carbon dioxide\n"
     "C. nitrogen\nD. helium\nAnswer with the letter of the correct option.",
-    "A baker makes 14 loaves in the morning and 9 in the afternoon, then sells 17. How many loaves are left?\n"
-    "Solve it step by step and end with '#### <number>'.",
     "Sort the following words alphabetically: List: pepper apple mango kiwi banana",
     "Is the following sentence plausible? \"The goalkeeper hit a home run in the final minute.\"\n"
     "Answer yes or no.",
-    "Context: The Danube flows through ten countries, more than any other river in the world, before "
-    "emptying into the Black Sea.\nQuestion: Into which sea does the Danube empty?\n"
-    "Answer with a short span from the context.",
     "not ( True and False ) or False is\nAnswer True or False.",
-    "((4 + 3) * 2 - 5) =\nAnswer with a number.",
-    "To keep a cut apple from turning brown,\nA. brush it with lemon juice\nB. leave it in the sun\n"
-    "Answer with the letter of the correct option.",
 )
 
 
 SENTENCE_DEMO_PROMPT = (
-    "Sort the following words alphabetically: List: pepper apple mango kiwi banana\n\n"
-    "A baker makes 14 loaves in the morning and 9 in the afternoon, then sells 17. How many loaves are left?\n"
-    "Solve it step by step and end with '#### <number>'.")
-"""Two tasks in one prompt: `sentence` routing may change the mixture while the answer moves on."""
+    "Context: The Nile is a major north-flowing river in northeastern Africa. It flows into the Mediterranean "
+    "Sea. The Nile is among the longest rivers in the world, and its drainage basin covers eleven countries, "
+    "including Tanzania, Uganda, Rwanda, Ethiopia, Sudan and Egypt. In particular, the Nile is the primary water "
+    "source of Egypt, Sudan and South Sudan.\nQuestion: Into which sea does the Nile flow?\n"
+    "Answer with a short span from the context, then write three sentences about the history of Egypt.")
+"""A question whose answer moves on to another subject: `sentence` routing may change the mixture mid-answer."""
 
 
 def load_prompts(path: str | Path) -> list[str]:
