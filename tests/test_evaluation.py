@@ -135,6 +135,10 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     vs = results["summary"]["oracle"]["vs_base"]
     assert set(vs) == {"mcq", "qa", "all", "tasks"} and sum(vs["tasks"].values()) == 2
     assert "base" not in results["vs_base"]["maths"] and "Against the base model" in (out / "results.md").read_text()
+    assert set(results["pairs"]) == {"oracle - base", "dlp - oracle", "dlp - base"}  # the pairs both run
+    assert results["pairs"]["oracle - base"] == pytest.approx(results["summary"]["oracle"]["vs_base"]["all"])
+    assert 0 < results["per_task"]["science"]["base"]["top_answer_share"] <= 1
+    assert "## Collapse check" in (out / "results.md").read_text()
     assert results["composite"]["pairs"] == 2
     composite_rows = re.findall(r"\| per (?:prompt|segment) \| ([\d.]+) \|", (out / "results.md").read_text())
     assert len(composite_rows) == 2 and all(0 <= float(v) <= 100 for v in composite_rows)  # percentages
@@ -164,6 +168,15 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
         return {(r["uid"], tuple(r["adapters"]), tuple(r["weights"])) for r in rows}
 
     assert sum(calls) == len((keys("oracle") | keys("dlp")) - keys("base") - keys("dlp@0.5")) < 6
+
+
+def test_collapse_rows_flag_one_answer_for_most_prompts():
+    from dlp_lora.evaluation.report import collapsed_rows
+
+    per_task = {"t": {"a": {"top_answer_share": 0.9, "gold_top_share": 0.5},     # collapsed
+                      "b": {"top_answer_share": 0.6, "gold_top_share": 0.5},
+                      "c": {"top_answer_share": 0.95, "gold_top_share": 0.9}}}   # so are the answers
+    assert collapsed_rows(per_task) == [("t", "a", 0.9, 0.5)]
 
 
 def test_harness_refuses_task_outside_router_classes(dlp, tmp_path):

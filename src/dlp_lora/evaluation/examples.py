@@ -21,7 +21,7 @@ from dlp_lora.generation import generate_ids
 from dlp_lora.scoring import continuation_logprobs, option_choice
 from dlp_lora.tasks import Example, Task, parse_answer
 
-__all__ = ["ExampleScores", "example_scores", "headline_score", "majority_share", "MCQ_HEADLINE"]
+__all__ = ["ExampleScores", "example_scores", "headline_score", "majority_share", "MCQ_HEADLINE", "COLLAPSE_SHARE"]
 
 MCQ_HEADLINE = "acc_norm"
 """The multiple-choice headline: length-normalised option-text log-likelihood accuracy."""
@@ -93,6 +93,10 @@ def mcq_scores(logprobs: Sequence[Sequence[float]], examples: Sequence[Example])
         chosen.append(pick)
     return ExampleScores(headline=norm if MCQ_HEADLINE == "acc_norm" else acc,
                          metrics={"acc": acc, "acc_norm": norm}, chosen=chosen)
+
+
+COLLAPSE_SHARE = 0.8
+"""Answers collapse when the most frequent one covers more than this share of prompts (and gold's does not)."""
 
 
 def majority_share(chosen: Sequence) -> float:

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
 from dlp_lora.config import EvalConfig, GenerationConfig, SplitConfig
 from dlp_lora.evaluation.methods import method_weights
-from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, mcq_scores
+from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores
 from dlp_lora.evaluation.metrics import choice_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
@@ -69,15 +69,22 @@ def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
     scores: dict = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples],
                               [r["text"] for r in rows], [ex.answer for ex in examples])
     loglik = task.kind == "mcq" and bool(rows) and rows[0]["option_logprobs"] is not None
+    picked = [r["parsed"] for r in rows]
     if loglik:
         per = mcq_scores([r["option_logprobs"] for r in rows], examples)
         scores.update({k: sum(v) / len(v) for k, v in per.metrics.items()})
         scores[HEADLINE_SCORES] = per.headline
+        picked = per.chosen
     elif task.kind == "mcq":
         scores[HEADLINE_SCORES] = [choice_accuracy([r["parsed"]], [ex.references]) for ex, r in zip(examples, rows)]
     else:
         scores[HEADLINE_SCORES] = [headline_score(task.metric, r["parsed"], ex.references)
                                    for ex, r in zip(examples, rows)]
+    # The collapse check: the share of the most frequent answer (the option the headline picks, else the
+    # parsed answer), beside the same share of the gold answers.
+    scores["top_answer_share"] = majority_share(picked)
+    scores["gold_top_share"] = majority_share([ex.gold_index if task.kind == "mcq" else ex.references[0]
+                                               for ex in examples])
     scores["mean_k"] = sum(len(r["adapters"]) for r in rows) / max(len(rows), 1)
     scores["fused_fraction"] = sum(len(r["adapters"]) > 1 for r in rows) / max(len(rows), 1)
     return scores

@@ -15,13 +15,18 @@ from typing import Mapping
 
 from matplotlib.figure import Figure
 
+from dlp_lora.evaluation.examples import COLLAPSE_SHARE
 from dlp_lora.evaluation.harness import HEADLINE_SCORES, headline_key
 from dlp_lora.evaluation.stats import Interval, paired_difference, stratified_mean_difference
 from dlp_lora.tasks import Task
 
-__all__ = ["headline", "summarise", "differences", "write_report"]
+__all__ = ["headline", "summarise", "differences", "method_pairs", "collapsed_rows", "write_report"]
 
 BASE = "base"
+PAIRS = (("oracle", "base"), ("dlp", "oracle"), ("dlp", "top1"), ("dlp", "uniform"), ("dlp", "multitask"),
+         ("dlp", "base"), ("multitask", "base"))
+"""Method pairs compared over all tasks (when both were run): `a - b` with a stratified bootstrap interval."""
+
 _AVERAGES = (("mcq_headline", "MCQ acc_norm"), ("mcq_accuracy", "MCQ generated acc"), ("qa_headline", "QA headline"),
              ("qa_bleu", "QA BLEU"), ("qa_rouge1", "QA ROUGE-1"), ("qa_rougeL", "QA ROUGE-L"))
 
@@ -80,6 +85,21 @@ def differences(per_task: dict[str, dict[str, dict]]) -> dict[str, dict[str, dic
     return out
 
 
+def method_pairs(per_task: dict[str, dict[str, dict]]) -> dict[str, dict]:
+    """"a - b" -> stratified bootstrap interval (dict) of the headline difference over all tasks, for the
+    PAIRS whose two methods were both run."""
+    methods = set(next(iter(per_task.values())))
+    return {f"{a} - {b}": _as_dict(stratified_mean_difference({t: per_task[t][a][HEADLINE_SCORES] for t in per_task},
+                                                               {t: per_task[t][b][HEADLINE_SCORES] for t in per_task}))
+            for a, b in PAIRS if {a, b} <= methods}
+
+
+def collapsed_rows(per_task: dict[str, dict[str, dict]]) -> list[tuple[str, str, float, float]]:
+    """(task, method, top answer share, gold top share) wherever a method collapsed (COLLAPSE_SHARE)."""
+    return [(t, m, s["top_answer_share"], s["gold_top_share"]) for t, by in per_task.items() for m, s in by.items()
+            if s["top_answer_share"] > COLLAPSE_SHARE >= s["gold_top_share"]]
+
+
 def _as_dict(i: Interval) -> dict:
     return {"estimate": i.estimate, "low": i.low, "high": i.high, "n": i.n}
 
@@ -125,7 +145,7 @@ def _task_cell(score: float, diff: dict | None) -> str:
 
 
 def _markdown(per_task: dict, tasks: Mapping[str, Task], summary: dict, diffs: dict, meta: dict,
-              composite: dict | None) -> str:
+              composite: dict | None, pairs: dict) -> str:
     main = [m for m in summary if "@" not in m]
     sweep = [m for m in summary if "@" in m]
     lines = ["# Results", "", f"Produced by `{meta['command']}`.", "",
@@ -143,6 +163,18 @@ def _markdown(per_task: dict, tasks: Mapping[str, Task], summary: dict, diffs: d
                   "95% bootstrap interval (examples resampled within each task, tasks weighted equally); "
                   "'better' / 'worse' count the tasks whose own paired interval excludes 0.", ""]
         lines += _vs_base_table(summary, main)
+    if pairs:
+        lines += ["", "## Between methods", "",
+                  "Mean headline difference over all tasks (tasks weighted equally), 95% bootstrap interval "
+                  "(examples resampled within each task).", "", "| difference | all tasks |", "|---|---|"]
+        lines += [f"| {name} | {Interval(**d).fmt()}{'' if Interval(**d).excludes_zero else ' (no difference)'} |"
+                  for name, d in pairs.items()]
+    collapsed = collapsed_rows(per_task)
+    lines += ["", "## Collapse check", "",
+              f"Methods whose most frequent answer (the option `acc_norm` picks, else the parsed answer) covers more "
+              f"than {COLLAPSE_SHARE:.0%} of a task's prompts while the gold answers' most frequent one does not."]
+    lines += (["", "| task | method | top answer share | gold top share |", "|---|---|---|---|"]
+              + [f"| {t} | {m} | {s:.0%} | {g:.0%} |" for t, m, s, g in collapsed] if collapsed else ["", "None."])
     if sweep:
         lines += ["", "## Top-p sweep of `dlp`", ""] + _averages_table(summary, sweep)
         lines += ["", "![p sweep: mean adapters fused vs score](p_sweep.png)"]
@@ -206,12 +238,14 @@ def write_report(out_dir: Path, per_task: dict, tasks: Mapping[str, Task], meta:
     results.json keeps the means and intervals; the per-example scores stay in the prediction files."""
     diffs = differences(per_task)
     summary = summarise(per_task, tasks, diffs)
+    pairs = method_pairs(per_task)
     means = {t: {m: {k: v for k, v in s.items() if k != HEADLINE_SCORES} for m, s in by.items()}
              for t, by in per_task.items()}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "per_task": means,
-                                                      "vs_base": diffs, "composite": composite}, indent=2) + "\n")
-    (out_dir / "results.md").write_text(_markdown(per_task, tasks, summary, diffs, meta, composite))
+                                                      "vs_base": diffs, "pairs": pairs, "composite": composite},
+                                                     indent=2) + "\n")
+    (out_dir / "results.md").write_text(_markdown(per_task, tasks, summary, diffs, meta, composite, pairs))
     _bar_plot(per_task, tasks, [m for m in summary if "@" not in m], out_dir / "per_task.png")
     if any(m.startswith("dlp@") for m in summary):
         _sweep_plot(summary, out_dir / "p_sweep.png")

@@ -13,13 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from dlp_lora.evaluation.examples import majority_share
+from dlp_lora.evaluation.examples import COLLAPSE_SHARE, majority_share
 from dlp_lora.evaluation.stats import paired_difference
 
 __all__ = ["deployment_gate", "collapsed", "gate_table", "COLLAPSE_SHARE"]
-
-COLLAPSE_SHARE = 0.8
-"""An adapter whose most frequent answer covers more than this share of prompts is collapsed."""
 
 
 def collapsed(chosen: Sequence, gold: Sequence) -> bool:
