@@ -66,7 +66,7 @@ evaluate: setup
 	$(CLI) evaluate --assets $(ASSETS) --out runs/eval --composite-pairs 40
 
 docs: setup
-	$(CLI) tasks --markdown docs/tasks.md
+	$(CLI) tasks --markdown docs/tasks.md --results docs/results.json --assets $(ASSETS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
