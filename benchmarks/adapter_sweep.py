@@ -37,9 +37,12 @@ def take_from_assets(assets: Path, out: Path, tasks: tuple[str, ...], lrs: tuple
     records = Manifest.load(assets).records
     for name in tasks:
         rec = records.get(name)
-        if rec and rec.get("lr") in lrs and not _result_path(out, name, rec["lr"]).exists():
-            _result_path(out, name, rec["lr"]).parent.mkdir(parents=True, exist_ok=True)
-            _result_path(out, name, rec["lr"]).write_text(json.dumps(
+        if not rec or rec.get("lr") not in lrs:
+            continue
+        path = _result_path(out, name, rec["lr"])
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(
                 {**{k: rec.get(k) for k in KEEP}, "source": f"{assets} (early stopping on)"}, indent=1))
 
 

@@ -135,6 +135,11 @@ class DLPLoRA:
         """Classes the base model serves (no deployed adapter)."""
         return [self.classes[i] for i in self._no_adapter]
 
+    @property
+    def no_adapter(self) -> list[int]:
+        """Indices of the classes the base model serves: the `no_adapter` of `router.select_with`."""
+        return list(self._no_adapter)
+
     def to_bank(self, class_weights: torch.Tensor) -> torch.Tensor:
         """(B, classes) weights -> (B, bank) weights; a class without adapter drops its weight (base model)."""
         if class_weights.dim() != 2 or class_weights.shape[1] != len(self.classes):
@@ -278,7 +283,9 @@ class DLPLoRA:
     def mixture(self, dense_row: torch.Tensor) -> tuple[list[str], list[float]]:
         """(adapter names, weights rounded to 1e-6), heaviest first, of one row of bank weights (bank width,):
         what a `Result` reports for a row generated under it."""
-        pairs = Routing.from_dense(dense_row[None]).row(0)
+        return self._named(Routing.from_dense(dense_row[None]).row(0))
+
+    def _named(self, pairs: Sequence[tuple[int, float]]) -> tuple[list[str], list[float]]:
         return [self.adapter_names[i] for i, _ in pairs], [round(w, 6) for _, w in pairs]
 
     def _result(self, out: GenerationOutput, routing: Routing, b: int, policy: SentencePolicy | None = None) -> Result:
@@ -288,8 +295,8 @@ class DLPLoRA:
             if s.row == b and 0 < s.token < len(out.token_ids):
                 adapters, weights = self.mixture(s.weights)
                 switches.append({"token": s.token, "adapters": adapters, "weights": weights})
-        return Result(text=out.text, adapters=[self.adapter_names[i] for i, _ in pairs],
-                      weights=[round(w, 6) for _, w in pairs], finish_reason=out.finish_reason,
+        adapters, weights = self._named(pairs)
+        return Result(text=out.text, adapters=adapters, weights=weights, finish_reason=out.finish_reason,
                       prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids), switches=switches)
 
     def close(self) -> None:

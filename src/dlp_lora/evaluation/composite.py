@@ -52,11 +52,12 @@ def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], t
     parts = [ex for pair in pairs for ex in pair]
     truth = torch.tensor([dlp.task_names.index(ex.task) for ex in parts])
     out: dict[str, float] = {"pairs": len(pairs)}
-    for name, texts_routed in (("per_prompt", [t for t in joined for _ in range(2)]),
-                               ("per_segment", [ex.prompt for ex in parts])):
-        dense = dlp.to_bank(dlp.class_weights(texts_routed))
-        # Routing quality on the router's classes: a task the gate serves with the base model keeps its class.
-        classes = select_with(dlp.router.predict_proba(texts_routed), dlp.selection).to_dense(len(dlp.task_names))
+    for name, routed, parts_each in (("per_prompt", joined, 2), ("per_segment", [ex.prompt for ex in parts], 1)):
+        probs = dlp.router.predict_proba(routed).repeat_interleave(parts_each, dim=0)
+        # Served as `DLPLoRA.class_weights` selects; routing quality read on the router's classes, where a
+        # task the gate serves with the base model keeps its class.
+        dense = dlp.to_bank(select_with(probs, dlp.selection, dlp.no_adapter).to_dense(len(dlp.task_names)))
+        classes = select_with(probs, dlp.selection).to_dense(len(dlp.task_names))
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
             rows = slice(i, i + batch_size)

@@ -128,8 +128,7 @@ def _method_dense(dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.T
         dense = torch.zeros(len(probs), len(dlp.adapter_names))
         dense[:, dlp.adapter_names.index(method)] = 1.0
         return dense
-    no_adapter = [dlp.task_names.index(c) for c in dlp.base_served]
-    return dlp.to_bank(method_weights(method, probs, truth, dlp.selection, no_adapter))
+    return dlp.to_bank(method_weights(method, probs, truth, dlp.selection, dlp.no_adapter))
 
 
 def _read_complete(path: Path, examples: Sequence[Example], mixtures: list[tuple[list[str], list[float]]]

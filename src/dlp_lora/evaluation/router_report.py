@@ -148,14 +148,14 @@ def served_stats(probs: torch.Tensor, truth: torch.Tensor, cfg: SelectionConfig,
     served_by = torch.where(has, torch.arange(len(names)), -1)  # class -> its adapter, -1 the base model
     top1 = served_by[probs.argmax(1)] == served_by[truth]
     alone = ~kept.any(1)
-    only_true = ((routing.indices == truth[:, None]) & kept).any(1) & (kept.sum(1) == 1)
+    kept_true = ((routing.indices == truth[:, None]) & kept).any(1)
+    only_true = kept_true & (kept.sum(1) == 1)
     right = torch.where(has[truth], only_true, alone)
     rate = lambda x, rows: float(x[rows].float().mean()) if bool(rows.any()) else None  # noqa: E731
     in_pool = truth != names.index(NONE) if NONE in names else torch.ones_like(truth, dtype=torch.bool)
     return {"top1": rate(top1, in_pool), "selection": rate(right, in_pool),
             "adapter_tasks_keep_only_their_adapter": rate(right, in_pool & has[truth]),
-            "adapter_tasks_keep_their_adapter": rate(((routing.indices == truth[:, None]) & kept).any(1),
-                                                     in_pool & has[truth]),
+            "adapter_tasks_keep_their_adapter": rate(kept_true, in_pool & has[truth]),
             "base_tasks_base_alone": rate(alone, in_pool & ~has[truth]),
             "out_of_pool_base_alone": rate(alone, ~in_pool),
             "per_class": {n: rate(right, truth == i) for i, n in enumerate(names)},
