@@ -13,7 +13,7 @@ from dlp_lora.config import RouterConfig, RouterTrainConfig
 from dlp_lora.config import SelectionConfig
 from dlp_lora.evaluation.router_report import comparison_markdown, router_report, served_stats
 from dlp_lora.router import Router
-from dlp_lora.router.model import head_tail, mean_pool
+from dlp_lora.router.model import head_tail
 from dlp_lora.training.router import load_labelled_jsonl, train_router
 
 TASKS = ("math", "translate", "sentiment")
@@ -202,32 +202,3 @@ def test_encoder_router_saves_head_only(data, tmp_path):
 def test_default_mini_mlp_is_about_5m_params():
     router = Router(RouterConfig(task_names=tuple(f"t{i}" for i in range(26))))
     assert 4_500_000 <= router.num_parameters() <= 5_500_000
-
-
-def test_bigram_router_sees_word_order(data, tmp_path):
-    """Token features are a bag of words; hashed bigrams tell 'dog bites man' from 'man bites dog'."""
-    cfg = RouterConfig(**TINY, bigram_buckets=97)
-    router = Router(cfg).eval()
-    ids, mask = router.encode(["the dog bites the man", "the man bites the dog"])
-    assert torch.allclose(mean_pool(router.embedding(ids), mask)[0], mean_pool(router.embedding(ids), mask)[1])
-    feats = router.features(ids, mask)
-    assert not torch.allclose(feats[0], feats[1])
-    # Padding adds no pair: a prompt alone equals the same prompt in a batch with a longer one.
-    alone = router.features(*router.encode(["the dog"]))
-    assert torch.allclose(router.features(*router.encode(["the dog", "a much longer prompt than that"]))[0], alone[0])
-    one_token = router.encode(["dog"])
-    assert torch.allclose(router.features(*one_token), mean_pool(router.embedding(one_token[0]), one_token[1]))
-
-    trained, history = train_router(data["train_x"], data["train_y"], data["dev_x"], data["dev_y"], cfg, FAST,
-                                    progress=False)
-    assert history["best_dev_acc"] >= 0.95
-    trained.save(tmp_path / "bigram")
-    from safetensors.torch import load_file
-
-    assert load_file(str(tmp_path / "bigram" / "model.safetensors"))["bigrams.weight"].shape == (97, 16)
-    loaded = Router.load(tmp_path / "bigram", expected_tasks=TASKS)
-    assert torch.equal(loaded.predict_proba(data["dev_x"]), trained.predict_proba(data["dev_x"]))
-    with pytest.raises(ValueError, match="bigram_buckets needs kind='mini-mlp'"):
-        RouterConfig(kind="encoder", task_names=TASKS, bigram_buckets=8)
-    with pytest.raises(ValueError, match="bigram_buckets must be >= 0"):
-        RouterConfig(**TINY, bigram_buckets=-1)

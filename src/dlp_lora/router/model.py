@@ -2,8 +2,7 @@
 
 Two kinds share one MLP head (Linear, then LayerNorm + GELU + Dropout between Linears, N logits out):
 - ``mini-mlp`` (the paper's plugin): trainable token embeddings over the base model's tokenizer,
-  mean pooled over the prompt's tokens. About 5.1M parameters at N=26 with the default config. With
-  ``bigram_buckets`` it adds hashed token-bigram embeddings (mean pooled, summed with the tokens').
+  mean pooled over the prompt's tokens. About 5.1M parameters at N=26 with the default config.
 - ``encoder``: the frozen all-MiniLM-L6-v2 sentence encoder, mean pooled; only the head trains and
   only the head is saved.
 Saved as ``model.safetensors`` + ``config.json`` (the RouterConfig fields and a format version).
@@ -26,8 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from ..config import RouterConfig
 from ..models import load_tokenizer
 
-__all__ = ["Router", "head_tail", "mean_pool", "bigram_ids", "build_head", "encoder_dir", "EMBEDDED_ENCODER_ID",
-           "FORMAT_VERSION"]
+__all__ = ["Router", "head_tail", "mean_pool", "build_head", "encoder_dir", "EMBEDDED_ENCODER_ID", "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
 EMBEDDED_ENCODER_ID = "embedded:all-MiniLM-L6-v2"
@@ -53,15 +51,6 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of hidden (B, T, D) over the positions where mask (B, T) is 1 -> (B, D)."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-
-
-_BIGRAM_PRIME = 1_000_003  # > any vocabulary here, so (a, b) -> a * P + b is one-to-one before the modulo
-
-
-def bigram_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hashed ids (B, T-1) of each adjacent token pair and their mask (B, T-1): 1 where both tokens are real."""
-    ids = (input_ids[:, :-1] * _BIGRAM_PRIME + input_ids[:, 1:]) % buckets
-    return ids, attention_mask[:, :-1] * attention_mask[:, 1:]
 
 
 def build_head(in_dim: int, hidden_dim: int, num_layers: int, dropout: float, num_out: int) -> nn.Sequential:
@@ -123,13 +112,10 @@ class Router(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embedding: nn.Embedding | None = None
-        self.bigrams: nn.Embedding | None = None
         self.encoder: nn.Module | None = None
         if cfg.kind == "mini-mlp":
             self.tokenizer = load_tokenizer(cfg.tokenizer)
             self.embedding = nn.Embedding(len(self.tokenizer), cfg.embed_dim)
-            if cfg.bigram_buckets:
-                self.bigrams = nn.Embedding(cfg.bigram_buckets, cfg.embed_dim)
             in_dim, self._max_tokens = cfg.embed_dim, cfg.max_length
         else:
             self.tokenizer, self.encoder = _load_encoder(cfg.encoder)
@@ -185,11 +171,7 @@ class Router(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Pooled prompt features (B, D) that the head classifies."""
         if self.embedding is not None:
-            pooled = mean_pool(self.embedding(input_ids), attention_mask)
-            if self.bigrams is not None:  # a one-token prompt has no pair: its bigram part is zero
-                pairs, pair_mask = bigram_ids(input_ids, attention_mask, self.cfg.bigram_buckets)
-                pooled = pooled + mean_pool(self.bigrams(pairs), pair_mask)
-            return pooled
+            return mean_pool(self.embedding(input_ids), attention_mask)
         with torch.no_grad():  # frozen encoder: no activations kept for backward
             hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return mean_pool(hidden, attention_mask)
@@ -221,8 +203,7 @@ class Router(nn.Module):
     # ---- persistence --------------------------------------------------------------------------
     def _saved_modules(self) -> dict[str, nn.Module]:
         """The modules whose weights are saved; the frozen encoder is rebuilt from its own files."""
-        saved = {"embedding": self.embedding, "bigrams": self.bigrams, "head": self.head}
-        return {name: mod for name, mod in saved.items() if mod is not None}
+        return {"embedding": self.embedding, "head": self.head} if self.embedding is not None else {"head": self.head}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights that :meth:`save` writes (everything but the frozen encoder), keyed `module.param`."""
