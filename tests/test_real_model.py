@@ -171,8 +171,11 @@ def test_bfloat16_real_model_equals_peft_bfloat16():
                 tokens = [o.token_ids for o in generate_ids(model, tok, ids, mask, cfg)]
             assert got.dtype == torch.bfloat16
             keep = mask.bool()
-            diff = (got.float()[keep] - want[keep]).abs()
-            assert float(diff.max()) <= 0.75 and float(diff.mean()) <= 0.02, (path, float(diff.max()), float(diff.mean()))
+            if path == "dense":  # bf16 rounding flips propagate (docstring): bound the spread, not one ulp
+                diff = (got.float()[keep] - want[keep]).abs()
+                assert float(diff.max()) <= 0.75 and float(diff.mean()) <= 0.02, (path, float(diff.max()), float(diff.mean()))
+            else:
+                torch.testing.assert_close(got.float()[keep], want[keep], atol=0.25, rtol=0, msg=f"path {path}")
             assert tokens == want_tokens, path
     finally:
         fused.remove()
