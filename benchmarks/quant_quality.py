@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> dict:
     fp32: dict[str, list[float]] = {}
     int8: dict[str, list[float]] = {}
     for name in ns.tasks:
-        fp32[name], int8[name] = (evaluate_task(dlp, name, Path(ns.out) / quant, cfg, SplitConfig(), ns.data_dir)
-                                  [METHOD][HEADLINE_SCORES] for quant, dlp in pipelines.items())
+        scores = {quant: evaluate_task(dlp, name, Path(ns.out) / quant, cfg, SplitConfig(), ns.data_dir)[METHOD]
+                  [HEADLINE_SCORES] for quant, dlp in pipelines.items()}
+        fp32[name], int8[name] = scores["none"], scores["int8"]
         result = summarise(fp32, int8, argv, ns.loglik)
         if ns.json:
             Path(ns.json).write_text(json.dumps(result, indent=2) + "\n")
