@@ -141,3 +141,25 @@ def test_tasks_the_dev_gate_sent_to_the_base_model_stay_router_classes():
     m = Manifest(base_model="b", tasks=["arc_easy", "piqa", "none"],
                  adapters={"arc_easy": "adapters/arc_easy", "piqa": None, "none": None})
     assert task_classes(m) == ["arc_easy", "piqa"]
+
+
+def test_router_train_cap_is_its_own_and_leaves_dev_and_test_unchanged(tmp_path):
+    # The router trains on more prompts per task than the adapters (RouterDataConfig.train_cap, not
+    # SplitConfig.train_cap); its dev and test prompts must be the same at any cap.
+    from dlp_lora.config import RouterDataConfig, SplitConfig
+    from dlp_lora.tasks.loaders import user_file
+    from dlp_lora.tasks.router_prompts import routed_prompts
+    from dlp_lora.tasks.types import Task
+
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps({"input": f"Question {i}?", "output": str(i)}) + "\n" for i in range(100)))
+    task = Task(name="mine", kind="qa", source=str(path), metric="exact", load=user_file("mine", path))
+    split = SplitConfig(train_cap=10, dev_size=5, test_size=10)
+    small, large = (RouterDataConfig(train_cap=cap, renderings_per_example=1, none_class=False) for cap in (10, 60))
+    assert len(routed_prompts([task], "train", tmp_path, split, small)) == 10
+    assert len(routed_prompts([task], "train", tmp_path, split, large)) == 60
+    for part in ("dev", "test"):
+        assert routed_prompts([task], part, tmp_path, split, small).texts == \
+            routed_prompts([task], part, tmp_path, split, large).texts
+    with pytest.raises(ValueError, match="train_cap must be >= 1, got 0"):
+        RouterDataConfig(train_cap=0)

@@ -236,7 +236,7 @@ def _train_router_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, RouterTrainConfig)
     add_config_args(p, RouterDataConfig, skip=("seed",))
     add_config_args(p, SelectionConfig, skip=("k", "threshold", "p"))
-    add_config_args(p, SplitConfig, skip=("seed",))
+    add_config_args(p, SplitConfig, skip=("seed", "train_cap"))  # --train-cap is the router's own
 
 
 def _train_router(ns: argparse.Namespace) -> None:
@@ -254,7 +254,9 @@ def _train_router(ns: argparse.Namespace) -> None:
         print(f"router saved to {ns.out}: best dev accuracy {h['best_dev_acc']:.4f} at epoch {h['best_epoch']}, "
               f"temperature {h['temperature']:.3f}")
         return
-    split, data = config_from_args(SplitConfig, ns), config_from_args(RouterDataConfig, ns)
+    data = config_from_args(RouterDataConfig, ns)
+    # --train-cap is the router's own (RouterDataConfig); the split keeps the adapters' default cap.
+    split = dataclasses.replace(config_from_args(SplitConfig, ns), train_cap=SplitConfig().train_cap)
     selection = config_from_args(SelectionConfig, ns)
     if ns.assets:
         from dlp_lora.training.router_pool import train_pool_router

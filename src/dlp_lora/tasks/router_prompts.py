@@ -93,8 +93,9 @@ def routed_prompts(tasks: Sequence[str | Task], split: str, data_dir: str | os.P
     _check_split(split)
     resolved = [get_task(t) for t in tasks]
     out = RoutedPrompts()
+    task_cfg = replace(split_cfg, train_cap=data_cfg.train_cap)  # dev and test do not depend on the cap
     for task in resolved:
-        examples = getattr(load_splits(task, data_dir, split_cfg), split)
+        examples = getattr(load_splits(task, data_dir, task_cfg), split)
         out.extend(_rendered(examples, task.name, task.name, None if every_rendering else TRAIN_RENDERINGS,
                              data_cfg.renderings_per_example, data_cfg.seed))
     if data_cfg.none_class:
