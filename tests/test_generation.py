@@ -104,3 +104,13 @@ def test_bad_inputs_refused():
                           ({"top_p": 0.0}, "top_p"), ({"stop": ("",)}, "stop"), ({"seed": 2**70}, "seed")]:
         with pytest.raises(ValueError, match=match):
             GenerationConfig(**kwargs)
+
+
+def test_ignore_eos_decodes_to_max_new_tokens():
+    model, (ids, mask) = _model(), _batch()
+    free = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
+    eos = free[0].token_ids[0]  # row 0's first token is EOS: it would end at once
+    assert _generate(model, _Tok(eos=eos), ids, mask, GenerationConfig(max_new_tokens=6))[0].token_ids == []
+    out = _generate(model, _Tok(eos=eos), ids, mask, GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    assert [o.token_ids for o in out] == [o.token_ids for o in free]
+    assert all(o.finish_reason == "length" for o in out)

@@ -158,6 +158,6 @@ def test_bench_times_fp32_and_int8_side_by_side():
     kinds = {(r["method"], r["quantize"]) for r in result["rows"]}
     assert kinds == {("base", "none"), ("peft", "none"), ("fused", "none"), ("base", "int8"), ("fused", "int8")}
     assert {"int8_N2_k1_b2_vs_fp32", "int8_N2_k1_b2_tok_s_vs_fp32_base", "N2_k1_b2_vs_peft"} <= set(result["ratios"])
-    assert "| int8 | fused | 2 | 1 | 2 |" in markdown_table(result, "dlp-lora bench")
+    assert "| int8 | fused | eager | 2 | 1 | 2 |" in markdown_table(result, "dlp-lora bench")
     with pytest.raises(ValueError, match="quantize must be distinct values"):
         BenchConfig(quantize=("int4",))

@@ -1,13 +1,16 @@
 """Fusion latency benchmark: base vs peft vs fused mixtures, timed side by side in one process.
 
-Every configuration decodes with the same loop (transformers' `generate`, greedy, a fixed number of new
-tokens), so the ratios compare the LoRA machinery and nothing else. Each configuration runs on the fp32
-base and on its int8 copy (`cfg.quantize`), and optionally llama.cpp runs the embedded GGUF at batch 1. Timings are medians over repeats,
-and the configurations of one repeat are interleaved so that machine drift hits all of them alike.
+Every configuration decodes with the same greedy loop over a `generation.Decoder` (the one `generate_ids`
+runs, a fixed number of new tokens), so the ratios compare the LoRA machinery and nothing else. Each
+configuration runs on the fp32 base and on its int8 copy (`cfg.quantize`), eagerly and, with `cfg.compile`,
+also compiled (`dlp_lora.compiled`; its one-time compilation is done before timing), and optionally
+llama.cpp runs the embedded GGUF at batch 1. Timings are medians over repeats, and the configurations of
+one repeat are interleaved so that machine drift hits all of them alike.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import statistics
@@ -21,8 +24,10 @@ import torch
 from tqdm.auto import tqdm
 
 from dlp_lora.adapters.io import LoraModuleWeights, write_peft_adapter
+from dlp_lora.compiled import CompiledDecoder
 from dlp_lora.config import BenchConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.generation import Decoder, EagerDecoder
 from dlp_lora.quantize import quantize_model
 
 __all__ = ["run_fusion_benchmark", "markdown_table", "save_json", "random_adapters", "random_mixtures"]
@@ -72,35 +77,51 @@ def clock_of(cfg: BenchConfig) -> Callable[[], float]:
     return time.process_time if cfg.clock == "cpu" else time.perf_counter
 
 
-def _generate(model, ids: torch.Tensor, n: int) -> None:
-    model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                   do_sample=False, pad_token_id=0)
+def _generate(decoder: Decoder, ids: torch.Tensor, n: int) -> None:
+    """n greedy tokens for every row of ids (B, T): the prefill gives the first, n - 1 steps the rest."""
+    mask = torch.ones_like(ids)
+    positions = mask.cumsum(-1) - 1
+    logits = decoder.prefill(ids, mask, positions, n)
+    positions = positions[:, -1]
+    for _ in range(n - 1):
+        positions = positions + 1
+        logits = decoder.step(logits.argmax(-1), positions)
 
 
-def _measure(model, ids: torch.Tensor, new_tokens: int,
-             clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
-    """(prefill seconds, decode seconds for new_tokens) with one shared decoding loop.
+def _measure(model, ids: torch.Tensor, new_tokens: int, clock: Callable[[], float] = time.perf_counter,
+             compiled: Decoder | None = None) -> tuple[float, float]:
+    """(prefill seconds, decode seconds for new_tokens) with one shared decoding loop (eager unless a
+    compiled decoder is given).
 
     Decode is the difference between generating new_tokens and generating one token, so prefill and
     the loop's set-up cancel out; it is scaled back to new_tokens steps.
     """
+    def decoder() -> Decoder:
+        return compiled if compiled is not None else EagerDecoder(model)
+
     with torch.no_grad():
-        prefill = _time(lambda: _generate(model, ids, 1), clock)
-        total = _time(lambda: _generate(model, ids, new_tokens), clock)
+        prefill = _time(lambda: _generate(decoder(), ids, 1), clock)
+        total = _time(lambda: _generate(decoder(), ids, new_tokens), clock)
     return prefill, (total - prefill) * new_tokens / max(new_tokens - 1, 1)
 
 
 def _one_repeat(model, quant: str, cfg: BenchConfig, paths: dict[str, Path], prompts: dict[int, torch.Tensor],
-                g: torch.Generator, bar) -> list[dict]:
+                g: torch.Generator, bar, compiled: Decoder | None = None, warmed: set | None = None) -> list[dict]:
+    """One pass over the configurations on `model`; with `compiled`, base and fused rows run twice (eager,
+    compiled). `warmed`: the compiled configurations already compiled (kept across repeats)."""
     from peft import PeftModel
 
     rows: list[dict] = []
 
     def record(method: str, n: int, k: int, b: int, path: str, extra: dict | None = None) -> None:
-        prefill, decode = _measure(model, prompts[b], cfg.new_tokens, clock_of(cfg))
-        rows.append({"method": method, "quantize": quant, "N": n, "k": k, "batch": b, "path": path,
-                     "prefill_s": prefill, "decode_s": decode, **(extra or {})})
-        bar.update(1)
+        for dec in (None, compiled) if method != "peft" else (None,):
+            if dec is not None and (method, n, k, b) not in warmed:  # compile now, outside the timing
+                _measure(model, prompts[b], 2, compiled=dec)
+                warmed.add((method, n, k, b))
+            prefill, decode = _measure(model, prompts[b], cfg.new_tokens, clock_of(cfg), dec)
+            rows.append({"method": method, "quantize": quant, "compiled": dec is not None, "N": n, "k": k,
+                         "batch": b, "path": path, "prefill_s": prefill, "decode_s": decode, **(extra or {})})
+            bar.update(1)
 
     for b in cfg.batch_sizes:
         record("base", 0, 0, b, "-")
@@ -135,11 +156,16 @@ def run_fusion_benchmark(model: torch.nn.Module, cfg: BenchConfig = BenchConfig(
 
         llama = LlamaCppTimer(cfg.prompt_tokens, cfg.new_tokens, torch.get_num_threads(), clock_of(cfg))
         prompts.setdefault(1, torch.randint(100, vocab, (1, cfg.prompt_tokens), generator=g))
-    per_repeat = sum(len(cfg.batch_sizes) * ((2 if q == "none" else 1) + len(cfg.num_adapters) * len(cfg.ks))
+    runs = 2 if cfg.compile else 1  # base and fused rows: eager, and compiled
+    per_repeat = sum(len(cfg.batch_sizes) * ((1 if q == "none" else 0) + runs * (1 + len(cfg.num_adapters) * len(cfg.ks)))
                      for q in cfg.quantize) + (llama is not None)
+    compiled = {q: CompiledDecoder(m) for q, m in models.items()} if cfg.compile else {}
+    warmed: dict[str, set] = {q: set() for q in models}
     raw: list[dict] = []
-    with tempfile.TemporaryDirectory() as tmp, tqdm(total=per_repeat * cfg.repeats, desc="bench",
-                                                     disable=not progress) as bar:
+    # Every (batch, path, k, N) is its own graph: more than dynamo's default of 8 per function.
+    limits = torch._dynamo.config.patch(recompile_limit=256) if cfg.compile else contextlib.nullcontext()
+    with limits, tempfile.TemporaryDirectory() as tmp, tqdm(total=per_repeat * cfg.repeats, desc="bench",
+                                                             disable=not progress) as bar:
         paths = random_adapters(model, max(cfg.num_adapters), cfg.rank, Path(tmp), cfg.seed)
         for m in models.values():  # warm-up: first calls pay one-time allocation costs
             _measure(m, prompts[max(cfg.batch_sizes)], 2)
@@ -147,10 +173,11 @@ def run_fusion_benchmark(model: torch.nn.Module, cfg: BenchConfig = BenchConfig(
             llama.measure(prompts[1])
         for rep in range(cfg.repeats):
             for quant, m in models.items():
-                raw += [{**row, "repeat": rep} for row in _one_repeat(m, quant, cfg, paths, prompts, g, bar)]
+                raw += [{**row, "repeat": rep} for row in _one_repeat(m, quant, cfg, paths, prompts, g, bar,
+                                                                      compiled.get(quant), warmed[quant])]
             if llama is not None:
                 prefill, decode = llama.measure(prompts[1])
-                raw.append({"method": "llama.cpp", "quantize": "gguf", "N": 0, "k": 0, "batch": 1, "path": "-",
+                raw.append({"method": "llama.cpp", "quantize": "gguf", "compiled": False, "N": 0, "k": 0, "batch": 1, "path": "-",
                             "prefill_s": prefill, "decode_s": decode, "repeat": rep})
                 bar.update(1)
     table = _medians(raw, cfg)
@@ -170,17 +197,18 @@ _BASES = {"none": "fp32", "int8": "int8", "gguf": "Q4_1 GGUF"}
 
 
 def _key(r: dict) -> tuple:
-    return r["method"], r["quantize"], r["N"], r["k"], r["batch"]
+    return r["method"], r["quantize"], r["N"], r["k"], r["batch"], r["compiled"]
 
 
 def _medians(raw: list[dict], cfg: BenchConfig) -> list[dict]:
-    keys = sorted({_key(r) for r in raw},
-                  key=lambda t: (t[4], _METHODS.index(t[0]) > 1, t[2], t[3], _METHODS.index(t[0]), t[1] != "none"))
+    keys = sorted({_key(r) for r in raw}, key=lambda t: (t[4], _METHODS.index(t[0]) > 1, t[2], t[3],
+                                                         _METHODS.index(t[0]), t[1] != "none", t[5]))
     out = []
     for key in keys:
         rows = [r for r in raw if _key(r) == key]
         decode = statistics.median(r["decode_s"] for r in rows)
-        out.append({"method": key[0], "quantize": key[1], "N": key[2], "k": key[3], "batch": key[4],
+        out.append({"method": key[0], "quantize": key[1], "compiled": key[5], "N": key[2], "k": key[3],
+                    "batch": key[4],
                     "path": rows[0]["path"], "prefill_ms": 1000 * statistics.median(r["prefill_s"] for r in rows),
                     "decode_ms_per_token": 1000 * decode / cfg.new_tokens,
                     "decode_tok_per_s": key[4] * cfg.new_tokens / decode if decode else float("nan"),
@@ -189,21 +217,26 @@ def _medians(raw: list[dict], cfg: BenchConfig) -> list[dict]:
 
 
 def _tag(r: dict) -> str:
-    """fp32 rows keep the historical keys (N26_k3_b8); int8 rows are prefixed (int8_N26_k3_b8)."""
+    """fp32 eager rows keep the historical keys (N26_k3_b8); int8 and compiled rows are prefixed
+    (int8_N26_k3_b8, int8_compiled_N26_k3_b8)."""
     body = "base" if r["method"] == "base" else f"N{r['N']}_k{r['k']}"
-    return ("" if r["quantize"] == "none" else r["quantize"] + "_") + f"{body}_b{r['batch']}"
+    return (("" if r["quantize"] == "none" else r["quantize"] + "_") + ("compiled_" if r["compiled"] else "")
+            + f"{body}_b{r['batch']}")
 
 
 def _ratios(table: list[dict]) -> dict:
     """Decode-time ratios behind the targets, each between two rows of the same run.
 
-    vs_base / vs_peft / vs_N<min>: as before, against the same base weights (peft is fp32);
+    vs_base / vs_N<min>: against the same base weights and decoder (eager or compiled); vs_peft: against
+    one adapter through peft (fp32, eager);
     vs_fp32: an int8 row against the same configuration on fp32 (ms/token; < 1 is faster);
-    tok_s_vs_fp32_base: int8 tokens/s against the plain fp32 base at the same batch (> 1 is faster);
+    tok_s_vs_fp32_base: int8 tokens/s against the plain fp32 base at the same batch, eager (> 1 is faster);
+    vs_eager: a compiled row against the same row run eagerly;
     vs_llamacpp: a batch-1 row against llama.cpp's ms/token on the GGUF.
     """
-    def get(method: str, b: int, n: int = 0, k: int = 0, quant: str = "none") -> dict | None:
-        return next((r for r in table if _key(r) == (method, quant, n, k, b)), None)
+    def get(method: str, b: int, n: int = 0, k: int = 0, quant: str = "none", compiled: bool = False
+            ) -> dict | None:
+        return next((r for r in table if _key(r) == (method, quant, n, k, b, compiled)), None)
 
     out: dict[str, float] = {}
     ns = sorted({r["N"] for r in table if r["method"] == "fused"})
@@ -211,15 +244,20 @@ def _ratios(table: list[dict]) -> dict:
     for r in table:
         if r["method"] not in ("base", "fused"):
             continue
-        tag, ms, q, b = _tag(r), r["decode_ms_per_token"], r["quantize"], r["batch"]
+        tag, ms, q, b, c = _tag(r), r["decode_ms_per_token"], r["quantize"], r["batch"], r["compiled"]
+        if c:
+            eager = get(r["method"], b, r["N"], r["k"], q)
+            if eager:
+                out[f"{tag}_vs_eager"] = ms / eager["decode_ms_per_token"]
         if r["method"] == "fused":
-            base, peft, small = get("base", b, quant=q), get("peft", b, 1, 1), get("fused", b, ns[0], r["k"], q)
+            base, peft = get("base", b, quant=q, compiled=c), get("peft", b, 1, 1)
+            small = get("fused", b, ns[0], r["k"], q, c)
             out[f"{tag}_vs_base"] = ms / base["decode_ms_per_token"] if base else float("nan")
             out[f"{tag}_vs_peft"] = ms / peft["decode_ms_per_token"] if peft else float("nan")
             if small:
                 out[f"{tag}_vs_N{ns[0]}"] = ms / small["decode_ms_per_token"]
         if q != "none":
-            same, fp32_base = get(r["method"], b, r["N"], r["k"]), get("base", b)
+            same, fp32_base = get(r["method"], b, r["N"], r["k"], compiled=c), get("base", b)
             if same:
                 out[f"{tag}_vs_fp32"] = ms / same["decode_ms_per_token"]
             if fp32_base:
@@ -244,24 +282,27 @@ def markdown_table(result: dict, command: str) -> str:
         f"Prompts of {cfg['prompt_tokens']} tokens, {cfg['new_tokens']} new tokens, median of {cfg['repeats']} "
         f"interleaved repeats; random rank-{cfg['rank']} q_proj/v_proj adapters. Base weights: fp32 and/or "
         "int8 (`--quantize int8`: int8 weights, per-token int8 activations; adapters stay fp32). Decode "
-        "ratios are against the base model with the same weights, against one adapter through peft (fp32) "
-        "at the same batch size, against the same row on fp32 (int8 rows)"
+        "ratios are against the base model with the same weights and decoder, against one adapter through peft "
+        "(fp32, eager) at the same batch size, against the same row on fp32 (int8 rows), against the same row "
+        "run eagerly (compiled rows: `--compile`, torch.compile over a static KV cache, compiled before timing)"
         + (f", and against llama.cpp (llama-cpp-python {llama['version']}, {llama['gguf']}) at batch 1"
            if llama else "") + "; at batch > 1 every row has a different mixture.", "",
-        "| base weights | method | N loaded | k fused | batch | path | prefill ms | decode ms/token | tok/s | "
-        "vs base | vs peft | vs fp32 | vs llama.cpp | bank MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| base weights | method | decoder | N loaded | k fused | batch | path | prefill ms | decode ms/token | "
+        "tok/s | vs base | vs peft | vs fp32 | vs eager | vs llama.cpp | bank MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     ratios = result["ratios"]
     for r in result["rows"]:
         tag = _tag(r) if r["method"] in ("base", "fused") else ""
         fused = r["method"] == "fused"
         lines.append(
-            f"| {_BASES[r['quantize']]} | {r['method']} | {r['N'] or '-'} | {r['k'] or '-'} | {r['batch']} | "
+            f"| {_BASES[r['quantize']]} | {r['method']} | {'compiled' if r['compiled'] else 'eager'} | "
+            f"{r['N'] or '-'} | {r['k'] or '-'} | {r['batch']} | "
             f"{r['path']} | {r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['decode_tok_per_s']:.1f} | "
             f"{_fmt(ratios.get(f'{tag}_vs_base') if fused else None, 3)} | "
             f"{_fmt(ratios.get(f'{tag}_vs_peft') if fused else None, 3)} | "
             f"{_fmt(ratios.get(f'{tag}_vs_fp32') if tag else None, 3)} | "
+            f"{_fmt(ratios.get(f'{tag}_vs_eager') if tag else None, 3)} | "
             f"{_fmt(ratios.get(f'{tag}_vs_llamacpp') if tag else None, 2)} | {_fmt(r['bank_mb'])} |"
         )
     lines += ["", f"Peak resident memory of the whole run: {result['peak_rss_mb']:.0f} MB.", ""]

@@ -393,6 +393,9 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
     _quantize_arg(p)
+    p.add_argument("--compile", action="store_true",
+                   help="decode with torch.compile over a static KV cache (first call per batch size compiles, "
+                        "tens of seconds on CPU; later calls decode faster; needs a C++ compiler on CPU)")
     add_config_args(p, SelectionConfig, overrides_only=True)
     _device_args(p)
 
@@ -407,7 +410,7 @@ def _load_pipeline(ns: argparse.Namespace):
     given = {f.name: getattr(ns, f.name) for f in dataclasses.fields(SelectionConfig) if hasattr(ns, f.name)}
     selection = dataclasses.replace(SelectionConfig(**Manifest.load(ns.assets).selection), **given)
     return DLPLoRA.from_assets(ns.assets, ns.base_model, selection=selection,
-                               device=config_from_args(DeviceConfig, ns), quantize=ns.quantize)
+                               device=config_from_args(DeviceConfig, ns), quantize=ns.quantize, compile=ns.compile)
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:

@@ -91,6 +91,8 @@ class GenerationConfig:
     """Strings that end a row's answer; the stop string itself is cut from the text."""
     seed: int | None = None
     """Seed for sampling; None leaves torch's global generator alone."""
+    ignore_eos: bool = False
+    """Keep decoding past EOS up to max_new_tokens (as vLLM's `ignore_eos`: for benchmarks)."""
 
     def __post_init__(self) -> None:
         _check(self.max_new_tokens >= 1, f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
@@ -350,6 +352,9 @@ class BenchConfig:
     """Seed for adapters, prompts and mixtures."""
     quantize: tuple[str, ...] = ("none", "int8")
     """Base weights to time side by side in the same run: none (fp32) and/or int8."""
+    compile: bool = False
+    """Also time base and fused rows with the compiled decoder (`dlp_lora.compiled`; needs a C++ compiler on
+    CPU; each new shape compiles once before timing, tens of seconds each here)."""
     llamacpp: bool = False
     """Also time llama.cpp on the embedded GGUF at batch 1 (needs `pip install 'dlp-lora[llamacpp]'`)."""
     clock: Literal["wall", "cpu"] = "wall"

@@ -109,13 +109,16 @@ def sentence_demo(dlp: DLPLoRA, prompt: str = SENTENCE_DEMO_PROMPT, max_new_toke
 def run_demo(dlp: DLPLoRA, prompts: Sequence[str], max_new_tokens: int = 24) -> str:
     """Answer `prompts` as one routed batch, then time the same batch with one plain adapter per row."""
     cfg = GenerationConfig(max_new_tokens=max_new_tokens)
-    dlp.generate(prompts, max_new_tokens=1)  # warm-up: first calls pay one-off allocation costs
+    # Warm-up of both batches: first calls pay one-off allocation costs (and compilation, with compile=True).
+    warm = dlp.generate(prompts, max_new_tokens=1)
+    single = warm[0].adapters[0] if warm[0].adapters else dlp.adapter_names[0]
+    one = dlp.routing_for([{single: 1.0}] * len(prompts))
+    dlp.generate(prompts, max_new_tokens=1, routing=one)
     t0 = time.perf_counter()
     results = dlp.generate(prompts, config=cfg)
     routed = time.perf_counter() - t0
-    single = results[0].adapters[0] if results[0].adapters else dlp.adapter_names[0]
     t0 = time.perf_counter()
-    plain_results = dlp.generate(prompts, config=cfg, routing=dlp.routing_for([{single: 1.0}] * len(prompts)))
+    plain_results = dlp.generate(prompts, config=cfg, routing=one)
     plain = time.perf_counter() - t0
     # Different adapters stop at different lengths, so compare throughput, not wall time.
     routed_tokens = sum(r.completion_tokens for r in results)

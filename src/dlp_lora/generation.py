@@ -8,16 +8,53 @@ a stop string, or after `max_new_tokens`; finished rows stop contributing text w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.config import GenerationConfig
 
-__all__ = ["GenerationOutput", "generate_ids", "eos_ids", "sample_next", "cut_at_stop"]
+__all__ = ["GenerationOutput", "Decoder", "EagerDecoder", "generate_ids", "eos_ids", "sample_next", "cut_at_stop"]
 
 StepCallback = Callable[[torch.Tensor, torch.Tensor], None]
+
+
+class Decoder(Protocol):
+    """Runs the model for `generate_ids`: one prefill, then one step per sampled token (KV cache inside)."""
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                max_new_tokens: int) -> torch.Tensor:
+        """input_ids, mask, positions: (B, T) -> next-token logits (B, V); room for max_new_tokens steps."""
+        ...
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: (B,) -> next-token logits (B, V)."""
+        ...
+
+
+class EagerDecoder:
+    """transformers' dynamic KV cache, the model run eagerly: the mask grows by one column per step.
+    One per `generate_ids` call (it holds that call's cache)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self._mask: torch.Tensor | None = None
+        self._cache = None
+
+    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                max_new_tokens: int) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         logits_to_keep=1)
+        self._mask, self._cache = mask, out.cache
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        out = self.model(input_ids=tokens[:, None], attention_mask=self._mask, position_ids=positions[:, None],
+                         cache=self._cache, use_cache=True)
+        self._cache = out.cache
+        return out.logits[:, -1]
 
 
 @dataclass(frozen=True)
@@ -67,8 +104,12 @@ def generate_ids(
     attention_mask: torch.Tensor,
     cfg: GenerationConfig,
     on_step: StepCallback | None = None,
+    decoder: Decoder | None = None,
 ) -> list[GenerationOutput]:
     """Decode every row of a left-padded batch. input_ids, attention_mask: (B, T), on the model's device.
+
+    decoder: how the model is run (default: an :class:`EagerDecoder`; `dlp_lora.compiled.CompiledDecoder`
+    runs the steps compiled over a static cache).
 
     Every tensor made here (positions, masks, the finished flags, the sampling generator) is made on the
     inputs' device. The sampled tokens come to the host once per step, to test stop strings and EOS.
@@ -81,7 +122,7 @@ def generate_ids(
                          f"and {tuple(attention_mask.shape)}")
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("prompts must be left padded (attention_mask[:, -1] must be 1 for every row)")
-    stops = eos_ids(model, tokenizer)
+    stops = set() if cfg.ignore_eos else eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
     device = input_ids.device
     if attention_mask.device != device:
@@ -91,12 +132,14 @@ def generate_ids(
     b = input_ids.shape[0]
     mask = attention_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    decoder = decoder if decoder is not None else EagerDecoder(model)
+    logits = decoder.prefill(input_ids, mask, positions, cfg.max_new_tokens)
+    positions = positions[:, -1]
     new: list[list[int]] = [[] for _ in range(b)]
     finished = torch.zeros(b, dtype=torch.bool, device=device)  # rows that ended before this step
     stopped = [False] * b  # the same on the host, updated during the step
     for _ in range(cfg.max_new_tokens):
-        token = sample_next(out.logits[:, -1], cfg, generator).masked_fill(finished, pad)
+        token = sample_next(logits, cfg, generator).masked_fill(finished, pad)
         host = token.tolist()  # the one device-to-host transfer of a step
         for row in range(b):
             if stopped[row]:
@@ -113,10 +156,8 @@ def generate_ids(
         if all(stopped):
             break
         finished = torch.tensor(stopped, device=device)
-        mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
-        positions = positions[:, -1:] + 1
-        out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                    cache=out.cache, use_cache=True)
+        positions = positions + 1
+        logits = decoder.step(token, positions)
     prompt_lens = attention_mask.sum(-1).tolist()
     results = []
     for row in range(b):

@@ -17,6 +17,7 @@ from dlp_lora.assets import Manifest
 from dlp_lora.chat import encode_prompts
 from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, Quantization, SelectionConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.compiled import CompiledDecoder
 from dlp_lora.generation import GenerationOutput, StepCallback, eos_ids, generate_ids
 from dlp_lora.models import load_base_model
 from dlp_lora.router import Router, select_with
@@ -59,11 +60,14 @@ class DLPLoRA:
         max_prompt_tokens: int | None = None,
         baselines: Mapping[str, str | Path] | None = None,
         routing_config: RoutingConfig | None = None,
+        compile: bool = False,
     ) -> None:
         """adapters: the router's classes in its order, each with its adapter, or None where the base model
         serves the class (the dev gate: routing to it puts weight on nothing); baselines: more adapters the
         router never picks (served only when named, e.g. the `multitask` baseline), after them in the bank;
-        routing_config: the default routing granularity of `generate` (per prompt unless given)."""
+        routing_config: the default routing granularity of `generate` (per prompt unless given); compile:
+        decode steps run compiled over a static KV cache (`dlp_lora.compiled`: the first call of each batch
+        size and path compiles, tens of seconds on a 2-core CPU; later calls decode faster)."""
         if router is not None and list(router.task_names) != list(adapters):
             raise ValueError(f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
                              "(same names in the same order are required)")
@@ -81,6 +85,7 @@ class DLPLoRA:
         self.baselines = list(baselines)
         self.classes = list(adapters)
         self.fused = FusedLoRAModel(model, {**deployed, **baselines}, fusion)
+        self._decoder = CompiledDecoder(model) if compile else None
         self._reindex()
 
     def _reindex(self) -> None:
@@ -93,14 +98,14 @@ class DLPLoRA:
     def from_assets(
         cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
         fusion: FusionConfig | None = None, device: DeviceConfig | None = None, quantize: Quantization = "none",
-        routing_config: RoutingConfig | None = None,
+        routing_config: RoutingConfig | None = None, compile: bool = False,
     ) -> "DLPLoRA":
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
         `base_model` overrides the manifest's base model (it must be the one the adapters were trained on).
         `device` places the base model, the adapters and the router (default: float32 on cuda when
         available, else on cpu). `quantize="int8"` loads the base in int8 (:mod:`dlp_lora.quantize`, CPU
-        only: with it `device="auto"` means cpu); the adapters stay float32 on top.
+        only: with it `device="auto"` means cpu); the adapters stay float32 on top. `compile`: see `__init__`.
         """
         device = device or DeviceConfig()
         manifest = Manifest.load(root)
@@ -113,7 +118,7 @@ class DLPLoRA:
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)
         return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
-                   baselines=manifest.baseline_paths(root), routing_config=routing_config)
+                   baselines=manifest.baseline_paths(root), routing_config=routing_config, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -230,7 +235,7 @@ class DLPLoRA:
             policy = self.sentence_policy(prompts, routing, cfgs)
             on_step = self._rerouting(policy, on_step, on_switch)
         with self.fused.routed(routing):
-            outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step)
+            outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step, self._decoder)
         return [self._result(o, routing, b, policy) for b, o in enumerate(outs)]
 
     @staticmethod
