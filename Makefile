@@ -60,7 +60,7 @@ multitask: setup
 	$(CLI) train-adapter --multitask --assets $(ASSETS) --r 64 --alpha 128
 
 router-report: setup
-	$(CLI) router-report --assets $(ASSETS) --out docs/router/pool-v2
+	$(CLI) router-report --assets $(ASSETS) --out docs/router
 
 evaluate: setup
 	$(CLI) evaluate --assets $(ASSETS) --out runs/eval --composite-pairs 40

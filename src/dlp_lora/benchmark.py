@@ -157,8 +157,8 @@ def run_fusion_benchmark(model: torch.nn.Module, cfg: BenchConfig = BenchConfig(
         llama = LlamaCppTimer(cfg.prompt_tokens, cfg.new_tokens, torch.get_num_threads(), clock_of(cfg))
         prompts.setdefault(1, torch.randint(100, vocab, (1, cfg.prompt_tokens), generator=g))
     runs = 2 if cfg.compile else 1  # base and fused rows: eager, and compiled
-    per_repeat = sum(len(cfg.batch_sizes) * ((1 if q == "none" else 0) + runs * (1 + len(cfg.num_adapters) * len(cfg.ks)))
-                     for q in cfg.quantize) + (llama is not None)
+    per_quant = runs * (1 + len(cfg.num_adapters) * len(cfg.ks))  # base, fused rows; peft once, fp32 only
+    per_repeat = sum(len(cfg.batch_sizes) * ((q == "none") + per_quant) for q in cfg.quantize) + (llama is not None)
     compiled = {q: CompiledDecoder(m) for q, m in models.items()} if cfg.compile else {}
     warmed: dict[str, set] = {q: set() for q in models}
     raw: list[dict] = []
@@ -177,8 +177,8 @@ def run_fusion_benchmark(model: torch.nn.Module, cfg: BenchConfig = BenchConfig(
                                                                       compiled.get(quant), warmed[quant])]
             if llama is not None:
                 prefill, decode = llama.measure(prompts[1])
-                raw.append({"method": "llama.cpp", "quantize": "gguf", "compiled": False, "N": 0, "k": 0, "batch": 1, "path": "-",
-                            "prefill_s": prefill, "decode_s": decode, "repeat": rep})
+                raw.append({"method": "llama.cpp", "quantize": "gguf", "compiled": False, "N": 0, "k": 0, "batch": 1,
+                            "path": "-", "prefill_s": prefill, "decode_s": decode, "repeat": rep})
                 bar.update(1)
     table = _medians(raw, cfg)
     return {"config": asdict(cfg), "torch_threads": torch.get_num_threads(), "rows": table,
