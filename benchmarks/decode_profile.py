@@ -27,21 +27,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
+    from dlp_lora.generation import EagerDecoder
     from dlp_lora.models import load_base_model
 
     model, _ = load_base_model(quantize=ns.quantize)
     ids = torch.randint(100, 40_000, (ns.batch, ns.prompt_tokens), generator=torch.Generator().manual_seed(0))
-    state = {"mask": torch.ones_like(ids)}
+    mask = torch.ones_like(ids)
+    positions = mask.cumsum(-1) - 1
+    decoder = EagerDecoder(model)  # the loop `generate_ids` runs: dynamic KV cache, the mask grows per step
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=state["mask"], use_cache=True, logits_to_keep=1)
-        state.update(cache=out.past_key_values, token=out.logits[:, -1].argmax(-1, keepdim=True))
+        state = {"logits": decoder.prefill(ids, mask, positions, 3 + 2 * ns.steps), "pos": positions[:, -1]}
 
         def steps(n: int) -> None:
             for _ in range(n):
-                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(ns.batch, 1)], dim=1)
-                o = model(input_ids=state["token"], attention_mask=state["mask"], past_key_values=state["cache"],
-                          use_cache=True)
-                state.update(cache=o.past_key_values, token=o.logits[:, -1].argmax(-1, keepdim=True))
+                state["pos"] = state["pos"] + 1
+                state["logits"] = decoder.step(state["logits"].argmax(-1), state["pos"])
 
         steps(3)
         t0 = time.perf_counter()

@@ -236,7 +236,7 @@ def _train_router_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, RouterTrainConfig)
     add_config_args(p, RouterDataConfig, skip=("seed",))
     add_config_args(p, SelectionConfig, skip=("k", "threshold", "p"))
-    add_config_args(p, SplitConfig, skip=("seed", "train_cap"))  # --train-cap is the router's own
+    add_config_args(p, SplitConfig, skip=("seed", "train_cap"))
 
 
 def _train_router(ns: argparse.Namespace) -> None:
