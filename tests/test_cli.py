@@ -111,4 +111,4 @@ def test_demo_runs_on_an_int8_base(assets, tmp_path, capsys):
     assert main(["demo", "--assets", str(assets), "--base-model", str(base), "--quantize", "int8",
                  "--prompt", "What is 2 + 2?", "--max-new-tokens", "2"]) == 0
     out = capsys.readouterr().out
-    assert "on the int8-quantized base model" in out and "tok/s" in out
+    assert "on the base model (--quantize int8)" in out and "tok/s" in out

@@ -160,23 +160,26 @@ def test_all_paths_equal_loop_reference(tiny_model, adapter_dirs):
         torch.testing.assert_close(x @ merged.T, ref, atol=atol, rtol=0, msg=name)
 
 
-def test_model_level_paths_equal_loop_reference(adapter_dirs, dtype):
-    """Whole-model logits: every path against each row run alone on the `auto` path."""
+def test_model_level_paths_equal_each_row_alone_under_peft(adapter_dirs, dtype):
+    """Whole-model logits of every path, mixed and uniform batches, against each row run alone (unpadded)
+    through peft's own `cat` combination of that row's mixture (a zero row: the plain base model), so the
+    reference shares no code with the fused layers."""
     ids, mask = padded_ids()
     uniform = torch.tensor([[0.5, 0.25, 1.0]]).repeat(3, 1)
     mixed = _mixed_weights()
     fused = FusedLoRAModel(tiny_llama(dtype=dtype), adapter_dirs)
-    outs = {}
+    refs: dict[tuple, torch.Tensor] = {}
     for path, w in [("gathered", mixed), ("dense", mixed), ("gathered", uniform), ("merged", uniform)]:
         fused.config = FusionConfig(path=path)
-        outs[(path, w is mixed)] = _fused_logits(fused, w, ids, mask, path)
-    fused.config = FusionConfig(path="auto")
-    for (path, is_mixed), got in outs.items():
-        w = mixed if is_mixed else uniform
+        got = _fused_logits(fused, w, ids, mask, path)
         for b in range(3):
             keep = mask[b].bool()
-            ref = _fused_logits(fused, w[b: b + 1], ids[b: b + 1, keep])
-            assert_close(got[b, keep], ref[0], f"{path} row {b}")
+            mix = {name: float(x) for name, x in zip(adapter_dirs, w[b]) if x > 0}
+            key = (tuple(mix.items()), b)
+            if key not in refs:
+                ref = _peft(adapter_dirs, mix, dtype) if mix else tiny_llama(dtype=dtype)
+                refs[key] = _logits(ref, ids[b: b + 1, keep])[0]
+            assert_close(got[b, keep], refs[key], f"{path} row {b}")
 
 
 def test_auto_path_choice(tiny_model, adapter_dirs):

@@ -51,6 +51,11 @@ def test_routed_rows_equal_explicit_routing_alone(assets, tok):
     for p, mix, r in zip(prompts, mixes, batch):
         alone = dlp.generate([p], config=cfg, routing=dlp.routing_for([mix]))[0]
         assert alone.text == r.text and alone.adapters == r.adapters
+    # The routing took effect: the same prompts under the base model alone answer otherwise (a pipeline
+    # that ignored `routing` would pass the comparison above and fail here).
+    base = dlp.generate(prompts, config=cfg, routing=dlp.routing_for([{}] * len(prompts)))
+    assert all(b.adapters == [] for b in base)
+    assert [b.text for b in base] != [r.text for r in batch]
 
 
 def test_router_adapter_mismatch_refused(assets, tok):

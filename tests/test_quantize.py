@@ -13,7 +13,9 @@ from dlp_lora.config import FusionConfig, GenerationConfig
 from dlp_lora.fusion import ops
 from dlp_lora.fusion.layer import FusedLoRALinear
 from dlp_lora.generation import generate_ids
-from dlp_lora.quantize import Int8Linear, check_quantization, quantization_of, quantize_model
+from dlp_lora import quantize as quantize_module
+from dlp_lora.quantize import (Int8Linear, KernelChoice, check_quantization, choose_kernels, quantization_of,
+                               quantize_model, resolve_quantization)
 
 ATOL = 1e-5
 PATHS = ["gathered", "dense", "merged"]
@@ -139,6 +141,61 @@ def test_unsupported_combinations_raise():
         check_quantization("int8", torch.float32, "cuda")
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(_qmodel(), "int8")
+
+
+def test_choose_kernels_times_each_distinct_shape_once():
+    model = tiny_llama()
+    shapes = {}
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            shapes[(m.in_features, m.out_features)] = shapes.get((m.in_features, m.out_features), 0) + 1
+    choices = choose_kernels(model)
+    assert {(c.d_in, c.d_out): c.layers for c in choices} == shapes
+    assert all(c.fp32_ms > 0 and c.int8_ms > 0 for c in choices)
+
+
+def test_kernel_choice_needs_int8_clearly_faster():
+    assert KernelChoice(8, 8, 1, fp32_ms=1.0, int8_ms=0.5).int8
+    assert not KernelChoice(8, 8, 1, fp32_ms=1.0, int8_ms=0.95).int8  # within the margin: fp32, which is exact
+    assert not KernelChoice(8, 8, 1, fp32_ms=1.0, int8_ms=3.0).int8
+
+
+def _fixed_choice(monkeypatch, int8_shapes: set[tuple[int, int]]) -> None:
+    """Make the timing deterministic: int8 10x faster on `int8_shapes`, 3x slower elsewhere."""
+    def fake(model, rows=None):
+        seen = {(m.in_features, m.out_features) for m in model.modules() if type(m) is nn.Linear}
+        return [KernelChoice(i, o, 1, 1.0, 0.1 if (i, o) in int8_shapes else 3.0) for i, o in sorted(seen)]
+    monkeypatch.setattr(quantize_module, "choose_kernels", fake)
+
+
+def test_auto_quantizes_exactly_the_shapes_measured_faster(monkeypatch):
+    model = tiny_llama()
+    mlp_up = (model.config.hidden_size, model.config.intermediate_size)
+    _fixed_choice(monkeypatch, {mlp_up})
+    quantize_model(model, "auto")
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if type(m) in (nn.Linear, Int8Linear)}
+    for name, kind in kinds.items():
+        want = "Int8Linear" if name.endswith(("gate_proj", "up_proj")) else "Linear"
+        assert kind == want, (name, kind)
+    _fixed_choice(monkeypatch, set())
+    assert quantization_of(quantize_model(tiny_llama(), "auto")) == "none"  # int8 slower everywhere: fp32
+
+
+def test_explicit_int8_warns_when_slower_here(monkeypatch, caplog):
+    _fixed_choice(monkeypatch, set())
+    with caplog.at_level("WARNING", logger="dlp_lora.quantize"):
+        model = quantize_model(tiny_llama(), "int8")
+    assert quantization_of(model) == "int8"  # what was asked for, but not silently
+    assert "slower than fp32" in caplog.text
+
+
+def test_auto_is_none_where_int8_cannot_run():
+    assert resolve_quantization("auto", torch.bfloat16, "cpu") == "none"
+    assert resolve_quantization("auto", torch.float32, "cuda") == "none"
+    assert resolve_quantization("auto", torch.float32, "cpu") == "auto"
+    model = tiny_llama().to(torch.bfloat16)
+    assert quantize_model(model, "auto") is model and quantization_of(model) == "none"
+    check_quantization("auto", torch.float32, "cuda")  # never an error
 
 
 def test_quantizing_a_fused_model_is_refused(adapter_dirs):

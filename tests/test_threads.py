@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import linecache
+import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,6 +24,21 @@ ROUTINGS = [torch.tensor([[1.0, 0.0, 0.0]]), torch.tensor([[0.0, 0.3, 0.7]]), to
 def _logits(model, fused, weights) -> torch.Tensor:
     with torch.no_grad(), fused.routed(weights):
         return model(input_ids=IDS).logits
+
+
+def _waits_on_the_routing_lock(thread: threading.Thread, seconds: float = 10.0) -> bool:
+    """True once `thread` stands at the lock acquisition of `FusedLoRAModel.routed` (where it blocks while
+    another thread's block holds the lock), found from its live frame: no sleep decides the outcome."""
+    code = FusedLoRAModel.routed.__wrapped__.__code__
+    end = time.monotonic() + seconds
+    while thread.is_alive() and time.monotonic() < end:
+        frame = sys._current_frames().get(thread.ident)
+        while frame is not None and frame.f_code is not code:
+            frame = frame.f_back
+        if frame is not None and "self._lock" in linecache.getline(code.co_filename, frame.f_lineno):
+            return True
+        time.sleep(0.001)
+    return False
 
 
 def test_second_thread_waits_for_the_first_block(tiny_model, adapter_dirs):
@@ -43,7 +61,7 @@ def test_second_thread_waits_for_the_first_block(tiny_model, adapter_dirs):
     assert inside.wait(10)
     b = threading.Thread(target=second)
     b.start()
-    b.join(0.3)
+    assert _waits_on_the_routing_lock(b), "the second thread never waited for the first one's block"
     assert b.is_alive() and "second" not in got  # blocked on the first block, not failed, not interleaved
     release.set()
     a.join(10), b.join(10)

@@ -193,7 +193,7 @@ def _peak_rss_mb() -> float:
 
 
 _METHODS = ["llama.cpp", "base", "peft", "fused"]
-_BASES = {"none": "fp32", "int8": "int8", "gguf": "Q4_1 GGUF"}
+_BASES = {"none": "fp32", "int8": "int8", "auto": "auto (int8 where faster)", "gguf": "Q4_1 GGUF"}
 
 
 def _key(r: dict) -> tuple:

@@ -28,9 +28,10 @@ __all__ = [
     "Quantization",
 ]
 
-Quantization = Literal["none", "int8"]
+Quantization = Literal["auto", "none", "int8"]
 """Base weights: `none` keeps them as loaded (fp32); `int8` is int8 weights with per-token int8 activations
-(`dlp_lora.quantize`, CPU only). Adapters stay fp32 either way."""
+(`dlp_lora.quantize`, CPU only); `auto` times both on this CPU at load and quantizes only the layer shapes
+where int8 is faster (none on a GPU or a half-precision base). Adapters stay fp32 either way."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -351,7 +352,8 @@ class BenchConfig:
     seed: int = 0
     """Seed for adapters, prompts and mixtures."""
     quantize: tuple[str, ...] = ("none", "int8")
-    """Base weights to time side by side in the same run: none (fp32) and/or int8."""
+    """Base weights to time side by side in the same run: none (fp32), int8 and/or auto (int8 where it
+    measured faster on this CPU)."""
     compile: bool = False
     """Also time base and fused rows with the compiled decoder (`dlp_lora.compiled`; needs a C++ compiler on
     CPU; each new shape compiles once before timing, tens of seconds each here)."""
@@ -364,8 +366,8 @@ class BenchConfig:
     def __post_init__(self) -> None:
         _check(all(n >= 1 for n in self.num_adapters) and self.num_adapters, "num_adapters must be >= 1 each")
         _check(self.clock in ("wall", "cpu"), f"clock must be wall or cpu, got {self.clock!r}")
-        _check(bool(self.quantize) and set(self.quantize) <= {"none", "int8"} and len(set(self.quantize)) == len(
-            self.quantize), f"quantize must be distinct values among none, int8; got {self.quantize}")
+        _check(bool(self.quantize) and set(self.quantize) <= {"none", "int8", "auto"} and len(set(self.quantize)) == len(
+            self.quantize), f"quantize must be distinct values among none, int8, auto; got {self.quantize}")
         _check(all(b >= 1 for b in self.batch_sizes) and self.batch_sizes, "batch_sizes must be >= 1 each")
         _check(all(k >= 1 for k in self.ks) and self.ks, "ks must be >= 1 each")
         _check(self.prompt_tokens >= 1 and self.new_tokens >= 2, "prompt_tokens must be >= 1, new_tokens >= 2")

@@ -105,7 +105,9 @@ class DLPLoRA:
         `base_model` overrides the manifest's base model (it must be the one the adapters were trained on).
         `device` places the base model, the adapters and the router (default: float32 on cuda when
         available, else on cpu). `quantize="int8"` loads the base in int8 (:mod:`dlp_lora.quantize`, CPU
-        only: with it `device="auto"` means cpu); the adapters stay float32 on top. `compile`: see `__init__`.
+        only: with it `device="auto"` means cpu); `quantize="auto"` measures int8 against fp32 on this CPU
+        and quantizes only where int8 is faster (on a GPU it is `none`); the adapters stay float32 on top.
+        `compile`: see `__init__`.
         """
         device = device or DeviceConfig()
         manifest = Manifest.load(root)
@@ -113,7 +115,7 @@ class DLPLoRA:
         if manifest.router is None:
             raise ValueError(f"{root}: the manifest names no router; train one with `dlp-lora train-router`")
         # The int8 base runs on CPU kernels only, so `auto` resolves to cpu there (an explicit cuda errors).
-        where = "cpu" if quantize != "none" and device.device == "auto" else device.device
+        where = "cpu" if quantize == "int8" and device.device == "auto" else device.device
         model, tok = load_base_model(base_model or manifest.base_model, device.dtype, where, quantize=quantize)
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)

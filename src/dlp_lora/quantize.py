@@ -11,6 +11,14 @@ scale, so a row's output would depend on the other rows of its batch (and on lef
 "a mixed batch equals its rows alone". Per token, the integer product is exact and each token's scale is
 its own, so a row's output is bit-identical whatever it is batched with.
 
+`auto` measures before it quantizes. Whether int8 is fast depends on the CPU: with VNNI (AVX512-VNNI,
+AVX-VNNI) or AMX, `torch._int_mm` does int8 dot products in hardware and beats fp32 (it reads a quarter of
+the weight bytes); on AVX2 without VNNI the same call is several times slower than fp32 (measured: 20 ms
+against 0.5 ms at 32x576x1536 on an AMD EPYC). So at load `auto` times, for every distinct linear shape of
+the model, fp32 `F.linear` against `Int8Linear` on this CPU at the thread count it will run with, and
+quantizes only the shapes where int8 is clearly faster (`KernelChoice`); the choice and the times are
+logged. An explicit `int8` quantizes everything, and warns when int8 measured slower than fp32 here.
+
 Decode on CPU is bound by reading the weights once per token; int8 reads a quarter of the bytes. The
 tied input embedding stays fp32 (a lookup reads one row per token, so it costs no bandwidth) while the LM
 head that shared its storage becomes an int8 copy. The LoRA branch is untouched: fused layers add their fp32
@@ -19,17 +27,31 @@ delta to the quantized layer's output, so every mixture is exact relative to the
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
+from dataclasses import dataclass
 from typing import get_args
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dlp_lora.config import Quantization
+from dlp_lora.hardware import cpu_info
 
-__all__ = ["Quantization", "QUANTIZATIONS", "Int8Linear", "quantize_model", "check_quantization",
-           "is_quantized_linear", "linear_features", "quantization_of"]
+__all__ = ["Quantization", "QUANTIZATIONS", "Int8Linear", "KernelChoice", "choose_kernels", "quantize_model",
+           "check_quantization", "resolve_quantization", "is_quantized_linear", "linear_features", "quantization_of"]
 
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
+
+_log = logging.getLogger(__name__)
+
+TIMED_ROWS = (1, 8, 32)
+"""Rows per timed call: a decode step at batch 1 and 8, and a chunk of prefill."""
+INT8_MARGIN = 0.9
+"""`auto` quantizes a shape only when int8 takes less than this fraction of fp32's time: a tie keeps fp32,
+which is exact."""
 
 
 class Int8Linear(nn.Module):
@@ -72,11 +94,80 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+@dataclass(frozen=True)
+class KernelChoice:
+    """What `auto` measured for one linear shape on this CPU and what it chose."""
+
+    d_in: int
+    d_out: int
+    layers: int
+    """How many layers of the model have this shape."""
+    fp32_ms: float
+    """Median wall ms of fp32 F.linear, summed over TIMED_ROWS."""
+    int8_ms: float
+    """The same for Int8Linear (activation quantization included)."""
+
+    @property
+    def int8(self) -> bool:
+        return self.int8_ms < INT8_MARGIN * self.fp32_ms
+
+    def __str__(self) -> str:
+        return (f"{self.d_in}->{self.d_out} x{self.layers}: fp32 {self.fp32_ms:.3f} ms, int8 {self.int8_ms:.3f} ms "
+                f"-> {'int8' if self.int8 else 'fp32'}")
+
+
+def _paired_ms(fns: tuple, budget_s: float = 0.05) -> list[float]:
+    """Median wall ms of each of `fns`, called in turn (so a busy neighbour slows them alike): 3 to 9
+    rounds, as many as fit in about `budget_s` after a warm-up round."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for fn in fns:
+            fn()  # warm-up: first-call allocations and kernel selection
+        rounds = max(3, min(9, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
+        samples: list[list[float]] = [[] for _ in fns]
+        for _ in range(rounds):
+            for fn, out in zip(fns, samples):
+                t = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - t)
+    return [1000 * statistics.median(s) for s in samples]
+
+
+def choose_kernels(model: nn.Module, rows: tuple[int, ...] = TIMED_ROWS) -> list[KernelChoice]:
+    """Time fp32 and int8 on this CPU for every distinct (d_in, d_out) of the model's nn.Linear layers,
+    with the first layer of each shape and random activations of `rows` tokens (wall time at torch's
+    current thread count: the setting the model will run with)."""
+    shapes: dict[tuple[int, int], list[nn.Linear]] = {}
+    for m in model.modules():
+        if type(m) is nn.Linear:
+            shapes.setdefault((m.in_features, m.out_features), []).append(m)
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for (d_in, d_out), layers in shapes.items():
+        lin, q = layers[0], Int8Linear.from_linear(layers[0])
+        fp32 = int8 = 0.0
+        for m in rows:
+            x = torch.randn(m, d_in, generator=g)
+            f_ms, q_ms = _paired_ms((lambda: F.linear(x, lin.weight, lin.bias), lambda: q(x)))
+            fp32, int8 = fp32 + f_ms, int8 + q_ms
+        out.append(KernelChoice(d_in, d_out, len(layers), round(fp32, 4), round(int8, 4)))
+    return out
+
+
+def resolve_quantization(scheme: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
+    """`auto` becomes `none` where int8 cannot run (not CPU, not float32); other schemes are checked."""
+    if scheme == "auto" and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        return "none"
+    check_quantization(scheme, dtype, device)
+    return scheme
+
+
 def check_quantization(scheme: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
-    """Raise ValueError when `scheme` cannot run the model in `dtype` on `device`."""
+    """Raise ValueError when `scheme` cannot run the model in `dtype` on `device` (`auto` always can: it
+    measures on CPU in float32 and means `none` elsewhere)."""
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {list(QUANTIZATIONS)}, got {scheme!r}")
-    if scheme == "none":
+    if scheme == "none" or (scheme == "auto" and (torch.device(device).type != "cpu" or dtype != torch.float32)):
         return
     if torch.device(device).type != "cpu":
         raise ValueError(f"quantize={scheme!r} runs on CPU only (torch's int8 GEMM kernel), got device "
@@ -89,13 +180,14 @@ def check_quantization(scheme: str, dtype: torch.dtype, device: torch.device | s
 def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module:
     """Replace every nn.Linear of `model` (LM head included) by an :class:`Int8Linear`, in place; return it.
 
-    The model must be fp32 on CPU and not fused (quantize first, then build `FusedLoRAModel`). A tied
-    input embedding keeps its fp32 weight; only the head's copy is quantized.
+    `auto`: only the layers whose shape `choose_kernels` found faster in int8 on this CPU (none elsewhere
+    than a float32 model on CPU). The model must be fp32 on CPU and not fused (quantize first, then build
+    `FusedLoRAModel`). A tied input embedding keeps its fp32 weight; only the head's copy is quantized.
     """
     params = list(model.parameters())
     dtype = params[0].dtype if params else torch.float32
     device = params[0].device if params else torch.device("cpu")
-    check_quantization(scheme, dtype, device)
+    scheme = resolve_quantization(scheme, dtype, device)
     if scheme == "none":
         return model
     if any(is_quantized_linear(m) for m in model.modules()):
@@ -109,10 +201,24 @@ def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module
         raise TypeError(f"quantize_model needs a bare model with plain nn.Linear layers, found "
                         f"{f'subclasses {odd}' if odd else f'wrapped layers such as {wrapped[0]!r}'} "
                         "(quantize the base model before fusing or wrapping it)")
+    choices = choose_kernels(model)
+    slower = sum(c.int8_ms for c in choices) > sum(c.fp32_ms for c in choices)
+    if scheme == "auto":
+        keep = {(c.d_in, c.d_out) for c in choices if c.int8}
+        _log.info("quantize auto on %s: int8 for %d of %d linear shapes (%s)", _cpu(), len(keep), len(choices),
+                  "; ".join(map(str, choices)))
+        linears = [(n, m) for n, m in linears if (m.in_features, m.out_features) in keep]
+    elif slower:
+        _log.warning("quantize int8: int8 kernels measured slower than fp32 on %s (%s); `auto` quantizes only "
+                     "the shapes where int8 is faster", _cpu(), "; ".join(map(str, choices)))
     for name, linear in linears:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_linear(linear))
     return model
+
+
+def _cpu() -> str:
+    return str(cpu_info())
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
