@@ -339,7 +339,8 @@ def _add_task(ns: argparse.Namespace) -> None:
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     from dlp_lora.config import EvalConfig, SplitConfig
 
-    _pipeline_args(p)
+    # Scores must not depend on which kernels were fast on the machine that ran them: fp32 unless asked.
+    _pipeline_args(p, quantize="none")
     p.add_argument("--tasks", nargs="*", default=None, help="tasks to evaluate (default: every task of the assets)")
     p.add_argument("--out", default="runs/eval", help="where predictions, results.json/.md and plots go")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
@@ -381,21 +382,22 @@ def _device_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("device and precision (default: --device auto --dtype float32)")
     add_config_args(g, DeviceConfig, overrides_only=True)
-def _quantize_arg(p: argparse.ArgumentParser) -> None:
+def _quantize_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     from dlp_lora.config import Quantization
 
-    p.add_argument("--quantize", choices=typing.get_args(Quantization), default="auto",
-                   help="base weights: auto (default: times int8 against fp32 on this CPU at load and quantizes "
-                        "only the layer shapes where int8 is faster; fp32 on a GPU), none (fp32) or int8 "
-                        "(CPU; ~4x fewer weight bytes, slow on CPUs without VNNI); adapters stay fp32")
+    p.add_argument("--quantize", choices=typing.get_args(Quantization), default=default,
+                   help=f"base weights (default: {default}): auto times int8 against fp32 on this CPU at load and "
+                        "quantizes only the layer shapes where int8 is faster (fp32 on a GPU); none is fp32; int8 "
+                        "quantizes every layer (CPU; ~4x fewer weight bytes, slow on CPUs without VNNI); the "
+                        "adapters stay fp32")
 
 
-def _pipeline_args(p: argparse.ArgumentParser) -> None:
+def _pipeline_args(p: argparse.ArgumentParser, quantize: str = "auto") -> None:
     from dlp_lora.config import SelectionConfig
 
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder (adapters + router + manifest)")
     p.add_argument("--base-model", default=None, help="override the manifest's base model (HF dir or hub id)")
-    _quantize_arg(p)
+    _quantize_arg(p, quantize)
     p.add_argument("--compile", action="store_true",
                    help="decode with torch.compile over a static KV cache (first call per batch size compiles, "
                         "tens of seconds on CPU; later calls decode faster; needs a C++ compiler on CPU)")

@@ -103,7 +103,7 @@ class KernelChoice:
     layers: int
     """How many layers of the model have this shape."""
     fp32_ms: float
-    """Median wall ms of fp32 F.linear, summed over TIMED_ROWS."""
+    """Median wall ms of fp32 F.linear through all `layers`, summed over TIMED_ROWS."""
     int8_ms: float
     """The same for Int8Linear (activation quantization included)."""
 
@@ -134,23 +134,31 @@ def _paired_ms(fns: tuple, budget_s: float = 0.05) -> list[float]:
 
 
 def choose_kernels(model: nn.Module, rows: tuple[int, ...] = TIMED_ROWS) -> list[KernelChoice]:
-    """Time fp32 and int8 on this CPU for every distinct (d_in, d_out) of the model's nn.Linear layers,
-    with the first layer of each shape and random activations of `rows` tokens (wall time at torch's
-    current thread count: the setting the model will run with)."""
-    shapes: dict[tuple[int, int], list[nn.Linear]] = {}
-    for m in model.modules():
-        if type(m) is nn.Linear:
-            shapes.setdefault((m.in_features, m.out_features), []).append(m)
+    """Time fp32 and int8 on this CPU for every distinct (d_in, d_out) of the model's nn.Linear layers.
+
+    Each shape is timed through all of its layers in turn, as a forward pass meets them: one layer timed
+    alone stays in cache and flatters fp32, whose weights are 4x the bytes. Random activations of each of
+    `rows` tokens; wall time at torch's current thread count (the setting the model will run with).
+    """
+    linears = [m for m in model.modules() if type(m) is nn.Linear]
+    return _time_shapes(linears, [Int8Linear.from_linear(m) for m in linears], rows)
+
+
+def _time_shapes(linears: list[nn.Linear], quantized: list["Int8Linear"],
+                 rows: tuple[int, ...] = TIMED_ROWS) -> list[KernelChoice]:
+    shapes: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(linears):
+        shapes.setdefault((m.in_features, m.out_features), []).append(i)
     g = torch.Generator().manual_seed(0)
     out = []
-    for (d_in, d_out), layers in shapes.items():
-        lin, q = layers[0], Int8Linear.from_linear(layers[0])
+    for (d_in, d_out), idx in shapes.items():
         fp32 = int8 = 0.0
         for m in rows:
             x = torch.randn(m, d_in, generator=g)
-            f_ms, q_ms = _paired_ms((lambda: F.linear(x, lin.weight, lin.bias), lambda: q(x)))
+            f_ms, q_ms = _paired_ms((lambda: [F.linear(x, linears[i].weight, linears[i].bias) for i in idx],
+                                     lambda: [quantized[i](x) for i in idx]))
             fp32, int8 = fp32 + f_ms, int8 + q_ms
-        out.append(KernelChoice(d_in, d_out, len(layers), round(fp32, 4), round(int8, 4)))
+        out.append(KernelChoice(d_in, d_out, len(idx), round(fp32, 4), round(int8, 4)))
     return out
 
 
@@ -201,19 +209,20 @@ def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module
         raise TypeError(f"quantize_model needs a bare model with plain nn.Linear layers, found "
                         f"{f'subclasses {odd}' if odd else f'wrapped layers such as {wrapped[0]!r}'} "
                         "(quantize the base model before fusing or wrapping it)")
-    choices = choose_kernels(model)
+    quantized = [Int8Linear.from_linear(m) for _, m in linears]
+    choices = _time_shapes([m for _, m in linears], quantized)
     slower = sum(c.int8_ms for c in choices) > sum(c.fp32_ms for c in choices)
+    keep = {(c.d_in, c.d_out) for c in choices if c.int8 or scheme == "int8"}
     if scheme == "auto":
-        keep = {(c.d_in, c.d_out) for c in choices if c.int8}
         _log.info("quantize auto on %s: int8 for %d of %d linear shapes (%s)", _cpu(), len(keep), len(choices),
                   "; ".join(map(str, choices)))
-        linears = [(n, m) for n, m in linears if (m.in_features, m.out_features) in keep]
     elif slower:
         _log.warning("quantize int8: int8 kernels measured slower than fp32 on %s (%s); `auto` quantizes only "
                      "the shapes where int8 is faster", _cpu(), "; ".join(map(str, choices)))
-    for name, linear in linears:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, Int8Linear.from_linear(linear))
+    for (name, linear), q in zip(linears, quantized):
+        if (linear.in_features, linear.out_features) in keep:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, q)
     return model
 
 
