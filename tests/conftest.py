@@ -47,6 +47,17 @@ def dtype(request) -> torch.dtype:
     return request.param
 
 
+def _int8_exact() -> bool:
+    from dlp_lora.quantize import int8_gemm_exact
+
+    return int8_gemm_exact()
+
+
+needs_exact_int8 = pytest.mark.skipif(not _int8_exact(), reason="torch's int8 GEMM returns wrong products on this "
+                                      "CPU (oneDNN without VNNI): int8 is refused here, `auto` keeps fp32")
+"""For tests that run the int8 base: it is refused where the int8 GEMM is inexact (test_quantize checks that)."""
+
+
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(

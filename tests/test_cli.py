@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from conftest import make_tiny_assets
+from conftest import make_tiny_assets, needs_exact_int8
 from dlp_lora.cli import main
 from dlp_lora.models import embedded_cache_dir, embedded_gguf_path, load_tokenizer
 from dlp_lora.tasks.loaders import resolve_data_dir
@@ -101,6 +101,7 @@ def test_train_adapter_out_of_budget_exits_75_so_make_assets_can_continue(monkey
     assert main(["train-adapter", "--task", "piqa", "--assets", str(tmp_path)]) in (None, 0)
 
 
+@needs_exact_int8
 def test_demo_runs_on_an_int8_base(assets, tmp_path, capsys):
     from conftest import tiny_vocab_model
 

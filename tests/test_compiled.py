@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
 
-from conftest import padded_ids, tiny_llama
+from conftest import needs_exact_int8, padded_ids, tiny_llama
 from dlp_lora.compiled import CompiledDecoder, check_compile
 from dlp_lora.config import FusionConfig, GenerationConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
@@ -95,7 +95,7 @@ def test_generate_ids_with_the_compiled_decoder_gives_the_eager_answers():
 
 
 @pytest.mark.skipif(not HAS_CXX, reason="inductor needs a C++ compiler on PATH")
-@pytest.mark.parametrize("quantize", ["none", "int8"])
+@pytest.mark.parametrize("quantize", ["none", pytest.param("int8", marks=needs_exact_int8)])
 def test_inductor_kernels_equal_eager_to_float_tolerance(adapter_dirs, quantize):
     # The real backend: fused C++ kernels reorder float sums, so close, not bit-identical (measured: 1e-7 on
     # logits the adapters move by 0.5; int8 gets room for one activation rounding flipped by the reorder).

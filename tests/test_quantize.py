@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import padded_ids, tiny_llama
+from conftest import needs_exact_int8, padded_ids, tiny_llama
 from dlp_lora import FusedLoRAModel
 from dlp_lora.adapters.bank import AdapterBank
 from dlp_lora.config import FusionConfig, GenerationConfig
@@ -48,6 +48,7 @@ def _reference_logits(adapter_dirs, weights, ids, mask) -> torch.Tensor:
         return model(input_ids=ids, attention_mask=mask).logits
 
 
+@needs_exact_int8
 def test_every_linear_is_int8_and_close_to_fp32():
     fp32, q = tiny_llama(), _qmodel()
     assert quantization_of(q) == "int8" and quantization_of(fp32) == "none"
@@ -60,6 +61,7 @@ def test_every_linear_is_int8_and_close_to_fp32():
     assert (a - b).abs().max() < 0.05 * a.abs().max()  # quantized, so close but not equal
 
 
+@needs_exact_int8
 def test_int8_linear_matches_its_definition():
     lin = nn.Linear(32, 48)
     q = Int8Linear.from_linear(lin)
@@ -70,6 +72,7 @@ def test_int8_linear_matches_its_definition():
     assert (q.dequantized_weight() - lin.weight).abs().max() <= q.weight_scale.max() / 2 + 1e-7
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_equals_quantized_base_plus_reference_delta(adapter_dirs, path):
     ids, mask = padded_ids()
@@ -85,6 +88,7 @@ def test_fused_equals_quantized_base_plus_reference_delta(adapter_dirs, path):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+@needs_exact_int8
 @pytest.mark.parametrize("path", ["gathered", "dense"])
 def test_mixed_batch_equals_rows_alone(adapter_dirs, path):
     ids, mask = padded_ids()
@@ -100,6 +104,7 @@ def test_mixed_batch_equals_rows_alone(adapter_dirs, path):
         torch.testing.assert_close(batch[b, keep], alone[0], atol=ATOL, rtol=0)
 
 
+@needs_exact_int8
 def test_mixed_batch_greedy_tokens_equal_rows_alone(adapter_dirs):
     class Tok:
         eos_token_id, pad_token_id = None, 0
@@ -121,6 +126,7 @@ def test_mixed_batch_greedy_tokens_equal_rows_alone(adapter_dirs):
         assert batch[b].token_ids == alone[0].token_ids
 
 
+@needs_exact_int8
 def test_remove_restores_the_quantized_base(adapter_dirs):
     model = _qmodel()
     ids, mask = padded_ids()
@@ -132,6 +138,7 @@ def test_remove_restores_the_quantized_base(adapter_dirs):
     assert torch.equal(before, after)
 
 
+@needs_exact_int8
 def test_unsupported_combinations_raise():
     with pytest.raises(ValueError, match="quantize must be one of"):
         check_quantization("int4", torch.float32)
@@ -161,7 +168,9 @@ def test_kernel_choice_needs_int8_clearly_faster():
 
 
 def _fixed_choice(monkeypatch, int8_shapes: set[tuple[int, int]]) -> None:
-    """Make the timing deterministic: int8 10x faster on `int8_shapes`, 3x slower elsewhere."""
+    """Make the timing deterministic: int8 10x faster on `int8_shapes`, 3x slower elsewhere (and the int8
+    GEMM exact, so the choice runs on any CPU)."""
+    monkeypatch.setattr(quantize_module, "int8_gemm_exact", lambda: True)
     def fake(linears, quantized, rows=None):
         seen = {(m.in_features, m.out_features) for m in linears}
         return [KernelChoice(i, o, 1, 1.0, 0.1 if (i, o) in int8_shapes else 3.0) for i, o in sorted(seen)]
@@ -198,6 +207,20 @@ def test_auto_is_none_where_int8_cannot_run():
     check_quantization("auto", torch.float32, "cuda")  # never an error
 
 
+def test_an_inexact_int8_gemm_refuses_int8_and_auto_keeps_fp32(monkeypatch):
+    monkeypatch.setattr(quantize_module, "int8_gemm_exact", lambda: False)
+    with pytest.raises(ValueError, match="returns wrong products on this CPU"):
+        quantize_model(tiny_llama(), "int8")
+    assert quantization_of(quantize_model(tiny_llama(), "auto")) == "none"
+
+
+def test_int8_gemm_probe_agrees_with_int64_arithmetic():
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-127, 128, (32, 64), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (64, 48), generator=g, dtype=torch.int8)
+    assert quantize_module.int8_gemm_exact() == torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
 def test_quantizing_a_fused_model_is_refused(adapter_dirs):
     model = tiny_llama()
     FusedLoRAModel(model, adapter_dirs)
@@ -205,6 +228,7 @@ def test_quantizing_a_fused_model_is_refused(adapter_dirs):
         quantize_model(model, "int8")
 
 
+@needs_exact_int8
 def test_bench_times_fp32_and_int8_side_by_side():
     from dlp_lora.benchmark import markdown_table, run_fusion_benchmark
     from dlp_lora.config import BenchConfig

@@ -4,7 +4,9 @@ Layout (DESIGN.md):
     <root>/manifest.json, <root>/adapters/<task>/ (PEFT dirs), <root>/router/ (router weights + config.json)
 Router class i is adapter i; `Manifest.check` enforces it so a mismatch can never be silent. A class may map
 to no adapter (null): the dev gate found the task's adapter no better than the base model, so routing to
-it means "no adapter" (its weight falls on nothing).
+it means "no adapter" (its weight falls on nothing). A class may instead be served by another mixture
+(`serve`: e.g. the shared `multitask` generalist, or its specialist on top of the generalist), which the
+gate chose for it (`training.choice`); routing to it then puts its weight on that mixture.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class Manifest:
     trained on every task's data, which evaluation compares against. Loaded after the routed adapters."""
     selection: dict[str, Any] = field(default_factory=dict)
     """SelectionConfig defaults for this asset set."""
+    serve: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Classes served by something other than their own adapter alone: class -> {adapter: weight}, adapter
+    names being tasks with an adapter directory or baselines ({} : the base model). A class not listed is
+    served by its own adapter at weight 1, or by the base model where it has none."""
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per artifact (task name or 'router'): data source, split sizes, steps, seed, metrics, seconds."""
 
@@ -74,6 +80,11 @@ class Manifest:
             if not (root / rel / "adapter_config.json").exists():
                 raise FileNotFoundError(f"manifest names baseline {name!r} at {root / rel}, but it has no "
                                         "adapter_config.json")
+        for task, mix in self.serve.items():
+            unknown = [n for n in mix if n not in self.deployed and n not in self.baselines]
+            if task not in self.tasks or unknown or any(w < 0 for w in mix.values()):
+                raise ValueError(f"manifest serves {task!r} with {mix}: expected a task of the router and "
+                                 f"non-negative weights over adapters {self.deployed + list(self.baselines)}")
         if self.router is not None and not (root / self.router / "config.json").exists():
             raise FileNotFoundError(f"manifest names a router at {root / self.router}, but it has no config.json")
 
@@ -81,6 +92,12 @@ class Manifest:
     def deployed(self) -> list[str]:
         """Tasks served by their own adapter, in router class order (the others get the base model)."""
         return [t for t in self.tasks if self.adapters.get(t) is not None]
+
+    def served(self, task: str) -> dict[str, float]:
+        """The mixture that serves `task`'s prompts: its `serve` entry, else its own adapter, else {} (base)."""
+        if task in self.serve:
+            return dict(self.serve[task])
+        return {task: 1.0} if self.adapters.get(task) is not None else {}
 
     def adapter_paths(self, root: str | Path) -> dict[str, Path | None]:
         """Task -> absolute adapter dir (None: the base model serves it), in router class order."""

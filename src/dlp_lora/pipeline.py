@@ -61,10 +61,14 @@ class DLPLoRA:
         baselines: Mapping[str, str | Path] | None = None,
         routing_config: RoutingConfig | None = None,
         compile: bool = False,
+        serve: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         """adapters: the router's classes in its order, each with its adapter, or None where the base model
         serves the class (the dev gate: routing to it puts weight on nothing); baselines: more adapters the
-        router never picks (served only when named, e.g. the `multitask` baseline), after them in the bank;
+        router never picks by themselves (served when named, e.g. the `multitask` baseline), after them in
+        the bank; serve: classes served by another mixture than their own adapter, class -> {adapter: weight}
+        over the bank (e.g. a class the gate gave to the `multitask` generalist: routing to it puts its
+        weight there; `Manifest.serve`);
         routing_config: the default routing granularity of `generate` (per prompt unless given); compile:
         decode steps run compiled over a static KV cache (`dlp_lora.compiled`: the first call of each batch
         size and path compiles, tens of seconds on a 2-core CPU; later calls decode faster)."""
@@ -84,15 +88,33 @@ class DLPLoRA:
         self.max_prompt_tokens = max_prompt_tokens
         self.baselines = list(baselines)
         self.classes = list(adapters)
+        self.serve = {c: dict(m) for c, m in (serve or {}).items()}
+        unknown = sorted(set(self.serve) - set(self.classes))
+        if unknown:
+            raise ValueError(f"serve names {unknown}, which are not router classes: {self.classes}")
         self.fused = FusedLoRAModel(model, {**deployed, **baselines}, fusion)
         self._decoder = CompiledDecoder(model) if compile else None
         self._reindex()
 
+    def served(self, cls: str) -> dict[str, float]:
+        """The mixture over bank adapters that serves router class `cls` ({}: the base model)."""
+        if cls in self.serve:
+            return dict(self.serve[cls])
+        return {cls: 1.0} if cls in self.fused.adapter_names else {}
+
     def _reindex(self) -> None:
-        """Bank column of each router class; -1 where the class has no adapter (redone when the bank changes)."""
+        """The (classes, bank) matrix whose row c is the mixture serving class c (redone when the bank
+        changes); a class served by nothing has a zero row: the base model."""
         names = self.fused.adapter_names
-        self._columns = torch.tensor([names.index(c) if c in names else -1 for c in self.classes], dtype=torch.long)
-        self._no_adapter = [i for i, col in enumerate(self._columns.tolist()) if col < 0]
+        for cls, mix in self.serve.items():
+            missing = [n for n in mix if n not in names]
+            if missing:
+                raise ValueError(f"class {cls!r} is served by {mix}, but {missing} are not loaded adapters: {names}")
+        self._serving = torch.zeros(len(self.classes), len(names))
+        for c, cls in enumerate(self.classes):
+            for name, w in self.served(cls).items():
+                self._serving[c, names.index(name)] = w
+        self._no_adapter = [c for c in range(len(self.classes)) if not bool(self._serving[c].any())]
 
     @classmethod
     def from_assets(
@@ -120,7 +142,8 @@ class DLPLoRA:
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)
         return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
-                   baselines=manifest.baseline_paths(root), routing_config=routing_config, compile=compile)
+                   baselines=manifest.baseline_paths(root), routing_config=routing_config, compile=compile,
+                   serve=manifest.serve)
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +162,7 @@ class DLPLoRA:
 
     @property
     def base_served(self) -> list[str]:
-        """Classes the base model serves (no deployed adapter)."""
+        """Classes the base model serves (no adapter serves them)."""
         return [self.classes[i] for i in self._no_adapter]
 
     @property
@@ -148,13 +171,11 @@ class DLPLoRA:
         return list(self._no_adapter)
 
     def to_bank(self, class_weights: torch.Tensor) -> torch.Tensor:
-        """(B, classes) weights -> (B, bank) weights; a class without adapter drops its weight (base model)."""
+        """(B, classes) weights -> (B, bank) weights: each class's weight spread over the mixture serving it
+        (a sum of LoRAs is one LoRA, so this is exact); a class served by the base model drops its weight."""
         if class_weights.dim() != 2 or class_weights.shape[1] != len(self.classes):
             raise ValueError(f"expected class weights (B, {len(self.classes)}), got {tuple(class_weights.shape)}")
-        dense = class_weights.new_zeros(class_weights.shape[0], len(self.adapter_names))
-        keep = self._columns >= 0
-        dense[:, self._columns[keep]] = class_weights[:, keep]
-        return dense
+        return class_weights @ self._serving.to(class_weights.device, class_weights.dtype)
 
     def add_adapter(self, name: str, path: str | Path) -> None:
         """Serve one more PEFT adapter. Named after a router class the base model serves (the dev gate kept
@@ -175,6 +196,8 @@ class DLPLoRA:
         self.fused.remove_adapter(name)
         if name in self.baselines:
             self.baselines.remove(name)
+        for mix in self.serve.values():  # a class it served in a mixture keeps the rest of that mixture
+            mix.pop(name, None)
         self._reindex()
 
     def route(self, prompts: Sequence[str],

@@ -17,7 +17,9 @@ the weight bytes); on AVX2 without VNNI the same call is several times slower th
 against 0.5 ms at 32x576x1536 on an AMD EPYC). So at load `auto` times, for every distinct linear shape of
 the model, fp32 `F.linear` against `Int8Linear` on this CPU at the thread count it will run with, and
 quantizes only the shapes where int8 is clearly faster (`KernelChoice`); the choice and the times are
-logged. An explicit `int8` quantizes everything, and warns when int8 measured slower than fp32 here.
+logged. An explicit `int8` quantizes everything, and warns when int8 measured slower than fp32 here. Both
+first check that the int8 GEMM is exact on this CPU (`int8_gemm_exact`): where it is not, `auto` keeps
+fp32 and `int8` is refused.
 
 Decode on CPU is bound by reading the weights once per token; int8 reads a quarter of the bytes. The
 tied input embedding stays fp32 (a lookup reads one row per token, so it costs no bandwidth) while the LM
@@ -41,7 +43,8 @@ from dlp_lora.config import Quantization
 from dlp_lora.hardware import cpu_info
 
 __all__ = ["Quantization", "QUANTIZATIONS", "Int8Linear", "KernelChoice", "choose_kernels", "quantize_model",
-           "check_quantization", "resolve_quantization", "is_quantized_linear", "linear_features", "quantization_of"]
+           "check_quantization", "resolve_quantization", "int8_gemm_exact", "is_quantized_linear",
+           "linear_features", "quantization_of"]
 
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
@@ -162,6 +165,19 @@ def _time_shapes(linears: list[nn.Linear], quantized: list["Int8Linear"],
     return out
 
 
+def int8_gemm_exact() -> bool:
+    """Whether `torch._int_mm` returns the exact int32 products on this CPU.
+
+    It must: the scheme's exactness rests on it. Seen false with oneDNN limited to AVX2 (no VNNI), whose
+    int8 kernel adds pairs of u8*s8 products in int16 with saturation (errors of 1e5 on 576-term sums).
+    A 64x576 @ 576x256 product of random int8 values, checked against int64 arithmetic (about 1 ms).
+    """
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (64, 576), generator=g, dtype=torch.int8)
+    b = torch.randint(-127, 128, (576, 256), generator=g, dtype=torch.int8)
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
 def resolve_quantization(scheme: str, dtype: torch.dtype, device: torch.device | str = "cpu") -> str:
     """`auto` becomes `none` where int8 cannot run (not CPU, not float32); other schemes are checked."""
     if scheme == "auto" and (torch.device(device).type != "cpu" or dtype != torch.float32):
@@ -209,6 +225,12 @@ def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module
         raise TypeError(f"quantize_model needs a bare model with plain nn.Linear layers, found "
                         f"{f'subclasses {odd}' if odd else f'wrapped layers such as {wrapped[0]!r}'} "
                         "(quantize the base model before fusing or wrapping it)")
+    if not int8_gemm_exact():
+        if scheme == "int8":
+            raise ValueError(f"quantize='int8': torch's int8 GEMM (torch._int_mm) returns wrong products on this "
+                             f"CPU ({_cpu()}); use quantize='auto' (fp32 here) or 'none'")
+        _log.info("quantize auto on %s: fp32, torch's int8 GEMM returns wrong products here", _cpu())
+        return model
     quantized = [Int8Linear.from_linear(m) for _, m in linears]
     choices = _time_shapes([m for _, m in linears], quantized)
     slower = sum(c.int8_ms for c in choices) > sum(c.fp32_ms for c in choices)

@@ -55,9 +55,11 @@ class ServerState:
 
     # ---- models -----------------------------------------------------------------------------------
     def model_ids(self) -> list[str]:
-        """Served model ids: the base model, the router (when there is one), every adapter."""
-        return [self.model_name] + ([ROUTER_NAME] if self.pipeline.router is not None else []) + \
-            list(self.pipeline.adapter_names)
+        """Served model ids: the base model, the router (when there is one), every adapter, and every router
+        class served by a mixture under another name (e.g. a task the gate gave to the generalist)."""
+        names = list(self.pipeline.adapter_names)
+        by_class = [c for c in self.pipeline.task_names if c not in names and self.pipeline.served(c)]
+        return [self.model_name] + ([ROUTER_NAME] if self.pipeline.router is not None else []) + names + by_class
 
     def mixture(self, req: GenerationParams) -> dict[str, float] | None:
         """The request's explicit {adapter: weight} ({} for the base model), or None for the router."""
@@ -78,6 +80,8 @@ class ServerState:
             return {}
         if model in names:
             return {model: 1.0}
+        if model in self.pipeline.task_names and self.pipeline.served(model):
+            return self.pipeline.served(model)  # the class's prompts as the router would serve them
         raise self.not_found(model)
 
     def not_found(self, model: str) -> ModelNotFound:

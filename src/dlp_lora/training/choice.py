@@ -1,0 +1,106 @@
+"""The serving choice per router class: its specialist, the generalist, a mixture of both, or the base model.
+
+Every option is scored on the same examples the deployment gate decides on (the class's gate split, or
+its first dev examples where it has none; `training.candidates` scores the generalist and the mixtures
+there, the pool scored the specialist and the base model). The rule is the gate's, applied to each
+option: an option is eligible when its 95% paired bootstrap interval against the base model lies above 0
+and, for multiple choice, its answers have not collapsed onto one option. The eligible option with the
+highest mean serves the class (ties go to the option with fewer adapters, listed first); with none
+eligible, the base model does. The choice is written to the manifest (`adapters`, `serve`) and to the
+class's record (`choice`, with every option's figures), which `dlp-lora tasks` shows.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from dlp_lora.assets import Manifest
+from dlp_lora.config import AdapterTrainConfig, SplitConfig
+from dlp_lora.evaluation.examples import majority_share
+from dlp_lora.evaluation.stats import paired_difference
+from dlp_lora.tasks import get_task, load_splits
+from dlp_lora.training.gate import collapsed
+
+__all__ = ["serving_options", "choose_option", "apply_choices", "BASE"]
+
+BASE = "base"
+"""The option name of the base model alone."""
+
+
+def serving_options(task: str, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Option name -> {"mixture", "scores", "chosen"} on the gate (or dev) examples of `record`: the base
+    model, the specialist (when it was trained) and every scored candidate (`record["candidates"]`)."""
+    split = "gate" if record.get("gate_scores") else "dev"
+    base = record.get(f"base_{split}_scores") or []
+    options = {BASE: {"mixture": {}, "scores": base, "chosen": []}}
+    if record.get(f"{split}_scores"):
+        options[task] = {"mixture": {task: 1.0}, "scores": record[f"{split}_scores"],
+                         "chosen": record.get(f"{split}_chosen") or []}
+    for name, cand in (record.get("candidates") or {}).items():
+        if cand["split"] != split or len(cand["scores"]) != len(base):
+            raise ValueError(f"task {task!r}: candidate {name!r} was scored on {len(cand['scores'])} {cand['split']} "
+                             f"examples, the gate decides on {len(base)} {split} examples")
+        options[name] = {"mixture": cand["mixture"], "scores": cand["scores"], "chosen": cand["chosen"]}
+    return options
+
+
+def choose_option(options: dict[str, dict[str, Any]], gold: Sequence | None = None,
+                  level: float = 0.95) -> dict[str, Any]:
+    """The gate's rule over every option (module docstring): {"served": name, "mixture", "n", "options":
+    {name: {"mean", "diff", "low", "high", "eligible", "reason"}}}; gold: the gold option indices of the
+    examples (multiple choice), for the collapse check."""
+    base = options[BASE]["scores"]
+    table: dict[str, dict[str, Any]] = {BASE: {"mean": round(sum(base) / len(base), 2), "eligible": True,
+                                              "reason": "the base model"}}
+    for name, opt in options.items():
+        if name == BASE:
+            continue
+        diff = paired_difference(opt["scores"], base, level=level)
+        row = {"mean": round(sum(opt["scores"]) / len(opt["scores"]), 2), "diff": round(diff.estimate, 2),
+               "low": round(diff.low, 2), "high": round(diff.high, 2)}
+        if gold is not None and opt["chosen"] and collapsed(opt["chosen"], gold):
+            row.update(eligible=False, reason=f"collapsed: one option for {majority_share(opt['chosen']):.0%}")
+        elif diff.low > 0:
+            row.update(eligible=True, reason="beats the base model beyond noise")
+        else:
+            row.update(eligible=False, reason="not better than the base model beyond noise")
+        table[name] = row
+    eligible = [n for n in options if n != BASE and table[n]["eligible"]]
+    served = max(eligible, key=lambda n: (table[n]["mean"], -len(options[n]["mixture"]))) if eligible else BASE
+    return {"served": served, "mixture": dict(options[served]["mixture"]), "n": len(base), "options": table}
+
+
+def apply_choices(root: str | Path, data_dir: str | Path | None = None, split_cfg: SplitConfig = SplitConfig(),
+                  tasks: Sequence[str] | None = None) -> Manifest:
+    """Choose what serves each scored class and write it to the manifest at `root` (and save it).
+
+    A class served by its specialist alone keeps `adapters[task]` and no `serve` entry (as before); by the
+    base model, `adapters[task] = None`; by anything else, a `serve` entry, with `adapters[task]` set when
+    the mixture uses the specialist (its directory stays on disk for every trained task).
+    """
+    root = Path(root)
+    manifest = Manifest.load(root)
+    dev_limit = AdapterTrainConfig().dev_limit
+    for task in tasks or [t for t in manifest.tasks if t in manifest.records]:
+        record = manifest.records[task]
+        options = serving_options(task, record)
+        if len(options) == 1 or not options[BASE]["scores"]:
+            continue  # nothing but the base model was scored: leave the class as it is
+        t = get_task(task)
+        gold = None
+        if t.kind == "mcq":
+            split = load_splits(t, data_dir, split_cfg)
+            decided_on = split.gate if record.get("gate_scores") else split.dev[:dev_limit]
+            gold = [ex.gold_index for ex in decided_on]
+        choice = choose_option(options, gold)
+        record["choice"] = choice
+        mixture = choice["mixture"]
+        manifest.adapters[task] = f"adapters/{task}" if task in mixture else None
+        if mixture in ({}, {task: 1.0}):
+            manifest.serve.pop(task, None)
+        else:
+            manifest.serve[task] = mixture
+    manifest.check(root)
+    manifest.save(root)
+    return manifest
