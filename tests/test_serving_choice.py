@@ -44,9 +44,14 @@ def test_noise_and_collapse_leave_the_class_to_the_base_model():
     assert "not better" in choice["options"]["t"]["reason"] and "collapsed" in choice["options"]["g"]["reason"]
 
 
-def test_ties_go_to_the_option_with_fewer_adapters():
-    options = {BASE: _opt({}, 10), "t+g": _opt({"t": 1.0, "g": 1.0}, 40), "g": _opt({"g": 1.0}, 40)}
-    assert choose_option(options)["served"] == "g"
+def test_an_option_must_beat_the_one_before_it_beyond_noise():
+    # Fewer adapters first: g serves; t+g ties it, and t+g2 is one example better: neither moves the class.
+    options = {BASE: _opt({}, 10), "t+g": _opt({"t": 1.0, "g": 1.0}, 40), "g": _opt({"g": 1.0}, 40),
+               "t+g2": _opt({"t": 1.0, "g": 2.0}, 41)}
+    choice = choose_option(options)
+    assert choice["served"] == "g" and "vs_g" in choice["options"]["t+g2"]
+    # The specialist comes first (serving_options lists it first); g, 2 examples better, stays out.
+    assert choose_option({BASE: options[BASE], "t": _opt({"t": 1.0}, 38), **options})["served"] == "t"
 
 
 @pytest.fixture(scope="module")

@@ -151,10 +151,41 @@ def _tasks(ns: argparse.Namespace) -> None:
                   "0), the step kept, and the gate: base and adapter on the task's gate split (or dev where it has "
                   "none), the paired-bootstrap interval of the difference; deployed only when it lies above 0.\n\n"
                   + gate_table(manifest.records, manifest.tasks))
+        if any("choice" in (manifest.records.get(t) or {}) for t in manifest.tasks):
+            from dlp_lora.training.choice import choice_table
+
+            table += (f"\n## What serves each class\n\nFrom `dlp-lora choose-serving`: every option scored on the "
+                      "examples the gate decides on (mean, difference with the base model [95% paired bootstrap "
+                      "interval]; ✗: within noise or collapsed, not eligible) and the option that serves the "
+                      "class: by fewest adapters first, an eligible option that also beats the one chosen before it "
+                      "beyond noise (`dlp_lora.training.choice`), else the base model.\n\n"
+                      + choice_table(manifest))
     print(table)
     if ns.markdown:
         Path(ns.markdown).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.markdown).write_text(table if table.endswith("\n") else table + "\n")
+
+
+def _choose_serving_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import SplitConfig
+
+    p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder whose classes to decide")
+    p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
+    p.add_argument("--tasks", nargs="*", default=None, help="classes to decide (default: every trained task)")
+    p.add_argument("--generalist", default="multitask", help="the baseline adapter offered to every class")
+    p.add_argument("--weights", nargs="*", type=float, default=[1.0],
+                   help="generalist weights of the specialist+generalist options (the specialist at 1)")
+    add_config_args(p, SplitConfig)
+
+
+def _choose_serving(ns: argparse.Namespace) -> None:
+    from dlp_lora.config import SplitConfig
+    from dlp_lora.training.candidates import score_candidates
+    from dlp_lora.training.choice import apply_choices, choice_table
+
+    split = config_from_args(SplitConfig, ns)
+    score_candidates(ns.assets, ns.tasks, ns.data_dir, split, ns.generalist, tuple(ns.weights))
+    print(choice_table(apply_choices(ns.assets, ns.data_dir, split, ns.tasks)))
 
 
 def _train_adapter_args(p: argparse.ArgumentParser) -> None:
@@ -509,6 +540,8 @@ COMMANDS: dict[str, Command] = {
                      _train_router_args, _train_router),
     "router-report": ("router accuracy per rendering, top-p recall, calibration, none-of-the-above, latency",
                       _router_report_args, _router_report),
+    "choose-serving": ("score the generalist and specialist+generalist per class and choose what serves it "
+                       "(the gate's rule over every option; resumable)", _choose_serving_args, _choose_serving),
     "add-task": ("add a task (adapter + router class) without retraining the router", _add_task_args, _add_task),
     "evaluate": ("every method on every task's test split: tables, plots, predictions", _evaluate_args,
                  _evaluate),

@@ -4,9 +4,10 @@ Every option is scored on the same examples the deployment gate decides on (the 
 its first dev examples where it has none; `training.candidates` scores the generalist and the mixtures
 there, the pool scored the specialist and the base model). The rule is the gate's, applied to each
 option: an option is eligible when its 95% paired bootstrap interval against the base model lies above 0
-and, for multiple choice, its answers have not collapsed onto one option. The eligible option with the
-highest mean serves the class (ties go to the option with fewer adapters, listed first); with none
-eligible, the base model does. The choice is written to the manifest (`adapters`, `serve`) and to the
+and, for multiple choice, its answers have not collapsed onto one option. Taken in order of how many
+adapters they use (the specialist, the generalist, then mixtures), an eligible option serves the class
+when it beats the base model or, if an earlier option already serves it, beats that option beyond noise
+too; with none eligible, the base model serves it. The choice is written to the manifest (`adapters`, `serve`) and to the
 class's record (`choice`, with every option's figures), which `dlp-lora tasks` shows.
 """
 
@@ -22,7 +23,7 @@ from dlp_lora.evaluation.stats import paired_difference
 from dlp_lora.tasks import get_task, load_splits
 from dlp_lora.training.gate import collapsed
 
-__all__ = ["serving_options", "choose_option", "apply_choices", "BASE"]
+__all__ = ["serving_options", "choose_option", "apply_choices", "choice_table", "BASE"]
 
 BASE = "base"
 """The option name of the base model alone."""
@@ -48,8 +49,9 @@ def serving_options(task: str, record: dict[str, Any]) -> dict[str, dict[str, An
 def choose_option(options: dict[str, dict[str, Any]], gold: Sequence | None = None,
                   level: float = 0.95) -> dict[str, Any]:
     """The gate's rule over every option (module docstring): {"served": name, "mixture", "n", "options":
-    {name: {"mean", "diff", "low", "high", "eligible", "reason"}}}; gold: the gold option indices of the
-    examples (multiple choice), for the collapse check."""
+    {name: {"mean", "diff", "low", "high", "eligible", "reason", "vs_<option>"}}} (differences against the
+    base model; `vs_<option>`: against the option it was compared with); gold: the gold option indices of
+    the examples (multiple choice), for the collapse check."""
     base = options[BASE]["scores"]
     table: dict[str, dict[str, Any]] = {BASE: {"mean": round(sum(base) / len(base), 2), "eligible": True,
                                               "reason": "the base model"}}
@@ -66,8 +68,19 @@ def choose_option(options: dict[str, dict[str, Any]], gold: Sequence | None = No
         else:
             row.update(eligible=False, reason="not better than the base model beyond noise")
         table[name] = row
-    eligible = [n for n in options if n != BASE and table[n]["eligible"]]
-    served = max(eligible, key=lambda n: (table[n]["mean"], -len(options[n]["mixture"]))) if eligible else BASE
+    # Fewest adapters first (the specialist, then the generalist, then mixtures); an option replaces the
+    # current choice only when it beats it beyond noise too, so a difference of one or two examples on a
+    # small split never moves a class.
+    served = BASE
+    for name in sorted((n for n in options if n != BASE), key=lambda n: len(options[n]["mixture"])):
+        if not table[name]["eligible"]:
+            continue
+        if served != BASE:
+            vs = paired_difference(options[name]["scores"], options[served]["scores"], level=level)
+            table[name]["vs_" + served] = vs.fmt()
+            if vs.low <= 0:
+                continue
+        served = name
     return {"served": served, "mixture": dict(options[served]["mixture"]), "n": len(base), "options": table}
 
 
@@ -104,3 +117,32 @@ def apply_choices(root: str | Path, data_dir: str | Path | None = None, split_cf
     manifest.check(root)
     manifest.save(root)
     return manifest
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    if "diff" not in row:
+        return f"{row['mean']:.1f}"
+    mark = "" if row["eligible"] else " ✗"
+    return f"{row['mean']:.1f} ({row['diff']:+.1f} [{row['low']:+.1f}, {row['high']:+.1f}]){mark}"
+
+
+def choice_table(manifest: Manifest) -> str:
+    """Markdown: for each class with a `choice` record, every option's mean on the examples decided on, its
+    difference with the base model [95% CI] (✗: not eligible: within noise or collapsed), and what serves it."""
+    lines = ["| task | decided on | base | specialist | generalist | specialist + generalist | served by |",
+             "|---|---|---|---|---|---|---|"]
+    for task in manifest.tasks:
+        choice = (manifest.records.get(task) or {}).get("choice")
+        if not choice:
+            continue
+        rows, options = choice["options"], (manifest.records[task].get("candidates") or {})
+        kinds = {"generalist": None, "mix": None}
+        for name, cand in options.items():
+            kinds["mix" if task in cand["mixture"] else "generalist"] = rows.get(name)
+        split = "gate" if manifest.records[task].get("gate_scores") else "dev"
+        served = " + ".join(f"{n} x{w:g}" for n, w in choice["mixture"].items()) or "base model"
+        lines.append(f"| {task} | {split}, n={choice['n']} | {_cell(rows[BASE])} | {_cell(rows.get(task))} | "
+                     f"{_cell(kinds['generalist'])} | {_cell(kinds['mix'])} | **{served}** |")
+    return "\n".join(lines) + "\n"
