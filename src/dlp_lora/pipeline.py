@@ -136,7 +136,8 @@ class DLPLoRA:
         manifest.check(root)
         if manifest.router is None:
             raise ValueError(f"{root}: the manifest names no router; train one with `dlp-lora train-router`")
-        # The int8 base runs on CPU kernels only, so `auto` resolves to cpu there (an explicit cuda errors).
+        # An int8 base runs on CPU kernels only, so device `auto` means cpu with it (an explicit cuda errors);
+        # quantize `auto` follows the device instead (fp32 on a GPU).
         where = "cpu" if quantize == "int8" and device.device == "auto" else device.device
         model, tok = load_base_model(base_model or manifest.base_model, device.dtype, where, quantize=quantize)
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)

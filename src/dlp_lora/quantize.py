@@ -191,7 +191,7 @@ def check_quantization(scheme: str, dtype: torch.dtype, device: torch.device | s
     measures on CPU in float32 and means `none` elsewhere)."""
     if scheme not in QUANTIZATIONS:
         raise ValueError(f"quantize must be one of {list(QUANTIZATIONS)}, got {scheme!r}")
-    if scheme == "none" or (scheme == "auto" and (torch.device(device).type != "cpu" or dtype != torch.float32)):
+    if scheme in ("none", "auto"):
         return
     if torch.device(device).type != "cpu":
         raise ValueError(f"quantize={scheme!r} runs on CPU only (torch's int8 GEMM kernel), got device "
@@ -225,22 +225,8 @@ def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module
         raise TypeError(f"quantize_model needs a bare model with plain nn.Linear layers, found "
                         f"{f'subclasses {odd}' if odd else f'wrapped layers such as {wrapped[0]!r}'} "
                         "(quantize the base model before fusing or wrapping it)")
-    if not int8_gemm_exact():
-        if scheme == "int8":
-            raise ValueError(f"quantize='int8': torch's int8 GEMM (torch._int_mm) returns wrong products on this "
-                             f"CPU ({_cpu()}); use quantize='auto' (fp32 here) or 'none'")
-        _log.info("quantize auto on %s: fp32, torch's int8 GEMM returns wrong products here", _cpu())
-        return model
     quantized = [Int8Linear.from_linear(m) for _, m in linears]
-    choices = _time_shapes([m for _, m in linears], quantized)
-    slower = sum(c.int8_ms for c in choices) > sum(c.fp32_ms for c in choices)
-    keep = {(c.d_in, c.d_out) for c in choices if c.int8 or scheme == "int8"}
-    if scheme == "auto":
-        _log.info("quantize auto on %s: int8 for %d of %d linear shapes (%s)", _cpu(), len(keep), len(choices),
-                  "; ".join(map(str, choices)))
-    elif slower:
-        _log.warning("quantize int8: int8 kernels measured slower than fp32 on %s (%s); `auto` quantizes only "
-                     "the shapes where int8 is faster", _cpu(), "; ".join(map(str, choices)))
+    keep = _int8_shapes(scheme, [m for _, m in linears], quantized)
     for (name, linear), q in zip(linears, quantized):
         if (linear.in_features, linear.out_features) in keep:
             parent, _, child = name.rpartition(".")
@@ -248,8 +234,25 @@ def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module
     return model
 
 
-def _cpu() -> str:
-    return str(cpu_info())
+def _int8_shapes(scheme: str, linears: list[nn.Linear], quantized: list[Int8Linear]) -> set[tuple[int, int]]:
+    """The (d_in, d_out) shapes to hold in int8: all for `int8`, those measured faster for `auto`; none (auto)
+    or an error (int8) where the int8 GEMM is inexact. What was measured and chosen is logged."""
+    if not int8_gemm_exact():
+        if scheme == "int8":
+            raise ValueError(f"quantize='int8': torch's int8 GEMM (torch._int_mm) returns wrong products on this "
+                             f"CPU ({cpu_info()}); use quantize='auto' (fp32 here) or 'none'")
+        _log.info("quantize auto on %s: fp32, torch's int8 GEMM returns wrong products here", cpu_info())
+        return set()
+    choices = _time_shapes(linears, quantized)
+    if scheme == "int8":
+        if sum(c.int8_ms for c in choices) > sum(c.fp32_ms for c in choices):
+            _log.warning("quantize int8: int8 kernels measured slower than fp32 on %s (%s); `auto` quantizes "
+                         "only the shapes where int8 is faster", cpu_info(), "; ".join(map(str, choices)))
+        return {(c.d_in, c.d_out) for c in choices}
+    keep = {(c.d_in, c.d_out) for c in choices if c.int8}
+    _log.info("quantize auto on %s: int8 for %d of %d linear shapes (%s)", cpu_info(), len(keep), len(choices),
+              "; ".join(map(str, choices)))
+    return keep
 
 
 def is_quantized_linear(module: nn.Module) -> bool:
