@@ -13,7 +13,7 @@ from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
 from dlp_lora.chat import encode_prompts
 from dlp_lora.config import FusionConfig, GenerationConfig, SelectionConfig
 from dlp_lora.models import load_tokenizer
-from dlp_lora.routing import RoutingConfig, SentencePolicy, routing_text, split_segments
+from dlp_lora.routing import RoutingConfig, SentencePolicy, routing_text, scoring_text, split_segments
 
 
 @pytest.fixture(scope="module")
@@ -198,3 +198,14 @@ def test_sentence_demo_cuts_the_answer_at_each_switch(tmp_path, tok):
     out = sentence_demo(dlp, PROMPTS[0], max_new_tokens=12).strip().splitlines()
     assert f"{len(want.switches)} mixture change(s)" in out[0] and len(out) == 2 + len(want.switches) + 1
     assert out[2].startswith("  tokens   0-") and all(a in out[2] for a in want.adapters)
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Q: What is X?\nA: carbon dioxide", "Q: What is X?\nA:"),                    # lm-eval zero-shot QA
+    ("Question: Why?\nAnswer: because: it is", "Question: Why?\nAnswer:"),      # ARC style, ':' in the answer
+    ("Q: a?\nA: b\n\nQ: c?\nA: d\n\nQ: What is X?\nA: oxygen", "Q: What is X?\nA:"),  # few-shot primer
+    ("Context line\nIs it true?\nyes", "Context line\nIs it true?"),           # no cue: the last line is the answer
+    ("The cat sat on the mat", "The cat sat on the mat"),                       # nothing tells: read whole
+])
+def test_scoring_text_reads_the_question(text, want):
+    assert scoring_text(text) == want

@@ -838,3 +838,33 @@ def test_a_window_the_router_refuses_keeps_the_mixture(pipe):
     reroute.pipeline = Refusing()
     ids = pipe.tokenizer("ab.", add_special_tokens=False)["input_ids"]
     assert [reroute(t) for t in ids * 2] == [None] * len(ids) * 2
+
+
+def test_scoring_requests_route_every_option_on_the_question(client):
+    """lm-evaluation-harness scores each option as the context with the option appended (echo, max_tokens
+    0 or 1): every option of one question gets the mixture of its question, demonstrations in front or
+    not; `route_on` overrides what the router reads."""
+    def route(text: str) -> tuple[tuple, list]:
+        r = client.post("/v1/route", json={"prompt": text}).json()
+        return tuple(r["adapters"]), r["weights"]
+
+    def same(got: list[tuple], want: tuple) -> bool:  # weights to 1e-5: the router batched otherwise
+        return all(a == want[0] and w == pytest.approx(want[1], abs=1e-5) for a, w in got)
+
+    def scored(prompt, **kw) -> list[tuple]:
+        body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 0, **kw}
+        out = client.post("/v1/completions", json=body).json()
+        return [(tuple(c["routing"]["adapters"]), c["routing"]["weights"]) for c in out["choices"]]
+
+    question = "Q: Which gas do plants take in?\nA:"
+    options = [" carbon dioxide", " oxygen", " nitrogen: an inert gas", " helium"]
+    want = route(question)
+    demos = "Q: What is 2 + 2?\nA: 4\n\nQ: Sort: pear apple\nA: apple pear\n\n"
+    assert same(scored([question + o for o in options]), want)
+    assert same(scored([demos + question + o for o in options]), want)
+    assert same(scored([question + o for o in options], max_tokens=1), want)
+    # Routed on their whole texts, the options would not all get the question's mixture (else this test
+    # would prove nothing about the rule).
+    assert not same([route(question + o) for o in options], want)
+    other = "Sort the following words: pear apple fig"
+    assert same(scored([question + o for o in options], route_on=other), route(other))

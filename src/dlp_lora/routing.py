@@ -15,6 +15,10 @@ Three granularities (`RoutingConfig.granularity`):
   tokens stays as it was computed. Rows that end a sentence at the same step share one router call;
   rows that did not end a sentence, or whose new mixture equals their current one, are left untouched.
 
+A scoring request (a context with one answer option appended, as lm-evaluation-harness sends each option of
+a multiple-choice question) is routed on `scoring_text`: its question, not the appended answer and not the
+demonstrations before it, so every option of one question is scored under one mixture.
+
 This module knows neither the router nor the fused model: `SentencePolicy` takes a `route` function
 (texts -> (B', N) weights) and returns new weights for some rows; the pipeline applies them.
 """
@@ -28,7 +32,8 @@ import torch
 
 from dlp_lora.config import Granularity, RoutingConfig
 
-__all__ = ["Granularity", "RoutingConfig", "split_segments", "routing_text", "SentencePolicy", "Switch"]
+__all__ = ["Granularity", "RoutingConfig", "split_segments", "routing_text", "scoring_text", "SentencePolicy",
+           "Switch"]
 
 
 def split_segments(text: str, marker: str = "\n\n") -> list[str]:
@@ -42,6 +47,22 @@ def routing_text(prompt: str, cfg: RoutingConfig) -> str:
     if cfg.granularity == "prompt":
         return prompt
     return split_segments(prompt, cfg.segment_marker)[-1]
+
+
+def scoring_text(text: str, marker: str = "\n\n") -> str:
+    """What the router reads of a context with an answer appended: the question.
+
+    The last segment (after the last `marker`: few-shot demonstrations and a preamble come before it), cut
+    after the first ':' of its last line, the answer cue of `Q: ...\nA: <answer>` and `Question: ...\nAnswer:
+    <answer>` (the first, so an answer holding a ':' is still cut at the cue). A last line without ':' is
+    taken as the answer and left out (`<question>\n<answer>`); a one-line segment without ':' is read whole
+    (nothing tells where its answer starts).
+    """
+    segment = split_segments(text, marker)[-1]
+    head, _, last = segment.rpartition("\n")
+    if ":" in last:
+        return (head + "\n" if head else "") + last[: last.index(":") + 1]
+    return head or segment
 
 
 @dataclass(frozen=True)

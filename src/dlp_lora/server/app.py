@@ -127,7 +127,7 @@ class _QueueSink:
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state = _state(request)
     prompts = state.completion_prompts(body)
-    jobs = state.jobs(body, prompts, [text for text, _ in prompts], body.wanted_logprobs, body.echo)
+    jobs = state.jobs(body, prompts, state.completion_route_texts(body, prompts), body.wanted_logprobs, body.echo)
     if body.stream:
         return await _start_stream(request, jobs[0], body.include_usage, "completion", body.model)
     done = await _run_all(state, jobs)

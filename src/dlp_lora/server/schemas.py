@@ -157,6 +157,10 @@ class CompletionRequest(GenerationParams):
     the first one null)."""
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     """Log-probability of each token and of the `logprobs` most likely alternatives at its position."""
+    route_on: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)] | None = None
+    """The text the router reads for every prompt of the request, instead of the prompt. By default a
+    scoring request (`echo` with `max_tokens` 0 or 1, as lm-evaluation-harness scores each option) is
+    routed on its question (`dlp_lora.routing.scoring_text`), any other on its prompt."""
 
     @model_validator(mode="after")
     def _streams_one_choice(self) -> "CompletionRequest":

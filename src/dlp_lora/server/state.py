@@ -15,7 +15,7 @@ import time
 from dlp_lora.chat import conversation_prompt
 from dlp_lora.config import RoutingConfig, ServerConfig
 from dlp_lora.pipeline import DLPLoRA
-from dlp_lora.routing import routing_text
+from dlp_lora.routing import routing_text, scoring_text
 from dlp_lora.server.errors import APIError, InvalidRequest
 from dlp_lora.server.metrics import Metrics
 from dlp_lora.server.runner import PipelineRunner
@@ -110,6 +110,17 @@ class ServerState:
                                      f"{self.vocab_size} tokens", param="prompt")
             out.append((self.tokenizer.decode(p), list(p)))
         return out
+
+    def completion_route_texts(self, req: CompletionRequest, prompts: list[tuple[str, list[int]]]) -> list[str]:
+        """What the router reads of each prompt: the request's `route_on`; for a scoring request (`echo` with
+        at most one new token: a context with an option appended) its question (`routing.scoring_text`), so
+        every option of one question gets one mixture; else the prompt."""
+        if req.route_on is not None:
+            return [req.route_on] * len(prompts)
+        max_tokens = req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
+        if req.echo and max_tokens <= 1:
+            return [scoring_text(text) for text, _ in prompts]
+        return [text for text, _ in prompts]
 
     def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         text = conversation_prompt(self.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
