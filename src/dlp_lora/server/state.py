@@ -111,14 +111,17 @@ class ServerState:
             out.append((self.tokenizer.decode(p), list(p)))
         return out
 
+    def max_tokens(self, req: GenerationParams) -> int:
+        """The request's new-token limit, or the server's default."""
+        return req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
+
     def completion_route_texts(self, req: CompletionRequest, prompts: list[tuple[str, list[int]]]) -> list[str]:
         """What the router reads of each prompt: the request's `route_on`; for a scoring request (`echo` with
         at most one new token: a context with an option appended) its question (`routing.scoring_text`), so
         every option of one question gets one mixture; else the prompt."""
         if req.route_on is not None:
             return [req.route_on] * len(prompts)
-        max_tokens = req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
-        if req.echo and max_tokens <= 1:
+        if req.echo and self.max_tokens(req) <= 1:
             return [scoring_text(text) for text, _ in prompts]
         return [text for text, _ in prompts]
 
@@ -129,7 +132,7 @@ class ServerState:
     def jobs(self, req: GenerationParams, prompts: list[tuple[str, list[int]]], route_texts: list[str],
              logprobs: int | None, echo: bool) -> list[Job]:
         """One job per (prompt, choice), prompt-major as OpenAI numbers choices: validated limits."""
-        max_tokens = req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
+        max_tokens = self.max_tokens(req)
         if max_tokens > self.cfg.max_tokens_limit:
             raise InvalidRequest(f"max_tokens={max_tokens} is over this server's limit "
                                  f"max_tokens_limit={self.cfg.max_tokens_limit}", param="max_tokens")
