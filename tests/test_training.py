@@ -236,6 +236,26 @@ def test_train_adapter_twice_on_one_base_model(tok, tmp_path):
     assert {t.shape for k, t in tensors.items() if "lora_A" in k} == {torch.Size([2, 32])}
 
 
+def test_train_adapter_can_start_from_another_adapter(tok, tmp_path, trained):
+    """init_from: the run starts from the given adapter's weights, takes its shape, and scores the base model
+    (not the starting adapter) as step 0's `base_dev_scores`."""
+    _, _, first, start_dir = trained
+    model = tiny_vocab_model(len(tok))
+    examples = _examples(6)
+    cfg = AdapterTrainConfig(init_from=str(start_dir), lr=1e-12, epochs=1, batch_size=2, max_length=64, eval_every=1,
+                             patience=10)
+    record = train_adapter(model, tok, _task(examples), examples[:4], examples[4:], tmp_path / "next", cfg,
+                           progress=False)
+    assert (record["r"], record["alpha"], record["target_modules"]) == (4, 8, sorted(FAST.target_modules))
+    assert record["init_from"] == str(start_dir)
+    want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (start_dir, tmp_path / "next"))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # lr ~0: unchanged
+    assert record["base_dev_scores"] == first["base_dev_scores"]  # the base model, as in a fresh run
+    with pytest.raises(FileNotFoundError, match="init_from: expected a PEFT LoRA directory"):
+        train_adapter(model, tok, _task(examples), examples, [], tmp_path / "x", replace(cfg, init_from=str(tmp_path)),
+                      progress=False)
+
+
 def test_train_adapter_refuses_an_empty_training_split(tok, tmp_path):
     with pytest.raises(ValueError, match="task 'colour': no training examples"):
         train_adapter(tiny_vocab_model(len(tok)), tok, _task(_examples(3)), [], _examples(3), tmp_path / "x", FAST,

@@ -315,6 +315,9 @@ class AdapterTrainConfig:
     """Prompt + answer tokens kept per example (longer prompts lose their head, never the answer)."""
     seed: int = 0
     """Seed for initialisation, shuffling and dropout."""
+    init_from: str | None = None
+    """A PEFT LoRA directory whose weights start the run instead of a fresh LoRA (e.g. the `multitask`
+    generalist: the specialist continues from it); its rank, alpha, dropout and targets replace the above."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, f"r must be >= 1, got {self.r}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -92,9 +92,18 @@ def train_adapter(
     if not train:
         raise ValueError(f"task {task.name!r}: no training examples")
     torch.manual_seed(cfg.seed)
-    lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                      target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, lora)
+    if cfg.init_from is not None:
+        if not (Path(cfg.init_from) / "adapter_config.json").exists():
+            raise FileNotFoundError(f"init_from: expected a PEFT LoRA directory, found no adapter_config.json "
+                                    f"in {cfg.init_from}")
+        peft_model = PeftModel.from_pretrained(model, cfg.init_from, is_trainable=True)
+        start = peft_model.peft_config["default"]
+        cfg = replace(cfg, r=start.r, alpha=start.lora_alpha, dropout=start.lora_dropout,
+                      target_modules=tuple(sorted(start.target_modules)))
+    else:
+        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+        peft_model = get_peft_model(model, lora)
     dev = list(dev)[: cfg.dev_limit]
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
     try:
@@ -180,7 +189,11 @@ class _Run:
         self.curve.append({"step": self.step, "dev": round(score, 2) if scores else None,
                            "train_loss": None if recent is None else round(recent, 4)})
         if self.step == 0:
+            # Step 0 is the base model, unless the run starts from another adapter: then score without it.
             self.base = scores
+            if self.cfg.init_from is not None and self.dev:
+                with self.model.disable_adapter():
+                    self.base = _evaluate(self.model, self.tokenizer, self.task, self.dev)
         # Strictly better only: on a tie the earlier (less trained) checkpoint stays.
         if not self.best or score > self.best["score"]:
             self.best = {"step": self.step, "score": score, "lora": _lora_state(self.model), "scores": scores}
