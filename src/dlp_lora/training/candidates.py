@@ -24,6 +24,7 @@ from dlp_lora.config import AdapterTrainConfig, SplitConfig
 from dlp_lora.evaluation.examples import example_scores
 from dlp_lora.models import load_base_model
 from dlp_lora.tasks import get_task, load_splits
+from dlp_lora.training.gate import decided_examples
 
 __all__ = ["candidate_mixtures", "score_candidates"]
 
@@ -78,7 +79,7 @@ def score_candidates(root: str | Path, tasks: Sequence[str] | None = None, data_
             continue
         task = get_task(name)
         split = load_splits(task, data_dir, split_cfg)
-        where, examples = ("gate", split.gate) if split.gate else ("dev", split.dev[:dev_limit])
+        where, examples = decided_examples(split, dev_limit)
         dirs = _adapter_dirs(root, manifest, name)
         first, *rest = dirs
         peft_model = PeftModel.from_pretrained(model, str(dirs[first]), adapter_name=first)

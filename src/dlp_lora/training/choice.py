@@ -7,8 +7,8 @@ option: an option is eligible when its 95% paired bootstrap interval against the
 and, for multiple choice, its answers have not collapsed onto one option. Taken in order of how many
 adapters they use (the specialist, the generalist, then mixtures), an eligible option serves the class
 when it beats the base model or, if an earlier option already serves it, beats that option beyond noise
-too; with none eligible, the base model serves it. The choice is written to the manifest (`adapters`, `serve`) and to the
-class's record (`choice`, with every option's figures), which `dlp-lora tasks` shows.
+too; with none eligible, the base model serves it. The choice is written to the manifest (`adapters`,
+`serve`) and to the class's record (`choice`, with every option's figures), which `dlp-lora tasks` shows.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dlp_lora.config import AdapterTrainConfig, SplitConfig
 from dlp_lora.evaluation.examples import majority_share
 from dlp_lora.evaluation.stats import paired_difference
 from dlp_lora.tasks import get_task, load_splits
-from dlp_lora.training.gate import collapsed
+from dlp_lora.training.gate import collapsed, decided_examples, decided_split
 
 __all__ = ["serving_options", "choose_option", "apply_choices", "choice_table", "BASE"]
 
@@ -32,7 +32,7 @@ BASE = "base"
 def serving_options(task: str, record: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Option name -> {"mixture", "scores", "chosen"} on the gate (or dev) examples of `record`: the base
     model, the specialist (when it was trained) and every scored candidate (`record["candidates"]`)."""
-    split = "gate" if record.get("gate_scores") else "dev"
+    split = decided_split(record)
     base = record.get(f"base_{split}_scores") or []
     options = {BASE: {"mixture": {}, "scores": base, "chosen": []}}
     if record.get(f"{split}_scores"):
@@ -103,8 +103,7 @@ def apply_choices(root: str | Path, data_dir: str | Path | None = None, split_cf
         t = get_task(task)
         gold = None
         if t.kind == "mcq":
-            split = load_splits(t, data_dir, split_cfg)
-            decided_on = split.gate if record.get("gate_scores") else split.dev[:dev_limit]
+            _, decided_on = decided_examples(load_splits(t, data_dir, split_cfg), dev_limit)
             gold = [ex.gold_index for ex in decided_on]
         choice = choose_option(options, gold)
         record["choice"] = choice
@@ -141,7 +140,7 @@ def choice_table(manifest: Manifest) -> str:
         kinds = {"generalist": None, "mix": None}
         for name, cand in options.items():
             kinds["mix" if task in cand["mixture"] else "generalist"] = rows.get(name)
-        split = "gate" if manifest.records[task].get("gate_scores") else "dev"
+        split = decided_split(manifest.records[task])
         served = " + ".join(f"{n} x{w:g}" for n, w in choice["mixture"].items()) or "base model"
         lines.append(f"| {task} | {split}, n={choice['n']} | {_cell(rows[BASE])} | {_cell(rows.get(task))} | "
                      f"{_cell(kinds['generalist'])} | {_cell(kinds['mix'])} | **{served}** |")

@@ -15,8 +15,20 @@ from typing import Any, Sequence
 
 from dlp_lora.evaluation.examples import COLLAPSE_SHARE, majority_share
 from dlp_lora.evaluation.stats import paired_difference
+from dlp_lora.tasks import Example, Splits
 
-__all__ = ["deployment_gate", "collapsed", "gate_table", "COLLAPSE_SHARE"]
+__all__ = ["deployment_gate", "collapsed", "decided_split", "decided_examples", "gate_table", "COLLAPSE_SHARE"]
+
+
+def decided_split(record: dict[str, Any]) -> str:
+    """The split a task's gate decision is made on: `gate` when it was scored on its gate split, else `dev`."""
+    return "gate" if record.get("gate_scores") else "dev"
+
+
+def decided_examples(split: Splits, dev_limit: int) -> tuple[str, list[Example]]:
+    """(split name, examples) a task's gate decides on: its gate split, or its first `dev_limit` dev examples
+    where it has none."""
+    return ("gate", list(split.gate)) if split.gate else ("dev", list(split.dev[:dev_limit]))
 
 
 def collapsed(chosen: Sequence, gold: Sequence) -> bool:
@@ -32,7 +44,7 @@ def deployment_gate(record: dict[str, Any], gold: Sequence | None = None, level:
     was scored on its gate split (those are used then); gold: the gold option indices of the examples
     the decision is made on (multiple choice).
     """
-    split = "gate" if record.get("gate_scores") else "dev"
+    split = decided_split(record)
     adapter, base = record.get(f"{split}_scores") or [], record.get(f"base_{split}_scores") or []
     if not adapter or len(adapter) != len(base):
         return {"deployed": False, "reason": "no gate or dev split to compare on", "n": len(adapter)}

@@ -24,7 +24,7 @@ from dlp_lora.tasks.out_of_pool import NONE
 from dlp_lora.tasks.registry import TASKS
 from dlp_lora.tasks.router_prompts import task_classes
 from dlp_lora.training.adapters import STATE_FILE, planned_steps, train_adapter
-from dlp_lora.training.gate import deployment_gate
+from dlp_lora.training.gate import decided_examples, deployment_gate
 from dlp_lora.training.router_pool import train_pool_router, train_task_router
 
 __all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router", "gate_scores"]
@@ -85,7 +85,7 @@ def train_pool_adapters(
         else:
             record = manifest.records[name]
         record.update(gate_scores(model, tok, task, out, split.gate) if split.gate else {"gate_examples": 0})
-        decided_on = split.gate if record["gate_examples"] else split.dev[: train_cfg.dev_limit]
+        _, decided_on = decided_examples(split, train_cfg.dev_limit)
         gold = [ex.gold_index for ex in decided_on] if task.kind == "mcq" else None
         record["gate"] = deployment_gate(record, gold)
         record["splits"] = {"train": len(split.train), "dev": len(split.dev), "test": len(split.test),
