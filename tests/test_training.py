@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from conftest import tiny_vocab_model
 from dlp_lora import FusedLoRAModel
 from dlp_lora.assets import Manifest
-from dlp_lora.chat import chat_prompt
+from dlp_lora.chat import RAW_LAYOUTS, chat_prompt, raw_prompt
 from dlp_lora.config import AdapterTrainConfig, SplitConfig
 from dlp_lora.models import EMBEDDED_MODEL_ID, load_tokenizer
 from dlp_lora.tasks import Example, Task
@@ -90,6 +90,26 @@ def test_encode_truncates_the_prompt_head_not_the_answer(tok):
     assert ids[: 32 - len(answer)].tolist() == full_prompt[-(32 - len(answer)):]
     assert "sky?" in tok.decode(ids[: 32 - len(answer)]) and "SmolLM" not in tok.decode(ids)
     assert not encode_examples(tok, _examples(1), max_length=256)[0].truncated
+
+
+def test_encode_writes_each_example_once_per_format(tok):
+    """'raw' rows are a raw-completion layout + " answer\n" + EOS (what /v1/completions clients send and
+    stop at); the chat rows are unchanged and come first."""
+    examples = _examples(6)
+    chat_only = encode_examples(tok, examples, max_length=256)
+    both = encode_examples(tok, examples, max_length=256, formats=("chat", "raw"), seed=1)
+    assert len(both) == 12 and both[:6] == chat_only
+    layouts = set()
+    for ex, row in zip(examples, both[6:]):
+        prompt, answer = tok.decode(row.ids[: row.n_prompt]), tok.decode(row.ids[row.n_prompt:])
+        assert answer == " " + ex.answer + "\n" + tok.eos_token
+        layouts.add(next(i for i in range(len(RAW_LAYOUTS)) if prompt == raw_prompt(ex.prompt, i)))
+        assert "<|im_start|>" not in prompt
+    assert len(layouts) > 1  # layouts are drawn per example
+    with pytest.raises(ValueError, match="unknown training format 'json'"):
+        encode_examples(tok, examples, max_length=256, formats=("json",))
+    with pytest.raises(ValueError, match="formats must be distinct names"):
+        AdapterTrainConfig(formats=("chat", "chat"))
 
 
 def test_encode_caps_an_overlong_answer_at_half_the_length(tok):

@@ -9,12 +9,23 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["chat_prompt", "conversation_prompt", "encode_prompts", "left_pad"]
+__all__ = ["RAW_LAYOUTS", "chat_prompt", "conversation_prompt", "encode_prompts", "left_pad", "raw_prompt"]
+
+# How evaluation tools write a prompt for a raw completion (no chat template): lm-evaluation-harness's
+# TruthfulQA/BIG-Bench Hard ("Q: ...\nA:"), ARC/OpenBookQA ("Question: ...\nAnswer:") and MMLU/BoolQ
+# ("...\nAnswer:") layouts. An adapter trained on these (AdapterTrainConfig.formats) answers such prompts
+# after a space and ends its answer with a newline, where those tools stop.
+RAW_LAYOUTS = ("Q: {}\nA:", "Question: {}\nAnswer:", "{}\nAnswer:")
 
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, user_text: str) -> str:
     """The chat-template string for one user turn, ending where the assistant's answer begins."""
     return conversation_prompt(tokenizer, [{"role": "user", "content": user_text}])
+
+
+def raw_prompt(user_text: str, layout: int = 0) -> str:
+    """The user's text in one of `RAW_LAYOUTS`, for a raw completion: the answer follows after a space."""
+    return RAW_LAYOUTS[layout].format(user_text.strip())
 
 
 def conversation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],

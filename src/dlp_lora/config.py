@@ -318,6 +318,10 @@ class AdapterTrainConfig:
     init_from: str | None = None
     """A PEFT LoRA directory whose weights start the run instead of a fresh LoRA (e.g. the `multitask`
     generalist: the specialist continues from it); its rank, alpha, dropout and targets replace the above."""
+    formats: tuple[str, ...] = ("chat",)
+    """How each training example is written, once per format: "chat" (the chat template, what chat
+    endpoints send) and "raw" (a raw completion in an evaluation tool's `Q:`/`Answer:` layout, what
+    `/v1/completions` clients send). Dev checkpoints are chosen on the chat format."""
 
     def __post_init__(self) -> None:
         _check(self.r >= 1, f"r must be >= 1, got {self.r}")
@@ -332,6 +336,9 @@ class AdapterTrainConfig:
         _check(self.eval_every >= 1 and self.patience >= 1, "eval_every and patience must be >= 1")
         _check(self.dev_limit >= 1, f"dev_limit must be >= 1, got {self.dev_limit}")
         _check(self.max_length >= 16, f"max_length must be >= 16, got {self.max_length}")
+        _check(len(self.formats) >= 1 and len(set(self.formats)) == len(self.formats)
+               and set(self.formats) <= {"chat", "raw"},
+               f"formats must be distinct names among 'chat' and 'raw', got {self.formats}")
 
 
 @dataclass(frozen=True)

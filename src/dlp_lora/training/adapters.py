@@ -128,9 +128,9 @@ class _Run:
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: Task, train: list[Example],
                  dev: list[Example], cfg: AdapterTrainConfig, ckpt: Path | None) -> None:
         self.model, self.tokenizer, self.task, self.dev, self.cfg, self.ckpt = model, tokenizer, task, dev, cfg, ckpt
-        self.rows = encode_examples(tokenizer, train, cfg.max_length)
-        self.total = planned_steps(len(train), cfg)
-        epochs = math.ceil(self.total * cfg.batch_size / len(train))
+        self.rows = encode_examples(tokenizer, train, cfg.max_length, cfg.formats, cfg.seed)
+        self.total = planned_steps(len(self.rows), cfg)
+        epochs = math.ceil(self.total * cfg.batch_size / len(self.rows))
         self.batches = bucketed_batches([len(r.ids) for r in self.rows], cfg.batch_size, cfg.seed, epochs)[: self.total]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0)
@@ -243,7 +243,7 @@ class _Run:
         tail = self.losses[-5:]
         return {
             "task": self.task.name, "kind": self.task.kind, "source": self.task.source,
-            "train_examples": len(self.rows), "truncated_examples": sum(r.truncated for r in self.rows),
+            "train_examples": len(self.rows) // len(cfg.formats), "truncated_examples": sum(r.truncated for r in self.rows),
             "dev_examples_scored": len(self.dev), "steps": self.step, "planned_steps": self.total,
             "best_step": best["step"], "stopped_early": self.stopped_early, **asdict(cfg),
             "target_modules": list(cfg.target_modules),

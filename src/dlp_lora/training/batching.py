@@ -1,6 +1,7 @@
 """Training examples as token ids, explicitly truncated, in length-bucketed batches (little padding).
 
-An example is the chat prompt followed by the answer and EOS; the loss reads the answer tokens only.
+An example is the chat prompt followed by the answer and EOS; the loss reads the answer tokens only. Written
+as a raw completion instead, it is the prompt in one of `chat.RAW_LAYOUTS` followed by " answer\n" and EOS.
 Over-long examples keep the whole answer (up to half the budget) and lose the head of the prompt: the
 question and the answer instruction sit at its end, the head is context (a SQuAD passage, a story).
 """
@@ -14,7 +15,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from dlp_lora.chat import chat_prompt
+from dlp_lora.chat import RAW_LAYOUTS, chat_prompt, raw_prompt
 from dlp_lora.tasks import Example
 
 __all__ = ["Encoded", "encode_examples", "bucketed_batches", "collate"]
@@ -29,15 +30,27 @@ class Encoded:
     truncated: bool
 
 
-def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int) -> list[Encoded]:
-    """Token ids of each example's chat prompt + answer + EOS, at most max_length tokens each."""
+def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
+                    formats: Sequence[str] = ("chat",), seed: int = 0) -> list[Encoded]:
+    """Token ids of each example once per format, at most max_length tokens each: "chat" is the chat prompt +
+    answer + EOS; "raw" is the prompt in a raw layout (drawn per example with `seed`) + " answer\n" + EOS.
+    Rows come format by format, each in the order of `examples`."""
     out = []
     eos = tokenizer.eos_token or ""
-    for ex in examples:
-        prompt = tokenizer(chat_prompt(tokenizer, ex.prompt), add_special_tokens=False)["input_ids"]
-        answer = tokenizer(ex.answer + eos, add_special_tokens=False)["input_ids"][: max_length // 2]
-        keep = max_length - len(answer)
-        out.append(Encoded(tuple(prompt[-keep:] + answer), min(len(prompt), keep), len(prompt) > keep))
+    rng = random.Random(seed)
+    for fmt in formats:
+        for ex in examples:
+            if fmt == "chat":
+                prompt_text, answer_text = chat_prompt(tokenizer, ex.prompt), ex.answer + eos
+            elif fmt == "raw":
+                prompt_text = raw_prompt(ex.prompt, rng.randrange(len(RAW_LAYOUTS)))
+                answer_text = " " + ex.answer.strip() + "\n" + eos
+            else:
+                raise ValueError(f"unknown training format {fmt!r}; expected 'chat' or 'raw'")
+            prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+            answer = tokenizer(answer_text, add_special_tokens=False)["input_ids"][: max_length // 2]
+            keep = max_length - len(answer)
+            out.append(Encoded(tuple(prompt[-keep:] + answer), min(len(prompt), keep), len(prompt) > keep))
     return out
 
 

@@ -69,7 +69,7 @@ def train_pool_adapters(
     splits = {t.name: load_splits(t, data_dir, split_cfg) for t in todo}
     # Trained already (a record and the weights), a task only needs its gate; otherwise it is (re)trained.
     train = [t.name for t in todo if t.name not in manifest.records or not _weights(root, t.name).exists()]
-    total = sum(planned_steps(len(splits[n].train), train_cfg) for n in train)
+    total = sum(planned_steps(len(splits[n].train) * len(train_cfg.formats), train_cfg) for n in train)
     deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
     pool_bar = tqdm(total=total, desc="all tasks (steps)", disable=not progress, dynamic_ncols=True, position=1)
     for task in todo:
