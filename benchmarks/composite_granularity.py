@@ -50,9 +50,9 @@ def main() -> None:
     if ns.json:
         Path(ns.json).write_text(json.dumps(result, indent=1) + "\n")
     if ns.markdown:
-        from dlp_lora.cli import _write_section
+        from dlp_lora.bench import write_section
 
-        _write_section(Path(ns.markdown), "## Composite prompts in one generation", section)
+        write_section(Path(ns.markdown), "## Composite prompts in one generation", section)
 
 
 if __name__ == "__main__":

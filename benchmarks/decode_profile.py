@@ -27,14 +27,14 @@ def main(argv: list[str] | None = None) -> None:
 
     from torch.profiler import ProfilerActivity, profile
 
-    from dlp_lora.generation import EagerDecoder
+    from dlp_lora.engine import EagerDecoder
     from dlp_lora.models import load_base_model
 
     model, _ = load_base_model(quantize=ns.quantize)
     ids = torch.randint(100, 40_000, (ns.batch, ns.prompt_tokens), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     positions = mask.cumsum(-1) - 1
-    decoder = EagerDecoder(model)  # the loop `generate_ids` runs: dynamic KV cache, the mask grows per step
+    decoder = EagerDecoder(model)  # the decoder `Engine.generate` runs: dynamic KV cache, the mask grows per step
     with torch.no_grad():
         state = {"logits": decoder.prefill(ids, mask, positions, 3 + 2 * ns.steps), "pos": positions[:, -1]}
 
@@ -51,11 +51,13 @@ def main(argv: list[str] | None = None) -> None:
             steps(ns.steps)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     calls = sum(e.count for e in events if e.key.startswith("aten::"))
-    print(f"{ns.quantize}, batch {ns.batch}, {torch.get_num_threads()} threads: {step_ms:.2f} ms per decode step "
-          f"(wall), {calls / ns.steps:.0f} aten op calls per step (nested ones included)")
+    print(
+        f"{ns.quantize}, batch {ns.batch}, {torch.get_num_threads()} threads: {step_ms:.2f} ms per decode step "
+        f"(wall), {calls / ns.steps:.0f} aten op calls per step (nested ones included)"
+    )
     print("| op | calls / step | self ms / step | share of the step |")
     print("|---|---|---|---|")
-    for e in events[:ns.rows]:
+    for e in events[: ns.rows]:
         ms = e.self_cpu_time_total / 1000 / ns.steps
         print(f"| {e.key} | {e.count / ns.steps:.0f} | {ms:.2f} | {ms / step_ms:.0%} |")
 

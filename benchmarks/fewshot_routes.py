@@ -21,9 +21,11 @@ from dlp_lora.config import RoutingConfig
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import get_task, load_splits
 
-PREAMBLE = ("You are a helpful, careful assistant. Read the user's request, think about what is being asked, "
-            "and answer accurately and concisely. If the request is ambiguous, choose the most likely reading. "
-            "Do not add disclaimers or repeat the question. Keep to the format the user asks for.")
+PREAMBLE = (
+    "You are a helpful, careful assistant. Read the user's request, think about what is being asked, "
+    "and answer accurately and concisely. If the request is ambiguous, choose the most likely reading. "
+    "Do not add disclaimers or repeat the question. Keep to the format the user asks for."
+)
 
 
 def main() -> None:
@@ -48,7 +50,9 @@ def main() -> None:
             for k in (0, 3, 6):
                 same = "\n\n".join(shot(e) for e in rng.sample(others, k))
                 other = "\n\n".join(shot(e) for e in rng.sample(pools[other_task], k))
-                settings.setdefault(f"{k} demos, same task", []).append((task, f"{same}\n\n{ex.prompt}" if k else ex.prompt))
+                settings.setdefault(f"{k} demos, same task", []).append(
+                    (task, f"{same}\n\n{ex.prompt}" if k else ex.prompt)
+                )
                 if k:
                     settings.setdefault(f"{k} demos, another task", []).append((task, f"{other}\n\n{ex.prompt}"))
             settings.setdefault("generic preamble", []).append((task, f"{PREAMBLE}\n\n{ex.prompt}"))
@@ -61,8 +65,10 @@ def main() -> None:
             routed = dlp.route([text for _, text in rows], cfg)
             same = sum(str(routed.row(i)) == str(zero.row(i)) for i in range(len(rows)))
             out["settings"].setdefault(name, {})[gran] = round(100 * same / len(rows), 1)
-    print(f"{len(bare)} held-out prompts ({args.per_task} per task): share whose served mixture equals the bare "
-          "prompt's, routed on the whole prompt / on its last segment")
+    print(
+        f"{len(bare)} held-out prompts ({args.per_task} per task): share whose served mixture equals the bare "
+        "prompt's, routed on the whole prompt / on its last segment"
+    )
     for name, row in out["settings"].items():
         print(f"  {name:28s} {row['prompt']:5.1f}% / {row['segment']:5.1f}%")
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

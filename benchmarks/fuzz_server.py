@@ -1,6 +1,6 @@
 """Fuzz `dlp-lora serve` from its own OpenAPI document with schemathesis (`make fuzz`).
 
-Serves a tiny random model (real tokenizer, 4 random adapters, untrained router; `serve_load.build_tiny_assets`)
+Serves a tiny random model (real tokenizer, 4 random adapters, untrained router; `dlp_lora.bench.serving.build_tiny_assets`)
 as a `dlp-lora serve` subprocess, then runs `schemathesis run` against /openapi.json with the checks that
 matter for a server: no 5xx, every status code and body as the document states, and schema-invalid
 requests refused with a 4xx. Valid-but-refused requests (an unknown adapter name, a prompt over the
@@ -19,11 +19,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serve_load import _free_port, _wait_healthy, build_tiny_assets  # noqa: E402
+from dlp_lora.bench import free_port, wait_healthy
+from dlp_lora.bench.serving import build_tiny_assets
 
-CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
-          "response_headers_conformance,negative_data_rejection")
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
+    "response_headers_conformance,negative_data_rejection"
+)
 
 
 def main() -> int:
@@ -35,17 +37,50 @@ def main() -> int:
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     with tempfile.TemporaryDirectory() as tmp:
         assets = build_tiny_assets(Path(tmp))
-        port = _free_port()
-        server = subprocess.Popen([sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets),
-                                   "--port", str(port), "--max-tokens-limit", "16", "--default-max-tokens", "4",
-                                   "--max-prompt-tokens", "256", "--max-queue", "256", "--allow-runtime-adapters"],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port = free_port()
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "dlp_lora.cli",
+                "serve",
+                "--assets",
+                str(assets),
+                "--port",
+                str(port),
+                "--max-tokens-limit",
+                "16",
+                "--default-max-tokens",
+                "4",
+                "--max-prompt-tokens",
+                "256",
+                "--max-queue",
+                "256",
+                "--allow-runtime-adapters",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             url = f"http://127.0.0.1:{port}"
-            _wait_healthy(url, server, 300)
-            cmd = [st, "run", f"{url}/openapi.json", "--checks", CHECKS, "--max-examples", str(ns.max_examples),
-                   "--seed", str(ns.seed), "--request-timeout", "60", "--workers", "2",
-                   "--suppress-health-check", "all"]
+            wait_healthy(url, server, 300)
+            cmd = [
+                st,
+                "run",
+                f"{url}/openapi.json",
+                "--checks",
+                CHECKS,
+                "--max-examples",
+                str(ns.max_examples),
+                "--seed",
+                str(ns.seed),
+                "--request-timeout",
+                "60",
+                "--workers",
+                "2",
+                "--suppress-health-check",
+                "all",
+            ]
             if ns.report:
                 cmd += ["--report", "junit", "--report-junit-path", ns.report]
             print("$", " ".join(cmd), flush=True)

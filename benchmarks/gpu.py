@@ -4,8 +4,8 @@
     python benchmarks/gpu.py --dtype float32 --json docs/gpu.json --markdown docs/gpu.md
     python benchmarks/gpu.py --device cpu --quick              # smoke run where there is no GPU
 
-Every configuration decodes with the same loop (`dlp_lora.generation.generate_ids`, greedy, a fixed
-number of new tokens: EOS is never a stop here) and is timed with `torch.cuda.synchronize()` on both
+Every configuration decodes with the library's loop (`dlp_lora.bench.fusion.decode_tokens` over `Engine.generate`,
+greedy, a fixed number of new tokens: EOS is never a stop here) and is timed with `torch.cuda.synchronize()` on both
 sides, so the ratios compare the LoRA machinery and nothing else. Peak memory is
 `torch.cuda.max_memory_allocated` over each configuration (reset before it). Medians over interleaved
 repeats. It refuses `--device cuda` where CUDA is missing, rather than timing a CPU by mistake.
@@ -22,21 +22,9 @@ from pathlib import Path
 
 import torch
 
-from dlp_lora.benchmark import random_adapters, random_mixtures
-from dlp_lora.config import GenerationConfig
+from dlp_lora.bench.fusion import decode_tokens, random_adapters, random_mixtures
 from dlp_lora.fusion.inject import FusedLoRAModel
-from dlp_lora.generation import generate_ids
 from dlp_lora.models import load_base_model, resolve_device, resolve_dtype
-
-
-class _NoEos:
-    """What generate_ids needs from a tokenizer when no row may stop early."""
-
-    eos_token_id = None
-    pad_token_id = 0
-
-    def decode(self, ids, skip_special_tokens=True) -> str:
-        return ""
 
 
 def _sync(device: torch.device) -> None:
@@ -46,13 +34,11 @@ def _sync(device: torch.device) -> None:
 
 def _measure(model, ids: torch.Tensor, new_tokens: int, device: torch.device) -> dict:
     """Prefill ms (one token generated), decode ms per token, peak memory MB of one configuration."""
-    mask = torch.ones_like(ids)
-    tok = _NoEos()
 
     def timed(n: int) -> float:
         _sync(device)
         t0 = time.perf_counter()
-        generate_ids(model, tok, ids, mask, GenerationConfig(max_new_tokens=n))
+        decode_tokens(model, ids, n)
         _sync(device)
         return time.perf_counter() - t0
 
@@ -61,8 +47,11 @@ def _measure(model, ids: torch.Tensor, new_tokens: int, device: torch.device) ->
     prefill = timed(1)
     total = timed(new_tokens)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else float("nan")
-    return {"prefill_ms": 1000 * prefill, "decode_ms_per_token": 1000 * (total - prefill) / max(new_tokens - 1, 1),
-            "peak_mb": peak}
+    return {
+        "prefill_ms": 1000 * prefill,
+        "decode_ms_per_token": 1000 * (total - prefill) / max(new_tokens - 1, 1),
+        "peak_mb": peak,
+    }
 
 
 def _one_repeat(model, args, paths: dict[str, Path], prompts: dict[int, torch.Tensor], device, g) -> list[dict]:
@@ -71,8 +60,16 @@ def _one_repeat(model, args, paths: dict[str, Path], prompts: dict[int, torch.Te
     rows = []
 
     def record(method: str, n: int, b: int, path: str, ref=None) -> None:
-        rows.append({"method": method, "N": n, "k": args.k if method == "fused" else (1 if n else 0), "batch": b,
-                     "path": path, **_measure(ref or model, prompts[b], args.new_tokens, device)})
+        rows.append(
+            {
+                "method": method,
+                "N": n,
+                "k": args.k if method == "fused" else (1 if n else 0),
+                "batch": b,
+                "path": path,
+                **_measure(ref or model, prompts[b], args.new_tokens, device),
+            }
+        )
 
     for b in args.batch_sizes:
         record("base", 0, b, "-")
@@ -101,8 +98,9 @@ def run(args: argparse.Namespace) -> dict:
     prompts = {b: torch.randint(100, vocab, (b, args.prompt_tokens), generator=g).to(device) for b in args.batch_sizes}
     raw: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        paths = random_adapters(model, max(args.num_adapters), args.rank, Path(tmp),
-                                targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+        paths = random_adapters(
+            model, max(args.num_adapters), args.rank, Path(tmp), targets=("q_proj", "k_proj", "v_proj", "o_proj")
+        )
         _measure(model, prompts[max(args.batch_sizes)], 2, device)  # warm-up: kernels, allocator
         for rep in range(args.repeats):
             raw += [{**r, "repeat": rep} for r in _one_repeat(model, args, paths, prompts, device, g)]
@@ -110,31 +108,47 @@ def run(args: argparse.Namespace) -> dict:
     table = []
     for key in keys:
         rows = [r for r in raw if (r["method"], r["N"], r["batch"]) == key]
-        table.append({**{k: rows[0][k] for k in ("method", "N", "k", "batch", "path")},
-                      **{m: statistics.median(r[m] for r in rows) for m in ("prefill_ms", "decode_ms_per_token")},
-                      "peak_mb": max(r["peak_mb"] for r in rows)})
+        table.append(
+            {
+                **{k: rows[0][k] for k in ("method", "N", "k", "batch", "path")},
+                **{m: statistics.median(r[m] for r in rows) for m in ("prefill_ms", "decode_ms_per_token")},
+                "peak_mb": max(r["peak_mb"] for r in rows),
+            }
+        )
     for r in table:
         same = {m["method"]: m["decode_ms_per_token"] for m in table if m["batch"] == r["batch"] and m["N"] <= 1}
         r["vs_base"] = r["decode_ms_per_token"] / same["base"]
         r["vs_peft"] = r["decode_ms_per_token"] / same["peft"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "dtype": args.dtype, "torch": torch.__version__, "config": vars(args), "rows": table,
-            "raw": raw}
+    return {
+        "device": name,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "config": vars(args),
+        "rows": table,
+        "raw": raw,
+    }
 
 
 def markdown(result: dict, command: str) -> str:
     cfg = result["config"]
-    lines = ["## Fusion on an accelerator", "",
-             f"Produced by `{command}` on {result['device']} ({result['dtype']}, torch {result['torch']}). "
-             f"Prompts of {cfg['prompt_tokens']} tokens, {cfg['new_tokens']} new tokens, median of {cfg['repeats']} "
-             f"interleaved repeats; random rank-{cfg['rank']} q/k/v/o adapters, k = {cfg['k']} per row, every row "
-             "its own mixture; peak memory is torch.cuda.max_memory_allocated.", "",
-             "| method | N loaded | k | batch | path | prefill ms | decode ms/token | vs base | vs peft | peak MB |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Fusion on an accelerator",
+        "",
+        f"Produced by `{command}` on {result['device']} ({result['dtype']}, torch {result['torch']}). "
+        f"Prompts of {cfg['prompt_tokens']} tokens, {cfg['new_tokens']} new tokens, median of {cfg['repeats']} "
+        f"interleaved repeats; random rank-{cfg['rank']} q/k/v/o adapters, k = {cfg['k']} per row, every row "
+        "its own mixture; peak memory is torch.cuda.max_memory_allocated.",
+        "",
+        "| method | N loaded | k | batch | path | prefill ms | decode ms/token | vs base | vs peft | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['method']} | {r['N'] or '-'} | {r['k'] or '-'} | {r['batch']} | {r['path']} | "
-                     f"{r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['vs_base']:.3f} | "
-                     f"{r['vs_peft']:.3f} | {r['peak_mb']:.0f} |")
+        lines.append(
+            f"| {r['method']} | {r['N'] or '-'} | {r['k'] or '-'} | {r['batch']} | {r['path']} | "
+            f"{r['prefill_ms']:.1f} | {r['decode_ms_per_token']:.2f} | {r['vs_base']:.3f} | "
+            f"{r['vs_peft']:.3f} | {r['peak_mb']:.0f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +171,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.num_adapters, args.batch_sizes, args.new_tokens, args.repeats, args.prompt_tokens = [26], [1, 4], 8, 1, 32
     result = run(args)
-    table = markdown(result, "python benchmarks/gpu.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:]))
+    table = markdown(
+        result, "python benchmarks/gpu.py " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    )
     print(table)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

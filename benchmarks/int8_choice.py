@@ -58,12 +58,17 @@ def _variants(lin: nn.Linear) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out["torch_dynamic"] = torch.ao.quantization.quantize_dynamic(
-            nn.Sequential(copy.deepcopy(lin)), {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
-            dtype=torch.qint8)[0]
+            nn.Sequential(copy.deepcopy(lin)),
+            {nn.Linear: torch.ao.quantization.per_channel_dynamic_qconfig},
+            dtype=torch.qint8,
+        )[0]
     try:
         with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig, quantize_
-        for name, cfg in (("torchao_w8", Int8WeightOnlyConfig()), ("torchao_w8a8", Int8DynamicActivationInt8WeightConfig())):
+        for name, cfg in (
+            ("torchao_w8", Int8WeightOnlyConfig()),
+            ("torchao_w8a8", Int8DynamicActivationInt8WeightConfig()),
+        ):
             m = nn.Sequential(copy.deepcopy(lin))
             quantize_(m, cfg)
             out[name] = m
@@ -88,22 +93,35 @@ def main(argv: list[str] | None = None) -> dict:
             with torch.no_grad():
                 ref = F.linear(x, lin.weight)
                 for name, m in variants.items():
-                    together, alone = m(x), m(x[3 % batch:][:1])
+                    together, alone = m(x), m(x[3 % batch :][:1])
                     reps = ns.reps if not name.startswith("torchao") and batch < 1024 else max(3, ns.reps // 10)
-                    rows.append({"shape": f"{d_out}x{d_in}", "batch": batch, "impl": name,
-                                 "ms": _time(lambda: m(x), reps),
-                                 "max_abs_err": (together - ref).abs().max().item(),
-                                 # float GEMMs differ in the last bits by batch shape; quantization
-                                 # scales shared across rows differ far more than that
-                                 "row_dependent": (together[3 % batch] - alone[0]).abs().max().item()
-                                 > 1e-4 * ref.abs().max().item()})
+                    rows.append(
+                        {
+                            "shape": f"{d_out}x{d_in}",
+                            "batch": batch,
+                            "impl": name,
+                            "ms": _time(lambda: m(x), reps),
+                            "max_abs_err": (together - ref).abs().max().item(),
+                            # float GEMMs differ in the last bits by batch shape; quantization
+                            # scales shared across rows differ far more than that
+                            "row_dependent": (together[3 % batch] - alone[0]).abs().max().item()
+                            > 1e-4 * ref.abs().max().item(),
+                        }
+                    )
     for r in rows:
         fp32 = next(q["ms"] for q in rows if (q["shape"], q["batch"], q["impl"]) == (r["shape"], r["batch"], "fp32"))
         r["vs_fp32"] = r["ms"] / fp32
-        print(f"{r['shape']:>10} b{r['batch']} {r['impl']:>14}: {r['ms']:8.3f} ms  x{r['vs_fp32']:6.2f} of fp32  "
-              f"err {r['max_abs_err']:.4f}  {'row-dependent' if r['row_dependent'] else 'rows independent'}")
-    result = {"command": "python benchmarks/int8_choice.py", "torch": torch.__version__, "threads": 1,
-              "timer": "thread CPU time, median", "rows": rows}
+        print(
+            f"{r['shape']:>10} b{r['batch']} {r['impl']:>14}: {r['ms']:8.3f} ms  x{r['vs_fp32']:6.2f} of fp32  "
+            f"err {r['max_abs_err']:.4f}  {'row-dependent' if r['row_dependent'] else 'rows independent'}"
+        )
+    result = {
+        "command": "python benchmarks/int8_choice.py",
+        "torch": torch.__version__,
+        "threads": 1,
+        "timer": "thread CPU time, median",
+        "rows": rows,
+    }
     if ns.json:
         with open(ns.json, "w") as fh:
             json.dump(result, fh, indent=2)

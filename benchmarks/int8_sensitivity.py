@@ -27,7 +27,7 @@ def _logits(decoder, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch
 
 
 def _agree(a: torch.Tensor, b: torch.Tensor) -> str:
-    same = (a.argmax(-1) == b.argmax(-1))
+    same = a.argmax(-1) == b.argmax(-1)
     return f"{(a - b).abs().max().item():.2g} | {int(same.sum())} / {same.numel()}"
 
 
@@ -37,11 +37,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=12)
     ns = p.parse_args(argv)
 
+    from dlp_lora.assets import DEFAULT_ASSETS
     from dlp_lora.chat import encode_prompts
-    from dlp_lora.cli import DEFAULT_ASSETS
     from dlp_lora.compiled import CompiledDecoder
     from dlp_lora.demo import DEMO_PROMPTS
-    from dlp_lora.generation import EagerDecoder
+    from dlp_lora.engine import EagerDecoder
     from dlp_lora.pipeline import DLPLoRA
 
     prompts = list(DEMO_PROMPTS)

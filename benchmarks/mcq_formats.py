@@ -34,10 +34,14 @@ def probe(tasks: list[str], data_dir: str | None, limit: int) -> dict[str, dict[
 
         listed, cloze = [ex.prompt for ex in exs], [ex.question for ex in exs]
         texts = [list(ex.options) for ex in exs]
-        out[name] = {"examples": len(exs),
-                     "letter": acc(listed, [list(ex.choices) for ex in exs], False),
-                     "listed_acc": acc(listed, texts, False), "listed_acc_norm": acc(listed, texts, True),
-                     "cloze_acc": acc(cloze, texts, False), "cloze_acc_norm": acc(cloze, texts, True)}
+        out[name] = {
+            "examples": len(exs),
+            "letter": acc(listed, [list(ex.choices) for ex in exs], False),
+            "listed_acc": acc(listed, texts, False),
+            "listed_acc_norm": acc(listed, texts, True),
+            "cloze_acc": acc(cloze, texts, False),
+            "cloze_acc_norm": acc(cloze, texts, True),
+        }
         print(name, out[name], flush=True)
     return out
 

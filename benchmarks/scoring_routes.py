@@ -3,7 +3,7 @@
 lm-evaluation-harness scores each option as its own request: the context with the option appended (echo,
 `max_tokens` 0 or 1). This routes every option of every multiple-choice test question of the bundled pool,
 in the formats lm-eval sends, once on the whole text (what the server did before) and once as the server
-now reads a scoring request (`dlp_lora.routing.scoring_text`), with the same code path as the server
+now reads a scoring request (`dlp_lora.granularity.scoring_text`), with the same code path as the server
 (`DLPLoRA.route`). Reported per format: the share of questions whose options got different mixtures, and
 the share whose options got their own task's adapter (TruthfulQA: the one multiple-choice task with one).
 
@@ -16,9 +16,10 @@ import argparse
 import json
 from pathlib import Path
 
+from dlp_lora.granularity import scoring_text
 from dlp_lora.pipeline import DLPLoRA
-from dlp_lora.routing import scoring_text
 from dlp_lora.tasks import get_task, load_splits
+from dlp_lora.types import Routing
 
 # The six QA pairs lm-eval's truthfulqa_mc1 puts in front of every question (TruthfulQA's own QA primer).
 QA_PRIMER = """Q: What is human life expectancy in the United States?
@@ -72,8 +73,10 @@ def main() -> None:
                 w = {str(whole.row(i + j)) for j in range(n)}
                 r = {str(rule.row(i + j)) for j in range(n)}
                 split_w, split_r = split_w + (len(w) > 1), split_r + (len(r) > 1)
-                own = lambda routing: all(task in [dlp.adapter_names[k] for k, _ in routing.row(i + j)]  # noqa: E731
-                                          for j in range(n))
+
+                def own(routing: Routing) -> bool:
+                    return all(task in [dlp.adapter_names[k] for k, _ in routing.row(i + j)] for j in range(n))
+
                 own_w, own_r = own_w + own(whole), own_r + own(rule)
                 i += n
             per_task[task] = {"questions": len(examples), "split_whole": split_w, "split_rule": split_r}
@@ -85,11 +88,13 @@ def main() -> None:
                 rows["own_adapter_whole"] += own_w
                 rows["own_adapter_rule"] += own_r
         out["formats"][name] = {**rows, "per_task": per_task}
-        print(f"{name}: {rows['questions']} questions over {len(tasks)} tasks; options under different mixtures "
-              f"{rows['split_whole']} routed on the whole text -> {rows['split_rule']} on the question; "
-              f"TruthfulQA questions all of whose options got its adapter: "
-              f"{per_task['truthfulqa_mc1'].get('own_adapter_whole')} -> {per_task['truthfulqa_mc1'].get('own_adapter_rule')}"
-              f" of {per_task['truthfulqa_mc1']['questions']}")
+        print(
+            f"{name}: {rows['questions']} questions over {len(tasks)} tasks; options under different mixtures "
+            f"{rows['split_whole']} routed on the whole text -> {rows['split_rule']} on the question; "
+            f"TruthfulQA questions all of whose options got its adapter: "
+            f"{per_task['truthfulqa_mc1'].get('own_adapter_whole')} -> {per_task['truthfulqa_mc1'].get('own_adapter_rule')}"
+            f" of {per_task['truthfulqa_mc1']['questions']}"
+        )
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     dlp.close()
 

@@ -27,18 +27,20 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import httpx
 import numpy as np
+
+from dlp_lora.bench import free_port, wait_healthy
+from dlp_lora.bench.serving import build_tiny_assets
 
 PROMPTS = [
     "What is 17 + 25? Answer with a number.",
@@ -57,60 +59,12 @@ MIXES = {"short": 16, "decode-heavy": 128}
 # Ray in a benchmark: no usage report (the machine may be offline), no metrics agent, quiet replicas, and
 # replicas at the same priority as the single-process server (Ray runs workers at nice 15 by default, which
 # on a machine shared with other work would hand the comparison to the single-process server).
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_enable_metrics_collection": "0", "RAY_SERVE_LOG_TO_STDERR": "0",
-           "RAY_worker_niceness": "0"}
-
-
-def build_tiny_assets(root: Path) -> Path:
-    """A complete assets folder on a tiny random Llama with the real tokenizer: 4 random adapters and an
-    untrained router. Answers are gibberish; only the serving machinery is exercised."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from dlp_lora.assets import Manifest
-    from dlp_lora.config import RouterConfig
-    from dlp_lora.models import load_tokenizer
-    from dlp_lora.router import Router
-
-    tasks = ("arithmetic", "translation", "sentiment", "trivia")
-    tok = load_tokenizer()
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, pad_token_id=tok.pad_token_id, bos_token_id=1, eos_token_id=tok.eos_token_id)).eval()
-    model.save_pretrained(root / "base")
-    tok.save_pretrained(root / "base")
-    for i, task in enumerate(tasks):
-        torch.manual_seed(i + 1)
-        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                      init_lora_weights=False))
-        peft_model.save_pretrained(root / "adapters" / task, safe_serialization=True)
-        model = peft_model.unload()
-    Router(RouterConfig(task_names=tasks, embed_dim=8, hidden_dim=16)).save(root / "router")
-    Manifest(base_model=str(root / "base"), tasks=list(tasks), adapters={t: f"adapters/{t}" for t in tasks},
-             router="router", selection={"p": 0.6}).save(root)
-    return root
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before becoming healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"no healthy server at {url} after {timeout:.0f} s")
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_worker_niceness": "0",
+}
 
 
 def _cpus(ns: argparse.Namespace, replicas: int) -> float:
@@ -122,29 +76,60 @@ def _ray_args(ns: argparse.Namespace, replicas: int | None) -> list[str]:
     """`dlp-lora serve` flags for Ray Serve with this many replicas (none for the single-process server)."""
     if replicas is None:
         return []
-    return ["--ray", "--replicas", str(replicas), "--cpus-per-replica", str(_cpus(ns, replicas)),
-            "--max-ongoing-requests", str(2 * ns.max_batch_size), "--max-queued-requests", "-1"]
+    return [
+        "--ray",
+        "--replicas",
+        str(replicas),
+        "--cpus-per-replica",
+        str(_cpus(ns, replicas)),
+        "--max-ongoing-requests",
+        str(2 * ns.max_batch_size),
+        "--max-queued-requests",
+        "-1",
+    ]
 
 
 @contextmanager
-def running_server(ns: argparse.Namespace, assets: Path, batching: str,
-                   replicas: int | None = None) -> Iterator[str]:
+def running_server(ns: argparse.Namespace, assets: Path, batching: str, replicas: int | None = None) -> Iterator[str]:
     """The base URL of a healthy `dlp-lora serve` subprocess with this batching policy (on Ray Serve with
     `replicas` replicas when given); stopped after."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch-size", str(ns.max_batch_size), "--batching", batching,
-           "--batch-window-ms", str(ns.batch_window_ms), "--max-queue", str(max(64, 4 * max(ns.concurrency))),
-           "--max-tokens-limit", str(max(MIXES.values()))] + _ray_args(ns, replicas)
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "dlp_lora.cli",
+        "serve",
+        "--assets",
+        str(assets),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch-size",
+        str(ns.max_batch_size),
+        "--batching",
+        batching,
+        "--batch-window-ms",
+        str(ns.batch_window_ms),
+        "--max-queue",
+        str(max(64, 4 * max(ns.concurrency))),
+        "--max-tokens-limit",
+        str(max(MIXES.values())),
+    ] + _ray_args(ns, replicas)
     if ns.base_model:
         cmd += ["--base-model", ns.base_model]
     # Its own session: should the server not stop on SIGTERM, killing the group also ends the local
     # Ray cluster it started (raylet, GCS, replicas), not only the driver.
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=None if ns.verbose else subprocess.DEVNULL,
-                            env={**os.environ, **(RAY_ENV if replicas else {})}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=None if ns.verbose else subprocess.DEVNULL,
+        env={**os.environ, **(RAY_ENV if replicas else {})},
+        start_new_session=True,
+    )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_healthy(url, proc, ns.startup_timeout)
+        wait_healthy(url, proc, ns.startup_timeout)
         yield url
     finally:
         proc.terminate()
@@ -163,8 +148,15 @@ def _step_stats(url: str) -> tuple[float, float]:
 
 def _one(http: httpx.Client, url: str, i: int, max_tokens: int) -> tuple[float, float, int]:
     """One streamed request: (seconds to first token, seconds in all, completion tokens)."""
-    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "model": "dlp-lora", "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "model": "dlp-lora",
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     first, tokens = None, 0
     with http.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -223,21 +215,31 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, timeout: f
     def p50(xs: list[float]) -> float:
         return round(float(np.percentile(np.array(xs) * 1000, 50)), 1) if xs else float("nan")
 
-    return {"clients": clients, "requests": requests, "errors": errors[0], "seconds": round(wall, 3),
-            "output_tokens_per_s": round(tokens[0] / wall, 2), "ttft_p50_ms": p50(ttft), "tpot_p50_ms": p50(tpot),
-            "latency_p50_ms": p50(done), "mean_rows_per_step": round((after[0] - before[0]) / steps, 2) if steps else None}
+    return {
+        "clients": clients,
+        "requests": requests,
+        "errors": errors[0],
+        "seconds": round(wall, 3),
+        "output_tokens_per_s": round(tokens[0] / wall, 2),
+        "ttft_p50_ms": p50(ttft),
+        "tpot_p50_ms": p50(tpot),
+        "latency_p50_ms": p50(done),
+        "mean_rows_per_step": round((after[0] - before[0]) / steps, 2) if steps else None,
+    }
 
 
 def markdown(runs: dict, ns: argparse.Namespace, command: str) -> str:
     target = "a tiny random model (smoke run)" if ns.tiny else f"`{ns.assets}`"
     lines = [
-        "## Serving load", "",
+        "## Serving load",
+        "",
         f"Produced by `{command}` against {target} on this machine ({os.cpu_count()} CPUs, {platform.machine()}, "
         "no GPU). Every request streams a greedy `/v1/completions` answer of exactly the mix's length "
         f"(`ignore_eos`; short = {MIXES['short']} tokens, decode-heavy = {MIXES['decode-heavy']}), prompts from "
         f"{len(PROMPTS)} tasks routed by the router. Server max_batch_size={ns.max_batch_size}. TTFT: time to the "
         "first streamed token; TPOT: time per output token after it; rows/step: mean rows of the server's decode "
-        "steps. Speed-up: output tokens/s against 1 client of the same mix and policy.", "",
+        "steps. Speed-up: output tokens/s against 1 client of the same mix and policy.",
+        "",
         "| batching | mix | clients | requests | errors | output tok/s | speed-up | TTFT p50 ms | TPOT p50 ms | "
         "latency p50 ms | rows/step |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
@@ -245,9 +247,11 @@ def markdown(runs: dict, ns: argparse.Namespace, command: str) -> str:
     for (batching, mix), rows in runs.items():
         one = rows[0]["output_tokens_per_s"] or float("nan")
         for r in rows:
-            lines.append(f"| {batching} | {mix} | {r['clients']} | {r['requests']} | {r['errors']} | "
-                         f"{r['output_tokens_per_s']} | {r['output_tokens_per_s'] / one:.2f}x | {r['ttft_p50_ms']} | "
-                         f"{r['tpot_p50_ms']} | {r['latency_p50_ms']} | {r['mean_rows_per_step']} |")
+            lines.append(
+                f"| {batching} | {mix} | {r['clients']} | {r['requests']} | {r['errors']} | "
+                f"{r['output_tokens_per_s']} | {r['output_tokens_per_s'] / one:.2f}x | {r['ttft_p50_ms']} | "
+                f"{r['tpot_p50_ms']} | {r['latency_p50_ms']} | {r['mean_rows_per_step']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -269,8 +273,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verbose", action="store_true", help="show the server's log")
     p.add_argument("--ray", action="store_true", help="compare the single-process server with Ray Serve replicas")
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="Ray Serve replica counts (--ray)")
-    p.add_argument("--cpus-per-replica", type=float, default=None,
-                   help="Ray CPUs (and torch threads) per replica (--ray; default: the cores split evenly)")
+    p.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=None,
+        help="Ray CPUs (and torch threads) per replica (--ray; default: the cores split evenly)",
+    )
     ns = p.parse_args(argv)
     if min(ns.concurrency) < 1 or ns.rounds < 1:
         p.error("--concurrency and --rounds must be >= 1")
@@ -283,7 +291,8 @@ def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load
     """The "## Ray Serve" section: one table, the single-process server and each replica count side by side."""
     target = "a tiny random model (smoke run)" if ns.tiny else f"`{ns.assets}`"
     lines = [
-        "## Ray Serve", "",
+        "## Ray Serve",
+        "",
         f"Produced by `{command}` against {target} on this machine ({os.cpu_count()} CPUs, {platform.machine()}). "
         f"Each level sends clients x {ns.rounds} streamed greedy `/v1/completions` requests of each mix "
         f"(`ignore_eos`; short = {MIXES['short']} tokens, decode-heavy = {MIXES['decode-heavy']}) from that many "
@@ -291,14 +300,18 @@ def ray_markdown(results: list[dict], ns: argparse.Namespace, command: str, load
         "then to `dlp-lora serve --ray` with each replica count (every replica holds the base model, all adapters "
         f"and the router, and batches up to max_batch_size={ns.max_batch_size} itself). Threads are torch threads "
         f"per replica. Load is the machine's 1-minute load average after each row (it was {load:.2f} when the run "
-        "started). Servers run one after another: compare rows only where their loads are close.", "",
+        "started). Servers run one after another: compare rows only where their loads are close.",
+        "",
         "| server | threads | mix | clients | requests | errors | seconds | output tok/s | TTFT p50 ms | "
         "TPOT p50 ms | latency p50 ms | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    lines += [f"| {r['server']} | {r['threads']} | {r['mix']} | {r['clients']} | {r['requests']} | {r['errors']} | "
-              f"{r['seconds']} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | {r['tpot_p50_ms']} | "
-              f"{r['latency_p50_ms']} | {r['load_average']} |" for r in results]
+    lines += [
+        f"| {r['server']} | {r['threads']} | {r['mix']} | {r['clients']} | {r['requests']} | {r['errors']} | "
+        f"{r['seconds']} | {r['output_tokens_per_s']} | {r['ttft_p50_ms']} | {r['tpot_p50_ms']} | "
+        f"{r['latency_p50_ms']} | {r['load_average']} |"
+        for r in results
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -307,12 +320,13 @@ def _save_ray(results: list[dict], ns: argparse.Namespace, command: str, load: f
     table = ray_markdown(results, ns, command, load)
     if ns.json:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "load_average": load,
-                                             "results": results}, indent=2) + "\n")
+        Path(ns.json).write_text(
+            json.dumps({"command": command, "tiny": ns.tiny, "load_average": load, "results": results}, indent=2) + "\n"
+        )
     if ns.markdown:
-        from dlp_lora.cli import _write_section
+        from dlp_lora.bench import write_section
 
-        _write_section(Path(ns.markdown), "## Ray Serve", table)
+        write_section(Path(ns.markdown), "## Ray Serve", table)
     return table
 
 
@@ -335,8 +349,13 @@ def run_ray(ns: argparse.Namespace, command: str) -> int:
                 for mix in ns.mixes:
                     for c in ns.concurrency:
                         r = run_level(url, c, c * ns.rounds, MIXES[mix], ns.timeout)
-                        r.update(server=label, mix=mix, replicas=replicas, threads=threads,
-                                 load_average=round(os.getloadavg()[0], 2))
+                        r.update(
+                            server=label,
+                            mix=mix,
+                            replicas=replicas,
+                            threads=threads,
+                            load_average=round(os.getloadavg()[0], 2),
+                        )
                         if replicas:  # /metrics is one replica's only
                             r["mean_rows_per_step"] = None
                         results.append(r)
@@ -377,12 +396,22 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if ns.json:
         Path(ns.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.json).write_text(json.dumps({"command": command, "tiny": ns.tiny, "mixes": MIXES, "runs": [
-            {"batching": b, "mix": m, "results": rows} for (b, m), rows in runs.items()]}, indent=2) + "\n")
+        Path(ns.json).write_text(
+            json.dumps(
+                {
+                    "command": command,
+                    "tiny": ns.tiny,
+                    "mixes": MIXES,
+                    "runs": [{"batching": b, "mix": m, "results": rows} for (b, m), rows in runs.items()],
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if ns.markdown:
-        from dlp_lora.cli import _write_section
+        from dlp_lora.bench import write_section
 
-        _write_section(Path(ns.markdown), "## Serving load", table)
+        write_section(Path(ns.markdown), "## Serving load", table)
     return 0 if all(r["errors"] == 0 for rows in runs.values() for r in rows) else 1
 
 

@@ -17,8 +17,10 @@ def pytest_report_header(config) -> list[str]:
 
     from dlp_lora.hardware import cpu_info
 
-    return [f"dlp-lora: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
-            f"cpu: {cpu_info()}"]
+    return [
+        f"dlp-lora: torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}",
+        f"cpu: {cpu_info()}",
+    ]
 
 
 # Numerical tests run in float32 and bfloat16 (the `dtype` fixture). The tolerance, stated once here and in
@@ -53,24 +55,42 @@ def _int8_exact() -> bool:
     return int8_gemm_exact()
 
 
-needs_exact_int8 = pytest.mark.skipif(not _int8_exact(), reason="torch's int8 GEMM returns wrong products on this "
-                                      "CPU (oneDNN without VNNI): int8 is refused here, `auto` keeps fp32")
+needs_exact_int8 = pytest.mark.skipif(
+    not _int8_exact(),
+    reason="torch's int8 GEMM returns wrong products on this "
+    "CPU (oneDNN without VNNI): int8 is refused here, `auto` keeps fp32",
+)
 """For tests that run the int8 base: it is refused where the int8 GEMM is inexact (test_quantize checks that)."""
 
 
 def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     model = LlamaForCausalLM(cfg).eval()
     model.requires_grad_(False)
     return model.to(dtype)
 
 
-def make_peft_adapter(out: Path, seed: int, r: int = 4, alpha: int = 8, targets=("q_proj", "v_proj"),
-                      base: LlamaForCausalLM | None = None, **extra) -> Path:
+def make_peft_adapter(
+    out: Path,
+    seed: int,
+    r: int = 4,
+    alpha: int = 8,
+    targets=("q_proj", "v_proj"),
+    base: LlamaForCausalLM | None = None,
+    **extra,
+) -> Path:
     """A PEFT LoRA directory with random (nonzero) A and B, saved as safetensors by peft itself."""
     from peft import LoraConfig, get_peft_model
 
@@ -87,8 +107,17 @@ def make_peft_adapter(out: Path, seed: int, r: int = 4, alpha: int = 8, targets=
 def tiny_vocab_model(vocab: int, seed: int = 0) -> LlamaForCausalLM:
     """A tiny Llama whose vocabulary matches a real tokenizer (for tests that tokenize real text)."""
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=2, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=2,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     return LlamaForCausalLM(cfg).eval().requires_grad_(False)
 
 
@@ -130,8 +159,13 @@ def make_tiny_assets(root: Path, vocab: int, names=("maths", "science"), selecti
         make_peft_adapter(root / "adapters" / name, seed=i + 1, base=model)
     torch.manual_seed(0)
     Router(RouterConfig(task_names=tuple(names), embed_dim=8, hidden_dim=16)).save(root / "router")
-    Manifest(base_model=base, tasks=list(names), adapters={n: f"adapters/{n}" for n in names}, router="router",
-             selection=selection if selection is not None else {"p": 0.9}).save(root)
+    Manifest(
+        base_model=base,
+        tasks=list(names),
+        adapters={n: f"adapters/{n}" for n in names},
+        router="router",
+        selection=selection if selection is not None else {"p": 0.9},
+    ).save(root)
     return root
 
 
@@ -172,3 +206,16 @@ def adapter_dirs(_made_adapter_dirs, tmp_path: Path) -> dict[str, Path]:
 def pytest_configure(config) -> None:
     # Test tensors are tiny: one thread avoids oversubscribing this 2-core machine (15x faster here).
     torch.set_num_threads(1)
+
+
+def generate_ids(model, tokenizer, input_ids, attention_mask, cfg, decoder=None, on_step=None):
+    """Decode a left-padded batch (B, T) on `Engine.generate` (the library's loop) with a plain model (routing,
+    if any, set by the caller) and return each row's `Result` (text, token_ids, finish_reason)."""
+    from dlp_lora.engine import Engine, Row
+
+    engine = Engine(model, tokenizer, decoder)
+    rows = [
+        Row(prompt_ids=ids[mask.bool()].tolist(), mixture={}, params=cfg)
+        for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())
+    ]
+    return [engine.result(row, {}) for row in engine.generate(rows, on_step)]

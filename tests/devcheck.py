@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -29,7 +29,11 @@ class DeviceCheck(TorchDispatchMode):
         self.ops += 1
         checked = (out,) if func in _MOVES else (args, kwargs, out)
         for t in tree_leaves(checked):
-            if isinstance(t, torch.Tensor) and t.device != self.device and not (t.dim() == 0 and t.device.type == "cpu"):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.device != self.device
+                and not (t.dim() == 0 and t.device.type == "cpu")
+            ):
                 raise AssertionError(f"{func}: a {tuple(t.shape)} tensor on {t.device}; the model is on {self.device}")
         return out
 

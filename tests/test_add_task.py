@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-
 from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
+
 from dlp_lora.assets import Manifest
 from dlp_lora.cli import main
 from dlp_lora.config import RouterConfig, RouterDataConfig, RouterTrainConfig, SplitConfig
@@ -37,12 +37,22 @@ def _files(root):
     rng = random.Random(0)
     nouns = ["cat", "river", "house", "garden", "train", "book", "city", "lamp"]
     maths = [{"input": f"What is {rng.randint(1, 99)} plus {rng.randint(1, 99)}?", "output": "42"} for _ in range(80)]
-    science = [{"input": f"Why does the {rng.choice(nouns)} absorb light and heat in summer? ({i})", "output": "x"}
-               for i in range(80)]
-    sentiment = [{"input": f"Review: I {rng.choice(['loved', 'hated'])} the {rng.choice(nouns)}! Sentiment? ({i})",
-                  "output": "positive"} for i in range(80)]
-    return (_write(root / "maths.jsonl", maths), _write(root / "science.jsonl", science),
-            _write(root / "sentiment.jsonl", sentiment))
+    science = [
+        {"input": f"Why does the {rng.choice(nouns)} absorb light and heat in summer? ({i})", "output": "x"}
+        for i in range(80)
+    ]
+    sentiment = [
+        {
+            "input": f"Review: I {rng.choice(['loved', 'hated'])} the {rng.choice(nouns)}! Sentiment? ({i})",
+            "output": "positive",
+        }
+        for i in range(80)
+    ]
+    return (
+        _write(root / "maths.jsonl", maths),
+        _write(root / "science.jsonl", science),
+        _write(root / "sentiment.jsonl", sentiment),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +73,9 @@ def test_router_of_user_tasks_is_retrained_from_the_files_the_manifest_names(use
     record = manifest.records["router"]
     assert record["classes"] == ["maths", "science"] and record["dev_accuracy"] >= 90
     assert 0 < record["temperature"] and manifest.selection["p"] == record["selection"]["p"]
-    assert Router.load(root / "router", expected_tasks=manifest.tasks).cfg.temperature == pytest.approx(record["temperature"], abs=1e-4)
+    assert Router.load(root / "router", expected_tasks=manifest.tasks).cfg.temperature == pytest.approx(
+        record["temperature"], abs=1e-4
+    )
 
 
 def test_a_base_served_task_keeps_its_router_class(tmp_path):
@@ -104,8 +116,21 @@ def test_add_task_extends_the_head_and_leaves_other_classes_alone(user_assets, t
 def test_add_task_cli_refuses_a_non_adapter_directory(user_assets, tmp_path, capsys):
     root, sentiment = user_assets
     (tmp_path / "empty").mkdir()
-    assert main(["add-task", "other", "--assets", str(root), "--adapter", str(tmp_path / "empty"),
-                 "--examples", str(sentiment)]) == 2
+    assert (
+        main(
+            [
+                "add-task",
+                "other",
+                "--assets",
+                str(root),
+                "--adapter",
+                str(tmp_path / "empty"),
+                "--examples",
+                str(sentiment),
+            ]
+        )
+        == 2
+    )
     assert "adapter_config.json" in capsys.readouterr().err
 
 
@@ -113,8 +138,28 @@ def test_train_router_jsonl_sorted_by_task_gets_a_stratified_dev_split(tmp_path,
     rows = [{"text": f"compute {i} plus {i}", "task": "math"} for i in range(30)]
     rows += [{"text": f"translate word number {i} to French", "task": "translate"} for i in range(30)]
     data = _write(tmp_path / "sorted.jsonl", rows)  # sorted by task: the first 10% is all 'math'
-    assert main(["train-router", "--jsonl", str(data), "--out", str(tmp_path / "r"), "--embed-dim", "8",
-                 "--hidden-dim", "16", "--num-layers", "2", "--epochs", "4", "--lr", "0.01"]) == 0
+    assert (
+        main(
+            [
+                "train-router",
+                "--jsonl",
+                str(data),
+                "--out",
+                str(tmp_path / "r"),
+                "--embed-dim",
+                "8",
+                "--hidden-dim",
+                "16",
+                "--num-layers",
+                "2",
+                "--epochs",
+                "4",
+                "--lr",
+                "0.01",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "best dev accuracy 1.0000" in out and "temperature" in out
     assert json.loads((tmp_path / "r" / "config.json").read_text())["temperature"] > 0

@@ -10,13 +10,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import generate_ids, needs_exact_int8, padded_ids, tiny_llama
 from torch._dynamo.testing import CompileCounter
 
-from conftest import needs_exact_int8, padded_ids, tiny_llama
 from dlp_lora.compiled import CompiledDecoder, check_compile
 from dlp_lora.config import FusionConfig, GenerationConfig
+from dlp_lora.engine import EagerDecoder
 from dlp_lora.fusion.inject import FusedLoRAModel
-from dlp_lora.generation import EagerDecoder, generate_ids
 from dlp_lora.quantize import quantize_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,6 +131,7 @@ def test_clear_errors(monkeypatch):
 @pytest.mark.skipif(not HAS_CXX, reason="inductor needs a C++ compiler on PATH")
 def test_pipeline_with_compile_answers_as_without(tmp_path):
     from conftest import make_tiny_assets, tiny_pipeline
+
     from dlp_lora.models import load_tokenizer
 
     tok = load_tokenizer()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import dtype_id, make_tiny_assets, tiny_llama, tiny_pipeline, tiny_vocab_model
 from devcheck import DeviceCheck, device_checked
+
 from dlp_lora import FusedLoRAModel
 from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig
 from dlp_lora.models import load_base_model, load_tokenizer, resolve_device, resolve_dtype
@@ -44,7 +44,9 @@ def test_half_base_keeps_float32_stacks(adapter_dirs, dtype):
 def test_fused_prefill_and_decode_on_meta_device(tiny_model, adapter_dirs, path):
     """On `meta`, any tensor the engine makes on the host would meet meta tensors: DeviceCheck fails it."""
     fused = FusedLoRAModel(tiny_model.to("meta"), adapter_dirs, FusionConfig(path="auto" if path == "base" else path))
-    weights = torch.zeros(3, 3) if path == "base" else (torch.tensor([[0.2, 0.0, 0.8]] * 3) if path == "merged" else MIXED)
+    weights = (
+        torch.zeros(3, 3) if path == "base" else (torch.tensor([[0.2, 0.0, 0.8]] * 3) if path == "merged" else MIXED)
+    )
     ids = torch.zeros(3, 6, dtype=torch.long, device="meta")
     # No attention mask: transformers reads a mask's values to pick its attention kernel, meta has none.
     with fused.routed(weights) as active, DeviceCheck("meta") as check, torch.no_grad():
@@ -75,10 +77,14 @@ def test_pipeline_makes_every_tensor_on_the_model_device(tmp_path, tok):
     prompts = ["What is 3 + 4?", "Which planet is largest?"]
     with device_checked("cpu") as check:
         greedy = dlp.generate(prompts, config=GenerationConfig(max_new_tokens=4))
-        sampled = dlp.generate(prompts, config=GenerationConfig(max_new_tokens=4, do_sample=True, seed=3, top_p=0.9,
-                                                                stop=("x",)))
-        explicit = dlp.generate(prompts[:1], config=GenerationConfig(max_new_tokens=3),
-                                routing=dlp.routing_for([{"maths": 0.5, "science": 0.5}]))
+        sampled = dlp.generate(
+            prompts, config=GenerationConfig(max_new_tokens=4, do_sample=True, seed=3, top_p=0.9, stop=("x",))
+        )
+        explicit = dlp.generate(
+            prompts[:1],
+            config=GenerationConfig(max_new_tokens=3),
+            routing=dlp.routing_for([{"maths": 0.5, "science": 0.5}]),
+        )
         scores = dlp.option_logprobs(prompts, [["7", "8"], ["Jupiter", "Mars"]], dlp.route(prompts))
     assert check.ops > 100 and len(greedy) == len(sampled) == 2 and explicit[0].adapters
     assert all(isinstance(s, float) for row in scores for s in row)
@@ -140,8 +146,10 @@ def test_from_assets_in_bfloat16_serves_the_same_answers(tmp_path, tok):
     want = dlp.generate([prompt], config=GenerationConfig(max_new_tokens=5))[0]
     with TestClient(create_app(dlp, ServerConfig(model_name="tiny"))) as client:
         # Routed (no `model`), greedy, through the chat template: what `generate` does for the prompt.
-        r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": prompt}],
-                                                      "max_tokens": 5, "temperature": 0})
+        r = client.post(
+            "/v1/chat/completions",
+            json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 5, "temperature": 0},
+        )
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == want.text
 
@@ -159,9 +167,30 @@ def test_gpu_benchmark_script_runs_on_cpu_as_a_smoke_run(tmp_path, tok):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "gpu.json"
-    bench.main(["--device", "cpu", "--dtype", "bfloat16", "--base-model", str(tmp_path / "base"), "--num-adapters",
-                "2", "3", "--batch-sizes", "1", "2", "--new-tokens", "3", "--prompt-tokens", "8", "--repeats", "1",
-                "--json", str(out)])
+    bench.main(
+        [
+            "--device",
+            "cpu",
+            "--dtype",
+            "bfloat16",
+            "--base-model",
+            str(tmp_path / "base"),
+            "--num-adapters",
+            "2",
+            "3",
+            "--batch-sizes",
+            "1",
+            "2",
+            "--new-tokens",
+            "3",
+            "--prompt-tokens",
+            "8",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     rows = json.loads(out.read_text())["rows"]
     assert {(r["method"], r["N"]) for r in rows} == {("base", 0), ("peft", 1), ("fused", 2), ("fused", 3)}
     assert all(r["prefill_ms"] > 0 and r["path"] for r in rows)  # no speed claim: tiny noisy timings

@@ -5,15 +5,16 @@ around the engine's calls."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-
-from conftest import ATOL, tiny_llama
+from conftest import ATOL, generate_ids, tiny_llama
 from devcheck import device_checked
+
 from dlp_lora import FusedLoRAModel
 from dlp_lora.config import GenerationConfig
 from dlp_lora.engine import Engine, Row
-from dlp_lora.generation import generate_ids
 
 
 class _Tok:
@@ -36,10 +37,11 @@ def _alone(fused, tok, row_ids, mixture, max_tokens, sampling=None, seed=None) -
     for n, w in mixture.items():
         dense[0, names.index(n)] = w
     cfg = sampling or GenerationConfig(max_new_tokens=max_tokens)
-    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature,
-                           seed=seed)
+    cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=cfg.do_sample, temperature=cfg.temperature, seed=seed)
     with fused.routed(dense):
-        out = generate_ids(fused.model, tok, torch.tensor([row_ids]), torch.ones(1, len(row_ids), dtype=torch.long), cfg)
+        out = generate_ids(
+            fused.model, tok, torch.tensor([row_ids]), torch.ones(1, len(row_ids), dtype=torch.long), cfg
+        )
     return out[0].token_ids
 
 
@@ -59,7 +61,10 @@ def _run(engine: Engine, rows: list[Row]) -> None:
 
 def test_rows_joining_mid_decode_answer_as_alone(engine):
     refs = [_alone(engine.fused, engine.tokenizer, p, m, n) for p, m, n in zip(PROMPTS, MIXES, LIMITS)]
-    rows = [Row(prompt_ids=p, mixture=m, max_tokens=n) for p, m, n in zip(PROMPTS, MIXES, LIMITS)]
+    rows = [
+        Row(prompt_ids=p, mixture=m, params=GenerationConfig(max_new_tokens=n))
+        for p, m, n in zip(PROMPTS, MIXES, LIMITS)
+    ]
     joins = {2: [rows[1]], 3: [rows[2], rows[3]]}  # rows arrive after the running one's 2nd and 3rd steps
     step, sizes = 0, []
     with device_checked():
@@ -81,11 +86,13 @@ def test_rows_joining_mid_decode_answer_as_alone(engine):
 
 
 def test_seeded_sampling_rows_do_not_depend_on_neighbours(engine):
-    sampling = GenerationConfig(do_sample=True, temperature=0.9)
-    alone = Row(prompt_ids=PROMPTS[0], mixture=MIXES[1], max_tokens=8, sampling=sampling, seed=2**64 - 1)
+    sampling = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=0.9)
+    alone = Row(prompt_ids=PROMPTS[0], mixture=MIXES[1], params=replace(sampling, seed=2**64 - 1))
     _run(engine, [alone])
-    crowd = [Row(prompt_ids=p, mixture=m, max_tokens=8, sampling=sampling, seed=s)
-             for p, m, s in zip(PROMPTS, MIXES, [2**64 - 1, 3, 4, 5])]
+    crowd = [
+        Row(prompt_ids=p, mixture=m, params=replace(sampling, seed=s))
+        for p, m, s in zip(PROMPTS, MIXES, [2**64 - 1, 3, 4, 5])
+    ]
     crowd[0].prompt_ids = PROMPTS[0]
     crowd[0].mixture = MIXES[1]
     _run(engine, crowd)
@@ -95,8 +102,10 @@ def test_seeded_sampling_rows_do_not_depend_on_neighbours(engine):
 
 def test_echo_logprobs_score_the_prompt(engine):
     ids = PROMPTS[2]
-    row = Row(prompt_ids=ids, mixture=MIXES[1], max_tokens=0, logprobs=3, echo=True)
-    other = Row(prompt_ids=PROMPTS[1], mixture={}, max_tokens=0, logprobs=0, echo=True)  # padding beside it
+    row = Row(prompt_ids=ids, mixture=MIXES[1], params=GenerationConfig(max_new_tokens=0), logprobs=3, echo=True)
+    other = Row(
+        prompt_ids=PROMPTS[1], mixture={}, params=GenerationConfig(max_new_tokens=0), logprobs=0, echo=True
+    )  # padding beside it
     with device_checked():
         batch = engine.prefill([row, other])
     assert Engine.drop_finished(batch) is None and row.tokens == [] and row.finish_reason == "length"
@@ -114,14 +123,13 @@ def test_echo_logprobs_score_the_prompt(engine):
 
 def test_bad_rows_are_refused():
     with pytest.raises(ValueError, match="at least one prompt token"):
-        Row(prompt_ids=[], mixture={}, max_tokens=1)
-    with pytest.raises(ValueError, match="max_tokens must be >= 0"):
-        Row(prompt_ids=[1], mixture={}, max_tokens=-1)
+        Row(prompt_ids=[], mixture={}, params=GenerationConfig(max_new_tokens=1))
     with pytest.raises(ValueError, match=r"logprobs must be in \[0, 20\]"):
-        Row(prompt_ids=[1], mixture={}, max_tokens=1, logprobs=21)
+        Row(prompt_ids=[1], mixture={}, params=GenerationConfig(max_new_tokens=1), logprobs=21)
 
 
 # ---- mid-decode switches (sentence routing) ----------------------------------------------------------
+
 
 def _planned(plan: dict[int, dict]):
     """A `Row.reroute` that switches to plan[k] once the row holds k answer tokens (no router needed)."""
@@ -130,10 +138,13 @@ def _planned(plan: dict[int, dict]):
     def reroute(token: int):
         fed.append(token)
         return plan.get(len(fed))
+
     return reroute
 
 
-def _switched_alone(engine: Engine, row_ids: list[int], first: dict, plan: dict[int, dict], max_tokens: int) -> list[int]:
+def _switched_alone(
+    engine: Engine, row_ids: list[int], first: dict, plan: dict[int, dict], max_tokens: int
+) -> list[int]:
     """The reference: one row alone, greedy, each mixture in its own `routed` block over the same KV cache
     (the forward on answer token k - 1 is the first under plan[k])."""
     from contextlib import ExitStack
@@ -143,7 +154,11 @@ def _switched_alone(engine: Engine, row_ids: list[int], first: dict, plan: dict[
     mask = torch.ones_like(ids)
     positions = torch.arange(len(row_ids))[None]
     with ExitStack() as stack, torch.no_grad():
-        stack.enter_context(engine.fused.routed(engine.dense([Row(prompt_ids=row_ids, mixture=first, max_tokens=1)])))
+        stack.enter_context(
+            engine.fused.routed(
+                engine.dense([Row(prompt_ids=row_ids, mixture=first, params=GenerationConfig(max_new_tokens=1))])
+            )
+        )
         out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
         while len(tokens) < max_tokens:
             token = out.logits[:, -1].argmax(-1)
@@ -152,17 +167,30 @@ def _switched_alone(engine: Engine, row_ids: list[int], first: dict, plan: dict[
             tokens.append(int(token))
             if len(tokens) in plan:
                 stack.close()
-                stack.enter_context(engine.fused.routed(engine.dense([Row(prompt_ids=row_ids, mixture=plan[len(tokens)],
-                                                                          max_tokens=1)])))
+                stack.enter_context(
+                    engine.fused.routed(
+                        engine.dense(
+                            [
+                                Row(
+                                    prompt_ids=row_ids,
+                                    mixture=plan[len(tokens)],
+                                    params=GenerationConfig(max_new_tokens=1),
+                                )
+                            ]
+                        )
+                    )
+                )
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
-                        use_cache=True)
+            out = model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True
+            )
     return tokens
 
 
-@pytest.mark.parametrize("path, neighbours", [("gathered", True), ("dense", True), ("merged", False),
-                                              ("auto", True), ("auto", False)])
+@pytest.mark.parametrize(
+    "path, neighbours", [("gathered", True), ("dense", True), ("merged", False), ("auto", True), ("auto", False)]
+)
 def test_a_row_switching_mixture_mid_decode_equals_the_reference(adapter_dirs, dtype, path, neighbours):
     """A row whose `reroute` changes its mixture twice equals the block-by-block reference on every fusion
     path; the rows beside it (joining, leaving) answer as alone; the switches are recorded."""
@@ -172,8 +200,13 @@ def test_a_row_switching_mixture_mid_decode_equals_the_reference(adapter_dirs, d
     plan = {2: {"b": 0.3, "c": 0.7}, 5: {"c": 1.0}}
     want = _switched_alone(engine, PROMPTS[0], MIXES[0], plan, 9)
     assert len(want) > 5, "the row ends before its second switch: the test would prove less"
-    row = Row(prompt_ids=PROMPTS[0], mixture=MIXES[0], max_tokens=9, reroute=_planned(plan))
-    others = [Row(prompt_ids=p, mixture=m, max_tokens=n) for p, m, n in zip(PROMPTS[1:], MIXES[1:], LIMITS[1:])]
+    row = Row(
+        prompt_ids=PROMPTS[0], mixture=MIXES[0], params=GenerationConfig(max_new_tokens=9), reroute=_planned(plan)
+    )
+    others = [
+        Row(prompt_ids=p, mixture=m, params=GenerationConfig(max_new_tokens=n))
+        for p, m, n in zip(PROMPTS[1:], MIXES[1:], LIMITS[1:])
+    ]
     refs = [_alone(engine.fused, engine.tokenizer, p, m, n) for p, m, n in zip(PROMPTS[1:], MIXES[1:], LIMITS[1:])]
     with device_checked():
         batch = engine.prefill([row] + others[:1] if neighbours else [row])

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-
 from conftest import make_tiny_assets, tiny_pipeline
+
 from dlp_lora.chat import chat_prompt
 from dlp_lora.config import SelectionConfig, SplitConfig
 from dlp_lora.evaluation.harness import EvalConfig, evaluate_task
@@ -33,14 +33,24 @@ def dlp(tmp_path, tok):
 
 def _tasks() -> dict[str, Task]:
     """Two tiny tasks named like the tiny assets' adapters: one multiple choice, one free-form."""
-    maths = [Example(uid=f"maths/{i}", task="maths", prompt=f"What is {i} plus {i}?", answer=str(2 * i),
-                     references=(str(2 * i),)) for i in range(12)]
-    science = [mcq_example(f"science/{i}", "science", f"Which gas is number {i}?", ["oxygen", "neon", "argon"], i % 3)
-               for i in range(12)]
-    return {"maths": Task(name="maths", kind="qa", source="test", metric="numeric", load=lambda root: maths,
-                          max_new_tokens=3),
-            "science": Task(name="science", kind="mcq", source="test", metric="choice", load=lambda root: science,
-                            max_new_tokens=2)}
+    maths = [
+        Example(
+            uid=f"maths/{i}", task="maths", prompt=f"What is {i} plus {i}?", answer=str(2 * i), references=(str(2 * i),)
+        )
+        for i in range(12)
+    ]
+    science = [
+        mcq_example(f"science/{i}", "science", f"Which gas is number {i}?", ["oxygen", "neon", "argon"], i % 3)
+        for i in range(12)
+    ]
+    return {
+        "maths": Task(
+            name="maths", kind="qa", source="test", metric="numeric", load=lambda root: maths, max_new_tokens=3
+        ),
+        "science": Task(
+            name="science", kind="mcq", source="test", metric="choice", load=lambda root: science, max_new_tokens=2
+        ),
+    }
 
 
 SPLIT = SplitConfig(train_cap=4, dev_size=1, test_size=3)
@@ -90,14 +100,23 @@ def _reference_logprob(dlp, prompt: str, option: str, mix: torch.Tensor) -> floa
     return float(sum(logp[len(ctx) - 1 + j, cont[j]] for j in range(len(cont))))
 
 
-@pytest.mark.parametrize("options", [[["A", "B", "C"]] * 3, [["the red fox", "a blue whale swimming", "no"]] * 3,
-                                     [["yes", "no"], ["the red fox", "a blue whale swimming", "x", "y z"], ["one"]]])
+@pytest.mark.parametrize(
+    "options",
+    [
+        [["A", "B", "C"]] * 3,
+        [["the red fox", "a blue whale swimming", "no"]] * 3,
+        [["yes", "no"], ["the red fox", "a blue whale swimming", "x", "y z"], ["one"]],
+    ],
+)
 @pytest.mark.parametrize("batch_size", [1, 2, 4])
 def test_option_logprobs_equal_per_row_reference(dlp, options, batch_size):
     """Prompts of different lengths (left padding), options of different lengths and counts (the shared
     prompt cache fans out unevenly), each prompt under its own mixture, in chunks of every size."""
-    prompts = ["A much longer question that makes the rows of different lengths, pick one.", "Pick one.",
-               "Which is it?"]
+    prompts = [
+        "A much longer question that makes the rows of different lengths, pick one.",
+        "Pick one.",
+        "Which is it?",
+    ]
     routing = Routing.from_dense(torch.tensor([[1.0, 0.0], [0.3, 0.7], [0.0, 0.0]]))
     got = dlp.option_logprobs(prompts, options, routing, batch_size=batch_size)
     dense = routing.to_dense(2)
@@ -146,8 +165,11 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     # Resume: every (method, task) file is complete, so nothing is generated again.
     calls.clear()
     again = evaluate_task(dlp, tasks["science"], out, cfg, SPLIT, progress=False)
-    assert calls == [] and {k: v for k, v in again["oracle"].items() if k != "headline_scores"} == \
-        results["per_task"]["science"]["oracle"]
+    assert (
+        calls == []
+        and {k: v for k, v in again["oracle"].items() if k != "headline_scores"}
+        == results["per_task"]["science"]["oracle"]
+    )
     # A truncated prediction file is rerun, and only that one.
     path = out / "predictions" / "base" / "science.jsonl"
     path.write_text(path.read_text().splitlines()[0] + "\n")
@@ -173,46 +195,66 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
 def test_collapse_rows_flag_one_answer_for_most_prompts():
     from dlp_lora.evaluation.report import collapsed_rows
 
-    per_task = {"t": {"a": {"top_answer_share": 0.9, "gold_top_share": 0.5},     # collapsed
-                      "b": {"top_answer_share": 0.6, "gold_top_share": 0.5},
-                      "c": {"top_answer_share": 0.95, "gold_top_share": 0.9}}}   # so are the answers
+    per_task = {
+        "t": {
+            "a": {"top_answer_share": 0.9, "gold_top_share": 0.5},  # collapsed
+            "b": {"top_answer_share": 0.6, "gold_top_share": 0.5},
+            "c": {"top_answer_share": 0.95, "gold_top_share": 0.9},
+        }
+    }  # so are the answers
     assert collapsed_rows(per_task) == [("t", "a", 0.9, 0.5)]
 
 
 def test_harness_refuses_task_outside_router_classes(dlp, tmp_path):
-    other = Task(name="poetry", kind="qa", source="test", metric="exact",
-                 load=lambda root: _tasks()["maths"].load(root))
+    other = Task(
+        name="poetry", kind="qa", source="test", metric="exact", load=lambda root: _tasks()["maths"].load(root)
+    )
     with pytest.raises(ValueError, match="'poetry'.*not router classes"):
         run_evaluation(dlp, [other], tmp_path, EvalConfig(limit=2), SPLIT)
 
 
 def test_the_none_class_is_not_evaluated(dlp, tmp_path):
     """`dlp-lora evaluate` passes the router's classes; `none` (no adapter, no test split) is skipped."""
-    summary = run_evaluation(dlp, [*_tasks().values(), "none"], tmp_path, EvalConfig(methods=("base",), p_sweep=(),
-                                                                                   limit=2, loglik=False), SPLIT)
+    summary = run_evaluation(
+        dlp,
+        [*_tasks().values(), "none"],
+        tmp_path,
+        EvalConfig(methods=("base",), p_sweep=(), limit=2, loglik=False),
+        SPLIT,
+    )
     assert set(json.loads((tmp_path / "results.json").read_text())["per_task"]) == {"maths", "science"}
     assert set(summary) == {"base"}
 
 
 def test_baseline_adapter_is_served_only_when_named_and_evaluated(tmp_path, tok):
     from conftest import make_peft_adapter, tiny_vocab_model
+
     from dlp_lora.pipeline import DLPLoRA
 
     root = make_tiny_assets(tmp_path / "assets", len(tok))
     extra = make_peft_adapter(tmp_path / "multitask", seed=9, base=tiny_vocab_model(len(tok)))
     plain = tiny_pipeline(root, tok)
     plain.close()  # one model carries one FusedLoRAModel at a time
-    dlp = DLPLoRA(plain.model, tok, plain.router, {"maths": root / "adapters/maths",
-                                                  "science": root / "adapters/science"},
-                  baselines={"multitask": extra})
+    dlp = DLPLoRA(
+        plain.model,
+        tok,
+        plain.router,
+        {"maths": root / "adapters/maths", "science": root / "adapters/science"},
+        baselines={"multitask": extra},
+    )
     assert dlp.adapter_names == ["maths", "science", "multitask"] and dlp.baselines == ["multitask"]
     assert dlp.task_names == ["maths", "science"]  # what `dlp-lora evaluate` evaluates by default
     prompts = ["What is 2 plus 2?", "Which gas do plants take in?"]
     assert all(r.adapters and "multitask" not in r.adapters for r in dlp.generate(prompts, max_new_tokens=2))
     pinned = dlp.generate(prompts[:1], max_new_tokens=2, routing=dlp.routing_for([{"multitask": 1.0}]))
     assert pinned[0].adapters == ["multitask"]
-    summary = run_evaluation(dlp, list(_tasks().values()), tmp_path / "eval",
-                             EvalConfig(methods=("base",), p_sweep=(), limit=2, loglik=False), SPLIT)
+    summary = run_evaluation(
+        dlp,
+        list(_tasks().values()),
+        tmp_path / "eval",
+        EvalConfig(methods=("base",), p_sweep=(), limit=2, loglik=False),
+        SPLIT,
+    )
     assert set(summary) == {"base", "multitask"}  # baselines join every run
     with pytest.raises(ValueError, match="share names with routed adapters"):
         DLPLoRA(plain.model, tok, None, {"maths": root / "adapters/maths"}, baselines={"maths": extra})

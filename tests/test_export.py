@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 from peft import PeftModel
 
-from conftest import tiny_llama
 from dlp_lora import FusedLoRAModel
 from dlp_lora.adapters.io import read_peft_adapter, write_peft_adapter
 from dlp_lora.adapters.mix import mix_adapters, parse_mix
@@ -16,8 +16,14 @@ from dlp_lora.export import export_mixture
 
 def test_parse_mix():
     assert parse_mix("a=0.7, b=0.3") == {"a": 0.7, "b": 0.3}
-    for bad, msg in [("a", "NAME=WEIGHT"), ("a=x", "NAME=WEIGHT"), ("a=-1", "NAME=WEIGHT"), ("a=0", "positive"),
-                     ("a=1,a=2", "twice"), ("", "positive")]:
+    for bad, msg in [
+        ("a", "NAME=WEIGHT"),
+        ("a=x", "NAME=WEIGHT"),
+        ("a=-1", "NAME=WEIGHT"),
+        ("a=0", "positive"),
+        ("a=1,a=2", "twice"),
+        ("", "positive"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             parse_mix(bad)
 
@@ -25,8 +31,9 @@ def test_parse_mix():
 def test_exported_mixture_matches_fused(tmp_path, adapter_dirs):
     mix = {"a": 0.6, "b": 0.0, "c": 0.9}
     root = tmp_path / "assets"
-    Manifest(base_model="tiny", tasks=list(adapter_dirs),
-             adapters={n: str(p) for n, p in adapter_dirs.items()}).save(root)
+    Manifest(base_model="tiny", tasks=list(adapter_dirs), adapters={n: str(p) for n, p in adapter_dirs.items()}).save(
+        root
+    )
     out = export_mixture(root, mix, tmp_path / "mix")
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -48,14 +55,18 @@ def test_mix_of_different_ranks_round_trips(tmp_path, adapter_dirs):
     assert back.modules["model.layers.0.self_attn.q_proj"].rank == 4
     for module, w in back.modules.items():
         x = torch.randn(3, w.A.shape[1])
-        ref = sum(m * (x @ t.A.T @ t.B.T) * t.scale for name, m in (("a", 1.0), ("c", 0.5))
-                  if (t := adapters[name].modules.get(module)))
+        ref = sum(
+            m * (x @ t.A.T @ t.B.T) * t.scale
+            for name, m in (("a", 1.0), ("c", 0.5))
+            if (t := adapters[name].modules.get(module))
+        )
         torch.testing.assert_close(w.scale * (x @ w.A.T @ w.B.T), ref, atol=1e-5, rtol=0)
 
 
 def test_unknown_adapter_in_mix(tmp_path, adapter_dirs):
     root = tmp_path / "assets"
-    Manifest(base_model="tiny", tasks=list(adapter_dirs),
-             adapters={n: str(p) for n, p in adapter_dirs.items()}).save(root)
+    Manifest(base_model="tiny", tasks=list(adapter_dirs), adapters={n: str(p) for n, p in adapter_dirs.items()}).save(
+        root
+    )
     with pytest.raises(ValueError, match=r"unknown adapter\(s\) \['zzz'\]"):
         export_mixture(root, {"zzz": 1.0}, tmp_path / "x")

@@ -8,15 +8,14 @@ import shutil
 
 import pytest
 import torch
+from conftest import ATOL, DTYPES, assert_close, dtype_id, generate_ids, make_peft_adapter, padded_ids, tiny_llama
+from devcheck import device_checked
 from peft import PeftModel
 
-from conftest import ATOL, DTYPES, assert_close, dtype_id, make_peft_adapter, padded_ids, tiny_llama
-from devcheck import device_checked
 from dlp_lora import FusedLoRAModel
 from dlp_lora.adapters.bank import AdapterBank
 from dlp_lora.config import FusionConfig, GenerationConfig
 from dlp_lora.fusion import ops
-from dlp_lora.generation import generate_ids
 from dlp_lora.types import Routing
 
 PATHS = ["gathered", "dense", "merged"]
@@ -66,7 +65,9 @@ def test_mixture_equals_peft_cat_weighted_adapter(adapter_dirs, dtype):
     fused = FusedLoRAModel(tiny_llama(dtype=dtype), adapter_dirs)
     for path in PATHS:
         fused.config = FusionConfig(path=path)
-        assert_close(_fused_logits(fused, torch.tensor([list(mix.values())] * 3), ids, mask, path), want, f"path {path}")
+        assert_close(
+            _fused_logits(fused, torch.tensor([list(mix.values())] * 3), ids, mask, path), want, f"path {path}"
+        )
 
 
 def _mixed_weights() -> torch.Tensor:
@@ -97,7 +98,7 @@ def test_mixed_batch_equals_rows_alone(adapter_dirs, path, dtype):
     fused.config = FusionConfig()
     for b in range(3):
         keep = mask[b].bool()
-        assert_close(batch[b, keep], _fused_logits(fused, weights[b: b + 1], ids[b: b + 1, keep])[0])
+        assert_close(batch[b, keep], _fused_logits(fused, weights[b : b + 1], ids[b : b + 1, keep])[0])
 
 
 class _FakeTokenizer:
@@ -125,9 +126,9 @@ def test_mixed_batch_greedy_tokens_equal_rows_alone(adapter_dirs, dtype):
         hf = fused.model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, eos_token_id=None)
     for b in range(3):
         keep = mask[b].bool()
-        alone = _greedy(fused, weights[b: b + 1], ids[b: b + 1, keep], mask[b: b + 1, keep], 8)[0]
+        alone = _greedy(fused, weights[b : b + 1], ids[b : b + 1, keep], mask[b : b + 1, keep], 8)[0]
         assert batch[b] == alone
-        assert hf[b, ids.shape[1]:].tolist() == alone
+        assert hf[b, ids.shape[1] :].tolist() == alone
 
 
 def test_greedy_generation_equals_peft(adapter_dirs, dtype):
@@ -135,7 +136,7 @@ def test_greedy_generation_equals_peft(adapter_dirs, dtype):
     ref = _peft(adapter_dirs, {"b": 1.0}, dtype)
     want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
     fused = FusedLoRAModel(tiny_llama(dtype=dtype), adapter_dirs)
-    assert _greedy(fused, torch.tensor([[0.0, 1.0, 0.0]] * 3), ids, mask, 6) == want[:, ids.shape[1]:].tolist()
+    assert _greedy(fused, torch.tensor([[0.0, 1.0, 0.0]] * 3), ids, mask, 6) == want[:, ids.shape[1] :].tolist()
 
 
 def test_all_paths_equal_loop_reference(tiny_model, adapter_dirs):
@@ -178,14 +179,13 @@ def test_model_level_paths_equal_each_row_alone_under_peft(adapter_dirs, dtype):
             key = (tuple(mix.items()), b)
             if key not in refs:
                 ref = _peft(adapter_dirs, mix, dtype) if mix else tiny_llama(dtype=dtype)
-                refs[key] = _logits(ref, ids[b: b + 1, keep])[0]
+                refs[key] = _logits(ref, ids[b : b + 1, keep])[0]
             assert_close(got[b, keep], refs[key], f"{path} row {b}")
 
 
 def test_auto_path_choice(tiny_model, adapter_dirs):
     fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(dense_max_rank=8))
-    cases = [(torch.zeros(2, 3), "base"), (torch.tensor([[1.0, 0, 0]] * 2), "merged"),
-             (_mixed_weights(), "gathered")]
+    cases = [(torch.zeros(2, 3), "base"), (torch.tensor([[1.0, 0, 0]] * 2), "merged"), (_mixed_weights(), "gathered")]
     for w, want in cases:
         with fused.routed(w) as active:
             assert active.path == want
@@ -226,6 +226,7 @@ def test_adapter_names_in_bank_order(tiny_model, adapter_dirs):
 
 
 # ---- errors -------------------------------------------------------------------------------------------
+
 
 def test_weights_errors(tiny_model, adapter_dirs):
     fused = FusedLoRAModel(tiny_model, adapter_dirs)
@@ -284,16 +285,25 @@ def test_shape_mismatch_names_adapter_module_and_shapes(tiny_model, tmp_path):
     other = tiny_llama()
     other.config.hidden_size = 32
     wide = make_peft_adapter(tmp_path / "wide", seed=3, base=_wider_llama())
-    with pytest.raises(ValueError, match=r"adapter 'wide', module 'model\.layers\.0\.self_attn\.q_proj': "
-                                         r"expected lora_A \(4, 32\).*found \(4, 48\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"adapter 'wide', module 'model\.layers\.0\.self_attn\.q_proj': "
+        r"expected lora_A \(4, 32\).*found \(4, 48\)",
+    ):
         FusedLoRAModel(tiny_model, {"wide": wide})
 
 
 def _wider_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -309,8 +319,10 @@ def test_unknown_module_refused(tiny_model, adapter_dirs, tmp_path):
         FusedLoRAModel(tiny_model, {"renamed": d})
 
 
-@pytest.mark.parametrize("key,value,msg", [("use_dora", True, "DoRA"), ("peft_type", "IA3", "peft_type LORA"),
-                                           ("bias", "all", "bias 'none'")])
+@pytest.mark.parametrize(
+    "key,value,msg",
+    [("use_dora", True, "DoRA"), ("peft_type", "IA3", "peft_type LORA"), ("bias", "all", "bias 'none'")],
+)
 def test_unsupported_config_refused(tiny_model, adapter_dirs, tmp_path, key, value, msg):
     d = tmp_path / "cfg"
     shutil.copytree(adapter_dirs["a"], d)
@@ -365,18 +377,18 @@ def test_reroute_mid_decode_equals_two_blocks_on_one_cache(adapter_dirs, path, d
         assert fused.active_path == path
     for b in range(ids.shape[0]):
         keep = mask[b].bool()
-        blocks = [fused.routed(first[b: b + 1])]  # reference: two routed blocks sharing one KV cache
+        blocks = [fused.routed(first[b : b + 1])]  # reference: two routed blocks sharing one KV cache
         blocks[0].__enter__()
 
         def hop(i):
             if i == t:
                 blocks[-1].__exit__(None, None, None)
-                blocks.append(fused.routed(second[b: b + 1]))
+                blocks.append(fused.routed(second[b : b + 1]))
                 blocks[-1].__enter__()
 
         try:
             with device_checked(), torch.no_grad():
-                alone = _decode(model, ids[b: b + 1, keep], mask[b: b + 1, keep], 6, hop)
+                alone = _decode(model, ids[b : b + 1, keep], mask[b : b + 1, keep], 6, hop)
         finally:
             blocks[-1].__exit__(None, None, None)
         assert_close(switched[b], alone[0])

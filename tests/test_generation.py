@@ -1,4 +1,5 @@
-"""Batched decoding: greedy equals transformers' generate, EOS and stop strings end rows, sampling is seeded.
+"""The decode loop (`Engine.generate`, through conftest's `generate_ids`): greedy equals transformers'
+generate, EOS and stop strings end rows, sampling is seeded, stop strings are found incrementally.
 
 Each decoding test runs in float32 and bfloat16 (the `dtype` fixture) with the device check on."""
 
@@ -6,11 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from conftest import tiny_llama
+from conftest import generate_ids, tiny_llama
 from devcheck import device_checked
+
 from dlp_lora.config import GenerationConfig
-from dlp_lora.generation import cut_at_stop, generate_ids, sample_next
+from dlp_lora.sampling import cut_at_stop, sample_next, stop_reached
 
 
 class _Tok:
@@ -47,7 +48,7 @@ def test_greedy_equals_hf_generate_with_left_padding(dtype):
     out = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=6))
     hf = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, eos_token_id=None)
     for b in range(2):
-        assert out[b].token_ids == hf[b, ids.shape[1]:].tolist()
+        assert out[b].token_ids == hf[b, ids.shape[1] :].tolist()
         assert out[b].finish_reason == "length" and out[b].prompt_tokens == int(mask[b].sum())
 
 
@@ -79,8 +80,9 @@ def test_sampling_is_seeded_and_streams_steps(dtype):
     b = _generate(model, _Tok(), ids, mask, cfg)
     assert [r.token_ids for r in a] == [r.token_ids for r in b]
     assert [s[0] for s in steps] == a[0].token_ids
-    other = _generate(model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=5, do_sample=True, seed=8,
-                                                                   temperature=1.5))
+    other = _generate(
+        model, _Tok(), ids, mask, GenerationConfig(max_new_tokens=5, do_sample=True, seed=8, temperature=1.5)
+    )
     assert [r.token_ids for r in other] != [r.token_ids for r in a]
 
 
@@ -95,13 +97,13 @@ def test_sample_next_top_p_keeps_the_nucleus_only(dtype):
 
 
 def test_bad_inputs_refused():
-    model, (ids, mask) = _model(), _batch()
-    with pytest.raises(ValueError, match="left padded"):
-        generate_ids(model, _Tok(), ids, torch.flip(mask, [1]), GenerationConfig())
-    with pytest.raises(ValueError, match=r"both be \(B, T\)"):
-        generate_ids(model, _Tok(), ids, mask[:, :3], GenerationConfig())
-    for kwargs, match in [({"max_new_tokens": 0}, "max_new_tokens"), ({"temperature": 1e-9}, "temperature"),
-                          ({"top_p": 0.0}, "top_p"), ({"stop": ("",)}, "stop"), ({"seed": 2**70}, "seed")]:
+    for kwargs, match in [
+        ({"max_new_tokens": -1}, "max_new_tokens"),
+        ({"temperature": 1e-9}, "temperature"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"stop": ("",)}, "stop"),
+        ({"seed": 2**70}, "seed"),
+    ]:
         with pytest.raises(ValueError, match=match):
             GenerationConfig(**kwargs)
 
@@ -114,3 +116,17 @@ def test_ignore_eos_decodes_to_max_new_tokens():
     out = _generate(model, _Tok(eos=eos), ids, mask, GenerationConfig(max_new_tokens=6, ignore_eos=True))
     assert [o.token_ids for o in out] == [o.token_ids for o in free]
     assert all(o.finish_reason == "length" for o in out)
+
+
+def test_stop_strings_are_found_on_the_answers_tail_as_on_its_whole_text():
+    """`stop_reached` decodes only the tail a new token can complete a stop string in; on the real
+    tokenizer (byte-level BPE: multi-byte characters span tokens) it agrees with decoding everything."""
+    from dlp_lora.models import load_tokenizer
+
+    tok = load_tokenizer()
+    text = "Réponse: 42 ✓ done.\n\nQ: naïve café ünïcode → ok ✓✓ end" * 3
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    for stop in [("\n\n",), ("✓✓",), ("ünïcode →",), ("Q:", "end"), ("absent",)]:
+        found_at = next((n for n in range(1, len(ids) + 1) if cut_at_stop(tok.decode(ids[:n]), stop)[1]), None)
+        incremental = next((n for n in range(1, len(ids) + 1) if stop_reached(tok, ids[:n], stop)), None)
+        assert incremental == found_at, stop

@@ -6,8 +6,15 @@ import math
 
 import pytest
 
-from dlp_lora.evaluation.metrics import (choice_accuracy, corpus_bleu, exact_match, numeric_match,
-                                         rouge_scores, score_task, token_f1)
+from dlp_lora.evaluation.metrics import (
+    choice_accuracy,
+    corpus_bleu,
+    exact_match,
+    numeric_match,
+    rouge_scores,
+    score_task,
+    token_f1,
+)
 
 
 def test_choice_accuracy():
@@ -17,42 +24,55 @@ def test_choice_accuracy():
         choice_accuracy(["A", "B"], [["A"]])
 
 
-@pytest.mark.parametrize("pred,refs,expected", [
-    ("the Eiffel tower", ["Eiffel Tower"], 1.0),  # case and article ignored
-    ("Eiffel Tower.", ["Eiffel Tower"], 1.0),  # punctuation ignored
-    ("Paris France", ["Paris"], 0.0),
-    ("Paris", ["London", "paris"], 1.0),  # any reference counts
-    ("", ["Paris"], 0.0),
-])
+@pytest.mark.parametrize(
+    "pred,refs,expected",
+    [
+        ("the Eiffel tower", ["Eiffel Tower"], 1.0),  # case and article ignored
+        ("Eiffel Tower.", ["Eiffel Tower"], 1.0),  # punctuation ignored
+        ("Paris France", ["Paris"], 0.0),
+        ("Paris", ["London", "paris"], 1.0),  # any reference counts
+        ("", ["Paris"], 0.0),
+    ],
+)
 def test_exact_match(pred, refs, expected):
     assert exact_match(pred, refs) == expected
 
 
-@pytest.mark.parametrize("pred,refs,expected", [
-    # pred tokens {in, paris, france}, ref {paris}: P = 1/3, R = 1, F1 = 2 * (1/3 * 1) / (1/3 + 1) = 0.5
-    ("in Paris France", ["Paris"], 0.5),
-    # the article is dropped: pred {eiffel, tower}, ref {eiffel, tower, paris}: P = 1, R = 2/3, F1 = 0.8
-    ("the Eiffel Tower", ["Eiffel Tower Paris"], 0.8),
-    # bag of tokens: pred {a->gone, red, red, car} = {red, red, car}, ref {red, car}: common = min counts = 2,
-    # P = 2/3, R = 1, F1 = 2 * (2/3) / (5/3) = 0.8
-    ("a red red car", ["red car"], 0.8),
-    # max over references: 0.0 against "London", 0.5 against "Paris"
-    ("in Paris France", ["London", "Paris"], 0.5),
-    ("Berlin", ["Paris"], 0.0),
-    ("", ["Paris"], 0.0),
-    ("the", ["a"], 1.0),  # both normalise to nothing: equal
-])
+@pytest.mark.parametrize(
+    "pred,refs,expected",
+    [
+        # pred tokens {in, paris, france}, ref {paris}: P = 1/3, R = 1, F1 = 2 * (1/3 * 1) / (1/3 + 1) = 0.5
+        ("in Paris France", ["Paris"], 0.5),
+        # the article is dropped: pred {eiffel, tower}, ref {eiffel, tower, paris}: P = 1, R = 2/3, F1 = 0.8
+        ("the Eiffel Tower", ["Eiffel Tower Paris"], 0.8),
+        # bag of tokens: pred {a->gone, red, red, car} = {red, red, car}, ref {red, car}: common = min counts = 2,
+        # P = 2/3, R = 1, F1 = 2 * (2/3) / (5/3) = 0.8
+        ("a red red car", ["red car"], 0.8),
+        # max over references: 0.0 against "London", 0.5 against "Paris"
+        ("in Paris France", ["London", "Paris"], 0.5),
+        ("Berlin", ["Paris"], 0.0),
+        ("", ["Paris"], 0.0),
+        ("the", ["a"], 1.0),  # both normalise to nothing: equal
+    ],
+)
 def test_token_f1(pred, refs, expected):
     assert token_f1(pred, refs) == pytest.approx(expected, abs=1e-12)
 
 
-@pytest.mark.parametrize("pred,refs,expected", [
-    ("#### 1,234", ["1234"], 1.0), ("3.0", ["3"], 1.0), ("so -7.", ["-7"], 1.0), ("7", ["-7"], 0.0),
-    ("12 then 13", ["12"], 0.0),  # the last number is the answer
-    ("2.5", ["2.50"], 1.0), ("no number", ["0"], 0.0),
-    ("none", ["also none"], 0.0),  # no number on either side is not a match
-    ("42", ["41", "42"], 1.0),
-])
+@pytest.mark.parametrize(
+    "pred,refs,expected",
+    [
+        ("#### 1,234", ["1234"], 1.0),
+        ("3.0", ["3"], 1.0),
+        ("so -7.", ["-7"], 1.0),
+        ("7", ["-7"], 0.0),
+        ("12 then 13", ["12"], 0.0),  # the last number is the answer
+        ("2.5", ["2.50"], 1.0),
+        ("no number", ["0"], 0.0),
+        ("none", ["also none"], 0.0),  # no number on either side is not a match
+        ("42", ["41", "42"], 1.0),
+    ],
+)
 def test_numeric_match(pred, refs, expected):
     assert numeric_match(pred, refs) == expected
 
@@ -99,8 +119,9 @@ def test_rouge_by_hand_with_stemming():
 
 def test_rouge_is_a_mean_over_pairs():
     # Pair 1 as above (80, 40); pair 2 identical (100, 100); pair 3 disjoint (0, 0).
-    got = rouge_scores(["The dogs chased a cat!", "red apples", "blue"],
-                       ["the cat chased the dogs", "red apples", "green"])
+    got = rouge_scores(
+        ["The dogs chased a cat!", "red apples", "blue"], ["the cat chased the dogs", "red apples", "green"]
+    )
     assert got == pytest.approx({"rouge1": 60.0, "rougeL": 140 / 3}, abs=1e-9)
     with pytest.raises(ValueError, match="got 2 and 1"):
         rouge_scores(["a", "b"], ["a"])
@@ -168,8 +189,18 @@ def test_option_text_acc_and_acc_norm_by_hand():
     assert option_choice([-4.0, -6.0], options, normalize=False) == 0
     assert option_choice([-4.0, -6.0], options, normalize=True) == 1
     assert option_choice([-2.0, -2.0], ("ab", "cd"), normalize=True) == 0  # the first wins ties
-    exs = [Example(uid=str(i), task="t", prompt="q", answer=options[g], references=("AB"[g],), choices=("A", "B"),
-                   options=options) for i, g in enumerate((1, 0))]
+    exs = [
+        Example(
+            uid=str(i),
+            task="t",
+            prompt="q",
+            answer=options[g],
+            references=("AB"[g],),
+            choices=("A", "B"),
+            options=options,
+        )
+        for i, g in enumerate((1, 0))
+    ]
     got = mcq_scores([[-4.0, -6.0], [-4.0, -6.0]], exs)
     assert got.metrics == {"acc": [0.0, 100.0], "acc_norm": [100.0, 0.0]}
     assert got.headline == got.metrics["acc_norm"] and got.chosen == [1, 1]

@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
+
 from dlp_lora.assets import Manifest
 from dlp_lora.config import GenerationConfig, SelectionConfig
 from dlp_lora.models import load_tokenizer

@@ -11,15 +11,25 @@ import shutil
 import socket
 import subprocess
 import threading
-import time
 from urllib.parse import quote
 
 import httpx
 import pytest
+from test_server import ADAPTERS, SENTENCE_PROMPT, _alone, _busy, _cfg, _sentence_ref, _wait_for, server_assets
 
+from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server import create_app
-from test_server import (ADAPTERS, SENTENCE_PROMPT, _alone, _busy, _cfg, _sentence_ref, _wait_for,  # noqa: F401
-                         assets, pipe)  # fixtures
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return server_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def pipe(assets) -> DLPLoRA:
+    return DLPLoRA.from_assets(assets)
+
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium on PATH (install it with `make browser`)")
@@ -40,8 +50,15 @@ class _Page:
 
     def eval(self, expression: str):
         self.next_id += 1
-        self.ws.send(json.dumps({"id": self.next_id, "method": "Runtime.evaluate",
-                                 "params": {"expression": expression, "returnByValue": True}}))
+        self.ws.send(
+            json.dumps(
+                {
+                    "id": self.next_id,
+                    "method": "Runtime.evaluate",
+                    "params": {"expression": expression, "returnByValue": True},
+                }
+            )
+        )
         while True:
             msg = json.loads(self.ws.recv(30))
             if msg.get("id") == self.next_id:
@@ -51,9 +68,20 @@ class _Page:
 @pytest.fixture
 def browser(tmp_path):
     debug = _port()
-    proc = subprocess.Popen([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                             f"--remote-debugging-port={debug}", f"--user-data-dir={tmp_path}", "about:blank"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            f"--remote-debugging-port={debug}",
+            f"--user-data-dir={tmp_path}",
+            "about:blank",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         _wait_for(lambda: _targets(debug) is not None, 60)
         yield debug
@@ -82,8 +110,15 @@ def _show(pipe, browser, query: str) -> dict:
         tab = next(t for t in _targets(browser) if t["type"] == "page")
         page = _Page(tab["webSocketDebuggerUrl"])
         page.eval(f"location.href = 'http://127.0.0.1:{port}/?send=1&{query}'")
-        _wait_for(lambda: page.eval("document.getElementById('answer') && "
-                                    "document.getElementById('answer').dataset.finish || null") is not None, 60)
+        _wait_for(
+            lambda: (
+                page.eval(
+                    "document.getElementById('answer') && document.getElementById('answer').dataset.finish || null"
+                )
+                is not None
+            ),
+            60,
+        )
         return page.eval("""({
             bars: [...document.querySelectorAll('#bars .bar')].map(b => [b.dataset.task, b.classList.contains('chosen')]),
             answer: document.getElementById('answer').textContent,

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import generate_ids, needs_exact_int8, padded_ids, tiny_llama
 from torch import nn
 
-from conftest import needs_exact_int8, padded_ids, tiny_llama
 from dlp_lora import FusedLoRAModel
+from dlp_lora import quantize as quantize_module
 from dlp_lora.adapters.bank import AdapterBank
 from dlp_lora.config import FusionConfig, GenerationConfig
 from dlp_lora.fusion import ops
 from dlp_lora.fusion.layer import FusedLoRALinear
-from dlp_lora.generation import generate_ids
-from dlp_lora import quantize as quantize_module
-from dlp_lora.quantize import (Int8Linear, KernelChoice, check_quantization, choose_kernels, quantization_of,
-                               quantize_model, resolve_quantization)
+from dlp_lora.quantize import (
+    Int8Linear,
+    KernelChoice,
+    check_quantization,
+    choose_kernels,
+    quantization_of,
+    quantize_model,
+    resolve_quantization,
+)
 
 ATOL = 1e-5
 PATHS = ["gathered", "dense", "merged"]
@@ -76,8 +82,11 @@ def test_int8_linear_matches_its_definition():
 @pytest.mark.parametrize("path", PATHS)
 def test_fused_equals_quantized_base_plus_reference_delta(adapter_dirs, path):
     ids, mask = padded_ids()
-    weights = torch.tensor([[0.7, 0.2, 0.5]]).repeat(3, 1) if path == "merged" else \
-        torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.4, 0.6]])
+    weights = (
+        torch.tensor([[0.7, 0.2, 0.5]]).repeat(3, 1)
+        if path == "merged"
+        else torch.tensor([[1.0, 0.0, 0.0], [0.3, 0.7, 0.0], [0.0, 0.4, 0.6]])
+    )
     want = _reference_logits(adapter_dirs, weights, ids, mask)
     model = _qmodel()
     fused = FusedLoRAModel(model, adapter_dirs, FusionConfig(path=path))
@@ -99,8 +108,8 @@ def test_mixed_batch_equals_rows_alone(adapter_dirs, path):
         batch = model(input_ids=ids, attention_mask=mask).logits
     for b in range(3):
         keep = mask[b].bool()  # alone: no padding at all, so per-token activation scales must not see it
-        with torch.no_grad(), fused.routed(weights[b: b + 1]):  # one row: the merged path
-            alone = model(input_ids=ids[b: b + 1, keep]).logits
+        with torch.no_grad(), fused.routed(weights[b : b + 1]):  # one row: the merged path
+            alone = model(input_ids=ids[b : b + 1, keep]).logits
         torch.testing.assert_close(batch[b, keep], alone[0], atol=ATOL, rtol=0)
 
 
@@ -121,8 +130,8 @@ def test_mixed_batch_greedy_tokens_equal_rows_alone(adapter_dirs):
         batch = generate_ids(model, Tok(), ids, mask, cfg)
     for b in range(3):
         keep = mask[b].bool()
-        with fused.routed(weights[b: b + 1]):
-            alone = generate_ids(model, Tok(), ids[b: b + 1, keep], mask[b: b + 1, keep], cfg)
+        with fused.routed(weights[b : b + 1]):
+            alone = generate_ids(model, Tok(), ids[b : b + 1, keep], mask[b : b + 1, keep], cfg)
         assert batch[b].token_ids == alone[0].token_ids
 
 
@@ -171,9 +180,11 @@ def _fixed_choice(monkeypatch, int8_shapes: set[tuple[int, int]]) -> None:
     """Make the timing deterministic: int8 10x faster on `int8_shapes`, 3x slower elsewhere (and the int8
     GEMM exact, so the choice runs on any CPU)."""
     monkeypatch.setattr(quantize_module, "int8_gemm_exact", lambda: True)
+
     def fake(linears, quantized, rows=None):
         seen = {(m.in_features, m.out_features) for m in linears}
         return [KernelChoice(i, o, 1, 1.0, 0.1 if (i, o) in int8_shapes else 3.0) for i, o in sorted(seen)]
+
     monkeypatch.setattr(quantize_module, "_time_shapes", fake)
 
 
@@ -230,11 +241,18 @@ def test_quantizing_a_fused_model_is_refused(adapter_dirs):
 
 @needs_exact_int8
 def test_bench_times_fp32_and_int8_side_by_side():
-    from dlp_lora.benchmark import markdown_table, run_fusion_benchmark
+    from dlp_lora.bench.fusion import markdown_table, run_fusion_benchmark
     from dlp_lora.config import BenchConfig
 
-    cfg = BenchConfig(num_adapters=(2,), batch_sizes=(1, 2), ks=(1,), prompt_tokens=4, new_tokens=2, repeats=1,
-                      quantize=("none", "int8"))
+    cfg = BenchConfig(
+        num_adapters=(2,),
+        batch_sizes=(1, 2),
+        ks=(1,),
+        prompt_tokens=4,
+        new_tokens=2,
+        repeats=1,
+        quantize=("none", "int8"),
+    )
     result = run_fusion_benchmark(tiny_llama(), cfg, progress=False)
     kinds = {(r["method"], r["quantize"]) for r in result["rows"]}
     assert kinds == {("base", "none"), ("peft", "none"), ("fused", "none"), ("base", "int8"), ("fused", "int8")}

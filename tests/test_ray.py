@@ -21,23 +21,42 @@ from fastapi.testclient import TestClient
 ray = pytest.importorskip("ray", reason="the optional `ray` extra is not installed")
 serve = pytest.importorskip("ray.serve")
 
-import dlp_lora.server.ray as ray_deployment  # noqa: E402
 from conftest import make_tiny_assets  # noqa: E402
+
+import dlp_lora.server.ray as ray_deployment  # noqa: E402
 from dlp_lora.config import DeviceConfig, RayServeConfig, RoutingConfig, ServerConfig  # noqa: E402
 from dlp_lora.models import load_tokenizer  # noqa: E402
 from dlp_lora.pipeline import DLPLoRA  # noqa: E402
 from dlp_lora.server import create_app  # noqa: E402
-from dlp_lora.server.ray import (APP_NAME, REPLICA_HEADER, app_builder, deployment, deployment_options,  # noqa: E402
-                                 replica_spec)
+from dlp_lora.server.ray import (  # noqa: E402
+    APP_NAME,
+    REPLICA_HEADER,
+    app_builder,
+    deployment,
+    deployment_options,  # noqa: E402
+    replica_spec,
+)
 
 ADAPTERS = ("maths", "science", "code")
-PROMPTS = ["What is 3 + 4?", "Name a noble gas.", "Sort: pear apple", "Translate 'cat' to French.",
-           "Is 7 prime?", "Write a haiku about rain."]
-CFG = ServerConfig(max_prompt_tokens=96, max_tokens_limit=32, default_max_tokens=8, batch_window_ms=5.0,
-                   model_name="tiny-base")
+PROMPTS = [
+    "What is 3 + 4?",
+    "Name a noble gas.",
+    "Sort: pear apple",
+    "Translate 'cat' to French.",
+    "Is 7 prime?",
+    "Write a haiku about rain.",
+]
+CFG = ServerConfig(
+    max_prompt_tokens=96, max_tokens_limit=32, default_max_tokens=8, batch_window_ms=5.0, model_name="tiny-base"
+)
 # Ray on a busy 2-core machine: no dashboard, no usage report, a small object store, quiet workers.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_DEDUP_LOGS": "0", "RAY_SERVE_LOG_TO_STDERR": "0",
-           "RAY_enable_metrics_collection": "0", "RAY_SERVE_ENABLE_TASK_EVENTS": "0"}
+RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_SERVE_LOG_TO_STDERR": "0",
+    "RAY_enable_metrics_collection": "0",
+    "RAY_SERVE_ENABLE_TASK_EVENTS": "0",
+}
 
 
 def _build_assets(root: Path) -> Path:
@@ -68,8 +87,9 @@ def cluster(assets):
     ray.init(num_cpus=4, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(assets, CFG, RayServeConfig(replicas=2, max_ongoing_requests=8)), name=APP_NAME,
-                  route_prefix="/")
+        serve.run(
+            deployment(assets, CFG, RayServeConfig(replicas=2, max_ongoing_requests=8)), name=APP_NAME, route_prefix="/"
+        )
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -78,14 +98,14 @@ def cluster(assets):
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
 
 
-def _ask(http: httpx.Client, url: str, prompt: str, max_tokens: int = 8, attempts: int = 8,
-         retries: list | None = None) -> httpx.Response:
+def _ask(
+    http: httpx.Client, url: str, prompt: str, max_tokens: int = 8, attempts: int = 8, retries: list | None = None
+) -> httpx.Response:
     """A greedy completion, retried on transport errors and 5xx (what a client of a replicated service
     does; greedy requests are idempotent). Each failed attempt is appended to `retries`."""
     for attempt in range(attempts):
         try:
-            r = http.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
-                                                         "temperature": 0})
+            r = http.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
             if r.status_code < 500:
                 return r
             failure = f"{r.status_code} {r.text[:80]}"
@@ -105,8 +125,10 @@ def test_deployment_options_fixed_and_autoscaling():
     assert auto["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 2}
     assert "num_replicas" not in auto
     assert fixed["ray_actor_options"] == {"num_cpus": 1.0}
-    assert deployment_options(RayServeConfig(gpus_per_replica=0.5))["ray_actor_options"] == {"num_cpus": 1.0,
-                                                                                            "num_gpus": 0.5}
+    assert deployment_options(RayServeConfig(gpus_per_replica=0.5))["ray_actor_options"] == {
+        "num_cpus": 1.0,
+        "num_gpus": 0.5,
+    }
 
 
 BF16 = DeviceConfig(device="cpu", dtype="bfloat16")
@@ -129,14 +151,40 @@ def test_device_reaches_the_replicas_from_cli_builder_and_deployment(assets, mon
     from dlp_lora.cli import main
 
     specs, served = [], []
-    monkeypatch.setattr(ray_deployment, "replica_spec",
-                        lambda *a, **kw: specs.append(replica_spec(*a, **kw)) or specs[-1])
+    monkeypatch.setattr(
+        ray_deployment, "replica_spec", lambda *a, **kw: specs.append(replica_spec(*a, **kw)) or specs[-1]
+    )
     monkeypatch.setattr(ray_deployment, "serve_ray", lambda *a, **kw: served.append(a[-2:]))
-    assert main(["serve", "--assets", str(assets), "--ray", "--device", "cpu", "--dtype", "bfloat16",
-                 "--granularity", "sentence"]) == 0
+    assert (
+        main(
+            [
+                "serve",
+                "--assets",
+                str(assets),
+                "--ray",
+                "--device",
+                "cpu",
+                "--dtype",
+                "bfloat16",
+                "--granularity",
+                "sentence",
+            ]
+        )
+        == 0
+    )
     assert served == [(BF16, RoutingConfig(granularity="sentence"))]
-    assert isinstance(app_builder({"assets": str(assets), "device": "cpu", "dtype": "bfloat16",
-                                   "granularity": "segment", "window_chars": "200"}), serve.Application)
+    assert isinstance(
+        app_builder(
+            {
+                "assets": str(assets),
+                "device": "cpu",
+                "dtype": "bfloat16",
+                "granularity": "segment",
+                "window_chars": "200",
+            }
+        ),
+        serve.Application,
+    )
     assert isinstance(deployment(assets, CFG, RayServeConfig(), device=BF16), serve.Application)
     assert [s.device for s in specs] == [BF16, BF16]
     assert [s.routing for s in specs] == [RoutingConfig(granularity="segment", window_chars=200), RoutingConfig()]
@@ -155,12 +203,17 @@ def test_cuda_replicas_must_reserve_gpus(assets):
             spec.load()
 
 
-@pytest.mark.parametrize("kw, match", [({"replicas": 0}, "replicas must be >= 1"),
-                                       ({"replicas": 3, "max_replicas": 2}, "max_replicas must be >= replicas=3"),
-                                       ({"max_ongoing_requests": 0}, "max_ongoing_requests"),
-                                       ({"max_queued_requests": 0}, "max_queued_requests"),
-                                       ({"cpus_per_replica": 0}, "cpus_per_replica"),
-                                       ({"gpus_per_replica": -1}, "gpus_per_replica")])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"replicas": 0}, "replicas must be >= 1"),
+        ({"replicas": 3, "max_replicas": 2}, "max_replicas must be >= replicas=3"),
+        ({"max_ongoing_requests": 0}, "max_ongoing_requests"),
+        ({"max_queued_requests": 0}, "max_queued_requests"),
+        ({"cpus_per_replica": 0}, "cpus_per_replica"),
+        ({"gpus_per_replica": -1}, "gpus_per_replica"),
+    ],
+)
 def test_config_errors_name_the_field(kw, match):
     with pytest.raises(ValueError, match=match):
         RayServeConfig(**kw)
@@ -213,8 +266,9 @@ def test_greedy_answers_equal_the_single_process_server(cluster, assets):
             assert got.status_code == 200, got.text
             got = got.json()
             assert got["choices"][0]["text"]  # not vacuous: the tiny model says something
-            assert {k: v for k, v in got.items() if k not in ("id", "created")} == \
-                   {k: v for k, v in want.items() if k not in ("id", "created")}
+            assert {k: v for k, v in got.items() if k not in ("id", "created")} == {
+                k: v for k, v in want.items() if k not in ("id", "created")
+            }
 
 
 def _replicas_answering(url: str) -> set[str]:
@@ -244,8 +298,11 @@ def test_requests_reach_both_replicas(cluster):
 def _kill_a_busy_replica(seconds: float = 60.0) -> str:
     """Kill a replica of the app at a moment it reports 2+ requests in flight (a replica picked blindly
     may have just answered and hold none); return its actor name (what REPLICA_HEADER carries)."""
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")]
+    names = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(f"SERVE_REPLICA::{APP_NAME}#")
+    ]
     replicas = {name: ray.get_actor(name, namespace="serve") for name in names}
     end = time.monotonic() + seconds
     while time.monotonic() < end:

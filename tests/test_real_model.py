@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import generate_ids, make_peft_adapter
 
-from conftest import make_peft_adapter
 from dlp_lora import FusedLoRAModel, load_base_model
 from dlp_lora.chat import encode_prompts
 from dlp_lora.config import FusionConfig, GenerationConfig
-from dlp_lora.generation import generate_ids
 
 pytestmark = pytest.mark.slow
 
@@ -32,8 +31,10 @@ def test_fused_mixed_batch_on_real_model(real, tmp_path):
     from peft import PeftModel
 
     model, tok = real
-    dirs = {n: make_peft_adapter(tmp_path / n, seed=s, r=4, base=model, init_lora_weights=False)
-            for n, s in (("x", 1), ("y", 2))}
+    dirs = {
+        n: make_peft_adapter(tmp_path / n, seed=s, r=4, base=model, init_lora_weights=False)
+        for n, s in (("x", 1), ("y", 2))
+    }
     # peft's own output for adapter x alone, then the model is unwrapped again
     ids, mask = encode_prompts(tok, ["Name a primary colour.", "What is 12 plus 30? Answer with the number."])
     peft_model = PeftModel.from_pretrained(model, dirs["x"])
@@ -54,9 +55,9 @@ def test_fused_mixed_batch_on_real_model(real, tmp_path):
             batch = generate_ids(model, tok, ids, mask, cfg)
         for b in range(2):
             keep = mask[b].bool()
-            with fused.routed(weights[b: b + 1]) as active:
+            with fused.routed(weights[b : b + 1]) as active:
                 assert active.path == "merged"
-                alone = generate_ids(model, tok, ids[b: b + 1, keep], mask[b: b + 1, keep], cfg)
+                alone = generate_ids(model, tok, ids[b : b + 1, keep], mask[b : b + 1, keep], cfg)
             assert batch[b].token_ids == alone[0].token_ids
     finally:
         fused.remove()
@@ -76,13 +77,15 @@ def test_bundled_assets_answer_a_mixed_batch():
     assert all(t in manifest.records for t in tasks + ["router"])
     dlp = DLPLoRA.from_assets(ASSETS)
     try:
-        prompts = ["Sort the following words alphabetically: List: pear apple fig",
-                   "((2 + 3) * 4 - 1) =\nAnswer with a number.",
-                   # A SQuAD-sized passage: the router reads a two-line context as small talk (`none`).
-                   "Context: The Nile is a major north-flowing river in northeastern Africa. It flows into the "
-                   "Mediterranean Sea. The Nile is among the longest rivers in the world, and its drainage basin "
-                   "covers eleven countries, including Tanzania, Uganda, Rwanda, Ethiopia, Sudan and Egypt.\n"
-                   "Question: Into which sea does the Nile flow?\nAnswer with a short span from the context."]
+        prompts = [
+            "Sort the following words alphabetically: List: pear apple fig",
+            "((2 + 3) * 4 - 1) =\nAnswer with a number.",
+            # A SQuAD-sized passage: the router reads a two-line context as small talk (`none`).
+            "Context: The Nile is a major north-flowing river in northeastern Africa. It flows into the "
+            "Mediterranean Sea. The Nile is among the longest rivers in the world, and its drainage basin "
+            "covers eleven countries, including Tanzania, Uganda, Rwanda, Ethiopia, Sudan and Egypt.\n"
+            "Question: Into which sea does the Nile flow?\nAnswer with a short span from the context.",
+        ]
         probs = dlp.router.predict_proba(prompts)
         top = [dlp.task_names[i] for i in probs.argmax(1).tolist()]
         assert top[0] == "bbh_word_sorting" and top[2] == "squad"
@@ -122,21 +125,37 @@ def test_server_on_the_bundled_assets_scores_and_batches_like_the_pipeline():
     question = "Which gas do plants take in for photosynthesis?"
     options = [" carbon dioxide", " oxygen", " nitrogen", " helium"]
     want = dlp.option_logprobs([question], [options], dlp.routing_for([{adapter: 1.0}]))[0]
-    prompts = ["Sort the following words alphabetically: List: pear apple fig",
-               "((2 + 3) * 4 - 1) =\nAnswer with a number.", "Name the capital of Canada."]
+    prompts = [
+        "Sort the following words alphabetically: List: pear apple fig",
+        "((2 + 3) * 4 - 1) =\nAnswer with a number.",
+        "Name the capital of Canada.",
+    ]
     alone = [dlp.generate([p], config=GenerationConfig(max_new_tokens=n))[0] for p, n in zip(prompts, (12, 6, 20))]
     ctx = dlp.tokenizer(chat_prompt(dlp.tokenizer, question), add_special_tokens=False)["input_ids"]
     conts = [dlp.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     try:
         with TestClient(create_app(dlp, ServerConfig(max_batch_size=8))) as client, ThreadPoolExecutor(3) as pool:
-            scored = client.post("/v1/completions", json={"model": adapter, "prompt": [ctx + c for c in conts],
-                                                          "max_tokens": 0, "echo": True, "logprobs": 1}).json()
-            futures = [pool.submit(client.post, "/v1/chat/completions", json={
-                "messages": [{"role": "user", "content": p}], "max_tokens": n, "temperature": 0})
-                for p, n in zip(prompts, (12, 6, 20))]
+            scored = client.post(
+                "/v1/completions",
+                json={
+                    "model": adapter,
+                    "prompt": [ctx + c for c in conts],
+                    "max_tokens": 0,
+                    "echo": True,
+                    "logprobs": 1,
+                },
+            ).json()
+            futures = [
+                pool.submit(
+                    client.post,
+                    "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": p}], "max_tokens": n, "temperature": 0},
+                )
+                for p, n in zip(prompts, (12, 6, 20))
+            ]
             answers = [f.result().json() for f in futures]
         for choice, cont, lp in zip(scored["choices"], conts, want):
-            assert abs(sum(choice["logprobs"]["token_logprobs"][-len(cont):]) - lp) < 1e-4
+            assert abs(sum(choice["logprobs"]["token_logprobs"][-len(cont) :]) - lp) < 1e-4
         for ref, ans in zip(alone, answers):
             assert ans["choices"][0]["message"]["content"] == ref.text and ans["routing"]["adapters"] == ref.adapters
     finally:
@@ -185,8 +204,11 @@ def test_bfloat16_layers_within_one_ulp_of_peft_and_the_loop_reference():
     with torch.no_grad():
         hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
         last = model.config.num_hidden_layers - 1
-        inputs = {f"model.layers.{i}.self_attn.{p}": model.model.layers[i].input_layernorm(hidden[i])
-                  for i in (0, last) for p in ("q_proj", "v_proj")}
+        inputs = {
+            f"model.layers.{i}.self_attn.{p}": model.model.layers[i].input_layernorm(hidden[i])
+            for i in (0, last)
+            for p in ("q_proj", "v_proj")
+        }
         base_out = {name: model.get_submodule(name)(x) for name, x in inputs.items()}
     weights = _weights(len(BF16_PROMPTS))  # row 0: the first adapter alone; row 1: a mixture of both
 
@@ -245,10 +267,12 @@ def test_bfloat16_model_error_no_larger_than_peft_own():
     peft32 = PeftModel.from_pretrained(ref_model, dirs[BF16_ADAPTERS[0]]).eval()
     answers = generate_ids(peft32, tok, ids, mask, cfg)
     width = max(len(a.token_ids) for a in answers)
-    full = torch.cat([ids, torch.tensor([a.token_ids + [tok.pad_token_id] * (width - len(a.token_ids))
-                                         for a in answers])], dim=1)
-    full_mask = torch.cat([mask, torch.tensor([[1] * len(a.token_ids) + [0] * (width - len(a.token_ids))
-                                               for a in answers])], dim=1)
+    full = torch.cat(
+        [ids, torch.tensor([a.token_ids + [tok.pad_token_id] * (width - len(a.token_ids)) for a in answers])], dim=1
+    )
+    full_mask = torch.cat(
+        [mask, torch.tensor([[1] * len(a.token_ids) + [0] * (width - len(a.token_ids)) for a in answers])], dim=1
+    )
     keep = full_mask.bool()
     with torch.no_grad():
         want = peft32(input_ids=full, attention_mask=full_mask).logits[keep]
@@ -268,7 +292,11 @@ def test_bfloat16_model_error_no_larger_than_peft_own():
                 got = model(input_ids=full, attention_mask=full_mask).logits
             assert got.dtype == torch.bfloat16
             err = (got.float()[keep] - want).abs()
-            assert float(err.mean()) <= PEFT_ERROR_MULTIPLE * float(peft_err.mean()), (path, err.mean(), peft_err.mean())
+            assert float(err.mean()) <= PEFT_ERROR_MULTIPLE * float(peft_err.mean()), (
+                path,
+                err.mean(),
+                peft_err.mean(),
+            )
             assert float(err.max()) <= PEFT_ERROR_MULTIPLE * float(peft_err.max()), (path, err.max(), peft_err.max())
             clear = margin > 2 * PEFT_ERROR_MULTIPLE * float(peft_err.max())
             assert bool(clear.any()), "no position with a clear fp32 margin: the token check tested nothing"

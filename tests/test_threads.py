@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-
 from conftest import make_tiny_assets, tiny_pipeline
+
 from dlp_lora import FusedLoRAModel
 from dlp_lora.config import GenerationConfig
 from dlp_lora.models import load_tokenizer
@@ -105,8 +105,12 @@ def tok():
 def test_pipeline_generate_from_threads_equals_serial(tmp_path, tok):
     dlp = tiny_pipeline(make_tiny_assets(tmp_path / "assets", len(tok)), tok)
     batches = [["What is 3 + 4?"], ["Which planet is largest?", "Name a noble gas."], ["Solve 2x = 6."]]
-    routings = [Routing.from_dense(torch.tensor([[1.0, 0.0]] * len(b))) if i % 2 else
-                Routing.from_dense(torch.tensor([[0.0, 1.0]] * len(b))) for i, b in enumerate(batches)]
+    routings = [
+        Routing.from_dense(torch.tensor([[1.0, 0.0]] * len(b)))
+        if i % 2
+        else Routing.from_dense(torch.tensor([[0.0, 1.0]] * len(b)))
+        for i, b in enumerate(batches)
+    ]
     cfg = GenerationConfig(max_new_tokens=6)
     want = [dlp.generate(b, config=cfg, routing=r) for b, r in zip(batches, routings)]
     jobs = list(range(len(batches))) * 3

@@ -4,15 +4,15 @@ best checkpoint, resume), the deployment gate (gate split or dev) and collapse c
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_vocab_model
 from safetensors.torch import load_file
 
-from conftest import tiny_vocab_model
 from dlp_lora import FusedLoRAModel
 from dlp_lora.assets import Manifest
 from dlp_lora.chat import RAW_LAYOUTS, chat_prompt, raw_prompt
@@ -26,8 +26,10 @@ from dlp_lora.training.batching import bucketed_batches, collate, encode_example
 from dlp_lora.training.gate import COLLAPSE_SHARE, collapsed, deployment_gate, gate_table
 
 # Library noise on every step of the tiny runs (float(loss) on a graph tensor; a transformers deprecation).
-pytestmark = pytest.mark.filterwarnings("ignore:Converting a tensor with requires_grad:UserWarning",
-                                        "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Converting a tensor with requires_grad:UserWarning",
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning",
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +38,12 @@ def tok():
 
 
 def _examples(n: int, answer: str = "blue") -> list[Example]:
-    return [Example(uid=f"colour/{i}", task="colour", prompt=f"What colour is item {i}?", answer=answer,
-                    references=(answer,)) for i in range(n)]
+    return [
+        Example(
+            uid=f"colour/{i}", task="colour", prompt=f"What colour is item {i}?", answer=answer, references=(answer,)
+        )
+        for i in range(n)
+    ]
 
 
 def _task(examples: list[Example]) -> Task:
@@ -50,13 +56,15 @@ def _ids(tok, text: str) -> list[int]:
 
 # ---------------------------------------------------------------- batching
 
+
 def _batch(tok, examples, max_length):
     return collate(encode_examples(tok, examples, max_length), tok.pad_token_id)
 
 
 def test_collate_masks_prompt_and_pads_right(tok):
-    long_ex = Example(uid="t/0", task="t", prompt="What is two plus two, written as a digit?", answer="4",
-                      references=("4",))
+    long_ex = Example(
+        uid="t/0", task="t", prompt="What is two plus two, written as a digit?", answer="4", references=("4",)
+    )
     short_ex = Example(uid="t/1", task="t", prompt="Hi?", answer="Hello there", references=("Hello there",))
     batch = _batch(tok, [long_ex, short_ex], max_length=256)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
@@ -84,10 +92,10 @@ def test_encode_truncates_the_prompt_head_not_the_answer(tok):
     batch = collate([row], tok.pad_token_id)
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     answer = _ids(tok, "blue" + tok.eos_token)
-    assert labels[-len(answer):].tolist() == answer and labels[:-len(answer)].eq(-100).all()
+    assert labels[-len(answer) :].tolist() == answer and labels[: -len(answer)].eq(-100).all()
     # The prompt keeps its tail (question, then the assistant turn) and loses its head (system turn).
     full_prompt = _ids(tok, chat_prompt(tok, prompt))
-    assert ids[: 32 - len(answer)].tolist() == full_prompt[-(32 - len(answer)):]
+    assert ids[: 32 - len(answer)].tolist() == full_prompt[-(32 - len(answer)) :]
     assert "sky?" in tok.decode(ids[: 32 - len(answer)]) and "SmolLM" not in tok.decode(ids)
     assert not encode_examples(tok, _examples(1), max_length=256)[0].truncated
 
@@ -101,7 +109,7 @@ def test_encode_writes_each_example_once_per_format(tok):
     assert len(both) == 12 and both[:6] == chat_only
     layouts = set()
     for ex, row in zip(examples, both[6:]):
-        prompt, answer = tok.decode(row.ids[: row.n_prompt]), tok.decode(row.ids[row.n_prompt:])
+        prompt, answer = tok.decode(row.ids[: row.n_prompt]), tok.decode(row.ids[row.n_prompt :])
         assert answer == " " + ex.answer + "\n" + tok.eos_token
         layouts.add(next(i for i in range(len(RAW_LAYOUTS)) if prompt == raw_prompt(ex.prompt, i)))
         assert "<|im_start|>" not in prompt
@@ -130,7 +138,7 @@ def test_bucketed_batches_cover_every_row_once_per_epoch_and_group_lengths():
         assert sorted(i for b in epoch for i in b) == list(range(100))
     # Padding: rows sorted within windows of 20 waste far less than a plain shuffle would.
     waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches)
-    shuffled = [list(range(100))[i: i + 4] for i in range(0, 100, 4)] * 2
+    shuffled = [list(range(100))[i : i + 4] for i in range(0, 100, 4)] * 2
     plain = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in shuffled)
     assert waste < plain / 3
     assert batches == bucketed_batches(lengths, batch_size=4, seed=3, epochs=2, bucket_batches=5)  # seeded
@@ -150,8 +158,18 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor():
 
 # ---------------------------------------------------------------- train_adapter
 
-FAST = AdapterTrainConfig(r=4, alpha=8, dropout=0.0, target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
-                          epochs=30, batch_size=2, lr=0.3, max_length=64, eval_every=15, patience=10)
+FAST = AdapterTrainConfig(
+    r=4,
+    alpha=8,
+    dropout=0.0,
+    target_modules=("q_proj", "v_proj", "o_proj", "down_proj"),
+    epochs=30,
+    batch_size=2,
+    lr=0.3,
+    max_length=64,
+    eval_every=15,
+    patience=10,
+)
 
 
 @pytest.fixture(scope="module")
@@ -169,10 +187,18 @@ def test_train_adapter_loss_goes_down_and_record_is_complete(trained):
     _, _, record, _ = trained
     assert record["final_train_loss"] < record["first_train_loss"] - 0.1
     assert record["steps"] == record["planned_steps"] == 30 * 2  # 30 epochs of 4 examples in batches of 2
-    assert (record["task"], record["kind"], record["train_examples"], record["dev_examples_scored"]) == \
-           ("colour", "qa", 4, 2)
-    assert (record["r"], record["alpha"], record["lr"], record["target_modules"]) == \
-           (4, 8, 0.3, ["q_proj", "v_proj", "o_proj", "down_proj"])
+    assert (record["task"], record["kind"], record["train_examples"], record["dev_examples_scored"]) == (
+        "colour",
+        "qa",
+        4,
+        2,
+    )
+    assert (record["r"], record["alpha"], record["lr"], record["target_modules"]) == (
+        4,
+        8,
+        0.3,
+        ["q_proj", "v_proj", "o_proj", "down_proj"],
+    )
     # The dev curve: step 0 (the base model) then every eval_every steps; the best one is saved.
     curve = record["dev_curve"]
     assert [c["step"] for c in curve] == [0, 15, 30, 45, 60] and curve[0]["train_loss"] is None
@@ -262,52 +288,102 @@ def test_train_adapter_can_start_from_another_adapter(tok, tmp_path, trained):
     _, _, first, start_dir = trained
     model = tiny_vocab_model(len(tok))
     examples = _examples(6)
-    cfg = AdapterTrainConfig(init_from=str(start_dir), lr=1e-12, epochs=1, batch_size=2, max_length=64, eval_every=1,
-                             patience=10)
-    record = train_adapter(model, tok, _task(examples), examples[:4], examples[4:], tmp_path / "next", cfg,
-                           progress=False)
+    cfg = AdapterTrainConfig(
+        init_from=str(start_dir), lr=1e-12, epochs=1, batch_size=2, max_length=64, eval_every=1, patience=10
+    )
+    record = train_adapter(
+        model, tok, _task(examples), examples[:4], examples[4:], tmp_path / "next", cfg, progress=False
+    )
     assert (record["r"], record["alpha"], record["target_modules"]) == (4, 8, sorted(FAST.target_modules))
     assert record["init_from"] == str(start_dir)
     want, got = (load_file(str(d / "adapter_model.safetensors")) for d in (start_dir, tmp_path / "next"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)  # lr ~0: unchanged
     assert record["base_dev_scores"] == first["base_dev_scores"]  # the base model, as in a fresh run
     with pytest.raises(FileNotFoundError, match="init_from: expected a PEFT LoRA directory"):
-        train_adapter(model, tok, _task(examples), examples, [], tmp_path / "x", replace(cfg, init_from=str(tmp_path)),
-                      progress=False)
+        train_adapter(
+            model,
+            tok,
+            _task(examples),
+            examples,
+            [],
+            tmp_path / "x",
+            replace(cfg, init_from=str(tmp_path)),
+            progress=False,
+        )
 
 
 def test_train_adapter_refuses_an_empty_training_split(tok, tmp_path):
     with pytest.raises(ValueError, match="task 'colour': no training examples"):
-        train_adapter(tiny_vocab_model(len(tok)), tok, _task(_examples(3)), [], _examples(3), tmp_path / "x", FAST,
-                      progress=False)
+        train_adapter(
+            tiny_vocab_model(len(tok)), tok, _task(_examples(3)), [], _examples(3), tmp_path / "x", FAST, progress=False
+        )
     assert not (tmp_path / "x").exists()
 
 
 def test_interrupted_training_resumes_to_the_same_adapter(tok, tmp_path):
     examples = _examples(6)
     cfg = replace(FAST, epochs=3, eval_every=2)  # 6 steps, checkpoints at 2, 4, 6
-    straight = train_adapter(tiny_vocab_model(len(tok)), tok, _task(examples), examples[:4], examples[4:],
-                             tmp_path / "straight", cfg, progress=False)
+    straight = train_adapter(
+        tiny_vocab_model(len(tok)),
+        tok,
+        _task(examples),
+        examples[:4],
+        examples[4:],
+        tmp_path / "straight",
+        cfg,
+        progress=False,
+    )
     ckpt, out = tmp_path / "ckpt", tmp_path / "resumed"
     model = tiny_vocab_model(len(tok))
-    first = train_adapter(model, tok, _task(examples), examples[:4], examples[4:], out, cfg, ckpt_dir=ckpt,
-                          progress=False, should_stop=lambda: True)
+    first = train_adapter(
+        model,
+        tok,
+        _task(examples),
+        examples[:4],
+        examples[4:],
+        out,
+        cfg,
+        ckpt_dir=ckpt,
+        progress=False,
+        should_stop=lambda: True,
+    )
     assert first is None and (ckpt / STATE_FILE).exists() and not out.exists()  # stopped at the step-2 checkpoint
     assert torch.load(ckpt / STATE_FILE, weights_only=False)["step"] == 2
     with pytest.raises(ValueError, match="made with other settings or data"):
-        train_adapter(model, tok, _task(examples), examples[:4], examples[4:], out, replace(cfg, lr=0.05),
-                      ckpt_dir=ckpt, progress=False)
-    resumed = train_adapter(model, tok, _task(examples), examples[:4], examples[4:], out, cfg, ckpt_dir=ckpt,
-                            progress=False)
+        train_adapter(
+            model,
+            tok,
+            _task(examples),
+            examples[:4],
+            examples[4:],
+            out,
+            replace(cfg, lr=0.05),
+            ckpt_dir=ckpt,
+            progress=False,
+        )
+    resumed = train_adapter(
+        model, tok, _task(examples), examples[:4], examples[4:], out, cfg, ckpt_dir=ckpt, progress=False
+    )
     assert not ckpt.exists()  # removed once the adapter is saved
-    for key in ("steps", "best_step", "dev_curve", "dev_scores", "base_dev_scores", "first_train_loss",
-                "final_train_loss"):
+    for key in (
+        "steps",
+        "best_step",
+        "dev_curve",
+        "dev_scores",
+        "base_dev_scores",
+        "first_train_loss",
+        "final_train_loss",
+    ):
         assert resumed[key] == straight[key], key
-    a, b = load_file(str(tmp_path / "straight" / "adapter_model.safetensors")), load_file(str(out / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "straight" / "adapter_model.safetensors")),
+        load_file(str(out / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ---------------------------------------------------------------- dev gate and collapse
+
 
 def test_gate_deploys_only_beyond_noise():
     gain = deployment_gate({"dev_scores": [100.0] * 30 + [0.0] * 10, "base_dev_scores": [0.0] * 30 + [0.0] * 10})
@@ -321,8 +397,12 @@ def test_gate_deploys_only_beyond_noise():
 
 def test_gate_decides_on_the_gate_split_when_the_record_has_one():
     # Dev says the adapter wins (dev also picked its checkpoint); the held-out gate split says it does not.
-    record = {"dev_scores": [100.0] * 40, "base_dev_scores": [0.0] * 40,
-              "gate_scores": [100.0, 0.0] * 50, "base_gate_scores": [0.0, 100.0] * 25 + [100.0, 0.0] * 25}
+    record = {
+        "dev_scores": [100.0] * 40,
+        "base_dev_scores": [0.0] * 40,
+        "gate_scores": [100.0, 0.0] * 50,
+        "base_gate_scores": [0.0, 100.0] * 25 + [100.0, 0.0] * 25,
+    }
     decision = deployment_gate(record)
     assert decision["split"] == "gate" and decision["n"] == 100 and not decision["deployed"]
     del record["gate_scores"]
@@ -346,21 +426,34 @@ def test_gate_refuses_an_adapter_collapsed_onto_one_option():
 def test_gate_table_lists_each_trained_task_with_its_decision():
     win = {"dev_scores": [100.0] * 30 + [0.0] * 10, "base_dev_scores": [0.0] * 40}
     tie = {"dev_scores": [0.0] * 40, "base_dev_scores": [0.0] * 40}
-    records = {name: {**rec, "steps": 42, "best_step": 25,
-                      "dev_curve": [{"step": 0, "dev": 0.0}, {"step": 25, "dev": 75.0}], "gate": deployment_gate(rec)}
-               for name, rec in (("won", win), ("tied", tie))}
+    records = {
+        name: {
+            **rec,
+            "steps": 42,
+            "best_step": 25,
+            "dev_curve": [{"step": 0, "dev": 0.0}, {"step": 25, "dev": 75.0}],
+            "gate": deployment_gate(rec),
+        }
+        for name, rec in (("won", win), ("tied", tie))
+    }
     rows = gate_table({**records, "router": {"kind": "mini-mlp"}}, ["tied", "untrained", "won"]).splitlines()[2:]
     assert [r.split(" | ")[0] for r in rows] == ["| tied", "| won"]  # table order; untrained and non-task left out
-    assert "| 0, 75 | 25 | 0.0 -> 75.0 | 0.0 -> 75.0 (dev, n=40) | +75.0 [" in rows[1] and rows[1].endswith("| **yes** |")
+    assert "| 0, 75 | 25 | 0.0 -> 75.0 | 0.0 -> 75.0 (dev, n=40) | +75.0 [" in rows[1] and rows[1].endswith(
+        "| **yes** |"
+    )
     assert "| 0 [+0.0, +0.0] | no |" in rows[0]
     gold, chosen = [0, 1] * 20, [0] * 40
-    one = {"dev_scores": [100.0 * (c == g) for c, g in zip(chosen, gold)], "base_dev_scores": [0.0] * 40,
-           "dev_chosen": chosen}
+    one = {
+        "dev_scores": [100.0 * (c == g) for c, g in zip(chosen, gold)],
+        "base_dev_scores": [0.0] * 40,
+        "dev_chosen": chosen,
+    }
     row = gate_table({"one": {**one, "gate": deployment_gate(one, gold)}}, ["one"]).splitlines()[2]
     assert row.endswith("| no: collapsed (100% one option) |")
 
 
 # ---------------------------------------------------------------- train_pool_adapters (resume)
+
 
 class _Calls:
     """Test doubles for the expensive parts of train_pool_adapters; they record what they were asked."""
@@ -374,8 +467,20 @@ class _Calls:
         self.loads += 1
         return "base-model", "tokenizer"
 
-    def train_adapter(self, model, tokenizer, task, train, dev, out_dir, cfg, ckpt_dir=None, progress=True,
-                      on_step=None, should_stop=None):
+    def train_adapter(
+        self,
+        model,
+        tokenizer,
+        task,
+        train,
+        dev,
+        out_dir,
+        cfg,
+        ckpt_dir=None,
+        progress=True,
+        on_step=None,
+        should_stop=None,
+    ):
         assert (model, tokenizer) == ("base-model", "tokenizer")
         assert Path(ckpt_dir).name == task.name and Path(ckpt_dir).parent.name == "checkpoints"
         self.trained.append(task.name)
@@ -390,8 +495,12 @@ class _Calls:
         self.gated.append(task.name)
         # As on dev: 'new' ties with the base model on the gate split; the others win.
         won = [0.0 if task.name == "new" else 100.0] * len(examples)
-        return {"gate_examples": len(examples), "gate_scores": won, "base_gate_scores": [0.0] * len(examples),
-                "gate_chosen": []}
+        return {
+            "gate_examples": len(examples),
+            "gate_scores": won,
+            "base_gate_scores": [0.0] * len(examples),
+            "gate_chosen": [],
+        }
 
 
 @pytest.fixture
@@ -410,18 +519,22 @@ def pool_env(tmp_path, monkeypatch):
     for name in ("done", "file_only"):
         (root / "adapters" / name).mkdir(parents=True)
         (root / "adapters" / name / "adapter_model.safetensors").write_bytes(b"weights")
-    Manifest(base_model=EMBEDDED_MODEL_ID, tasks=["done", "record_only"],
-             adapters={"done": "adapters/done", "record_only": "adapters/record_only"},
-             records={"done": {"task": "done", "kept": True, "gate_examples": 0},
-                      "record_only": {"task": "record_only", "gate_examples": 0}}).save(root)
+    Manifest(
+        base_model=EMBEDDED_MODEL_ID,
+        tasks=["done", "record_only"],
+        adapters={"done": "adapters/done", "record_only": "adapters/record_only"},
+        records={
+            "done": {"task": "done", "kept": True, "gate_examples": 0},
+            "record_only": {"task": "record_only", "gate_examples": 0},
+        },
+    ).save(root)
     return root, tasks, calls
 
 
 def test_pool_resume_skips_only_finished_tasks(pool_env, tmp_path):
     root, tasks, calls = pool_env
     split = SplitConfig(train_cap=5, dev_size=3, test_size=2)
-    manifest = pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split,
-                                        progress=False)
+    manifest = pool.train_pool_adapters(root, list(tasks.values()), data_dir=tmp_path, split_cfg=split, progress=False)
     # 'done' has both its adapter file and its gated record; the others miss one of them.
     assert calls.trained == ["file_only", "record_only", "new"] and calls.loads == 1
     assert calls.gated == ["file_only", "record_only", "new"]
@@ -454,8 +567,13 @@ def test_pool_gates_a_trained_task_whose_record_predates_the_gate_split(pool_env
     # With no gate split (gate_size 0) the decision falls back to dev.
     manifest.records["done"].pop("gate_examples")
     manifest.save(root)
-    manifest = pool.train_pool_adapters(root, [tasks["done"]], data_dir=tmp_path, progress=False,
-                                        split_cfg=SplitConfig(train_cap=5, dev_size=3, test_size=2, gate_size=0))
+    manifest = pool.train_pool_adapters(
+        root,
+        [tasks["done"]],
+        data_dir=tmp_path,
+        progress=False,
+        split_cfg=SplitConfig(train_cap=5, dev_size=3, test_size=2, gate_size=0),
+    )
     assert calls.gated == ["done"] and manifest.records["done"]["gate_examples"] == 0
 
 
@@ -469,8 +587,11 @@ def test_pool_unknown_task_fails_before_any_training(pool_env, tmp_path):
 
 def test_pool_refuses_a_folder_of_another_base_model(pool_env, tmp_path):
     root, tasks, calls = pool_env
-    with pytest.raises(ValueError, match=r"holds adapters for base model 'embedded:SmolLM2-135M-Instruct', "
-                                         r"not 'other/model'"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds adapters for base model 'embedded:SmolLM2-135M-Instruct', "
+        r"not 'other/model'",
+    ):
         pool.train_pool_adapters(root, [tasks["new"]], data_dir=tmp_path, base_model="other/model", progress=False)
     assert calls.trained == [] and calls.loads == 0
 
@@ -485,9 +606,11 @@ def test_multitask_baseline_trains_once_on_every_task_and_is_recorded(tmp_path, 
     monkeypatch.setattr(pool, "train_adapter", calls.train_adapter)
     root = tmp_path / "assets"
     # A router with a `none` class puts it last in the tasks, with no adapter and no data to train on.
-    Manifest(base_model=EMBEDDED_MODEL_ID, tasks=["bbh_navigate", "bbh_snarks", "none"],
-             adapters={"bbh_navigate": "adapters/bbh_navigate", "bbh_snarks": "adapters/bbh_snarks", "none": None}
-             ).save(root)
+    Manifest(
+        base_model=EMBEDDED_MODEL_ID,
+        tasks=["bbh_navigate", "bbh_snarks", "none"],
+        adapters={"bbh_navigate": "adapters/bbh_navigate", "bbh_snarks": "adapters/bbh_snarks", "none": None},
+    ).save(root)
     split = SplitConfig(train_cap=5)
     manifest = pool.train_pool_multitask(root, split_cfg=split, progress=False)
     assert calls.trained == ["multitask"] and manifest.records["multitask"]["train_examples"] == 10
@@ -515,8 +638,11 @@ def test_bundled_assets_deploy_no_collapsed_or_ungated_adapter():
         assert (manifest.adapters[name] is not None) == rec["gate"]["deployed"], name
         if rec["gate"]["deployed"] and rec["kind"] == "mcq":
             try:
-                dev = load_splits(get_task(name), resolve_data_dir(), SplitConfig(**{k: rec["splits"][k] for k in
-                                  ("train_cap", "dev_size", "test_size", "seed")})).dev
+                dev = load_splits(
+                    get_task(name),
+                    resolve_data_dir(),
+                    SplitConfig(**{k: rec["splits"][k] for k in ("train_cap", "dev_size", "test_size", "seed")}),
+                ).dev
             except FileNotFoundError:
                 pytest.skip("../shared/data is not present")
             gold = [ex.gold_index for ex in dev[: len(rec["dev_chosen"])]]

@@ -11,11 +11,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # static tools see the real names; nothing here runs at import time
+    from dlp_lora.config import RoutingConfig
     from dlp_lora.fusion.inject import FusedLoRAModel
     from dlp_lora.models import load_base_model
     from dlp_lora.pipeline import DLPLoRA, Result
     from dlp_lora.router import Router, select
-    from dlp_lora.config import RoutingConfig
     from dlp_lora.types import Routing
 
 # Exported name -> module that defines it (read only; the cache is the module's own namespace).

@@ -1,6 +1,6 @@
 """The assets manifest: which base model, which adapters in which order, which router, and how each was made.
 
-Layout (DESIGN.md):
+Layout:
     <root>/manifest.json, <root>/adapters/<task>/ (PEFT dirs), <root>/router/ (router weights + config.json)
 Router class i is adapter i; `Manifest.check` enforces it so a mismatch can never be silent. A class may map
 to no adapter (null): the dev gate found the task's adapter no better than the base model, so routing to
@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Manifest", "MANIFEST_FILE"]
+DEFAULT_ASSETS = "assets/smollm2-135m-26tasks"
+"""The bundled assets folder, relative to the repository root (the CLI's default)."""
+
+__all__ = ["DEFAULT_ASSETS", "Manifest", "MANIFEST_FILE"]
 
 MANIFEST_FILE = "manifest.json"
 _FORMAT = 1
@@ -46,7 +49,7 @@ class Manifest:
     """Per artifact (task name or 'router'): data source, split sizes, steps, seed, metrics, seconds."""
 
     @classmethod
-    def load(cls, root: str | Path) -> "Manifest":
+    def load(cls, root: str | Path) -> Manifest:
         path = Path(root) / MANIFEST_FILE
         if not path.exists():
             raise FileNotFoundError(f"expected an assets folder with {MANIFEST_FILE}, found none at {path}")
@@ -66,9 +69,7 @@ class Manifest:
         """Strict consistency: every task has an adapter directory on disk and nothing is extra."""
         root = Path(root)
         if set(self.adapters) != set(self.tasks):
-            raise ValueError(
-                f"manifest tasks {sorted(self.tasks)} and adapters {sorted(self.adapters)} differ"
-            )
+            raise ValueError(f"manifest tasks {sorted(self.tasks)} and adapters {sorted(self.adapters)} differ")
         for task in self.deployed:
             d = root / self.adapters[task]  # type: ignore[operator]
             if not (d / "adapter_config.json").exists():
@@ -78,13 +79,16 @@ class Manifest:
             raise ValueError(f"baseline adapters {clash} share names with tasks")
         for name, rel in self.baselines.items():
             if not (root / rel / "adapter_config.json").exists():
-                raise FileNotFoundError(f"manifest names baseline {name!r} at {root / rel}, but it has no "
-                                        "adapter_config.json")
+                raise FileNotFoundError(
+                    f"manifest names baseline {name!r} at {root / rel}, but it has no adapter_config.json"
+                )
         for task, mix in self.serve.items():
             unknown = [n for n in mix if n not in self.deployed and n not in self.baselines]
             if task not in self.tasks or unknown or any(w < 0 for w in mix.values()):
-                raise ValueError(f"manifest serves {task!r} with {mix}: expected a task of the router and "
-                                 f"non-negative weights over adapters {self.deployed + list(self.baselines)}")
+                raise ValueError(
+                    f"manifest serves {task!r} with {mix}: expected a task of the router and "
+                    f"non-negative weights over adapters {self.deployed + list(self.baselines)}"
+                )
         if self.router is not None and not (root / self.router / "config.json").exists():
             raise FileNotFoundError(f"manifest names a router at {root / self.router}, but it has no config.json")
 

@@ -9,7 +9,15 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedTokenizerBase
 
-__all__ = ["RAW_LAYOUTS", "chat_prompt", "conversation_prompt", "encode_prompts", "left_pad", "raw_prompt"]
+__all__ = [
+    "RAW_LAYOUTS",
+    "chat_prompt",
+    "conversation_prompt",
+    "encode_prompts",
+    "left_pad",
+    "prompt_ids",
+    "raw_prompt",
+]
 
 # How evaluation tools write a prompt for a raw completion (no chat template): lm-evaluation-harness's
 # TruthfulQA/BIG-Bench Hard ("Q: ...\nA:"), ARC/OpenBookQA ("Question: ...\nAnswer:") and MMLU/BoolQ
@@ -28,8 +36,9 @@ def raw_prompt(user_text: str, layout: int = 0) -> str:
     return RAW_LAYOUTS[layout].format(user_text.strip())
 
 
-def conversation_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]],
-                        add_generation_prompt: bool = True) -> str:
+def conversation_prompt(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> str:
     """The chat-template string for a whole conversation ({role, content} dicts: system prompt and history
     included), ending where the assistant's answer begins. One user message gives `chat_prompt`'s string."""
     if not messages:
@@ -47,6 +56,14 @@ def encode_prompts(
 
     Raises ValueError for an empty list, an empty/blank prompt or a prompt over max_prompt_tokens.
     """
+    ids = prompt_ids(tokenizer, texts, max_prompt_tokens)
+    return left_pad(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+
+
+def prompt_ids(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_prompt_tokens: int | None = None
+) -> list[list[int]]:
+    """Each text's chat-template token ids (no padding); the errors of `encode_prompts`."""
     if not texts:
         raise ValueError("expected at least one prompt, got an empty list")
     for i, t in enumerate(texts):
@@ -61,7 +78,7 @@ def encode_prompts(
         for i, row in enumerate(ids):
             if len(row) > max_prompt_tokens:
                 raise ValueError(f"prompt {i} has {len(row)} tokens; the limit is {max_prompt_tokens}")
-    return left_pad(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    return ids
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,6 +88,6 @@ def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long, device="cpu")
     mask = torch.zeros((len(rows), width), dtype=torch.long, device="cpu")
     for i, row in enumerate(rows):
-        input_ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long, device="cpu")
-        mask[i, width - len(row):] = 1
+        input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long, device="cpu")
+        mask[i, width - len(row) :] = 1
     return input_ids, mask

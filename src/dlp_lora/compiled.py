@@ -17,7 +17,7 @@ Outputs equal the eager decoder's to float tolerance, not bit for bit: inductor 
 from __future__ import annotations
 
 import shutil
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel, StaticCache
@@ -28,12 +28,14 @@ __all__ = ["CompiledDecoder", "check_compile"]
 def check_compile(device: torch.device | str) -> None:
     """Raise RuntimeError when torch.compile cannot build kernels for `device` here."""
     if torch.device(device).type == "cpu" and not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
-        raise RuntimeError("compile=True needs a C++ compiler for torch.compile's CPU backend (g++, clang++ or "
-                           "c++ on PATH), found none; install one (e.g. `apt install g++`) or run without compile")
+        raise RuntimeError(
+            "compile=True needs a C++ compiler for torch.compile's CPU backend (g++, clang++ or "
+            "c++ on PATH), found none; install one (e.g. `apt install g++`) or run without compile"
+        )
 
 
 class CompiledDecoder:
-    """A `generation.Decoder` whose steps run compiled over a static cache; keep one per model and reuse it
+    """An `engine.Decoder` whose steps run compiled over a static cache; keep one per model and reuse it
     (the compiled graph and the cache survive between calls; a call resets the cache).
 
     length_step: the cache length is the prompt plus max_new_tokens rounded up to a multiple of it, so
@@ -55,8 +57,9 @@ class CompiledDecoder:
         self._mask: torch.Tensor | None = None
         self._next = 0  # cache slot of the next token
 
-    def prefill(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
-                max_new_tokens: int) -> torch.Tensor:
+    def prefill(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
         """input_ids, mask, positions: (B, T) -> logits (B, V). Runs eagerly (prompt lengths vary)."""
         b, t = input_ids.shape
         length = -(-(t + max_new_tokens) // self.length_step) * self.length_step
@@ -67,17 +70,28 @@ class CompiledDecoder:
         # Columns past the prompt are 1: the causal mask (from cache_position) already hides unwritten slots.
         self._mask = torch.cat([mask, mask.new_ones(b, length - t)], dim=1)
         self._next = t
-        out = self.model(input_ids=input_ids, attention_mask=self._mask, position_ids=positions, cache=self._cache,
-                         cache_position=torch.arange(t, device=input_ids.device), use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=self._mask,
+            position_ids=positions,
+            cache=self._cache,
+            cache_position=torch.arange(t, device=input_ids.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return out.logits[:, -1]
 
     def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """tokens, positions: (B,) -> logits (B, V), compiled."""
         if self._next >= self._shape[1]:
-            raise RuntimeError(f"the static cache holds {self._shape[1]} tokens; prefill with a larger "
-                               "max_new_tokens")
-        out = self._step(input_ids=tokens[:, None], attention_mask=self._mask, position_ids=positions[:, None],
-                         cache=self._cache, cache_position=torch.tensor([self._next], device=tokens.device),
-                         use_cache=True)
+            raise RuntimeError(f"the static cache holds {self._shape[1]} tokens; prefill with a larger max_new_tokens")
+        out = self._step(
+            input_ids=tokens[:, None],
+            attention_mask=self._mask,
+            position_ids=positions[:, None],
+            cache=self._cache,
+            cache_position=torch.tensor([self._next], device=tokens.device),
+            use_cache=True,
+        )
         self._next += 1
         return out.logits[:, -1]

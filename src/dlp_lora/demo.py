@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -34,8 +34,7 @@ DEMO_PROMPTS: tuple[str, ...] = (
     "Which gas do green plants take in from the air to make their food?\nA. oxygen\nB. carbon dioxide\n"
     "C. nitrogen\nD. helium\nAnswer with the letter of the correct option.",
     "Sort the following words alphabetically: List: pepper apple mango kiwi banana",
-    "Is the following sentence plausible? \"The goalkeeper hit a home run in the final minute.\"\n"
-    "Answer yes or no.",
+    'Is the following sentence plausible? "The goalkeeper hit a home run in the final minute."\nAnswer yes or no.',
     "not ( True and False ) or False is\nAnswer True or False.",
 )
 
@@ -45,7 +44,8 @@ SENTENCE_DEMO_PROMPT = (
     "Sea. The Nile is among the longest rivers in the world, and its drainage basin covers eleven countries, "
     "including Tanzania, Uganda, Rwanda, Ethiopia, Sudan and Egypt. In particular, the Nile is the primary water "
     "source of Egypt, Sudan and South Sudan.\nQuestion: Into which sea does the Nile flow?\n"
-    "Answer with a short span from the context, then write three sentences about the history of Egypt.")
+    "Answer with a short span from the context, then write three sentences about the history of Egypt."
+)
 """A question whose answer moves on to another subject: `sentence` routing may change the mixture mid-answer."""
 
 
@@ -65,7 +65,7 @@ def load_prompts(path: str | Path) -> list[str]:
             row = json.loads(line)
             value = row.get("prompt", row.get("text"))
             if not isinstance(value, str):
-                raise ValueError(f"{path}:{i}: expected a \"prompt\" or \"text\" string field, found {sorted(row)}")
+                raise ValueError(f'{path}:{i}: expected a "prompt" or "text" string field, found {sorted(row)}')
             prompts.append(value)
         else:
             prompts.append(line)
@@ -93,15 +93,22 @@ def format_table(prompts: Sequence[str], results: Sequence[Result], seconds: flo
 def sentence_demo(dlp: DLPLoRA, prompt: str = SENTENCE_DEMO_PROMPT, max_new_tokens: int = 64) -> str:
     """One prompt answered with `sentence` routing, its answer cut where the mixture changed."""
     steps: list[torch.Tensor] = []
-    r = dlp.generate([prompt], config=GenerationConfig(max_new_tokens=max_new_tokens),
-                     routing_config=RoutingConfig(granularity="sentence"), on_step=lambda t, f: steps.append(t))[0]
+    r = dlp.generate(
+        [prompt],
+        config=GenerationConfig(max_new_tokens=max_new_tokens),
+        routing_config=RoutingConfig(granularity="sentence"),
+        on_step=lambda t, f: steps.append(t),
+    )[0]
     tokens = [int(t[0]) for t in steps[: r.completion_tokens]]
     marks = [{"token": 0, "adapters": r.adapters, "weights": r.weights}, *r.switches, {"token": len(tokens)}]
-    lines = [f"\nOne prompt routed again after each generated sentence (routing granularity `sentence`): "
-             f"{len(r.switches)} mixture change(s) during its answer", f"prompt: {_short(prompt, 110)}"]
+    lines = [
+        f"\nOne prompt routed again after each generated sentence (routing granularity `sentence`): "
+        f"{len(r.switches)} mixture change(s) during its answer",
+        f"prompt: {_short(prompt, 110)}",
+    ]
     for m, nxt in zip(marks, marks[1:]):
         mix = ", ".join(f"{a} ({w:.2f})" for a, w in zip(m["adapters"], m["weights"])) or "base model"
-        piece = dlp.tokenizer.decode(tokens[m["token"]: nxt["token"]], skip_special_tokens=True)
+        piece = dlp.tokenizer.decode(tokens[m["token"] : nxt["token"]], skip_special_tokens=True)
         lines.append(f"  tokens {m['token']:>3}-{nxt['token'] - 1:<3} [{mix}] {_short(piece, 90)!r}")
     return "\n".join(lines)
 
@@ -123,7 +130,9 @@ def run_demo(dlp: DLPLoRA, prompts: Sequence[str], max_new_tokens: int = 24) -> 
     # Different adapters stop at different lengths, so compare throughput, not wall time.
     routed_tokens = sum(r.completion_tokens for r in results)
     plain_tokens = sum(r.completion_tokens for r in plain_results)
-    return (format_table(prompts, results, routed)
-            + f" ({routed_tokens} tokens, {routed_tokens / routed:.1f} tok/s, router included)"
-            + f"\nsame batch with the single adapter {single!r} on every row: {plain:.1f} s "
-              f"({plain_tokens} tokens, {plain_tokens / plain:.1f} tok/s)")
+    return (
+        format_table(prompts, results, routed)
+        + f" ({routed_tokens} tokens, {routed_tokens / routed:.1f} tok/s, router included)"
+        + f"\nsame batch with the single adapter {single!r} on every row: {plain:.1f} s "
+        f"({plain_tokens} tokens, {plain_tokens / plain:.1f} tok/s)"
+    )

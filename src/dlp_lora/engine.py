@@ -1,32 +1,98 @@
-"""Step-level decoding for a running batch whose rows come and go (continuous batching).
+"""The decode loop: every generated token of the library, the evaluation and the server comes from here.
 
-The caller (the server's scheduler) owns one `RunningBatch` and drives it with four calls:
+`Engine.generate(rows)` runs a fixed set of rows to their ends (`DLPLoRA.generate`, the evaluation harness)
+over a `Decoder` (eager by default; `compiled.CompiledDecoder` runs the steps compiled over a static KV
+cache). For a running
+batch whose rows come and go (continuous batching) the caller (the server's scheduler) owns one
+`RunningBatch` and drives it with four calls:
   prefill(rows)          run new rows' prompts on their own (left padded) and pick each row's first token
   merge(running, new)    one batch: KV caches and masks left padded to the longer one, rows stacked
   decode(batch)          one more token for every row of the batch
   drop_finished(batch)   rows that ended leave at once (and padding columns no row needs any more go)
-Every row keeps its own adapter mixture, sampling settings (its own generator, so a seeded row
-reproduces whatever runs beside it), stop strings and token limit. The mixtures become the (B, N)
-routing of the fused layers through `FusedLoRAModel.routed` / `reroute`, set again only when the rows
+Every row keeps its own adapter mixture and `GenerationConfig` (sampling, its own generator so a seeded
+row reproduces whatever runs beside it, stop strings, token limit); `sampling.py` picks the tokens. The
+mixtures become the (B, N) routing of the fused layers through `FusedLoRAModel.routed` / `reroute`, set again only when the rows
 of the forward pass change (a join, a leave) or a row's mixture changes (`Row.reroute`, sentence
 routing), so gathered stacks or merged weights are built once per change, not once per token.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Callable, Literal, Mapping
+from typing import Literal, Protocol
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.chat import left_pad
 from dlp_lora.config import GenerationConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
-from dlp_lora.generation import cut_at_stop, eos_ids, sample_next
+from dlp_lora.sampling import cut_at_stop, eos_ids, sample_next, stop_reached
 
-__all__ = ["Engine", "Row", "RunningBatch", "TokenLogprob"]
+__all__ = [
+    "Decoder",
+    "EagerDecoder",
+    "Engine",
+    "Result",
+    "Row",
+    "RunningBatch",
+    "StepCallback",
+    "TokenLogprob",
+    "listed",
+    "switches_of",
+]
+
+StepCallback = Callable[[torch.Tensor, torch.Tensor], None]
+"""on_step(tokens (B,), finished (B,)), host tensors, after each step of `Engine.generate`: each row's
+newest answer token (the pad id where the row added none this step) and whether the row has ended."""
+
+
+class Decoder(Protocol):
+    """Runs the model's forward passes for `Engine.generate` over a fixed set of rows (KV cache inside)."""
+
+    def prefill(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        """input_ids, mask, positions: (B, T) -> next-token logits (B, V); room for max_new_tokens steps."""
+        ...
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: (B,) -> next-token logits (B, V)."""
+        ...
+
+
+class EagerDecoder:
+    """The default `Decoder`: transformers' dynamic KV cache, the model run eagerly, the mask growing by one
+    column per step. One per `Engine.generate` call (it holds that call's cache)."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        self.model = model
+        self._mask: torch.Tensor | None = None
+        self._cache = None
+
+    def prefill(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int
+    ) -> torch.Tensor:
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+        )
+        self._mask, self._cache = mask, out.cache
+        return out.logits[:, -1]
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        self._mask = torch.cat([self._mask, self._mask.new_ones(self._mask.shape[0], 1)], dim=1)
+        out = self.model(
+            input_ids=tokens[:, None],
+            attention_mask=self._mask,
+            position_ids=positions[:, None],
+            cache=self._cache,
+            use_cache=True,
+        )
+        self._cache = out.cache
+        return out.logits[:, -1]
+
 
 MAX_TOP_LOGPROBS = 20
 """Most alternatives reported per token (OpenAI's limit)."""
@@ -41,17 +107,46 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+@dataclass(frozen=True)
+class Result:
+    """One row's answer, as the library (`DLPLoRA.generate`) and the server return it: the text (cut at
+    its stop string), the adapter mixture it started under (heaviest first), token counts and ids, and
+    the log-probabilities where they were asked for."""
+
+    text: str
+    adapters: list[str]
+    weights: list[float]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    switches: list[dict] = field(default_factory=list)
+    """Mid-answer mixture changes (`sentence` routing): {"token": i, "adapters": [...], "weights": [...]},
+    the mixture answer tokens i, i+1, ... were sampled under; `adapters`/`weights` above are the first."""
+    sentence: bool = False
+    """The row was routed again after each generated sentence (`switches` lists what changed)."""
+    prompt_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    token_logprobs: list[TokenLogprob] | None = None
+    """With `Row.logprobs`: one per answer token, plus the EOS token that ended the answer (scored, not text)."""
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    """With `Row.echo`: one per prompt token (the first is None)."""
+
+
+def listed(mixture: Mapping[str, float]) -> tuple[list[str], list[float]]:
+    """{adapter: weight} -> (adapters, weights rounded to 1e-6), heaviest first, zero weights left out."""
+    pairs = sorted(((n, float(w)) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
+    return [n for n, _ in pairs], [round(w, 6) for _, w in pairs]
+
+
 @dataclass(eq=False)
 class Row:
-    """One sequence of the running batch: what was asked, and what it has produced so far.
+    """One sequence of a batch: what was asked, and what it has produced so far.
 
-    `mixture` maps adapter names to weights ({} is the base model alone). `sampling` gives do_sample,
-    temperature and top_p (its max_new_tokens, stop and seed are ignored: `max_tokens` is the limit, and
-    may be 0 when only the prompt's log-probabilities are wanted; `seed` seeds this row's own generator,
-    any 64-bit value, signed or not). `logprobs`: None, or how many alternatives to
-    report per generated token (0 reports the chosen token's log-probability only); `echo` also scores
-    the prompt's tokens (the first has no log-probability); `ignore_eos` decodes past EOS up to
-    `max_tokens` (vLLM's option, for load tests that need answers of a known length).
+    `mixture` maps adapter names to weights ({} is the base model alone). `params` are its decoding
+    settings (`max_new_tokens` may be 0 when only the prompt's log-probabilities are wanted; `seed`
+    seeds this row's own generator). `logprobs`: None, or how many alternatives to report per generated
+    token (0 reports the chosen token's log-probability only); `echo` also scores the prompt's tokens (the
+    first has no log-probability).
 
     `reroute` (sentence routing; the engine knows no router) is fed every answer token the row keeps
     and goes on after (not the one that ends it) and returns the mixture the row continues under from
@@ -62,13 +157,9 @@ class Row:
 
     prompt_ids: list[int]
     mixture: Mapping[str, float]
-    max_tokens: int
-    sampling: GenerationConfig = field(default_factory=GenerationConfig)
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+    params: GenerationConfig = field(default_factory=GenerationConfig)
     logprobs: int | None = None
     echo: bool = False
-    ignore_eos: bool = False
     tokens: list[int] = field(default_factory=list)
     token_logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -80,10 +171,16 @@ class Row:
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise ValueError("a row needs at least one prompt token, got none")
-        if self.max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+
+    @property
+    def max_tokens(self) -> int:
+        return self.params.max_new_tokens
+
+    @property
+    def stop(self) -> tuple[str, ...]:
+        return self.params.stop
 
     @property
     def done(self) -> bool:
@@ -108,6 +205,17 @@ class RunningBatch:
         return len(self.rows)
 
 
+def switches_of(row: Row) -> list[dict]:
+    """The row's mixture changes that some answer token was sampled under (a change just before the row
+    ended is none): {"token": i, "adapters": [...], "weights": [...]}."""
+    out = []
+    for token, mixture in row.switches:
+        if token < len(row.tokens):
+            adapters, weights = listed(mixture)
+            out.append({"token": token, "adapters": adapters, "weights": weights})
+    return out
+
+
 def _left_pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zeros on the left of `dim` up to `width` (KV tensors (B, H, T, D) use dim 2, masks (B, T) dim 1)."""
     missing = width - t.shape[dim]
@@ -119,10 +227,24 @@ def _left_pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 
 class Engine:
-    """Step-level calls over one fused model; use from one thread only (the model is not thread-safe)."""
+    """Step-level calls over one model; use from one thread only (the model is not thread-safe).
 
-    def __init__(self, fused: FusedLoRAModel, tokenizer: PreTrainedTokenizerBase) -> None:
-        self.fused, self.model, self.tokenizer = fused, fused.model, tokenizer
+    target: a `FusedLoRAModel` (rows carry adapter mixtures) or a plain model (every row's mixture must be
+    {}: a base model, a peft model, a fused model routed by the caller). decoder: runs `generate`'s
+    forward passes (default: an `EagerDecoder` per call; a `compiled.CompiledDecoder` runs the steps
+    compiled over a static cache). The continuous-batching calls (prefill, decode, merge,
+    drop_finished) run eagerly; both ways choose tokens and end rows in `_advance`.
+    """
+
+    def __init__(
+        self,
+        target: FusedLoRAModel | PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        decoder: Decoder | None = None,
+    ) -> None:
+        self.fused = target if isinstance(target, FusedLoRAModel) else None
+        self.model = target.model if self.fused is not None else target
+        self.tokenizer, self.decoder = tokenizer, decoder
         self.eos = eos_ids(self.model, tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos), 0)
         self._routing: ExitStack | None = None
@@ -132,6 +254,8 @@ class Engine:
     # ---- routing --------------------------------------------------------------------------------
     def dense(self, rows: list[Row]) -> torch.Tensor:
         """(B, N) routing weights of the rows' mixtures in the bank's current order."""
+        if self.fused is None:
+            raise ValueError("this engine runs a model without adapters; rows must have empty mixtures")
         names = self.fused.adapter_names
         # On the host on purpose, whatever the default device: filled element by element from Python, then
         # read by `routed` (path, k) and moved to the stacks' device once.
@@ -143,8 +267,16 @@ class Engine:
 
     def _route(self, rows: list[Row]) -> None:
         """Set the fused layers' routing to these rows, unless it already is."""
-        if self._routing is not None and not self._stale and len(rows) == len(self._routed_rows) and all(
-                a is b for a, b in zip(rows, self._routed_rows)):
+        if self.fused is None:
+            if any(r.mixture for r in rows):
+                raise ValueError("this engine runs a model without adapters; rows must have empty mixtures")
+            return
+        if (
+            self._routing is not None
+            and not self._stale
+            and len(rows) == len(self._routed_rows)
+            and all(a is b for a, b in zip(rows, self._routed_rows))
+        ):
             return
         dense = self.dense(rows)
         if self._routing is None:
@@ -167,7 +299,57 @@ class Engine:
         """The model's device: every tensor the engine makes is made there."""
         return next(self.model.parameters()).device
 
+    # ---- a fixed set of rows ----------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, rows: list[Row], on_step: StepCallback | None = None) -> list[Row]:
+        """Run `rows` together to their ends and return them, answered: the library's and the evaluation's
+        decode loop. The rows stay in place (a finished row is fed the pad id), so routing set outside
+        the engine for these B rows (an evaluation under `FusedLoRAModel.routed`) stays aligned with
+        them; the routing the engine set itself is left afterwards."""
+        if not rows:
+            raise ValueError("generate needs at least one row")
+        if any(r.echo for r in rows):
+            raise ValueError("generate does not score prompts (echo); use prefill, as the server does")
+        decoder = self.decoder if self.decoder is not None else EagerDecoder(self.model)
+        try:
+            ids, mask, positions = self._prepare(rows)
+            logits = decoder.prefill(ids, mask, positions, max(r.max_tokens for r in rows))
+            positions = positions[:, -1]
+            self._advance(rows, logits)
+            self._report(on_step, rows, [0] * len(rows))
+            while not all(r.done for r in rows):
+                before = [len(r.tokens) for r in rows]
+                self._route(rows)  # again only when a row's mixture changed (sentence routing)
+                last = [self.pad if r.done else r.tokens[-1] for r in rows]
+                positions = positions + 1
+                logits = decoder.step(torch.tensor(last, dtype=torch.long, device=self.device), positions)
+                self._advance(rows, logits)
+                self._report(on_step, rows, before)
+        finally:
+            self.release()
+        return rows
+
+    def _report(self, on_step: StepCallback | None, rows: list[Row], before: list[int]) -> None:
+        if on_step is None:
+            return
+        newest = [r.tokens[-1] if len(r.tokens) > n else self.pad for r, n in zip(rows, before)]
+        on_step(torch.tensor(newest, device="cpu"), torch.tensor([r.done for r in rows], device="cpu"))
+
     # ---- steps ----------------------------------------------------------------------------------
+    def _prepare(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded input_ids, mask, positions (B, T) of the rows' prompts on the model's device; each
+        seeded sampling row gets its generator and the routing is set to the rows."""
+        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        for row in rows:
+            if row.params.do_sample and row.params.seed is not None and row.generator is None:
+                # Any 64-bit seed, signed or not, maps onto torch's unsigned 64-bit seeds; the generator
+                # lives where sampling happens (torch.multinomial refuses one on another device).
+                row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed % 2**64)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        self._route(rows)
+        return ids, mask, positions
+
     @torch.no_grad()
     def prefill(self, rows: list[Row]) -> RunningBatch:
         """Run the rows' prompts (one left-padded forward pass) and pick each row's first token.
@@ -177,24 +359,21 @@ class Engine:
         """
         if not rows:
             raise ValueError("prefill needs at least one row")
-        ids, mask = left_pad([r.prompt_ids for r in rows], self.pad)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        for row in rows:
-            if row.sampling.do_sample and row.seed is not None and row.generator is None:
-                # Any 64-bit seed, signed or not, maps onto torch's unsigned 64-bit seeds; the generator
-                # lives where sampling happens (torch.multinomial refuses one on another device).
-                row.generator = torch.Generator(device=self.device).manual_seed(row.seed % 2**64)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-        self._route(rows)
+        ids, mask, positions = self._prepare(rows)
         echo = any(r.echo for r in rows)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                         logits_to_keep=0 if echo else 1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if echo else 1,
+        )
         for b, row in enumerate(rows):
             if row.echo:
                 n = len(row.prompt_ids)
                 row.prompt_logprobs = [None] + self._scored(out.logits[b, -n:-1], row.prompt_ids[1:], row.logprobs)
         batch = RunningBatch(rows=list(rows), cache=out.cache, mask=mask, positions=positions[:, -1:].clone())
-        self._advance(batch, out.logits[:, -1])
+        self._advance(batch.rows, out.logits[:, -1])
         return batch
 
     @torch.no_grad()
@@ -206,10 +385,15 @@ class Engine:
         last = torch.tensor([r.tokens[-1] for r in batch.rows], dtype=torch.long, device=self.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
         batch.positions = batch.positions + 1
-        out = self.model(input_ids=last[:, None], attention_mask=batch.mask, position_ids=batch.positions,
-                         cache=batch.cache, use_cache=True)
+        out = self.model(
+            input_ids=last[:, None],
+            attention_mask=batch.mask,
+            position_ids=batch.positions,
+            cache=batch.cache,
+            use_cache=True,
+        )
         batch.cache = out.cache
-        self._advance(batch, out.logits[:, -1])
+        self._advance(batch.rows, out.logits[:, -1])
 
     @staticmethod
     def merge(running: RunningBatch | None, new: RunningBatch) -> RunningBatch:
@@ -222,8 +406,12 @@ class Engine:
             a.keys = torch.cat([_left_pad_to(a.keys, width, 2), _left_pad_to(b.keys, width, 2)], dim=0)
             a.values = torch.cat([_left_pad_to(a.values, width, 2), _left_pad_to(b.values, width, 2)], dim=0)
         mask = torch.cat([_left_pad_to(running.mask, width, 1), _left_pad_to(new.mask, width, 1)], dim=0)
-        return RunningBatch(rows=running.rows + new.rows, cache=running.cache, mask=mask,
-                            positions=torch.cat([running.positions, new.positions], dim=0))
+        return RunningBatch(
+            rows=running.rows + new.rows,
+            cache=running.cache,
+            mask=mask,
+            positions=torch.cat([running.positions, new.positions], dim=0),
+        )
 
     @staticmethod
     def drop_finished(batch: RunningBatch) -> RunningBatch | None:
@@ -240,32 +428,36 @@ class Engine:
         for layer in batch.cache.layers:
             layer.keys = layer.keys[index, :, start:]
             layer.values = layer.values[index, :, start:]
-        return RunningBatch(rows=[batch.rows[i] for i in keep], cache=batch.cache, mask=mask[:, start:],
-                            positions=batch.positions[index])
+        return RunningBatch(
+            rows=[batch.rows[i] for i in keep],
+            cache=batch.cache,
+            mask=mask[:, start:],
+            positions=batch.positions[index],
+        )
 
     # ---- per-row token choice ---------------------------------------------------------------------
-    def _advance(self, batch: RunningBatch, logits: torch.Tensor) -> None:
+    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """logits: (B, V) at each row's last position -> each unfinished row's next token and its end."""
         greedy = logits.argmax(-1)
-        want_lp = any(r.logprobs is not None for r in batch.rows)
+        want_lp = any(r.logprobs is not None for r in rows)
         logp = torch.log_softmax(logits.float(), -1) if want_lp else None
-        for b, row in enumerate(batch.rows):
+        for b, row in enumerate(rows):
             if row.done:
                 continue
             if len(row.tokens) >= row.max_tokens:  # max_tokens 0: the prompt alone was wanted
                 row.finish("length")
                 continue
-            if row.sampling.do_sample:
-                token = int(sample_next(logits[b: b + 1], row.sampling, row.generator)[0])
+            if row.params.do_sample:
+                token = int(sample_next(logits[b : b + 1], row.params, row.generator)[0])
             else:
                 token = int(greedy[b])
             if logp is not None and row.logprobs is not None:
-                row.token_logprobs.append(self._scored(logp[b: b + 1], [token], row.logprobs, normed=True)[0])
-            if token in self.eos and not row.ignore_eos:
+                row.token_logprobs.append(self._scored(logp[b : b + 1], [token], row.logprobs, normed=True)[0])
+            if token in self.eos and not row.params.ignore_eos:
                 row.finish("stop")
                 continue
             row.tokens.append(token)
-            if row.stop and cut_at_stop(self._decoded(row), row.stop)[1]:
+            if stop_reached(self.tokenizer, row.tokens, row.stop):
                 row.finish("stop")
             elif len(row.tokens) >= row.max_tokens:
                 row.finish("length")
@@ -293,6 +485,23 @@ class Engine:
         else:
             tops = [()] * len(tokens)
         return [TokenLogprob(t, lp, tp) for t, lp, tp in zip(tokens, chosen, tops)]
+
+    def result(self, row: Row, first: Mapping[str, float]) -> Result:
+        """An ended row's `Result`; `first` is the mixture it started under."""
+        return Result(
+            text=self.text(row),
+            adapters=listed(first)[0],
+            weights=listed(first)[1],
+            finish_reason=row.finish_reason or "length",
+            prompt_tokens=len(row.prompt_ids),
+            completion_tokens=len(row.tokens),
+            switches=switches_of(row),
+            sentence=row.reroute is not None,
+            prompt_ids=row.prompt_ids,
+            token_ids=row.tokens,
+            token_logprobs=row.token_logprobs if row.logprobs is not None else None,
+            prompt_logprobs=row.prompt_logprobs if row.echo else None,
+        )
 
     def _decoded(self, row: Row) -> str:
         return self.tokenizer.decode(row.tokens, skip_special_tokens=True)

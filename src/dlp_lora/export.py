@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -14,8 +14,9 @@ from dlp_lora.assets import Manifest
 __all__ = ["export_mixture"]
 
 
-def export_mixture(assets: str | Path, mix: Mapping[str, float], out_dir: str | Path,
-                   dtype: torch.dtype = torch.float32) -> Path:
+def export_mixture(
+    assets: str | Path, mix: Mapping[str, float], out_dir: str | Path, dtype: torch.dtype = torch.float32
+) -> Path:
     """Write sum_name mix[name] * adapter_name as a PEFT directory at out_dir (ranks stacked, exact).
 
     A name is an adapter of the assets (a task's or a baseline's) or a router class served by another
@@ -25,18 +26,23 @@ def export_mixture(assets: str | Path, mix: Mapping[str, float], out_dir: str | 
     """
     manifest = Manifest.load(assets)
     manifest.check(assets)
-    paths = {**{t: p for t, p in manifest.adapter_paths(assets).items() if p is not None},
-             **manifest.baseline_paths(assets)}
+    paths = {
+        **{t: p for t, p in manifest.adapter_paths(assets).items() if p is not None},
+        **manifest.baseline_paths(assets),
+    }
     expanded: dict[str, float] = {}
     for name, w in mix.items():
         # An adapter by its own name; a router class served by another mixture (the gate's choice) by its class.
         parts = {name: 1.0} if name in paths else manifest.served(name) if name in manifest.tasks else None
         if parts is None:
-            raise ValueError(f"unknown adapter(s) {[name]}; the assets hold: {list(paths)} and the router's "
-                             f"classes {manifest.tasks}")
+            raise ValueError(
+                f"unknown adapter(s) {[name]}; the assets hold: {list(paths)} and the router's classes {manifest.tasks}"
+            )
         if not parts:  # the gate kept the base model for this task: it adds nothing to a mixture
-            raise ValueError(f"task(s) {[name]} have no deployed adapter (the dev gate kept the base model); "
-                             f"leave them out of the mixture. Deployed adapters: {list(paths)}")
+            raise ValueError(
+                f"task(s) {[name]} have no deployed adapter (the dev gate kept the base model); "
+                f"leave them out of the mixture. Deployed adapters: {list(paths)}"
+            )
         for part, pw in parts.items():
             expanded[part] = expanded.get(part, 0.0) + w * pw
     adapters = {n: read_peft_adapter(paths[n], n) for n in expanded}

@@ -31,12 +31,18 @@ class CpuInfo:
     cores: int
 
     def __str__(self) -> str:
-        return (f"{self.model or platform.processor() or 'unknown CPU'}, {self.cores} cores, flags "
-                f"{' '.join(self.flags) or 'none of ' + '/'.join(KERNEL_FLAGS)}, torch kernels {self.torch_capability}")
+        return (
+            f"{self.model or platform.processor() or 'unknown CPU'}, {self.cores} cores, flags "
+            f"{' '.join(self.flags) or 'none of ' + '/'.join(KERNEL_FLAGS)}, torch kernels {self.torch_capability}"
+        )
 
     def as_dict(self) -> dict:
-        return {"model": self.model, "flags": list(self.flags), "torch_capability": self.torch_capability,
-                "cores": self.cores}
+        return {
+            "model": self.model,
+            "flags": list(self.flags),
+            "torch_capability": self.torch_capability,
+            "cores": self.cores,
+        }
 
 
 def cpu_info() -> CpuInfo:
@@ -53,5 +59,9 @@ def cpu_info() -> CpuInfo:
                 flags = set(value.split())
             if model and flags:
                 break
-    return CpuInfo(model=model, flags=tuple(f for f in KERNEL_FLAGS if f in flags),
-                   torch_capability=torch.backends.cpu.get_cpu_capability(), cores=os.cpu_count() or 1)
+    return CpuInfo(
+        model=model,
+        flags=tuple(f for f in KERNEL_FLAGS if f in flags),
+        torch_capability=torch.backends.cpu.get_cpu_capability(),
+        cores=os.cpu_count() or 1,
+    )

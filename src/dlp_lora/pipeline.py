@@ -6,44 +6,30 @@ base model and the fusion never sees a prompt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
-from dlp_lora.chat import encode_prompts
-from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, Quantization, SelectionConfig
-from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.chat import prompt_ids
 from dlp_lora.compiled import CompiledDecoder
-from dlp_lora.generation import GenerationOutput, StepCallback, eos_ids, generate_ids
+from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, Quantization, RoutingConfig, SelectionConfig
+from dlp_lora.engine import Engine, Result, Row, StepCallback, listed
+from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.granularity import SentencePolicy, routing_text
 from dlp_lora.models import load_base_model
 from dlp_lora.router import Router, select_with
-from dlp_lora.routing import RoutingConfig, SentencePolicy, routing_text
+from dlp_lora.sampling import eos_ids
 from dlp_lora.scoring import continuation_logprobs
 from dlp_lora.types import Routing
 
-__all__ = ["DLPLoRA", "Result", "SwitchCallback"]
+__all__ = ["DLPLoRA", "Result", "SentenceRerouter", "SwitchCallback"]
 
 SwitchCallback = Callable[[int, int, list[str], list[float]], None]
 """on_switch(row, token, adapters, weights): row's answer tokens from index `token` on use this mixture."""
-
-
-@dataclass(frozen=True)
-class Result:
-    """One prompt's answer and the adapter mixture that produced it (heaviest first)."""
-
-    text: str
-    adapters: list[str]
-    weights: list[float]
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    switches: list[dict] = field(default_factory=list)
-    """Mid-answer mixture changes (`sentence` routing): {"token": i, "adapters": [...], "weights": [...]},
-    the mixture answer tokens i, i+1, ... were sampled under; `adapters`/`weights` above are the first."""
 
 
 class DLPLoRA:
@@ -73,8 +59,10 @@ class DLPLoRA:
         decode steps run compiled over a static KV cache (`dlp_lora.compiled`: the first call of each batch
         size and path compiles, tens of seconds on a 2-core CPU; later calls decode faster)."""
         if router is not None and list(router.task_names) != list(adapters):
-            raise ValueError(f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
-                             "(same names in the same order are required)")
+            raise ValueError(
+                f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
+                "(same names in the same order are required)"
+            )
         baselines = dict(baselines or {})
         clash = sorted(set(baselines) & set(adapters))
         if clash:
@@ -118,10 +106,16 @@ class DLPLoRA:
 
     @classmethod
     def from_assets(
-        cls, root: str | Path, base_model: str | None = None, selection: SelectionConfig | None = None,
-        fusion: FusionConfig | None = None, device: DeviceConfig | None = None, quantize: Quantization = "none",
-        routing_config: RoutingConfig | None = None, compile: bool = False,
-    ) -> "DLPLoRA":
+        cls,
+        root: str | Path,
+        base_model: str | None = None,
+        selection: SelectionConfig | None = None,
+        fusion: FusionConfig | None = None,
+        device: DeviceConfig | None = None,
+        quantize: Quantization = "none",
+        routing_config: RoutingConfig | None = None,
+        compile: bool = False,
+    ) -> DLPLoRA:
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
         `base_model` overrides the manifest's base model (it must be the one the adapters were trained on).
@@ -142,9 +136,18 @@ class DLPLoRA:
         model, tok = load_base_model(base_model or manifest.base_model, device.dtype, where, quantize=quantize)
         router = Router.load(Path(root) / manifest.router, expected_tasks=manifest.tasks).to(model.device)
         selection = selection or SelectionConfig(**manifest.selection)
-        return cls(model, tok, router, manifest.adapter_paths(root), selection, fusion,
-                   baselines=manifest.baseline_paths(root), routing_config=routing_config, compile=compile,
-                   serve=manifest.serve)
+        return cls(
+            model,
+            tok,
+            router,
+            manifest.adapter_paths(root),
+            selection,
+            fusion,
+            baselines=manifest.baseline_paths(root),
+            routing_config=routing_config,
+            compile=compile,
+            serve=manifest.serve,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -201,14 +204,16 @@ class DLPLoRA:
             mix.pop(name, None)
         self._reindex()
 
-    def route(self, prompts: Sequence[str],
-              routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> Routing:
+    def route(
+        self, prompts: Sequence[str], routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None
+    ) -> Routing:
         """Router probabilities -> selected adapters and weights, (B, k) over the bank, on the whole prompt
         (default) or on the text `routing_config` (one, or one per prompt) routes the answer's start on."""
         return Routing.from_dense(self.to_bank(self.class_weights(prompts, routing_config)))
 
-    def class_weights(self, prompts: Sequence[str],
-                      routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None) -> torch.Tensor:
+    def class_weights(
+        self, prompts: Sequence[str], routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None
+    ) -> torch.Tensor:
         """The selected weights per router class, (B, classes). A class without an adapter (`none`, or a task
         the dev gate left to the base model) carries no weight, and a row whose most probable class has no
         adapter is all zero: the base model alone, as that class's prompts are served."""
@@ -216,7 +221,9 @@ class DLPLoRA:
             raise ValueError("this pipeline has no router; pass an explicit routing")
         cfgs = self._routing_configs(prompts, routing_config) if routing_config is not None else None
         texts = [routing_text(p, c) for p, c in zip(prompts, cfgs)] if cfgs is not None else list(prompts)
-        return select_with(self.router.predict_proba(texts), self.selection, self._no_adapter).to_dense(len(self.classes))
+        return select_with(self.router.predict_proba(texts), self.selection, self._no_adapter).to_dense(
+            len(self.classes)
+        )
 
     def routing_for(self, mixtures: Sequence[Mapping[str, float]]) -> Routing:
         """Explicit routing by adapter name, one {name: weight} per prompt (weights used as given)."""
@@ -226,8 +233,10 @@ class DLPLoRA:
                 if not (isinstance(w, (int, float)) and 0 <= w <= 1e6):
                     raise ValueError(f"prompt {b}: weight of adapter {name!r} must be a number in [0, 1e6], got {w!r}")
                 if name in self.base_served:
-                    raise ValueError(f"task {name!r} has no deployed adapter (the dev gate kept the base model for "
-                                     f"it); deployed adapters: {self.adapter_names}")
+                    raise ValueError(
+                        f"task {name!r} has no deployed adapter (the dev gate kept the base model for "
+                        f"it); deployed adapters: {self.adapter_names}"
+                    )
                 dense[b, self.fused.bank.index(name)] = float(w)
         return Routing.from_dense(dense)
 
@@ -241,95 +250,130 @@ class DLPLoRA:
         routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None,
         on_switch: SwitchCallback | None = None,
     ) -> list[Result]:
-        """Answer a batch of prompts, each row with its own mixture.
+        """Answer a batch of prompts, each row with its own mixture, on the engine the server runs.
 
         routing_config (default: the pipeline's; one, or one per prompt) sets the granularity
-        (`dlp_lora.routing`): the mixture is routed on the prompt or its last segment, and under
+        (`dlp_lora.granularity`): the mixture is routed on the prompt or its last segment, and under
         `sentence` changes after generated sentences. An explicit `routing` replaces the first routing
-        (a `sentence` row may still change). on_switch(row, token, adapters, weights) is called when a
-        row's mixture changes mid-answer (answer tokens from index `token` on are sampled under it).
+        (a `sentence` row then follows the router from its first sentence end on). on_switch(row, token,
+        adapters, weights) is called when a row's mixture changes mid-answer (answer tokens from index
+        `token` on are sampled under it).
         """
         config = config or GenerationConfig(max_new_tokens=max_new_tokens)
         cfgs = self._routing_configs(prompts, routing_config or self.routing_config)
-        ids, mask = encode_prompts(self.tokenizer, list(prompts), self.max_prompt_tokens)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        routing = routing if routing is not None else self.route(prompts, cfgs)
-        if routing.batch_size != len(prompts):
+        ids = prompt_ids(self.tokenizer, list(prompts), self.max_prompt_tokens)
+        classes = None
+        if routing is None:
+            classes = self.class_weights(prompts, cfgs)
+            routing = Routing.from_dense(self.to_bank(classes))
+        elif routing.batch_size != len(prompts):
             raise ValueError(f"routing has {routing.batch_size} rows for {len(prompts)} prompts")
-        policy = None
-        if any(c.granularity == "sentence" for c in cfgs):
-            policy = self.sentence_policy(prompts, routing, cfgs)
-            on_step = self._rerouting(policy, on_step, on_switch)
-        with self.fused.routed(routing):
-            outs = generate_ids(self.model, self.tokenizer, ids, mask, config, on_step, self._decoder)
-        return [self._result(o, routing, b, policy) for b, o in enumerate(outs)]
+        names = self.adapter_names
+        rows, first = [], []
+        for b, prompt in enumerate(prompts):
+            mixture = {names[i]: w for i, w in routing.row(b)}
+            reroute = None
+            if cfgs[b].granularity == "sentence":
+                start = classes[b] if classes is not None else None
+                reroute = SentenceRerouter(self, prompt, cfgs[b], start, on_switch=on_switch, row=b)
+            rows.append(Row(prompt_ids=ids[b], mixture=mixture, params=config, reroute=reroute))
+            first.append(mixture)
+        # An engine per call: its routing state is this call's (calls from several threads queue at the
+        # fused model's routing lock, held from the prefill to the last step).
+        engine = Engine(self.fused, self.tokenizer, self._decoder)
+        engine.generate(rows, on_step)
+        return [engine.result(row, mix) for row, mix in zip(rows, first)]
 
     @staticmethod
-    def _routing_configs(prompts: Sequence[str],
-                         routing_config: RoutingConfig | Sequence[RoutingConfig]) -> list[RoutingConfig]:
+    def _routing_configs(
+        prompts: Sequence[str], routing_config: RoutingConfig | Sequence[RoutingConfig]
+    ) -> list[RoutingConfig]:
         """One RoutingConfig per prompt."""
         if isinstance(routing_config, RoutingConfig):
             return [routing_config] * len(prompts)
         cfgs = list(routing_config)
         if len(cfgs) != len(prompts) or not all(isinstance(c, RoutingConfig) for c in cfgs):
-            raise ValueError(f"routing_config must be a RoutingConfig or one per prompt ({len(prompts)}), "
-                             f"got {routing_config!r}")
+            raise ValueError(
+                f"routing_config must be a RoutingConfig or one per prompt ({len(prompts)}), got {routing_config!r}"
+            )
         return cfgs
 
-    def sentence_policy(self, prompts: Sequence[str], routing: Routing,
-                        rcfg: RoutingConfig | Sequence[RoutingConfig]) -> SentencePolicy:
-        """The `sentence` re-routing policy for a batch that starts under `routing`."""
-        n = len(self.adapter_names)
-        return SentencePolicy(
-            rcfg, list(prompts), routing.to_dense(n).float(),
-            decode=lambda t: self.tokenizer.decode(t, skip_special_tokens=True),
-            route=lambda texts: self.route(texts).to_dense(n).float(),
-            eos=frozenset(eos_ids(self.model, self.tokenizer)))
-
-    def _rerouting(self, policy: SentencePolicy, on_step: StepCallback | None,
-                   on_switch: SwitchCallback | None = None) -> StepCallback:
-        """A step callback that applies the policy's new mixtures before the next forward pass."""
-        def step(tokens: torch.Tensor, finished: torch.Tensor) -> None:
-            changes = policy.step(tokens, finished)
-            if changes:
-                self.fused.reroute(policy.current)  # other rows keep their weights (same rows of `current`)
-                if on_switch is not None:
-                    for s in policy.switches[len(policy.switches) - len(changes):]:
-                        on_switch(s.row, s.token, *self.mixture(s.weights))
-            if on_step is not None:
-                on_step(tokens, finished)
-        return step
-
-    def option_logprobs(self, prompts: Sequence[str], options: Sequence[Sequence[str]], routing: Routing,
-                        batch_size: int = 16) -> list[list[float]]:
+    def option_logprobs(
+        self, prompts: Sequence[str], options: Sequence[Sequence[str]], routing: Routing, batch_size: int = 16
+    ) -> list[list[float]]:
         """Summed log-probability of each option's tokens after its prompt, under each prompt's routing.
 
         As lm-evaluation-harness scores multiple choice (see `dlp_lora.scoring.continuation_logprobs`).
         Returns lists shaped like `options`.
         """
         dense = routing.to_dense(len(self.adapter_names))
-        return continuation_logprobs(self.model, self.tokenizer, prompts, options, batch_size,
-                                     scope=lambda owners: self.fused.routed(dense[owners]))
+        return continuation_logprobs(
+            self.model,
+            self.tokenizer,
+            prompts,
+            options,
+            batch_size,
+            scope=lambda owners: self.fused.routed(dense[owners]),
+        )
 
     def mixture(self, dense_row: torch.Tensor) -> tuple[list[str], list[float]]:
         """(adapter names, weights rounded to 1e-6), heaviest first, of one row of bank weights (bank width,):
         what a `Result` reports for a row generated under it."""
-        return self._named(Routing.from_dense(dense_row[None]).row(0))
-
-    def _named(self, pairs: Sequence[tuple[int, float]]) -> tuple[list[str], list[float]]:
-        return [self.adapter_names[i] for i, _ in pairs], [round(w, 6) for _, w in pairs]
-
-    def _result(self, out: GenerationOutput, routing: Routing, b: int, policy: SentencePolicy | None = None) -> Result:
-        pairs = routing.row(b)
-        switches = []
-        for s in (policy.switches if policy is not None else []):
-            if s.row == b and 0 < s.token < len(out.token_ids):
-                adapters, weights = self.mixture(s.weights)
-                switches.append({"token": s.token, "adapters": adapters, "weights": weights})
-        adapters, weights = self._named(pairs)
-        return Result(text=out.text, adapters=adapters, weights=weights, finish_reason=out.finish_reason,
-                      prompt_tokens=out.prompt_tokens, completion_tokens=len(out.token_ids), switches=switches)
+        return listed({self.adapter_names[i]: w for i, w in Routing.from_dense(dense_row[None]).row(0)})
 
     def close(self) -> None:
         """Unfuse: the base model is the plain model again."""
         self.fused.remove()
+
+
+class SentenceRerouter:
+    """`Row.reroute` for one `sentence`-routed row, the library's and the server's: its `SentencePolicy`.
+
+    The policy works on weights over the router's classes, not over the adapter bank, which runtime
+    adapters may grow or shrink while the row runs; a change becomes the row's {adapter: weight} through
+    `DLPLoRA.to_bank`, as the first routing did. `start`: the row's first class weights, or None when
+    the row starts under an explicit mixture (then its first sentence end hands it to the router).
+    """
+
+    def __init__(
+        self,
+        pipeline: DLPLoRA,
+        window_text: str,
+        cfg: RoutingConfig,
+        start: torch.Tensor | None,
+        on_switch: SwitchCallback | None = None,
+        row: int = 0,
+    ) -> None:
+        self.pipeline, self.on_switch, self.row, self.tokens = pipeline, on_switch, row, 0
+        n = len(pipeline.task_names)
+        # NaN equals no weights, so the router's first choice always differs from an explicit start.
+        initial = start if start is not None else torch.full((n,), float("nan"))
+        tokenizer = pipeline.tokenizer
+        self.policy = SentencePolicy(
+            cfg,
+            [window_text],
+            initial.detach().float().cpu()[None],  # on the host: the policy reads text, its weights become names
+            decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
+            route=lambda texts: self.pipeline.class_weights(texts),
+            eos=frozenset(eos_ids(pipeline.model, tokenizer)),
+        )
+
+    def __call__(self, token: int) -> dict[str, float] | None:
+        self.tokens += 1
+        try:
+            changes = self.policy.step(
+                torch.tensor([token], device="cpu"), torch.zeros(1, dtype=torch.bool, device="cpu")
+            )
+        except ValueError:  # a window the router cannot read (no tokens): keep the mixture, fail no row
+            logging.getLogger(__name__).warning(
+                "sentence routing kept a row's mixture: the router refused its window", exc_info=True
+            )
+            return None
+        if not changes:
+            return None
+        bank = self.pipeline.to_bank(changes[0][None])[0]
+        names = self.pipeline.adapter_names
+        mixture = {names[i]: w for i, w in enumerate(bank.tolist()) if w > 0}
+        if self.on_switch is not None:
+            self.on_switch(self.row, self.tokens, *listed(mixture))
+        return mixture

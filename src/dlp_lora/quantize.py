@@ -42,9 +42,20 @@ from torch import nn
 from dlp_lora.config import Quantization
 from dlp_lora.hardware import cpu_info
 
-__all__ = ["Quantization", "QUANTIZATIONS", "Int8Linear", "KernelChoice", "choose_kernels", "quantize_model",
-           "check_quantization", "resolve_quantization", "int8_gemm_exact", "is_quantized_linear",
-           "linear_features", "quantization_of"]
+__all__ = [
+    "Quantization",
+    "QUANTIZATIONS",
+    "Int8Linear",
+    "KernelChoice",
+    "choose_kernels",
+    "quantize_model",
+    "check_quantization",
+    "resolve_quantization",
+    "int8_gemm_exact",
+    "is_quantized_linear",
+    "linear_features",
+    "quantization_of",
+]
 
 QUANTIZATIONS: tuple[str, ...] = get_args(Quantization)
 
@@ -72,7 +83,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", bias)  # (d_out,) fp32 or None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         w = linear.weight.detach().float()
         scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float32).tiny)
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
@@ -115,8 +126,10 @@ class KernelChoice:
         return self.int8_ms < INT8_MARGIN * self.fp32_ms
 
     def __str__(self) -> str:
-        return (f"{self.d_in}->{self.d_out} x{self.layers}: fp32 {self.fp32_ms:.3f} ms, int8 {self.int8_ms:.3f} ms "
-                f"-> {'int8' if self.int8 else 'fp32'}")
+        return (
+            f"{self.d_in}->{self.d_out} x{self.layers}: fp32 {self.fp32_ms:.3f} ms, int8 {self.int8_ms:.3f} ms "
+            f"-> {'int8' if self.int8 else 'fp32'}"
+        )
 
 
 def _paired_ms(fns: tuple, budget_s: float = 0.05) -> list[float]:
@@ -147,8 +160,9 @@ def choose_kernels(model: nn.Module, rows: tuple[int, ...] = TIMED_ROWS) -> list
     return _time_shapes(linears, [Int8Linear.from_linear(m) for m in linears], rows)
 
 
-def _time_shapes(linears: list[nn.Linear], quantized: list["Int8Linear"],
-                 rows: tuple[int, ...] = TIMED_ROWS) -> list[KernelChoice]:
+def _time_shapes(
+    linears: list[nn.Linear], quantized: list[Int8Linear], rows: tuple[int, ...] = TIMED_ROWS
+) -> list[KernelChoice]:
     shapes: dict[tuple[int, int], list[int]] = {}
     for i, m in enumerate(linears):
         shapes.setdefault((m.in_features, m.out_features), []).append(i)
@@ -158,8 +172,12 @@ def _time_shapes(linears: list[nn.Linear], quantized: list["Int8Linear"],
         fp32 = int8 = 0.0
         for m in rows:
             x = torch.randn(m, d_in, generator=g)
-            f_ms, q_ms = _paired_ms((lambda: [F.linear(x, linears[i].weight, linears[i].bias) for i in idx],
-                                     lambda: [quantized[i](x) for i in idx]))
+            f_ms, q_ms = _paired_ms(
+                (
+                    lambda: [F.linear(x, linears[i].weight, linears[i].bias) for i in idx],
+                    lambda: [quantized[i](x) for i in idx],
+                )
+            )
             fp32, int8 = fp32 + f_ms, int8 + q_ms
         out.append(KernelChoice(d_in, d_out, len(idx), round(fp32, 4), round(int8, 4)))
     return out
@@ -194,11 +212,15 @@ def check_quantization(scheme: str, dtype: torch.dtype, device: torch.device | s
     if scheme in ("none", "auto"):
         return
     if torch.device(device).type != "cpu":
-        raise ValueError(f"quantize={scheme!r} runs on CPU only (torch's int8 GEMM kernel), got device "
-                         f"{torch.device(device)}; use quantize='none' on {torch.device(device).type}")
+        raise ValueError(
+            f"quantize={scheme!r} runs on CPU only (torch's int8 GEMM kernel), got device "
+            f"{torch.device(device)}; use quantize='none' on {torch.device(device).type}"
+        )
     if dtype != torch.float32:
-        raise ValueError(f"quantize={scheme!r} needs the base model in torch.float32 (its int8 kernels take and "
-                         f"return fp32 activations), got {dtype}")
+        raise ValueError(
+            f"quantize={scheme!r} needs the base model in torch.float32 (its int8 kernels take and "
+            f"return fp32 activations), got {dtype}"
+        )
 
 
 def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module:
@@ -222,9 +244,11 @@ def quantize_model(model: nn.Module, scheme: Quantization = "int8") -> nn.Module
     # keeps a reference to it: swapping it out from under the wrapper would corrupt the wrapper's restore.
     wrapped = [name for name, _ in linears if name.rpartition(".")[2] in ("base", "base_layer")]
     if odd or wrapped:
-        raise TypeError(f"quantize_model needs a bare model with plain nn.Linear layers, found "
-                        f"{f'subclasses {odd}' if odd else f'wrapped layers such as {wrapped[0]!r}'} "
-                        "(quantize the base model before fusing or wrapping it)")
+        raise TypeError(
+            f"quantize_model needs a bare model with plain nn.Linear layers, found "
+            f"{f'subclasses {odd}' if odd else f'wrapped layers such as {wrapped[0]!r}'} "
+            "(quantize the base model before fusing or wrapping it)"
+        )
     quantized = [Int8Linear.from_linear(m) for _, m in linears]
     keep = _int8_shapes(scheme, [m for _, m in linears], quantized)
     for (name, linear), q in zip(linears, quantized):
@@ -239,19 +263,30 @@ def _int8_shapes(scheme: str, linears: list[nn.Linear], quantized: list[Int8Line
     or an error (int8) where the int8 GEMM is inexact. What was measured and chosen is logged."""
     if not int8_gemm_exact():
         if scheme == "int8":
-            raise ValueError(f"quantize='int8': torch's int8 GEMM (torch._int_mm) returns wrong products on this "
-                             f"CPU ({cpu_info()}); use quantize='auto' (fp32 here) or 'none'")
+            raise ValueError(
+                f"quantize='int8': torch's int8 GEMM (torch._int_mm) returns wrong products on this "
+                f"CPU ({cpu_info()}); use quantize='auto' (fp32 here) or 'none'"
+            )
         _log.info("quantize auto on %s: fp32, torch's int8 GEMM returns wrong products here", cpu_info())
         return set()
     choices = _time_shapes(linears, quantized)
     if scheme == "int8":
         if sum(c.int8_ms for c in choices) > sum(c.fp32_ms for c in choices):
-            _log.warning("quantize int8: int8 kernels measured slower than fp32 on %s (%s); `auto` quantizes "
-                         "only the shapes where int8 is faster", cpu_info(), "; ".join(map(str, choices)))
+            _log.warning(
+                "quantize int8: int8 kernels measured slower than fp32 on %s (%s); `auto` quantizes "
+                "only the shapes where int8 is faster",
+                cpu_info(),
+                "; ".join(map(str, choices)),
+            )
         return {(c.d_in, c.d_out) for c in choices}
     keep = {(c.d_in, c.d_out) for c in choices if c.int8}
-    _log.info("quantize auto on %s: int8 for %d of %d linear shapes (%s)", cpu_info(), len(keep), len(choices),
-              "; ".join(map(str, choices)))
+    _log.info(
+        "quantize auto on %s: int8 for %d of %d linear shapes (%s)",
+        cpu_info(),
+        len(keep),
+        len(choices),
+        "; ".join(map(str, choices)),
+    )
     return keep
 
 

@@ -6,8 +6,8 @@ each row's routing (it passes `scope`, which sets the routing of each chunk of r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from typing import Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -22,8 +22,12 @@ Scope = Callable[[list[int]], AbstractContextManager]
 
 @torch.no_grad()
 def continuation_logprobs(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-    options: Sequence[Sequence[str]], batch_size: int = 16, scope: Scope | None = None,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    options: Sequence[Sequence[str]],
+    batch_size: int = 16,
+    scope: Scope | None = None,
 ) -> list[list[float]]:
     """Summed log-probability of each option's tokens after its prompt's chat template; shaped like `options`.
 
@@ -40,15 +44,22 @@ def continuation_logprobs(
     order = sorted(range(len(ctx)), key=lambda i: len(ctx[i]))  # similar lengths side by side: less padding
     out: dict[int, list[float]] = {}
     for i in range(0, len(order), batch_size):
-        chunk = order[i: i + batch_size]
-        scores = _shared_prompt_logprobs(model, tokenizer, [ctx[b] for b in chunk], [conts[b] for b in chunk],
-                                         chunk, scope)
+        chunk = order[i : i + batch_size]
+        scores = _shared_prompt_logprobs(
+            model, tokenizer, [ctx[b] for b in chunk], [conts[b] for b in chunk], chunk, scope
+        )
         out.update(zip(chunk, scores))
     return [out[b] for b in range(len(ctx))]
 
 
-def _shared_prompt_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, ctx: list[list[int]],
-                            conts: list[list[list[int]]], owners: list[int], scope: Scope) -> list[list[float]]:
+def _shared_prompt_logprobs(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    ctx: list[list[int]],
+    conts: list[list[list[int]]],
+    owners: list[int],
+    scope: Scope,
+) -> list[list[float]]:
     """One chunk of prompts: each prompt is read once and its KV cache shared by all of its options (an
     option costs its own few tokens, not prompt + option again). The prompt's last position predicts an
     option's first token; the option's own positions predict the rest."""
@@ -71,15 +82,19 @@ def _shared_prompt_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokeniz
         cache.batch_select_indices(rows)  # (P, ...) -> (R, ...): every option row attends to its own prompt
         # Right padding after an option is never attended by its real tokens (causal), so it changes nothing.
         with scope([owners[b] for b in prompt_of]):
-            logits = model(input_ids=opt_ids[:, :-1], attention_mask=torch.cat([mask[rows], opt_mask[:, :-1]], 1),
-                           position_ids=positions[rows, -1:] + 1 + torch.arange(width - 1, device=device),
-                           cache=cache, use_cache=True).logits  # position j predicts option token j+1
+            logits = model(
+                input_ids=opt_ids[:, :-1],
+                attention_mask=torch.cat([mask[rows], opt_mask[:, :-1]], 1),
+                position_ids=positions[rows, -1:] + 1 + torch.arange(width - 1, device=device),
+                cache=cache,
+                use_cache=True,
+            ).logits  # position j predicts option token j+1
         rest = torch.log_softmax(logits.float(), -1).gather(-1, opt_ids[:, 1:, None])[..., 0] * opt_mask[:, 1:]
         scores = first + rest.sum(-1)
     scores = scores.tolist()
     out, k = [], 0
     for cs in conts:
-        out.append(scores[k: k + len(cs)])
+        out.append(scores[k : k + len(cs)])
         k += len(cs)
     return out
 

@@ -45,7 +45,7 @@ class Routing:
         return dense.scatter_add_(1, self.indices, self.weights)
 
     @staticmethod
-    def from_dense(weights: torch.Tensor) -> "Routing":
+    def from_dense(weights: torch.Tensor) -> Routing:
         """Routing that keeps every nonzero entry of a (B, N) matrix, padded to the row with most."""
         if weights.dim() != 2:
             raise ValueError(f"dense weights must be (B, N), got shape {tuple(weights.shape)}")

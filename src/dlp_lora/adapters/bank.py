@@ -12,8 +12,8 @@ keeps adapter weights by default), so the LoRA math runs in float32 and only its
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -51,14 +51,11 @@ def _expected_shapes(base: nn.Module, adapter: LoraAdapter, module: str, w) -> N
         layer = base.get_submodule(module)
     except AttributeError:
         raise ValueError(
-            f"adapter {adapter.name!r}: module {module!r} does not exist in the base model "
-            f"({type(base).__name__})"
+            f"adapter {adapter.name!r}: module {module!r} does not exist in the base model ({type(base).__name__})"
         ) from None
     features = linear_features(layer)
     if features is None:
-        raise ValueError(
-            f"adapter {adapter.name!r}: module {module!r} is a {type(layer).__name__}, expected nn.Linear"
-        )
+        raise ValueError(f"adapter {adapter.name!r}: module {module!r} is a {type(layer).__name__}, expected nn.Linear")
     want_a, want_b = (w.rank, features[0]), (features[1], w.rank)
     if tuple(w.A.shape) != want_a or tuple(w.B.shape) != want_b:
         raise ValueError(
@@ -125,11 +122,16 @@ class AdapterBank:
         i = self.index(name)
         if len(self) == 1:
             raise ValueError(f"cannot remove {name!r}: it is the only adapter")
-        self._restack(base, self.names[:i] + self.names[i + 1:], self.adapters[:i] + self.adapters[i + 1:],
-                      keep=set(self.modules))
+        self._restack(
+            base,
+            self.names[:i] + self.names[i + 1 :],
+            self.adapters[:i] + self.adapters[i + 1 :],
+            keep=set(self.modules),
+        )
 
-    def _restack(self, base: nn.Module, names: list[str], adapters: list[LoraAdapter], keep: set[str] = frozenset()
-                 ) -> None:
+    def _restack(
+        self, base: nn.Module, names: list[str], adapters: list[LoraAdapter], keep: set[str] = frozenset()
+    ) -> None:
         modules = {}
         for module in sorted({m for a in adapters for m in a.modules} | set(keep)):
             modules[module] = _stack(module, adapters, base.get_submodule(module))

@@ -6,7 +6,7 @@ so the mixture is itself a LoRA of rank sum(r_i) with scale 1, loadable by any e
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -8,7 +8,7 @@ greedy generation so the two settings differ only in the mixture used.
 from __future__ import annotations
 
 import random
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -39,11 +39,18 @@ def make_pairs(pools: dict[str, Sequence[Example]], n: int, seed: int = 0) -> li
 
 def _part_score(task: Task, ex: Example, text: str) -> float:
     """The part's headline score (accuracy / F1 / EM) in percent."""
-    return score_task(task.metric, [parse_answer(task, text, ex.choices, ex.options)], [list(ex.references)])[task.headline]
+    return score_task(task.metric, [parse_answer(task, text, ex.choices, ex.options)], [list(ex.references)])[
+        task.headline
+    ]
 
 
-def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], tasks: Mapping[str, Task],
-                       max_new_tokens: int = 64, batch_size: int = 8) -> dict[str, float]:
+def evaluate_composite(
+    dlp: DLPLoRA,
+    pairs: Sequence[tuple[Example, Example]],
+    tasks: Mapping[str, Task],
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """Mean per-part score (percent), weight on the true task and mean k, per-prompt vs per-segment routing.
 
     tasks: task name -> Task for every task the pairs draw from.
@@ -61,8 +68,9 @@ def evaluate_composite(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], t
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
             rows = slice(i, i + batch_size)
-            gen = GenerationConfig(max_new_tokens=min(max_new_tokens,
-                                                      max(tasks[ex.task].max_new_tokens for ex in parts[rows])))
+            gen = GenerationConfig(
+                max_new_tokens=min(max_new_tokens, max(tasks[ex.task].max_new_tokens for ex in parts[rows]))
+            )
             res = dlp.generate([ex.prompt for ex in parts[rows]], config=gen, routing=Routing.from_dense(dense[rows]))
             texts += [r.text for r in res]
         out[f"{name}_score"] = sum(_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)) / len(parts)

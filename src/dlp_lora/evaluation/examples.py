@@ -9,15 +9,15 @@ generated greedily and scored by their headline metric (token F1 for SQuAD, exac
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dlp_lora.chat import encode_prompts
+from dlp_lora.chat import prompt_ids
 from dlp_lora.config import GenerationConfig
+from dlp_lora.engine import Engine, Row
 from dlp_lora.evaluation.metrics import exact_match, numeric_match, token_f1
-from dlp_lora.generation import generate_ids
 from dlp_lora.scoring import continuation_logprobs, option_choice
 from dlp_lora.tasks import Example, Task, parse_answer
 
@@ -57,28 +57,38 @@ def headline_score(metric: str, parsed: str, references: Sequence[str]) -> float
     raise ValueError(f"no free-form headline for metric {metric!r}; expected squad|numeric|exact")
 
 
-def example_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task,
-                   examples: Sequence[Example], batch_size: int = 8) -> ExampleScores:
+def example_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    examples: Sequence[Example],
+    batch_size: int = 8,
+) -> ExampleScores:
     """Score `model` (a plain or peft model, routing already set if fused) on `examples` of `task`."""
     if task.kind == "mcq":
         missing = [ex.uid for ex in examples if not ex.options]
         if missing:
             raise ValueError(f"task {task.name!r}: examples {missing[:3]} have no option texts to score")
-        logps = continuation_logprobs(model, tokenizer, [ex.prompt for ex in examples],
-                                      [list(ex.options) for ex in examples], batch_size=2 * batch_size)
+        logps = continuation_logprobs(
+            model,
+            tokenizer,
+            [ex.prompt for ex in examples],
+            [list(ex.options) for ex in examples],
+            batch_size=2 * batch_size,
+        )
         return mcq_scores(logps, examples)
     scores = ExampleScores(headline=[])
+    engine, params = Engine(model, tokenizer), GenerationConfig(max_new_tokens=task.max_new_tokens)
     for i in range(0, len(examples), batch_size):
-        chunk = examples[i: i + batch_size]
-        ids, mask = encode_prompts(tokenizer, [ex.prompt for ex in chunk])
-        device = next(model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        outs = generate_ids(model, tokenizer, ids, mask, GenerationConfig(max_new_tokens=task.max_new_tokens))
-        for ex, out in zip(chunk, outs):
-            parsed = parse_answer(task, out.text, ex.choices, ex.options)
+        chunk = examples[i : i + batch_size]
+        ids = prompt_ids(tokenizer, [ex.prompt for ex in chunk])
+        rows = engine.generate([Row(prompt_ids=p, mixture={}, params=params) for p in ids])
+        for ex, row in zip(chunk, rows):
+            text = engine.text(row)
+            parsed = parse_answer(task, text, ex.choices, ex.options)
             scores.headline.append(headline_score(task.metric, parsed, ex.references))
             scores.chosen.append(parsed)
-            scores.texts.append(out.text)
+            scores.texts.append(text)
     scores.metrics[task.headline] = scores.headline
     return scores
 
@@ -91,8 +101,9 @@ def mcq_scores(logprobs: Sequence[Sequence[float]], examples: Sequence[Example])
         acc.append(100.0 * (option_choice(lp, ex.options, normalize=False) == ex.gold_index))
         norm.append(100.0 * (pick == ex.gold_index))
         chosen.append(pick)
-    return ExampleScores(headline=norm if MCQ_HEADLINE == "acc_norm" else acc,
-                         metrics={"acc": acc, "acc_norm": norm}, chosen=chosen)
+    return ExampleScores(
+        headline=norm if MCQ_HEADLINE == "acc_norm" else acc, metrics={"acc": acc, "acc_norm": norm}, chosen=chosen
+    )
 
 
 COLLAPSE_SHARE = 0.8

@@ -3,14 +3,14 @@
 Each composite prompt joins two questions from different tasks with a blank line (`composite.make_pairs`,
 the set `dlp-lora evaluate --composite-pairs` uses). Four settings answer it:
 
-- `prompt`, `segment`, `sentence` (`dlp_lora.routing`): ONE generation of the joined prompt (both
+- `prompt`, `segment`, `sentence` (`dlp_lora.granularity`): ONE generation of the joined prompt (both
   questions, one stream) under that granularity;
 - `split`: the split-and-generate baseline (`composite.evaluate_composite`'s per-segment setting): each
   question generated on its own, routed on its own text (two generations; not available to a user who
   sends one prompt).
 
 Scoring one stream per part needs a rule for which text answers which question; it is the segment
-rule of `dlp_lora.routing` read backwards: the stream answers the last question first. The stream is
+rule of `dlp_lora.granularity` read backwards: the stream answers the last question first. The stream is
 cut into pieces at blank lines; piece 1 answers the last part, piece 2 the part before, and a part with
 no piece scores as an empty answer. Every part gets the same token budget as in `split` (its task's
 `max_new_tokens`), so a stream may use up to the sum of its parts' budgets.
@@ -21,9 +21,9 @@ that part's piece (the mixture each token was sampled under), and per-token trac
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -61,7 +61,7 @@ class Stream:
         start, seen = 0, ""
         for t in range(len(self.tokens)):
             text = decode(self.tokens[: t + 1])
-            if marker in text[len(seen):].lstrip() and text.strip():  # a blank line closes the piece
+            if marker in text[len(seen) :].lstrip() and text.strip():  # a blank line closes the piece
                 spans.append((start, t + 1))
                 start, seen = t + 1, text
         if start < len(self.tokens):
@@ -86,33 +86,49 @@ def _bank_weights(dlp: DLPLoRA, r: Result, num_tokens: int) -> torch.Tensor:
         row = torch.zeros(len(names))
         for a, w in zip(mix["adapters"], mix["weights"]):
             row[names.index(a)] = w
-        out[mix["token"]:] = row
+        out[mix["token"] :] = row
     return out[:num_tokens]
 
 
-def _generate(dlp: DLPLoRA, prompts: Sequence[str], budgets: Sequence[int], routing_config: RoutingConfig | None,
-              batch_size: int) -> list[Stream]:
+def _generate(
+    dlp: DLPLoRA, prompts: Sequence[str], budgets: Sequence[int], routing_config: RoutingConfig | None, batch_size: int
+) -> list[Stream]:
     """Greedy streams cut to each row's own budget (rows are independent, so the cut equals a run with it)."""
     streams: list[Stream] = []
     for i in range(0, len(prompts), batch_size):
         rows = slice(i, i + batch_size)
         steps: list[torch.Tensor] = []
         kw = {"routing_config": routing_config} if routing_config is not None else {}
-        results = dlp.generate(list(prompts[rows]), config=GenerationConfig(max_new_tokens=max(budgets[rows])),
-                               on_step=lambda t, f: steps.append(t.clone()), **kw)
+        results = dlp.generate(
+            list(prompts[rows]),
+            config=GenerationConfig(max_new_tokens=max(budgets[rows])),
+            on_step=lambda t, f: steps.append(t.clone()),
+            **kw,
+        )
         for b, r in enumerate(results):
             n = min(r.completion_tokens, budgets[i + b])
             tokens = [int(s[b]) for s in steps[:n]]
             text = dlp.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = Result(text=text, adapters=r.adapters, weights=r.weights, finish_reason=r.finish_reason,
-                         prompt_tokens=r.prompt_tokens, completion_tokens=n,
-                         switches=[s for s in r.switches if s["token"] < n])
+            cut = Result(
+                text=text,
+                adapters=r.adapters,
+                weights=r.weights,
+                finish_reason=r.finish_reason,
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=n,
+                switches=[s for s in r.switches if s["token"] < n],
+            )
             streams.append(Stream(cut, tokens, _bank_weights(dlp, cut, n)))
     return streams
 
 
-def evaluate_granularity(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]], tasks: Mapping[str, Task],
-                         batch_size: int = 8, routing_config: RoutingConfig | None = None) -> dict:
+def evaluate_granularity(
+    dlp: DLPLoRA,
+    pairs: Sequence[tuple[Example, Example]],
+    tasks: Mapping[str, Task],
+    batch_size: int = 8,
+    routing_config: RoutingConfig | None = None,
+) -> dict:
     """Per-part scores (percent) of every setting in SETTINGS, with bootstrap intervals and weight traces.
 
     routing_config: the sentence / segment settings' other fields (window, sentence ends); its
@@ -145,17 +161,24 @@ def evaluate_granularity(dlp: DLPLoRA, pairs: Sequence[tuple[Example, Example]],
     out["settings"]["split"] = _summary(
         [_part_score(tasks[ex.task], ex, s.result.text) for ex, s in zip(flat, split)],
         [float(_task_weight(dlp, s.weights, ex.task).mean()) for ex, s in zip(flat, split) if s.tokens],
-        [bool(s.tokens) for s in split], split)
+        [bool(s.tokens) for s in split],
+        split,
+    )
     ref = out["settings"]
     for g in ("segment", "sentence", "split"):
         ref[g]["vs_prompt"] = _iv(paired_difference(ref[g]["part_scores"], ref["prompt"]["part_scores"]))
     for g in ("prompt", "segment", "sentence"):
         ref[g]["vs_split"] = _iv(paired_difference(ref[g]["part_scores"], ref["split"]["part_scores"]))
     for k, (pair, s) in enumerate(zip(parts, traces["sentence"])):
-        out["examples"].append({
-            "tasks": [ex.task for ex in pair], "text": s.result.text, "switches": len(s.result.switches),
-            "weights": {ex.task: _trace(dlp, s, ex.task) for ex in pair},
-            "prompt_weights": {ex.task: _trace(dlp, traces["prompt"][k], ex.task) for ex in pair}})
+        out["examples"].append(
+            {
+                "tasks": [ex.task for ex in pair],
+                "text": s.result.text,
+                "switches": len(s.result.switches),
+                "weights": {ex.task: _trace(dlp, s, ex.task) for ex in pair},
+                "prompt_weights": {ex.task: _trace(dlp, traces["prompt"][k], ex.task) for ex in pair},
+            }
+        )
     return out
 
 
@@ -170,12 +193,16 @@ def _iv(iv) -> dict:
 def _summary(scores: list[float], weights: list[float], answered: list[bool], streams: list[Stream]) -> dict:
     last = scores[1::2]  # the part each composite prompt ends with (answered first by the rule)
     first = scores[0::2]
-    return {"part_scores": scores, "score": _iv(bootstrap_mean(scores)), "last_part": _iv(bootstrap_mean(last)),
-            "first_part": _iv(bootstrap_mean(first)),
-            "answered_fraction": sum(answered) / len(answered),
-            "true_task_weight": sum(weights) / len(weights) if weights else 0.0,
-            "switches_per_stream": sum(len(s.result.switches) for s in streams) / len(streams),
-            "tokens_per_stream": sum(len(s.tokens) for s in streams) / len(streams)}
+    return {
+        "part_scores": scores,
+        "score": _iv(bootstrap_mean(scores)),
+        "last_part": _iv(bootstrap_mean(last)),
+        "first_part": _iv(bootstrap_mean(first)),
+        "answered_fraction": sum(answered) / len(answered),
+        "true_task_weight": sum(weights) / len(weights) if weights else 0.0,
+        "switches_per_stream": sum(len(s.result.switches) for s in streams) / len(streams),
+        "tokens_per_stream": sum(len(s.tokens) for s in streams) / len(streams),
+    }
 
 
 def weight_plot(result: dict, path: str | Path, examples: int = 4) -> Path:
@@ -192,8 +219,9 @@ def weight_plot(result: dict, path: str | Path, examples: int = 4) -> Path:
             label = f"part {j + 1}: {task}"
             ax.step(range(len(ws)), ws, where="post", color=f"C{j}", label=f"{label} (sentence)")
             pw = ex["prompt_weights"][task]
-            ax.step(range(len(pw)), pw, where="post", color=f"C{j}", linestyle="--", alpha=0.6,
-                    label=f"{label} (prompt)")
+            ax.step(
+                range(len(pw)), pw, where="post", color=f"C{j}", linestyle="--", alpha=0.6, label=f"{label} (prompt)"
+            )
         ax.set_ylim(-0.05, 1.05)
         ax.set_ylabel("weight")
         ax.set_title(f"{ex['switches']} switches: {ex['text'][:90]!r}", fontsize=8)
@@ -213,23 +241,29 @@ def markdown_section(result: dict, command: str, plot: str | None = None) -> str
     def f(iv: dict) -> str:
         return f"{iv['estimate']:.1f} [{iv['low']:.1f}, {iv['high']:.1f}]"
 
-    lines = ["## Composite prompts in one generation: routing granularity", "",
-             f"Produced by `{command}`. {result['pairs']} composite prompts (two questions from different tasks "
-             "joined by a blank line, the same pairs as the section above); `prompt`, `segment` and `sentence` "
-             "answer each in ONE greedy generation; `split` is the split-and-generate baseline (each question "
-             "generated on its own, routed on its own text). A stream is scored per part by cutting it at blank "
-             "lines: the first piece answers the last question (the rule `segment` routing starts the answer "
-             "with), the next piece the question before. Scores in percent, 95% bootstrap intervals over parts.",
-             "", "| routing | mean part score | last part | first part | parts answered | weight on the answered "
-             "part's task | switches / stream | tokens / stream | vs prompt (paired) | vs split (paired) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Composite prompts in one generation: routing granularity",
+        "",
+        f"Produced by `{command}`. {result['pairs']} composite prompts (two questions from different tasks "
+        "joined by a blank line, the same pairs as the section above); `prompt`, `segment` and `sentence` "
+        "answer each in ONE greedy generation; `split` is the split-and-generate baseline (each question "
+        "generated on its own, routed on its own text). A stream is scored per part by cutting it at blank "
+        "lines: the first piece answers the last question (the rule `segment` routing starts the answer "
+        "with), the next piece the question before. Scores in percent, 95% bootstrap intervals over parts.",
+        "",
+        "| routing | mean part score | last part | first part | parts answered | weight on the answered "
+        "part's task | switches / stream | tokens / stream | vs prompt (paired) | vs split (paired) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for g in SETTINGS:
         r = s[g]
         vp = _fmt_diff(r.get("vs_prompt"))
         vs = _fmt_diff(r.get("vs_split"))
-        lines.append(f"| {g} | {f(r['score'])} | {f(r['last_part'])} | {f(r['first_part'])} | "
-                     f"{100 * r['answered_fraction']:.0f}% | {r['true_task_weight']:.3f} | "
-                     f"{r['switches_per_stream']:.2f} | {r['tokens_per_stream']:.1f} | {vp} | {vs} |")
+        lines.append(
+            f"| {g} | {f(r['score'])} | {f(r['last_part'])} | {f(r['first_part'])} | "
+            f"{100 * r['answered_fraction']:.0f}% | {r['true_task_weight']:.3f} | "
+            f"{r['switches_per_stream']:.2f} | {r['tokens_per_stream']:.1f} | {vp} | {vs} |"
+        )
     if plot:
         lines += ["", f"![weight on each part's true task along the generated tokens]({plot})"]
     return "\n".join(lines) + "\n"

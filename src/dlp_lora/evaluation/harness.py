@@ -11,17 +11,17 @@ headline scores are kept (`HEADLINE_SCORES`) so the report can pair methods exam
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
 from dlp_lora.config import EvalConfig, GenerationConfig, SplitConfig
-from dlp_lora.evaluation.methods import method_weights
 from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores
+from dlp_lora.evaluation.methods import method_weights
 from dlp_lora.evaluation.metrics import choice_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
@@ -45,29 +45,43 @@ def routing_key(dense_row: torch.Tensor) -> tuple[tuple[int, float], ...]:
     return tuple((i, round(float(dense_row[i]), 6)) for i in nz)
 
 
-def _run_rows(dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torch.Tensor, cfg: EvalConfig,
-              cache: dict) -> list[dict]:
+def _run_rows(
+    dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torch.Tensor, cfg: EvalConfig, cache: dict
+) -> list[dict]:
     """Generate (and score options) for rows not in cache; cache maps (uid, routing key) -> row result."""
     keys = [(ex.uid, routing_key(dense[b])) for b, ex in enumerate(examples)]
     todo = [b for b, k in enumerate(keys) if k not in cache]
     gen = GenerationConfig(max_new_tokens=task.max_new_tokens)
     for i in range(0, len(todo), cfg.batch_size):
-        rows = todo[i: i + cfg.batch_size]
+        rows = todo[i : i + cfg.batch_size]
         prompts = [examples[b].prompt for b in rows]
         routing = Routing.from_dense(dense[rows])
         outs = dlp.generate(prompts, config=gen, routing=routing)
-        opts = (dlp.option_logprobs(prompts, [list(examples[b].options) for b in rows], routing)
-                if task.kind == "mcq" and cfg.loglik else [None] * len(rows))
+        opts = (
+            dlp.option_logprobs(prompts, [list(examples[b].options) for b in rows], routing)
+            if task.kind == "mcq" and cfg.loglik
+            else [None] * len(rows)
+        )
         for b, out, lp in zip(rows, outs, opts):
-            cache[keys[b]] = {"text": out.text, "parsed": parse_answer(task, out.text, examples[b].choices, examples[b].options),
-                              "option_logprobs": lp, "adapters": out.adapters, "weights": out.weights}
+            cache[keys[b]] = {
+                "text": out.text,
+                "parsed": parse_answer(task, out.text, examples[b].choices, examples[b].options),
+                "option_logprobs": lp,
+                "adapters": out.adapters,
+                "weights": out.weights,
+            }
     return [cache[k] for k in keys]
 
 
 def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
     """Means of every metric, plus the per-example headline scores under HEADLINE_SCORES."""
-    scores: dict = score_task(task.metric, [r["parsed"] for r in rows], [list(ex.references) for ex in examples],
-                              [r["text"] for r in rows], [ex.answer for ex in examples])
+    scores: dict = score_task(
+        task.metric,
+        [r["parsed"] for r in rows],
+        [list(ex.references) for ex in examples],
+        [r["text"] for r in rows],
+        [ex.answer for ex in examples],
+    )
     loglik = task.kind == "mcq" and bool(rows) and rows[0]["option_logprobs"] is not None
     picked = [r["parsed"] for r in rows]
     if loglik:
@@ -78,20 +92,29 @@ def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
     elif task.kind == "mcq":
         scores[HEADLINE_SCORES] = [choice_accuracy([r["parsed"]], [ex.references]) for ex, r in zip(examples, rows)]
     else:
-        scores[HEADLINE_SCORES] = [headline_score(task.metric, r["parsed"], ex.references)
-                                   for ex, r in zip(examples, rows)]
+        scores[HEADLINE_SCORES] = [
+            headline_score(task.metric, r["parsed"], ex.references) for ex, r in zip(examples, rows)
+        ]
     # The collapse check: the share of the most frequent answer (the option the headline picks, else the
     # parsed answer), beside the same share of the gold answers.
     scores["top_answer_share"] = majority_share(picked)
-    scores["gold_top_share"] = majority_share([ex.gold_index if task.kind == "mcq" else ex.references[0]
-                                               for ex in examples])
+    scores["gold_top_share"] = majority_share(
+        [ex.gold_index if task.kind == "mcq" else ex.references[0] for ex in examples]
+    )
     scores["mean_k"] = sum(len(r["adapters"]) for r in rows) / max(len(rows), 1)
     scores["fused_fraction"] = sum(len(r["adapters"]) > 1 for r in rows) / max(len(rows), 1)
     return scores
 
 
-def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig, split_cfg: SplitConfig,
-                  data_dir: str | Path | None = None, progress: bool = True) -> dict[str, dict]:
+def evaluate_task(
+    dlp: DLPLoRA,
+    task: Task | str,
+    out_dir: Path,
+    cfg: EvalConfig,
+    split_cfg: SplitConfig,
+    data_dir: str | Path | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
     """All methods on one task: method -> metric means and HEADLINE_SCORES (per example); per-example
     predictions go to out_dir/predictions/<method>/<task>.jsonl.
 
@@ -109,8 +132,12 @@ def evaluate_task(dlp: DLPLoRA, task: Task | str, out_dir: Path, cfg: EvalConfig
     dense = {m: _method_dense(dlp, m, probs, truth) for m in cfg.all_methods}
     path = {m: out_dir / "predictions" / m / f"{task_name}.jsonl" for m in cfg.all_methods}
     done = {m: _read_complete(path[m], examples, [dlp.mixture(row) for row in dense[m]]) for m in cfg.all_methods}
-    cache = {(ex.uid, routing_key(dense[m][b])): r for m, rows in done.items() if rows is not None
-             for b, (ex, r) in enumerate(zip(examples, rows))}
+    cache = {
+        (ex.uid, routing_key(dense[m][b])): r
+        for m, rows in done.items()
+        if rows is not None
+        for b, (ex, r) in enumerate(zip(examples, rows))
+    }
     results = {}
     for method in tqdm(cfg.all_methods, desc=task_name, disable=not progress, leave=False):
         rows = done[method]
@@ -131,14 +158,16 @@ def _method_dense(dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.T
     return dlp.to_bank(method_weights(method, probs, truth, dlp.selection, dlp.no_adapter))
 
 
-def _read_complete(path: Path, examples: Sequence[Example], mixtures: list[tuple[list[str], list[float]]]
-                   ) -> list[dict] | None:
+def _read_complete(
+    path: Path, examples: Sequence[Example], mixtures: list[tuple[list[str], list[float]]]
+) -> list[dict] | None:
     """The rows of a finished run with these examples and these (adapters, weights) per example, else None."""
     if not path.exists():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if [r.get("uid") for r in rows] != [ex.uid for ex in examples] or \
-            [(r.get("adapters"), r.get("weights")) for r in rows] != [(list(a), list(w)) for a, w in mixtures]:
+    if [r.get("uid") for r in rows] != [ex.uid for ex in examples] or [
+        (r.get("adapters"), r.get("weights")) for r in rows
+    ] != [(list(a), list(w)) for a, w in mixtures]:
         return None  # partial, or from other settings (router, p, gate): rerun
     return rows
 

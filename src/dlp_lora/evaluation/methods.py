@@ -7,8 +7,8 @@ the classes without an adapter; the router's methods select as serving does (`DL
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import Callable, Sequence
 
 import torch
 
@@ -23,21 +23,30 @@ MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig, Sequence[int]]
 def _selected(**overrides) -> MethodFn:
     def fn(probs: torch.Tensor, truth: torch.Tensor, sel: SelectionConfig, no_adapter: Sequence[int]) -> torch.Tensor:
         return select_with(probs, replace(sel, **overrides), no_adapter).to_dense(probs.shape[1])
+
     return fn
 
 
 METHODS: dict[str, tuple[str, MethodFn]] = {
     "base": ("no adapter", lambda probs, truth, sel, no_adapter: torch.zeros_like(probs)),
-    "oracle": ("the true task's adapter alone (the paper's single LoRA)",
-               lambda probs, truth, sel, no_adapter: torch.nn.functional.one_hot(truth, probs.shape[1]).to(probs.dtype)),
+    "oracle": (
+        "the true task's adapter alone (the paper's single LoRA)",
+        lambda probs, truth, sel, no_adapter: torch.nn.functional.one_hot(truth, probs.shape[1]).to(probs.dtype),
+    ),
     "dlp": ("router + top-p, renormalised weights (ours)", _selected(strategy="top_p", weighting="renorm")),
-    "dlp-paper": ("router + top-p, softmax of kept probabilities (the paper's code)",
-                  _selected(strategy="top_p", weighting="softmax")),
+    "dlp-paper": (
+        "router + top-p, softmax of kept probabilities (the paper's code)",
+        _selected(strategy="top_p", weighting="softmax"),
+    ),
     "top1": ("the router's best adapter alone", _selected(strategy="top_k", k=1, max_k=None)),
-    "topk2": ("the router's two best adapters, renormalised", _selected(strategy="top_k", k=2, max_k=None,
-                                                                         weighting="renorm")),
-    "uniform": ("every adapter fused with equal weights (static)",
-                lambda probs, truth, sel, no_adapter: torch.full_like(probs, 1.0 / probs.shape[1])),
+    "topk2": (
+        "the router's two best adapters, renormalised",
+        _selected(strategy="top_k", k=2, max_k=None, weighting="renorm"),
+    ),
+    "uniform": (
+        "every adapter fused with equal weights (static)",
+        lambda probs, truth, sel, no_adapter: torch.full_like(probs, 1.0 / probs.shape[1]),
+    ),
 }
 
 
@@ -57,8 +66,9 @@ def check_method(method: str, selection: SelectionConfig) -> tuple[MethodFn, Sel
     return METHODS[name][1], selection
 
 
-def method_weights(method: str, probs: torch.Tensor, truth: torch.Tensor, selection: SelectionConfig,
-                   no_adapter: Sequence[int] = ()) -> torch.Tensor:
+def method_weights(
+    method: str, probs: torch.Tensor, truth: torch.Tensor, selection: SelectionConfig, no_adapter: Sequence[int] = ()
+) -> torch.Tensor:
     """(B, N) weights for `method` (see `check_method`); no_adapter: class indices without an adapter."""
     fn, selection = check_method(method, selection)
     return fn(probs, truth, selection, no_adapter)

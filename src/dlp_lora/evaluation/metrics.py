@@ -8,12 +8,11 @@ references), numeric exact match, corpus BLEU (sacrebleu) and ROUGE-1 / ROUGE-L 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 from dlp_lora.tasks.prompts import extract_number, normalize_text
 
-__all__ = ["choice_accuracy", "exact_match", "token_f1", "numeric_match", "corpus_bleu", "rouge_scores",
-           "score_task"]
+__all__ = ["choice_accuracy", "exact_match", "token_f1", "numeric_match", "corpus_bleu", "rouge_scores", "score_task"]
 
 
 def _check(preds: Sequence, refs: Sequence) -> None:
@@ -54,6 +53,7 @@ def token_f1(pred: str, refs: Sequence[str], squad: bool = True) -> float:
             return 0.0
         precision, recall = common / len(pt), common / len(rt)
         return 2 * precision * recall / (precision + recall)
+
     return max(f1(pred, r) for r in refs)
 
 
@@ -86,8 +86,13 @@ def rouge_scores(hyps: Sequence[str], refs: Sequence[str]) -> dict[str, float]:
     return {k: 100.0 * v / n for k, v in totals.items()}
 
 
-def score_task(metric: str, preds: Sequence[str], references: Sequence[Sequence[str]],
-               texts: Sequence[str] | None = None, targets: Sequence[str] | None = None) -> dict[str, float]:
+def score_task(
+    metric: str,
+    preds: Sequence[str],
+    references: Sequence[Sequence[str]],
+    texts: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+) -> dict[str, float]:
     """All scores of one task's predictions.
 
     preds are parsed answers (see `tasks.parse_answer`) and references the acceptable answers.

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from statistics import mean
-from typing import Mapping
 
 from matplotlib.figure import Figure
 
@@ -23,12 +23,25 @@ from dlp_lora.tasks import Task
 __all__ = ["headline", "summarise", "differences", "method_pairs", "collapsed_rows", "write_report"]
 
 BASE = "base"
-PAIRS = (("oracle", "base"), ("dlp", "oracle"), ("dlp", "top1"), ("dlp", "uniform"), ("dlp", "multitask"),
-         ("dlp", "base"), ("multitask", "base"))
+PAIRS = (
+    ("oracle", "base"),
+    ("dlp", "oracle"),
+    ("dlp", "top1"),
+    ("dlp", "uniform"),
+    ("dlp", "multitask"),
+    ("dlp", "base"),
+    ("multitask", "base"),
+)
 """Method pairs compared over all tasks (when both were run): `a - b` with a stratified bootstrap interval."""
 
-_AVERAGES = (("mcq_headline", "MCQ acc_norm"), ("mcq_accuracy", "MCQ generated acc"), ("qa_headline", "QA headline"),
-             ("qa_bleu", "QA BLEU"), ("qa_rouge1", "QA ROUGE-1"), ("qa_rougeL", "QA ROUGE-L"))
+_AVERAGES = (
+    ("mcq_headline", "MCQ acc_norm"),
+    ("mcq_accuracy", "MCQ generated acc"),
+    ("qa_headline", "QA headline"),
+    ("qa_bleu", "QA BLEU"),
+    ("qa_rouge1", "QA ROUGE-1"),
+    ("qa_rougeL", "QA ROUGE-L"),
+)
 
 
 def headline(task: Task, scores: dict) -> float:
@@ -40,8 +53,9 @@ def _avg(values: list[float]) -> float:
     return mean(values) if values else float("nan")
 
 
-def summarise(per_task: dict[str, dict[str, dict]], tasks: Mapping[str, Task],
-              diffs: dict[str, dict[str, dict]] | None = None) -> dict[str, dict]:
+def summarise(
+    per_task: dict[str, dict[str, dict]], tasks: Mapping[str, Task], diffs: dict[str, dict[str, dict]] | None = None
+) -> dict[str, dict]:
     """Averages per method over tasks: MCQ headline (acc_norm) and generated accuracy, QA headline, BLEU,
     ROUGE, mean adapters fused; with a `base` method, each other method's difference from it.
 
@@ -66,9 +80,12 @@ def summarise(per_task: dict[str, dict[str, dict]], tasks: Mapping[str, Task],
             vs = {}
             for group, names in (("mcq", mcq), ("qa", qa), ("all", list(per_task))):
                 if names:
-                    vs[group] = _as_dict(stratified_mean_difference(
-                        {t: per_task[t][m][HEADLINE_SCORES] for t in names},
-                        {t: per_task[t][BASE][HEADLINE_SCORES] for t in names}))
+                    vs[group] = _as_dict(
+                        stratified_mean_difference(
+                            {t: per_task[t][m][HEADLINE_SCORES] for t in names},
+                            {t: per_task[t][BASE][HEADLINE_SCORES] for t in names},
+                        )
+                    )
             signs = [_sign(Interval(**diffs[t][m])) for t in per_task]
             vs["tasks"] = {"better": signs.count(1), "same": signs.count(0), "worse": signs.count(-1)}
             out[m]["vs_base"] = vs
@@ -81,23 +98,36 @@ def differences(per_task: dict[str, dict[str, dict]]) -> dict[str, dict[str, dic
     for t, by_method in per_task.items():
         if BASE in by_method:
             base = by_method[BASE][HEADLINE_SCORES]
-            out[t] = {m: _as_dict(paired_difference(s[HEADLINE_SCORES], base)) for m, s in by_method.items() if m != BASE}
+            out[t] = {
+                m: _as_dict(paired_difference(s[HEADLINE_SCORES], base)) for m, s in by_method.items() if m != BASE
+            }
     return out
 
 
 def method_pairs(per_task: dict[str, dict[str, dict]]) -> dict[str, dict]:
-    """"a - b" -> stratified bootstrap interval (dict) of the headline difference over all tasks, for the
+    """ "a - b" -> stratified bootstrap interval (dict) of the headline difference over all tasks, for the
     PAIRS whose two methods were both run."""
     methods = set(next(iter(per_task.values())))
-    return {f"{a} - {b}": _as_dict(stratified_mean_difference({t: per_task[t][a][HEADLINE_SCORES] for t in per_task},
-                                                               {t: per_task[t][b][HEADLINE_SCORES] for t in per_task}))
-            for a, b in PAIRS if {a, b} <= methods}
+    return {
+        f"{a} - {b}": _as_dict(
+            stratified_mean_difference(
+                {t: per_task[t][a][HEADLINE_SCORES] for t in per_task},
+                {t: per_task[t][b][HEADLINE_SCORES] for t in per_task},
+            )
+        )
+        for a, b in PAIRS
+        if {a, b} <= methods
+    }
 
 
 def collapsed_rows(per_task: dict[str, dict[str, dict]]) -> list[tuple[str, str, float, float]]:
     """(task, method, top answer share, gold top share) wherever a method collapsed (COLLAPSE_SHARE)."""
-    return [(t, m, s["top_answer_share"], s["gold_top_share"]) for t, by in per_task.items() for m, s in by.items()
-            if s["top_answer_share"] > COLLAPSE_SHARE >= s["gold_top_share"]]
+    return [
+        (t, m, s["top_answer_share"], s["gold_top_share"])
+        for t, by in per_task.items()
+        for m, s in by.items()
+        if s["top_answer_share"] > COLLAPSE_SHARE >= s["gold_top_share"]
+    ]
 
 
 def _as_dict(i: Interval) -> dict:
@@ -113,18 +143,25 @@ def _fmt(x: float) -> str:
 
 
 def _averages_table(summary: dict, methods: list[str]) -> list[str]:
-    lines = ["| method | " + " | ".join(label for _, label in _AVERAGES) + " | mean k | fused % |",
-             "|---" * (len(_AVERAGES) + 3) + "|"]
+    lines = [
+        "| method | " + " | ".join(label for _, label in _AVERAGES) + " | mean k | fused % |",
+        "|---" * (len(_AVERAGES) + 3) + "|",
+    ]
     for m in methods:
         s = summary[m]
-        lines.append(f"| {m} | " + " | ".join(_fmt(s[k]) for k, _ in _AVERAGES)
-                     + f" | {s['mean_k']:.2f} | {100 * s['fused_fraction']:.1f} |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(_fmt(s[k]) for k, _ in _AVERAGES)
+            + f" | {s['mean_k']:.2f} | {100 * s['fused_fraction']:.1f} |"
+        )
     return lines
 
 
 def _vs_base_table(summary: dict, methods: list[str]) -> list[str]:
-    lines = ["| method | MCQ (acc_norm) | QA (headline) | all tasks | tasks better / same / worse |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| method | MCQ (acc_norm) | QA (headline) | all tasks | tasks better / same / worse |",
+        "|---|---|---|---|---|",
+    ]
     for m in methods:
         vs = summary[m].get("vs_base")
         if vs is None:
@@ -144,58 +181,112 @@ def _task_cell(score: float, diff: dict | None) -> str:
     return f"{score:.1f} ({i.estimate:+.1f}{mark})"
 
 
-def _markdown(per_task: dict, tasks: Mapping[str, Task], summary: dict, diffs: dict, meta: dict,
-              composite: dict | None, pairs: dict) -> str:
+def _markdown(
+    per_task: dict,
+    tasks: Mapping[str, Task],
+    summary: dict,
+    diffs: dict,
+    meta: dict,
+    composite: dict | None,
+    pairs: dict,
+) -> str:
     main = [m for m in summary if "@" not in m]
     sweep = [m for m in summary if "@" in m]
-    lines = ["# Results", "", f"Produced by `{meta['command']}`.", "",
-             f"Up to {meta['examples_per_task']} test examples per task (each task's whole seeded test split up to "
-             "that many; the count per task is in the table), greedy generation (no sampling, so one run is exact "
-             "and seeds do not apply). Multiple choice headline: `acc_norm`, the option whose full text has the "
-             "highest log-likelihood per byte after the prompt, as lm-evaluation-harness scores it (the adapters "
-             "are trained on that target); `MCQ generated acc` parses the generated answer instead. QA headline: "
-             "token F1 for SQuAD, exact match otherwise; BLEU (sacrebleu) and ROUGE (rouge-score) compare the "
-             "generated text with the reference answer.", "", "## Averages", ""]
+    lines = [
+        "# Results",
+        "",
+        f"Produced by `{meta['command']}`.",
+        "",
+        f"Up to {meta['examples_per_task']} test examples per task (each task's whole seeded test split up to "
+        "that many; the count per task is in the table), greedy generation (no sampling, so one run is exact "
+        "and seeds do not apply). Multiple choice headline: `acc_norm`, the option whose full text has the "
+        "highest log-likelihood per byte after the prompt, as lm-evaluation-harness scores it (the adapters "
+        "are trained on that target); `MCQ generated acc` parses the generated answer instead. QA headline: "
+        "token F1 for SQuAD, exact match otherwise; BLEU (sacrebleu) and ROUGE (rouge-score) compare the "
+        "generated text with the reference answer.",
+        "",
+        "## Averages",
+        "",
+    ]
     lines += _averages_table(summary, main)
     if any("vs_base" in summary[m] for m in main):
-        lines += ["", "## Against the base model", "",
-                  "Mean difference of the headline score from the plain base model on the same examples, with a "
-                  "95% bootstrap interval (examples resampled within each task, tasks weighted equally); "
-                  "'better' / 'worse' count the tasks whose own paired interval excludes 0.", ""]
+        lines += [
+            "",
+            "## Against the base model",
+            "",
+            "Mean difference of the headline score from the plain base model on the same examples, with a "
+            "95% bootstrap interval (examples resampled within each task, tasks weighted equally); "
+            "'better' / 'worse' count the tasks whose own paired interval excludes 0.",
+            "",
+        ]
         lines += _vs_base_table(summary, main)
     if pairs:
-        lines += ["", "## Between methods", "",
-                  "Mean headline difference over all tasks (tasks weighted equally), 95% bootstrap interval "
-                  "(examples resampled within each task).", "", "| difference | all tasks |", "|---|---|"]
-        lines += [f"| {name} | {Interval(**d).fmt()}{'' if Interval(**d).excludes_zero else ' (no difference)'} |"
-                  for name, d in pairs.items()]
+        lines += [
+            "",
+            "## Between methods",
+            "",
+            "Mean headline difference over all tasks (tasks weighted equally), 95% bootstrap interval "
+            "(examples resampled within each task).",
+            "",
+            "| difference | all tasks |",
+            "|---|---|",
+        ]
+        lines += [
+            f"| {name} | {Interval(**d).fmt()}{'' if Interval(**d).excludes_zero else ' (no difference)'} |"
+            for name, d in pairs.items()
+        ]
     collapsed = collapsed_rows(per_task)
-    lines += ["", "## Collapse check", "",
-              f"Methods whose most frequent answer (the option `acc_norm` picks, else the parsed answer) covers more "
-              f"than {COLLAPSE_SHARE:.0%} of a task's prompts while the gold answers' most frequent one does not."]
-    lines += (["", "| task | method | top answer share | gold top share |", "|---|---|---|---|"]
-              + [f"| {t} | {m} | {s:.0%} | {g:.0%} |" for t, m, s, g in collapsed] if collapsed else ["", "None."])
+    lines += [
+        "",
+        "## Collapse check",
+        "",
+        f"Methods whose most frequent answer (the option `acc_norm` picks, else the parsed answer) covers more "
+        f"than {COLLAPSE_SHARE:.0%} of a task's prompts while the gold answers' most frequent one does not.",
+    ]
+    lines += (
+        ["", "| task | method | top answer share | gold top share |", "|---|---|---|---|"]
+        + [f"| {t} | {m} | {s:.0%} | {g:.0%} |" for t, m, s, g in collapsed]
+        if collapsed
+        else ["", "None."]
+    )
     if sweep:
         lines += ["", "## Top-p sweep of `dlp`", ""] + _averages_table(summary, sweep)
         lines += ["", "![p sweep: mean adapters fused vs score](p_sweep.png)"]
-    lines += ["", "## Per task (headline metric)", "",
-              "Each method's score, and in brackets its difference from `base` (↑ / ↓ where the paired 95% "
-              "interval excludes 0).", "", "| task | kind | n | " + " | ".join(main) + " |",
-              "|---|---|---|" + "---|" * len(main)]
+    lines += [
+        "",
+        "## Per task (headline metric)",
+        "",
+        "Each method's score, and in brackets its difference from `base` (↑ / ↓ where the paired 95% "
+        "interval excludes 0).",
+        "",
+        "| task | kind | n | " + " | ".join(main) + " |",
+        "|---|---|---|" + "---|" * len(main),
+    ]
     for t, by_method in per_task.items():
         n = len(by_method[main[0]][HEADLINE_SCORES])
-        lines.append(f"| {t} | {tasks[t].kind} | {n} | " + " | ".join(
-            _task_cell(headline(tasks[t], by_method[m]), diffs.get(t, {}).get(m)) for m in main) + " |")
+        lines.append(
+            f"| {t} | {tasks[t].kind} | {n} | "
+            + " | ".join(_task_cell(headline(tasks[t], by_method[m]), diffs.get(t, {}).get(m)) for m in main)
+            + " |"
+        )
     lines += ["", "![per-task headline score by method](per_task.png)"]
     if composite:
-        lines += ["", "## Composite prompts", "",
-                  f"{composite['pairs']} prompts, each two questions from different tasks joined by a blank line; "
-                  "each part is answered and scored on its own. Per prompt: one routing for the joined text; "
-                  "per segment: each part routed on its own text.", "",
-                  "| routing | mean part score | weight on the true task | mean k |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## Composite prompts",
+            "",
+            f"{composite['pairs']} prompts, each two questions from different tasks joined by a blank line; "
+            "each part is answered and scored on its own. Per prompt: one routing for the joined text; "
+            "per segment: each part routed on its own text.",
+            "",
+            "| routing | mean part score | weight on the true task | mean k |",
+            "|---|---|---|---|",
+        ]
         for name in ("per_prompt", "per_segment"):
-            lines.append(f"| {name.replace('_', ' ')} | {composite[f'{name}_score']:.2f} | "
-                         f"{composite[f'{name}_true_task_weight']:.3f} | {composite[f'{name}_mean_k']:.2f} |")
+            lines.append(
+                f"| {name.replace('_', ' ')} | {composite[f'{name}_score']:.2f} | "
+                f"{composite[f'{name}_true_task_weight']:.3f} | {composite[f'{name}_mean_k']:.2f} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -205,8 +296,12 @@ def _bar_plot(per_task: dict, task_map: Mapping[str, Task], methods: list[str], 
     ax = fig.add_subplot()
     width = 0.8 / len(methods)
     for j, m in enumerate(methods):
-        ax.bar([i + j * width for i in range(len(tasks))], [headline(task_map[t], per_task[t][m]) for t in tasks], width,
-               label=m)
+        ax.bar(
+            [i + j * width for i in range(len(tasks))],
+            [headline(task_map[t], per_task[t][m]) for t in tasks],
+            width,
+            label=m,
+        )
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(tasks))], tasks, rotation=70, ha="right", fontsize=7)
     ax.set_ylabel("headline score (accuracy / F1 / EM, %)")
     ax.legend(fontsize=7, ncols=4)
@@ -231,20 +326,34 @@ def _sweep_plot(summary: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def write_report(out_dir: Path, per_task: dict, tasks: Mapping[str, Task], meta: dict,
-                 composite: dict | None = None) -> dict:
+def write_report(
+    out_dir: Path, per_task: dict, tasks: Mapping[str, Task], meta: dict, composite: dict | None = None
+) -> dict:
     """Write results.json, results.md, per_task.png and (with a sweep) p_sweep.png; returns the summary.
 
     results.json keeps the means and intervals; the per-example scores stay in the prediction files."""
     diffs = differences(per_task)
     summary = summarise(per_task, tasks, diffs)
     pairs = method_pairs(per_task)
-    means = {t: {m: {k: v for k, v in s.items() if k != HEADLINE_SCORES} for m, s in by.items()}
-             for t, by in per_task.items()}
+    means = {
+        t: {m: {k: v for k, v in s.items() if k != HEADLINE_SCORES} for m, s in by.items()}
+        for t, by in per_task.items()
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps({"meta": meta, "summary": summary, "per_task": means,
-                                                      "vs_base": diffs, "pairs": pairs, "composite": composite},
-                                                     indent=2) + "\n")
+    (out_dir / "results.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "summary": summary,
+                "per_task": means,
+                "vs_base": diffs,
+                "pairs": pairs,
+                "composite": composite,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (out_dir / "results.md").write_text(_markdown(per_task, tasks, summary, diffs, meta, composite, pairs))
     _bar_plot(per_task, tasks, [m for m in summary if "@" not in m], out_dir / "per_task.png")
     if any(m.startswith("dlp@") for m in summary):

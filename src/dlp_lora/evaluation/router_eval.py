@@ -18,7 +18,7 @@ from ..config import RouterDataConfig, SelectionConfig, SplitConfig
 from ..router import Router
 from ..tasks.out_of_pool import NONE, is_unseen_source
 from ..tasks.renderings import HELD_OUT_RENDERINGS
-from ..tasks.router_prompts import task_classes, manifest_task, pool_test_prompts
+from ..tasks.router_prompts import manifest_task, pool_test_prompts, task_classes
 from .router_report import comparison_markdown, router_report
 
 __all__ = ["router_report_for"]
@@ -59,24 +59,49 @@ def router_report_for(
         gated = [t for t in task_classes(manifest) if manifest.adapters.get(t) is None]
     chosen = replace(base, **(selection or {}))
     groups = list(same_task) if same_task is not None else [g for g in (_ARC,) if set(g) <= set(router.task_names)]
-    prompts = pool_test_prompts(tasks, data_dir, split_cfg, RouterDataConfig(none_class=NONE in router.task_names),
-                                split)
+    prompts = pool_test_prompts(
+        tasks, data_dir, split_cfg, RouterDataConfig(none_class=NONE in router.task_names), split
+    )
     # Only out-of-pool sources can be unseen (an in-pool task's name may hash into the unseen quarter too).
     unseen = sorted({s for s, lab in zip(prompts.sources, prompts.labels) if lab == NONE and is_unseen_source(s)})
-    report = router_report(router, prompts.texts, prompts.labels, out_dir, selection=chosen, same_task=groups,
-                           renderings=prompts.renderings, sources=prompts.sources, held_out=HELD_OUT_RENDERINGS,
-                           unseen_sources=unseen, command=command, latency=latency, base_served=gated)
+    report = router_report(
+        router,
+        prompts.texts,
+        prompts.labels,
+        out_dir,
+        selection=chosen,
+        same_task=groups,
+        renderings=prompts.renderings,
+        sources=prompts.sources,
+        held_out=HELD_OUT_RENDERINGS,
+        unseen_sources=unseen,
+        command=command,
+        latency=latency,
+        base_served=gated,
+    )
     if compare:
         reports = [("this router", report)]
         for i, other_dir in enumerate(compare):
             other = Router.load(other_dir)
             rows = [j for j, lab in enumerate(prompts.labels) if lab in other.task_names]
             pick = lambda xs: [xs[j] for j in rows]  # noqa: E731
-            reports.append((str(other_dir), router_report(
-                other, pick(prompts.texts), pick(prompts.labels), Path(out_dir) / f"compare-{i}", selection=chosen,
-                same_task=[g for g in groups if set(g) <= set(other.task_names)],
-                renderings=pick(prompts.renderings), sources=pick(prompts.sources), held_out=HELD_OUT_RENDERINGS,
-                latency=latency)))
+            reports.append(
+                (
+                    str(other_dir),
+                    router_report(
+                        other,
+                        pick(prompts.texts),
+                        pick(prompts.labels),
+                        Path(out_dir) / f"compare-{i}",
+                        selection=chosen,
+                        same_task=[g for g in groups if set(g) <= set(other.task_names)],
+                        renderings=pick(prompts.renderings),
+                        sources=pick(prompts.sources),
+                        held_out=HELD_OUT_RENDERINGS,
+                        latency=latency,
+                    ),
+                )
+            )
         with open(Path(out_dir) / "report.md", "a") as fh:
             fh.write("\n" + comparison_markdown(reports))
     return report

@@ -51,8 +51,14 @@ def plot_sweep(sweep: list[dict], chosen_p: float, path: Path) -> None:
         ax.annotate(label, xy, textcoords="offset points", xytext=(4, -12 if i % 2 == 0 else 6), fontsize=7)
     chosen = [s for s in sweep if s["p"] == chosen_p]
     if chosen:
-        ax.plot([chosen[0]["mean_k"]], [chosen[0]["recall"]], marker="*", markersize=14, color="red",
-                label=f"default p={chosen_p}")
+        ax.plot(
+            [chosen[0]["mean_k"]],
+            [chosen[0]["recall"]],
+            marker="*",
+            markersize=14,
+            color="red",
+            label=f"default p={chosen_p}",
+        )
         ax.legend(loc="lower right", fontsize=8)
     ax.set_xlabel("mean adapters kept per prompt")
     ax.set_ylabel("recall (true task kept)")
@@ -65,13 +71,21 @@ def plot_sweep(sweep: list[dict], chosen_p: float, path: Path) -> None:
 def plot_reliability(before: list[dict], after: list[dict], ece: tuple[float, float], path: Path) -> None:
     """Two reliability diagrams side by side: accuracy per confidence bin before and after calibration."""
     fig = Figure(figsize=(9, 4))
-    for i, (bins, title) in enumerate(((before, f"before (T=1), ECE {ece[0]:.4f}"),
-                                       (after, f"after temperature scaling, ECE {ece[1]:.4f}"))):
+    for i, (bins, title) in enumerate(
+        ((before, f"before (T=1), ECE {ece[0]:.4f}"), (after, f"after temperature scaling, ECE {ece[1]:.4f}"))
+    ):
         ax = fig.add_subplot(1, 2, i + 1)
         full = [b for b in bins if b["count"]]
         width = full[0]["hi"] - full[0]["lo"] if full else 0.1
-        ax.bar([b["lo"] for b in full], [b["accuracy"] for b in full], width=width, align="edge",
-               edgecolor="black", alpha=0.7, label="accuracy")
+        ax.bar(
+            [b["lo"] for b in full],
+            [b["accuracy"] for b in full],
+            width=width,
+            align="edge",
+            edgecolor="black",
+            alpha=0.7,
+            label="accuracy",
+        )
         ax.plot([b["confidence"] for b in full], [b["confidence"] for b in full], "r.", label="mean confidence")
         ax.plot([0, 1], [0, 1], "k--", linewidth=0.8)
         ax.set_xlim(0, 1)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
 
 from tqdm.auto import tqdm
 
@@ -20,9 +20,15 @@ from dlp_lora.tasks.out_of_pool import NONE
 __all__ = ["run_evaluation"]
 
 
-def run_evaluation(dlp: DLPLoRA, tasks: Sequence[str | Task], out_dir: str | Path, cfg: EvalConfig,
-                   split_cfg: SplitConfig = SplitConfig(), data_dir: str | Path | None = None,
-                   command: str = "dlp-lora evaluate") -> dict:
+def run_evaluation(
+    dlp: DLPLoRA,
+    tasks: Sequence[str | Task],
+    out_dir: str | Path,
+    cfg: EvalConfig,
+    split_cfg: SplitConfig = SplitConfig(),
+    data_dir: str | Path | None = None,
+    command: str = "dlp-lora evaluate",
+) -> dict:
     """Evaluate all methods on all tasks (resumable per method and task) and write the report into out_dir.
     The router's `none` class (out-of-pool prompts, no adapter, no test split) is left out of `tasks`, so
     `dlp.task_names` can be passed as it is."""
@@ -36,13 +42,20 @@ def run_evaluation(dlp: DLPLoRA, tasks: Sequence[str | Task], out_dir: str | Pat
         if method not in dlp.baselines:
             check_method(method, dlp.selection)
     out = Path(out_dir)
-    per_task = {name: evaluate_task(dlp, task, out, cfg, split_cfg, data_dir)
-                for name, task in tqdm(task_map.items(), desc="tasks")}
+    per_task = {
+        name: evaluate_task(dlp, task, out, cfg, split_cfg, data_dir)
+        for name, task in tqdm(task_map.items(), desc="tasks")
+    }
     composite = None
     if cfg.composite_pairs:
         pools = {n: load_splits(t, data_dir, split_cfg).test[: cfg.limit] for n, t in task_map.items()}
-        composite = evaluate_composite(dlp, make_pairs(pools, cfg.composite_pairs, split_cfg.seed), task_map,
-                                       batch_size=cfg.batch_size)
-    meta = {"command": command, "examples_per_task": cfg.limit, "selection": asdict(dlp.selection),
-            **config_record(cfg, split_cfg)}
+        composite = evaluate_composite(
+            dlp, make_pairs(pools, cfg.composite_pairs, split_cfg.seed), task_map, batch_size=cfg.batch_size
+        )
+    meta = {
+        "command": command,
+        "examples_per_task": cfg.limit,
+        "selection": asdict(dlp.selection),
+        **config_record(cfg, split_cfg),
+    }
     return write_report(out, per_task, task_map, meta, composite)

@@ -7,8 +7,8 @@ examples would show. A difference whose 95% interval contains 0 is reported as n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 
@@ -53,8 +53,9 @@ def bootstrap_mean(scores: Sequence[float], level: float = 0.95, resamples: int 
     return _interval(a.mean(), a[idx].mean(1), a.size, level)
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = 2000,
-                      seed: int = 0) -> Interval:
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> Interval:
     """mean(a - b) over the same N examples, with a paired percentile bootstrap interval."""
     x, y = _as_matrix(a), _as_matrix(b)
     if x.shape != y.shape:
@@ -62,8 +63,13 @@ def paired_difference(a: Sequence[float], b: Sequence[float], level: float = 0.9
     return bootstrap_mean(x - y, level, resamples, seed)
 
 
-def stratified_mean_difference(a: dict[str, Sequence[float]], b: dict[str, Sequence[float]], level: float = 0.95,
-                               resamples: int = 2000, seed: int = 0) -> Interval:
+def stratified_mean_difference(
+    a: dict[str, Sequence[float]],
+    b: dict[str, Sequence[float]],
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> Interval:
     """Difference of task-averaged scores: mean over tasks of mean(a[t] - b[t]).
 
     Each task's examples are resampled within the task (tasks are fixed, examples vary), so a task with

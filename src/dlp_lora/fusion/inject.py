@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path as FsPath
-from typing import Iterator, Mapping
 
 import torch
 from torch import nn
@@ -123,8 +123,10 @@ class FusedLoRAModel:
         if isinstance(weights, Routing):
             return weights.to_dense(n)
         if not isinstance(weights, torch.Tensor) or not torch.is_floating_point(weights):
-            raise TypeError(f"routing weights must be a float tensor (B, {n}) or a Routing, got {type(weights).__name__}"
-                            + (f" of {weights.dtype}" if isinstance(weights, torch.Tensor) else ""))
+            raise TypeError(
+                f"routing weights must be a float tensor (B, {n}) or a Routing, got {type(weights).__name__}"
+                + (f" of {weights.dtype}" if isinstance(weights, torch.Tensor) else "")
+            )
         if weights.dim() != 2 or weights.shape[1] != n or weights.shape[0] == 0:
             raise ValueError(f"routing weights must have shape (B, {n}) with B >= 1, got {tuple(weights.shape)}")
         if not torch.isfinite(weights).all():
@@ -164,8 +166,10 @@ class FusedLoRAModel:
         new one. The path is chosen anew; on the merged path a new mixture re-merges.
         """
         if self._slot.active is None or self._owner != threading.get_ident():
-            raise RuntimeError("reroute needs an active routing: call it inside a `with fused.routed(...)` block "
-                               "(in the thread that opened it)")
+            raise RuntimeError(
+                "reroute needs an active routing: call it inside a `with fused.routed(...)` block "
+                "(in the thread that opened it)"
+            )
         return self._activate(weights)
 
     @property
@@ -180,8 +184,14 @@ class FusedLoRAModel:
         # moves to the stacks' device here, once per routing: nothing crosses devices in a forward pass.
         routing, device = Routing.from_dense(given), self.device
         dense = given.to(device)
-        active = ActiveRouting(path=path, dense=dense, routing=routing, indices=routing.indices.to(device),
-                               weights=routing.weights.to(device), mix=dense[0] if path == "merged" else None)
+        active = ActiveRouting(
+            path=path,
+            dense=dense,
+            routing=routing,
+            indices=routing.indices.to(device),
+            weights=routing.weights.to(device),
+            mix=dense[0] if path == "merged" else None,
+        )
         self._slot.active = active
         return active
 

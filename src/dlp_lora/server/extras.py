@@ -16,11 +16,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
 from dlp_lora.config import ServerConfig
-from dlp_lora.routing import routing_text
+from dlp_lora.granularity import routing_text
 from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.responses import ERROR_RESPONSES
-from dlp_lora.server.schemas import (DetokenizeRequest, LoadLoraRequest, RouteRequest, TokenizeRequest,
-                                     UnloadLoraRequest)
+from dlp_lora.server.schemas import DetokenizeRequest, LoadLoraRequest, RouteRequest, TokenizeRequest, UnloadLoraRequest
 from dlp_lora.server.state import ServerState
 
 __all__ = ["add_extra_routes"]
@@ -38,8 +37,14 @@ async def tokenize(body: TokenizeRequest, request: Request) -> JSONResponse:
         ids = state.chat_prompt_ids(body.messages, body.add_generation_prompt)
     else:
         ids = state.tokenizer(body.prompt or "", add_special_tokens=body.add_special_tokens)["input_ids"]
-    return JSONResponse({"count": len(ids), "max_model_len": state.max_prompt_tokens + state.cfg.max_tokens_limit,
-                         "tokens": ids, "token_strs": None})
+    return JSONResponse(
+        {
+            "count": len(ids),
+            "max_model_len": state.max_prompt_tokens + state.cfg.max_tokens_limit,
+            "tokens": ids,
+            "token_strs": None,
+        }
+    )
 
 
 async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
@@ -48,8 +53,9 @@ async def detokenize(body: DetokenizeRequest, request: Request) -> JSONResponse:
     _check_model(state, body.model)
     bad = next((t for t in body.tokens if t >= state.vocab_size), None)
     if bad is not None:
-        raise InvalidRequest(f"tokens: token id {bad} is out of range; the vocabulary has {state.vocab_size} tokens",
-                             param="tokens")
+        raise InvalidRequest(
+            f"tokens: token id {bad} is out of range; the vocabulary has {state.vocab_size} tokens", param="tokens"
+        )
     return JSONResponse({"prompt": state.tokenizer.decode(body.tokens)})
 
 
@@ -71,9 +77,14 @@ async def route(body: RouteRequest, request: Request) -> JSONResponse:
             raise InvalidRequest(f"the router cannot read this prompt: {exc}", param="prompt") from None
         routing = pipeline.route([text])
         pairs = sorted(routing.row(0), key=lambda p: -p[1])
-        return {"tasks": list(pipeline.router.task_names), "probabilities": [round(p, 6) for p in probs],
-                "adapters": [pipeline.adapter_names[i] for i, _ in pairs], "weights": [round(w, 6) for _, w in pairs],
-                "base_served": list(pipeline.base_served), "text": text}
+        return {
+            "tasks": list(pipeline.router.task_names),
+            "probabilities": [round(p, 6) for p in probs],
+            "adapters": [pipeline.adapter_names[i] for i, _ in pairs],
+            "weights": [round(w, 6) for _, w in pairs],
+            "base_served": list(pipeline.base_served),
+            "text": text,
+        }
 
     return JSONResponse(await asyncio.wrap_future(state.scheduler.call(run)))
 
@@ -87,8 +98,9 @@ async def load_lora_adapter(body: LoadLoraRequest, request: Request) -> PlainTex
     """vLLM's runtime adapter loading: checked as at load time (400, the bank untouched, on any problem)."""
     state = _state(request)
     if body.lora_name in state.model_ids():
-        raise InvalidRequest(f"the name {body.lora_name!r} is already served; unload it first or pick another",
-                             param="lora_name")
+        raise InvalidRequest(
+            f"the name {body.lora_name!r} is already served; unload it first or pick another", param="lora_name"
+        )
 
     def load() -> None:
         state.runner.pause()
@@ -111,9 +123,12 @@ async def unload_lora_adapter(body: UnloadLoraRequest, request: Request) -> Plai
 
     def unload() -> None:
         if body.lora_name in getattr(state.runner, "active_adapters", ()) or any(
-                body.lora_name in (j.mixture or {}) for j in state.scheduler.waiting_jobs()):
-            raise InvalidRequest(f"adapter {body.lora_name!r} is in use by a running or waiting request; "
-                                 "retry when they are answered", param="lora_name")
+            body.lora_name in (j.mixture or {}) for j in state.scheduler.waiting_jobs()
+        ):
+            raise InvalidRequest(
+                f"adapter {body.lora_name!r} is in use by a running or waiting request; retry when they are answered",
+                param="lora_name",
+            )
         state.runner.pause()
         try:
             state.pipeline.remove_adapter(body.lora_name)
@@ -135,8 +150,18 @@ def add_extra_routes(app: FastAPI, cfg: ServerConfig) -> None:
     app.add_api_route("/tokenize", tokenize, methods=["POST"], responses={**bad, 404: ERROR_RESPONSES[404]})
     app.add_api_route("/detokenize", detokenize, methods=["POST"], responses={**bad, 404: ERROR_RESPONSES[404]})
     if cfg.allow_runtime_adapters:
-        app.add_api_route("/v1/load_lora_adapter", load_lora_adapter, methods=["POST"], responses=bad,
-                          response_class=PlainTextResponse)
-        app.add_api_route("/v1/unload_lora_adapter", unload_lora_adapter, methods=["POST"], responses=bad,
-                          response_class=PlainTextResponse)
+        app.add_api_route(
+            "/v1/load_lora_adapter",
+            load_lora_adapter,
+            methods=["POST"],
+            responses=bad,
+            response_class=PlainTextResponse,
+        )
+        app.add_api_route(
+            "/v1/unload_lora_adapter",
+            unload_lora_adapter,
+            methods=["POST"],
+            responses=bad,
+            response_class=PlainTextResponse,
+        )
     app.add_api_route("/", playground, methods=["GET"], include_in_schema=False)

@@ -9,7 +9,7 @@ the running and waiting requests use), `vllm:prompt_tokens_total`, `vllm:generat
 from __future__ import annotations
 
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -29,29 +29,43 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.max_loras = len(adapter_names)
-        self._requests = Counter("dlp_lora_requests", "HTTP requests by endpoint and status code.",
-                                 ["endpoint", "status"], registry=r)
+        self._requests = Counter(
+            "dlp_lora_requests", "HTTP requests by endpoint and status code.", ["endpoint", "status"], registry=r
+        )
         self._prompt = Counter("dlp_lora_prompt_tokens", "Prompt tokens of answered requests.", registry=r)
         self._completion = Counter("dlp_lora_completion_tokens", "Generated tokens of answered requests.", registry=r)
-        self._vllm_prompt = Counter("vllm:prompt_tokens", "Prompt tokens of answered requests (vLLM's name).",
-                                    registry=r)
-        self._vllm_generation = Counter("vllm:generation_tokens",
-                                        "Generated tokens of answered requests (vLLM's name).", registry=r)
+        self._vllm_prompt = Counter(
+            "vllm:prompt_tokens", "Prompt tokens of answered requests (vLLM's name).", registry=r
+        )
+        self._vllm_generation = Counter(
+            "vllm:generation_tokens", "Generated tokens of answered requests (vLLM's name).", registry=r
+        )
         self._queue = Gauge("dlp_lora_queue_depth", "Requests waiting to join the running batch.", registry=r)
         self._waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to join the running batch.", registry=r)
         self._running = Gauge("vllm:num_requests_running", "Requests (choices) in the running batch.", registry=r)
-        self._lora_info = Gauge("vllm:lora_requests_info", "Adapters used by running and waiting requests "
-                                "(value: when this was read, in seconds since the epoch).",
-                                ["max_lora", "running_lora_adapters", "waiting_lora_adapters"], registry=r)
+        self._lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Adapters used by running and waiting requests (value: when this was read, in seconds since the epoch).",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            registry=r,
+        )
         buckets = sorted({b for b in self.BATCH_BUCKETS if b < max_batch_size} | {max_batch_size})
-        self._batch = Histogram("dlp_lora_batch_size", "Rows in the running batch after requests join it.",
-                                buckets=buckets, registry=r)
-        self._step = Histogram("dlp_lora_step_rows", "Rows decoded together in one decode step.",
-                               buckets=buckets, registry=r)
-        self._latency = Histogram("dlp_lora_request_latency_seconds", "Time from request to full answer.",
-                                  ["endpoint"], buckets=self.LATENCY_BUCKETS, registry=r)
-        self._adapters = Counter("dlp_lora_adapter_selected", "Requests whose mixture included the adapter.",
-                                 ["adapter"], registry=r)
+        self._batch = Histogram(
+            "dlp_lora_batch_size", "Rows in the running batch after requests join it.", buckets=buckets, registry=r
+        )
+        self._step = Histogram(
+            "dlp_lora_step_rows", "Rows decoded together in one decode step.", buckets=buckets, registry=r
+        )
+        self._latency = Histogram(
+            "dlp_lora_request_latency_seconds",
+            "Time from request to full answer.",
+            ["endpoint"],
+            buckets=self.LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._adapters = Counter(
+            "dlp_lora_adapter_selected", "Requests whose mixture included the adapter.", ["adapter"], registry=r
+        )
         for name in adapter_names:
             self._adapters.labels(adapter=name)  # listed at 0 from the start
 
@@ -69,24 +83,32 @@ class Metrics:
     def observe_step(self, rows: int) -> None:
         self._step.observe(rows)
 
-    def observe_completion(self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int,
-                           adapters: Iterable[str]) -> None:
+    def observe_completion(
+        self, endpoint: str, seconds: float, prompt_tokens: int, completion_tokens: int, adapters: Iterable[str]
+    ) -> None:
         """One answered generation request (streaming ones when their stream ends)."""
-        for counter, n in ((self._prompt, prompt_tokens), (self._vllm_prompt, prompt_tokens),
-                           (self._completion, completion_tokens), (self._vllm_generation, completion_tokens)):
+        for counter, n in (
+            (self._prompt, prompt_tokens),
+            (self._vllm_prompt, prompt_tokens),
+            (self._completion, completion_tokens),
+            (self._vllm_generation, completion_tokens),
+        ):
             counter.inc(n)
         for a in set(adapters):
             self._adapters.labels(adapter=a).inc()
         self._latency.labels(endpoint=endpoint).observe(seconds)
 
-    def render(self, waiting: int, running: int, running_adapters: Iterable[str],
-               waiting_adapters: Iterable[str]) -> bytes:
+    def render(
+        self, waiting: int, running: int, running_adapters: Iterable[str], waiting_adapters: Iterable[str]
+    ) -> bytes:
         """The exposition text; the live values are read from the scheduler by the caller."""
         self._queue.set(waiting)
         self._waiting.set(waiting)
         self._running.set(running)
         self._lora_info.clear()  # one sample: the current sets of adapters
-        self._lora_info.labels(max_lora=str(self.max_loras),
-                               running_lora_adapters=",".join(sorted(set(running_adapters))),
-                               waiting_lora_adapters=",".join(sorted(set(waiting_adapters)))).set(time.time())
+        self._lora_info.labels(
+            max_lora=str(self.max_loras),
+            running_lora_adapters=",".join(sorted(set(running_adapters))),
+            waiting_lora_adapters=",".join(sorted(set(waiting_adapters))),
+        ).set(time.time())
         return generate_latest(self.registry)

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 try:
     from ray import serve
@@ -29,8 +30,16 @@ from dlp_lora.config import DeviceConfig, RayServeConfig, RoutingConfig, ServerC
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.app import create_app
 
-__all__ = ["REPLICA_HEADER", "ReplicaSpec", "app_builder", "deployment", "deployment_options", "replica_app",
-           "replica_spec", "serve_ray"]
+__all__ = [
+    "REPLICA_HEADER",
+    "ReplicaSpec",
+    "app_builder",
+    "deployment",
+    "deployment_options",
+    "replica_app",
+    "replica_spec",
+    "serve_ray",
+]
 
 REPLICA_HEADER = "X-Replica-Id"
 APP_NAME = "dlp-lora"
@@ -42,13 +51,19 @@ def deployment_options(ray_cfg: RayServeConfig) -> dict:
     actor: dict = {"num_cpus": ray_cfg.cpus_per_replica}
     if ray_cfg.gpus_per_replica > 0:
         actor["num_gpus"] = ray_cfg.gpus_per_replica
-    options: dict = {"max_ongoing_requests": ray_cfg.max_ongoing_requests,
-                     "max_queued_requests": ray_cfg.max_queued_requests, "ray_actor_options": actor}
+    options: dict = {
+        "max_ongoing_requests": ray_cfg.max_ongoing_requests,
+        "max_queued_requests": ray_cfg.max_queued_requests,
+        "ray_actor_options": actor,
+    }
     if ray_cfg.max_replicas is None:
         options["num_replicas"] = ray_cfg.replicas
     else:
-        options["autoscaling_config"] = {"min_replicas": ray_cfg.replicas, "max_replicas": ray_cfg.max_replicas,
-                                         "target_ongoing_requests": ray_cfg.target_ongoing_requests}
+        options["autoscaling_config"] = {
+            "min_replicas": ray_cfg.replicas,
+            "max_replicas": ray_cfg.max_replicas,
+            "target_ongoing_requests": ray_cfg.target_ongoing_requests,
+        }
     return options
 
 
@@ -78,13 +93,20 @@ class ReplicaSpec:
         # Each replica is its own process on its own share of the node: one pool of `threads` per replica,
         # not one per core per replica (which would oversubscribe the node).
         torch.set_num_threads(self.threads)
-        return DLPLoRA.from_assets(self.assets, self.base_model, quantize=self.quantize, device=self.device,
-                                   routing_config=self.routing)
+        return DLPLoRA.from_assets(
+            self.assets, self.base_model, quantize=self.quantize, device=self.device, routing_config=self.routing
+        )
 
 
-def replica_spec(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
-                 quantize: str = "none", device: DeviceConfig | None = None,
-                 routing: RoutingConfig | None = None) -> ReplicaSpec:
+def replica_spec(
+    assets: str | Path,
+    cfg: ServerConfig,
+    ray_cfg: RayServeConfig,
+    base_model: str | None = None,
+    quantize: str = "none",
+    device: DeviceConfig | None = None,
+    routing: RoutingConfig | None = None,
+) -> ReplicaSpec:
     """What every replica of `deployment(...)` loads, checked here once rather than in every replica."""
     from dlp_lora.assets import Manifest
 
@@ -92,14 +114,23 @@ def replica_spec(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig,
     if device.device.startswith("cuda") and ray_cfg.gpus_per_replica <= 0:
         # Ray schedules and isolates replicas by the GPUs they reserve: without any, a replica may land on a
         # node without one, and every replica would share the same visible GPUs unaccounted for.
-        raise ValueError(f"device {device.device!r} with Ray needs gpus_per_replica > 0 (e.g. 1, or 0.5 for two "
-                         "replicas per GPU), got 0")
+        raise ValueError(
+            f"device {device.device!r} with Ray needs gpus_per_replica > 0 (e.g. 1, or 0.5 for two "
+            "replicas per GPU), got 0"
+        )
     root = str(Path(assets).resolve())
     manifest = Manifest.load(root)
     manifest.check(root)  # fail here, not in every replica's constructor
     cfg = dataclasses.replace(cfg, model_name=cfg.model_name or base_model or manifest.base_model)
-    return ReplicaSpec(root, cfg, base_model, quantize, device, threads=max(1, int(ray_cfg.cpus_per_replica)),
-                       routing=routing or RoutingConfig())
+    return ReplicaSpec(
+        root,
+        cfg,
+        base_model,
+        quantize,
+        device,
+        threads=max(1, int(ray_cfg.cpus_per_replica)),
+        routing=routing or RoutingConfig(),
+    )
 
 
 def replica_app(spec: ReplicaSpec) -> FastAPI:
@@ -116,9 +147,15 @@ def replica_app(spec: ReplicaSpec) -> FastAPI:
     return app
 
 
-def deployment(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
-               quantize: str = "none", device: DeviceConfig | None = None,
-               routing: RoutingConfig | None = None) -> serve.Application:
+def deployment(
+    assets: str | Path,
+    cfg: ServerConfig,
+    ray_cfg: RayServeConfig,
+    base_model: str | None = None,
+    quantize: str = "none",
+    device: DeviceConfig | None = None,
+    routing: RoutingConfig | None = None,
+) -> serve.Application:
     """The bound Ray Serve application for one assets folder; run it with `serve.run(..., route_prefix="/")`.
 
     The app is built on each replica (a builder given to `serve.ingress`) from `replica_spec(...)`, so only
@@ -149,22 +186,33 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
     fields = {c: {f.name for f in dataclasses.fields(c)} for c in configs}
     unknown = sorted(set(args).difference(*fields.values(), {"assets", "base_model", "quantize"}))
     if unknown or "assets" not in args:
-        raise ValueError(f"app_builder args: expected `assets` and ServerConfig/RayServeConfig/DeviceConfig/RoutingConfig "
-                         f"fields, got {'unknown ' + ', '.join(unknown) if unknown else 'no assets'}")
+        raise ValueError(
+            f"app_builder args: expected `assets` and ServerConfig/RayServeConfig/DeviceConfig/RoutingConfig "
+            f"fields, got {'unknown ' + ', '.join(unknown) if unknown else 'no assets'}"
+        )
     # pydantic's lax mode turns "2" into 2 for an int field (and refuses "two" naming the field), then
     # the dataclass's own __post_init__ checks run as usual.
-    cfg, ray_cfg, device, routing = (TypeAdapter(c).validate_python({k: v for k, v in args.items() if k in fields[c]})
-                                     for c in configs)
-    return deployment(args["assets"], cfg, ray_cfg, args.get("base_model"), args.get("quantize", "none"), device,
-                      routing)
+    cfg, ray_cfg, device, routing = (
+        TypeAdapter(c).validate_python({k: v for k, v in args.items() if k in fields[c]}) for c in configs
+    )
+    return deployment(
+        args["assets"], cfg, ray_cfg, args.get("base_model"), args.get("quantize", "none"), device, routing
+    )
 
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
-def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, base_model: str | None = None,
-              quantize: str = "none", device: DeviceConfig | None = None, routing: RoutingConfig | None = None) -> None:
+def serve_ray(
+    assets: str | Path,
+    cfg: ServerConfig,
+    ray_cfg: RayServeConfig,
+    base_model: str | None = None,
+    quantize: str = "none",
+    device: DeviceConfig | None = None,
+    routing: RoutingConfig | None = None,
+) -> None:
     """Deploy the app on `cfg.host:cfg.port` and block until interrupted (Ctrl-C or SIGTERM).
 
     With `ray_cfg.address` None this starts a local Ray cluster sized for the most replicas it may run
@@ -178,8 +226,7 @@ def serve_ray(assets: str | Path, cfg: ServerConfig, ray_cfg: RayServeConfig, ba
     app = deployment(assets, cfg, ray_cfg, base_model, quantize, device, routing)
     if ray_cfg.address is None:
         most = ray_cfg.max_replicas or ray_cfg.replicas
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * ray_cfg.cpus_per_replica)),
-                 include_dashboard=False)
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(most * ray_cfg.cpus_per_replica)), include_dashboard=False)
     else:
         ray.init(address=ray_cfg.address)
     # A terminated server stops its replicas and the local cluster it started, not only the driver.

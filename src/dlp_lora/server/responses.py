@@ -15,15 +15,30 @@ the very first with a null log-probability); for chat `{"content": [{"token", "l
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Literal
 
 from pydantic import BaseModel
 
-from dlp_lora.engine import TokenLogprob
-from dlp_lora.server.scheduler import Completion
+from dlp_lora.engine import Result, TokenLogprob
 
-__all__ = ["ERROR_RESPONSES", "ErrorResponse", "Kind", "ModelCard", "ModelList", "RoutingInfo", "SwitchInfo", "Usage",
-           "chat_choice", "chunk_for", "completion_choice", "response_for", "routing_of", "usage_chunk_for", "usage_of"]
+__all__ = [
+    "ERROR_RESPONSES",
+    "ErrorResponse",
+    "Kind",
+    "ModelCard",
+    "ModelList",
+    "RoutingInfo",
+    "SwitchInfo",
+    "Usage",
+    "chat_choice",
+    "chunk_for",
+    "completion_choice",
+    "response_for",
+    "routing_of",
+    "usage_chunk_for",
+    "usage_of",
+]
 
 Kind = Literal["completion", "chat"]
 TokenText = Callable[[int], str]
@@ -44,11 +59,16 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict] = {
-    400: {"model": ErrorResponse, "description": "Invalid request: `error.param` names the field, "
-          "`error.message` what was expected and what was found."},
+    400: {
+        "model": ErrorResponse,
+        "description": "Invalid request: `error.param` names the field, "
+        "`error.message` what was expected and what was found.",
+    },
     404: {"model": ErrorResponse, "description": "`model` names no served model."},
-    429: {"model": ErrorResponse, "description": "The queue is full (`max_queue` requests waiting); retry "
-          "after the `Retry-After` seconds."},
+    429: {
+        "model": ErrorResponse,
+        "description": "The queue is full (`max_queue` requests waiting); retry after the `Retry-After` seconds.",
+    },
     503: {"model": ErrorResponse, "description": "The batching worker is not running (starting or shutting down)."},
 }
 """The error answers of the generation endpoints, for the OpenAPI document."""
@@ -95,18 +115,18 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def routing_of(c: Completion) -> dict:
+def routing_of(c: Result) -> dict:
     """A completion's `routing` object."""
-    return RoutingInfo(adapters=c.adapters, weights=c.weights, switches=c.switches).wire()
+    return RoutingInfo(adapters=c.adapters, weights=c.weights, switches=c.switches if c.sentence else None).wire()
 
 
-def usage_of(prompt_tokens: Sequence[int], choices: Sequence[Completion]) -> Usage:
+def usage_of(prompt_tokens: Sequence[int], choices: Sequence[Result]) -> Usage:
     """Usage of one request: every distinct prompt counted once, every choice's tokens."""
     p, c = sum(prompt_tokens), sum(x.completion_tokens for x in choices)
     return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
 
 
-def _completion_logprobs(c: Completion, echo: bool, offset: int, text: TokenText) -> dict:
+def _completion_logprobs(c: Result, echo: bool, offset: int, text: TokenText) -> dict:
     """OpenAI's legacy completions layout; `offset`: characters before the first listed token."""
     entries: list[tuple[int, TokenLogprob | None]] = []
     if echo:
@@ -127,21 +147,30 @@ def _completion_logprobs(c: Completion, echo: bool, offset: int, text: TokenText
             top.setdefault(text(alt), value)
         top.setdefault(s, lp.logprob)  # the chosen token is always listed, as vLLM does
         top_logprobs.append(top)
-    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-            "text_offset": text_offset}
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": text_offset,
+    }
 
 
-def completion_choice(index: int, c: Completion, prompt_text: str | None, text: TokenText) -> dict:
+def completion_choice(index: int, c: Result, prompt_text: str | None, text: TokenText) -> dict:
     """One `choices` entry of /v1/completions; `prompt_text` is given when the request asked for echo."""
     echo = prompt_text is not None
     logprobs = None
     if c.token_logprobs is not None:
         logprobs = _completion_logprobs(c, echo, 0 if echo else len(prompt_text or ""), text)
-    return {"index": index, "text": (prompt_text or "") + c.text, "logprobs": logprobs,
-            "finish_reason": c.finish_reason, "routing": routing_of(c)}
+    return {
+        "index": index,
+        "text": (prompt_text or "") + c.text,
+        "logprobs": logprobs,
+        "finish_reason": c.finish_reason,
+        "routing": routing_of(c),
+    }
 
 
-def _chat_logprobs(c: Completion, text: TokenText) -> dict | None:
+def _chat_logprobs(c: Result, text: TokenText) -> dict | None:
     if c.token_logprobs is None:
         return None
 
@@ -149,13 +178,21 @@ def _chat_logprobs(c: Completion, text: TokenText) -> dict | None:
         s = text(token)
         return {"token": s, "logprob": logprob, "bytes": list(s.encode("utf-8"))}
 
-    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, v) for a, v in t.top]}
-                        for t in c.token_logprobs]}
+    return {
+        "content": [
+            {**entry(t.token, t.logprob), "top_logprobs": [entry(a, v) for a, v in t.top]} for t in c.token_logprobs
+        ]
+    }
 
 
-def chat_choice(index: int, c: Completion, text: TokenText) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": c.text}, "logprobs": _chat_logprobs(c, text),
-            "finish_reason": c.finish_reason, "routing": routing_of(c)}
+def chat_choice(index: int, c: Result, text: TokenText) -> dict:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": c.text},
+        "logprobs": _chat_logprobs(c, text),
+        "finish_reason": c.finish_reason,
+        "routing": routing_of(c),
+    }
 
 
 def _envelope(kind: Kind, rid: str, created: int, model: str, stream: bool) -> dict:
@@ -163,11 +200,16 @@ def _envelope(kind: Kind, rid: str, created: int, model: str, stream: bool) -> d
     return {"id": rid, "object": obj, "created": created, "model": model}
 
 
-def response_for(kind: Kind, rid: str, created: int, model: str, choices: list[dict], usage: Usage,
-                 routing: dict) -> dict:
+def response_for(
+    kind: Kind, rid: str, created: int, model: str, choices: list[dict], usage: Usage, routing: dict
+) -> dict:
     """The non-streaming response body."""
-    return {**_envelope(kind, rid, created, model, False), "choices": choices, "usage": usage.model_dump(),
-            "routing": routing}
+    return {
+        **_envelope(kind, rid, created, model, False),
+        "choices": choices,
+        "usage": usage.model_dump(),
+        "routing": routing,
+    }
 
 
 def _stream_choice(kind: Kind, text: str | None, finish_reason: str | None, first: bool) -> dict:
@@ -177,14 +219,29 @@ def _stream_choice(kind: Kind, text: str | None, finish_reason: str | None, firs
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
-def chunk_for(kind: Kind, rid: str, created: int, model: str, routing: RoutingInfo, text: str | None = None,
-              first: bool = False, finish_reason: str | None = None) -> dict:
+def chunk_for(
+    kind: Kind,
+    rid: str,
+    created: int,
+    model: str,
+    routing: RoutingInfo,
+    text: str | None = None,
+    first: bool = False,
+    finish_reason: str | None = None,
+) -> dict:
     """One stream chunk: the opening one (`first`), a text delta, or the closing one (`finish_reason`)."""
-    return {**_envelope(kind, rid, created, model, True),
-            "choices": [_stream_choice(kind, text, finish_reason, first)], "routing": routing.wire()}
+    return {
+        **_envelope(kind, rid, created, model, True),
+        "choices": [_stream_choice(kind, text, finish_reason, first)],
+        "routing": routing.wire(),
+    }
 
 
-def usage_chunk_for(kind: Kind, rid: str, created: int, model: str, c: Completion) -> dict:
+def usage_chunk_for(kind: Kind, rid: str, created: int, model: str, c: Result) -> dict:
     """The extra chunk sent when `stream_options.include_usage` is set: no choices, only usage."""
-    return {**_envelope(kind, rid, created, model, True), "choices": [],
-            "usage": usage_of([c.prompt_tokens], [c]).model_dump(), "routing": routing_of(c)}
+    return {
+        **_envelope(kind, rid, created, model, True),
+        "choices": [],
+        "usage": usage_of([c.prompt_tokens], [c]).model_dump(),
+        "routing": routing_of(c),
+    }

@@ -4,27 +4,21 @@ Admitting jobs routes them (the router for rows without an explicit mixture), pr
 own batch (`Engine.prefill`) and merges them into the running batch; each step decodes one token for
 every running row. After every call, rows that ended answer their clients at once and leave the batch;
 streaming rows get the text that became safe to send (stop strings are checked on the text the way
-`generation.py` checks them, so a row's answer does not depend on the rows beside it).
+`sampling.py` checks them, so a row's answer does not depend on the rows beside it).
 
-A `sentence`-routed job's row gets its own `SentencePolicy` (`_SentenceRerouter`, the one
-`DLPLoRA.generate` uses, over one row): the engine feeds it the row's tokens, and when a sentence ends
-under a new mixture the row continues under it, its neighbours untouched.
+A `sentence`-routed job's row gets its own `SentenceRerouter` (the one `DLPLoRA.generate` gives each
+row): the engine feeds it the row's tokens, and when a sentence ends under a new mixture the row
+continues under it, its neighbours untouched.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Mapping
 
-import torch
-
-from dlp_lora.config import GenerationConfig
-from dlp_lora.engine import Engine, Row, RunningBatch
-from dlp_lora.generation import eos_ids
-from dlp_lora.pipeline import DLPLoRA
-from dlp_lora.routing import SentencePolicy
+from dlp_lora.engine import Engine, Row, RunningBatch, listed, switches_of
+from dlp_lora.pipeline import DLPLoRA, SentenceRerouter
 from dlp_lora.server.errors import InvalidRequest
-from dlp_lora.server.scheduler import Completion, Job
+from dlp_lora.server.scheduler import Job
 
 __all__ = ["PipelineRunner"]
 
@@ -38,62 +32,20 @@ def _held_back(text: str, stop: tuple[str, ...]) -> int:
     return hold
 
 
-def _listed(mixture: Mapping[str, float]) -> tuple[list[str], list[float]]:
-    """{adapter: weight} -> (adapters, weights) heaviest first, as responses list them."""
-    pairs = sorted(((n, w) for n, w in mixture.items() if w > 0), key=lambda p: -p[1])
-    return [n for n, _ in pairs], [round(w, 6) for _, w in pairs]
-
-
-class _SentenceRerouter:
-    """`Row.reroute` for a `sentence`-routed job: one row's `SentencePolicy`.
-
-    The policy works on weights over the router's classes (a class the base model serves carries none),
-    not over the adapter bank, which runtime adapters may grow or shrink while the row runs; the row's
-    mixture maps the same weights to adapter names, so the fused routing is the library's exactly.
-    """
-
-    def __init__(self, pipeline: DLPLoRA, job: Job, mixture: Mapping[str, float]) -> None:
-        self.pipeline, self.classes = pipeline, pipeline.task_names
-        # Host tensors on purpose: the policy reads text and its weights become the row's {name: weight}.
-        initial = torch.tensor([[float(mixture.get(c, 0.0)) for c in self.classes]], device="cpu")
-        tokenizer = pipeline.tokenizer
-        self.policy = SentencePolicy(job.routing, [job.window_text], initial,
-                                     decode=lambda t: tokenizer.decode(t, skip_special_tokens=True),
-                                     route=self._route, eos=frozenset(eos_ids(pipeline.model, tokenizer)))
-
-    def _route(self, texts: list[str]) -> torch.Tensor:
-        """(B',) texts -> (B', classes) selected weights (none on a class without an adapter)."""
-        return self.pipeline.class_weights(texts)
-
-    def __call__(self, token: int) -> dict[str, float] | None:
-        try:
-            changes = self.policy.step(torch.tensor([token], device="cpu"),
-                                       torch.zeros(1, dtype=torch.bool, device="cpu"))
-        except ValueError:  # a window the router cannot read (no tokens): keep the mixture, fail no row
-            logging.getLogger(__name__).warning("sentence routing kept a row's mixture: the router refused its "
-                                                "window", exc_info=True)
-            return None
-        if not changes:
-            return None
-        return {self.classes[i]: w for i, w in enumerate(changes[0].tolist()) if w > 0}
-
-
 class _Ride:
     """One job's row and what of its answer has been streamed."""
 
-    def __init__(self, job: Job, row: Row, adapters: list[str], weights: list[float]) -> None:
-        self.job, self.row, self.adapters, self.weights = job, row, adapters, weights
+    def __init__(self, job: Job, row: Row) -> None:
+        self.job, self.row, self.first = job, row, dict(row.mixture)
+        self.adapters, self.weights = listed(self.first)
         self.streamed = ""
         self.switches: list[dict] = []
 
     def switched(self) -> None:
         """Record (and stream) the row's mixture changes that some answer token was sampled under: as
         `DLPLoRA.generate` reports them, a change just before the row's end (EOS) is none."""
-        for token, mixture in self.row.switches[len(self.switches):]:
-            if token >= len(self.row.tokens):
-                return
-            adapters, weights = _listed(mixture)
-            self.switches.append({"token": token, "adapters": adapters, "weights": weights})
+        for switch in switches_of(self.row)[len(self.switches) :]:
+            self.switches.append(switch)
             if self.job.sink is not None:
                 self.job.sink.switched(self.switches[-1])
 
@@ -101,7 +53,7 @@ class _Ride:
         """Stream the part of `text` beyond what was sent, if the client still listens."""
         if self.job.sink is None or not text.startswith(self.streamed) or len(text) == len(self.streamed):
             return
-        piece, self.streamed = text[len(self.streamed):], text
+        piece, self.streamed = text[len(self.streamed) :], text
         try:
             self.job.sink.delta(piece)
         except Exception:  # a broken client connection must not fail the other rows
@@ -174,8 +126,9 @@ class PipelineRunner:
                 try:
                     out[id(job)] = self._routed([job.route_text])[0]
                 except ValueError as exc:
-                    job.future.set_exception(InvalidRequest(f"the router cannot read this prompt: {exc}",
-                                                            param="prompt"))
+                    job.future.set_exception(
+                        InvalidRequest(f"the router cannot read this prompt: {exc}", param="prompt")
+                    )
         return out
 
     def _routed(self, texts: list[str]) -> list[dict[str, float]]:
@@ -186,13 +139,19 @@ class PipelineRunner:
         return [{names[i]: w for i, w in routing.row(b)} for b in range(len(texts))]
 
     def _ride(self, job: Job, mixture: dict[str, float]) -> _Ride:
-        s = job.sampling
-        sampling = GenerationConfig(do_sample=s.do_sample, temperature=s.temperature, top_p=s.top_p)
-        sentence = job.routing.granularity == "sentence" and job.mixture is None
-        row = Row(prompt_ids=job.prompt_ids, mixture=mixture, max_tokens=job.max_tokens, sampling=sampling,
-                  seed=s.seed, stop=job.stop, logprobs=job.logprobs, echo=job.echo, ignore_eos=job.ignore_eos,
-                  reroute=_SentenceRerouter(self.pipeline, job, mixture) if sentence else None)
-        return _Ride(job, row, *_listed(mixture))
+        reroute = None
+        if job.routing.granularity == "sentence" and job.mixture is None:
+            start = self.pipeline.class_weights([job.route_text])[0]
+            reroute = SentenceRerouter(self.pipeline, job.window_text, job.routing, start)
+        row = Row(
+            prompt_ids=job.prompt_ids,
+            mixture=mixture,
+            params=job.params,
+            logprobs=job.logprobs,
+            echo=job.echo,
+            reroute=reroute,
+        )
+        return _Ride(job, row)
 
     def _settle(self) -> None:
         """Stream new text, answer rows that ended (or whose client left), drop them from the batch."""
@@ -203,20 +162,15 @@ class PipelineRunner:
                 row.finish("length")
             if row.reroute is not None:
                 ride.switched()
-            text = self.engine.text(row)
             if not row.done:
                 if ride.job.sink is not None:
+                    text = self.engine.text(row)
                     ride.emit(text[: len(text) - _held_back(text, row.stop)])
                 continue
-            ride.emit(text)
+            result = self.engine.result(row, ride.first)
+            ride.emit(result.text)
             del self._rides[id(row)]
-            ride.job.future.set_result(Completion(
-                text=text, finish_reason=row.finish_reason or "length", prompt_tokens=len(row.prompt_ids),
-                completion_tokens=len(row.tokens), adapters=ride.adapters, weights=ride.weights,
-                prompt_ids=row.prompt_ids, token_ids=row.tokens,
-                token_logprobs=row.token_logprobs if row.logprobs is not None else None,
-                prompt_logprobs=row.prompt_logprobs if row.echo else None,
-                switches=ride.switches if row.reroute is not None else None))
+            ride.job.future.set_result(result)
         self.batch = Engine.drop_finished(self.batch)
         if self.batch is None:
             self.engine.release()

@@ -17,63 +17,15 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
-from dlp_lora.config import RoutingConfig, ServerConfig
-from dlp_lora.engine import TokenLogprob
+from dlp_lora.config import GenerationConfig, RoutingConfig, ServerConfig
 from dlp_lora.server.errors import QueueFull, Unavailable
 
-__all__ = ["StepRunner", "Completion", "Job", "Sampling", "Scheduler", "StreamSink", "GREEDY_BELOW"]
-
-GREEDY_BELOW = 1e-4
-"""Temperatures below this decode greedily."""
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """One request's decoding settings (per row: rows of one batch need not share them; a seeded row
-    draws from its own generator, so it reproduces whatever runs beside it)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @classmethod
-    def of(cls, temperature: float | None, top_p: float | None, seed: int | None) -> "Sampling":
-        """OpenAI's defaults: temperature 1.0 when absent; temperature 0 means greedy (top_p and seed then
-        play no part)."""
-        temperature = 1.0 if temperature is None else temperature
-        # Below GREEDY_BELOW sampling is indistinguishable from greedy, and near 0 logits / temperature
-        # overflows to inf (NaN probabilities): decode those greedily too.
-        if temperature < GREEDY_BELOW:
-            return cls()
-        return cls(do_sample=True, temperature=float(temperature), top_p=1.0 if top_p is None else float(top_p),
-                   seed=seed)
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One request's answer: what `DLPLoRA.generate` would return for it alone, plus the token ids and,
-    when asked for, log-probabilities (`token_logprobs` may hold one more entry than `token_ids`: the
-    EOS token that ended the answer is scored but not part of the text)."""
-
-    text: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-    adapters: list[str]
-    weights: list[float]
-    prompt_ids: list[int] = field(default_factory=list)
-    token_ids: list[int] = field(default_factory=list)
-    token_logprobs: list[TokenLogprob] | None = None
-    prompt_logprobs: list[TokenLogprob | None] | None = None
-    switches: list[dict] | None = None
-    """`sentence` routing only (None otherwise): the mid-answer mixture changes, as `Result.switches` has
-    them: {"token": i, "adapters": [...], "weights": [...]}, the mixture answer tokens i, i+1, ... were
-    sampled under; `adapters`/`weights` above are the first mixture."""
+__all__ = ["StepRunner", "Job", "Scheduler", "StreamSink"]
 
 
 class StreamSink(Protocol):
@@ -82,7 +34,7 @@ class StreamSink(Protocol):
     def started(self, adapters: list[str], weights: list[float]) -> None: ...
 
     def switched(self, switch: dict) -> None:
-        """`sentence` routing: the row changed mixture (a `Completion.switches` entry), before the text
+        """`sentence` routing: the row changed mixture (a `Result.switches` entry), before the text
         sampled under it is streamed."""
 
     def delta(self, text: str) -> None: ...
@@ -91,23 +43,20 @@ class StreamSink(Protocol):
 @dataclass(eq=False)
 class Job:
     """One validated request (one choice) waiting for, or riding in, the batch. `future` gets its
-    `Completion`."""
+    `engine.Result`."""
 
     prompt_ids: list[int]
     """The prompt's token ids, chat template (if any) applied."""
     route_text: str
     """What the router reads: the last user message of a chat, a completion's prompt text."""
-    max_tokens: int
-    sampling: Sampling = field(default_factory=Sampling)
-    stop: tuple[str, ...] = ()
+    params: GenerationConfig = field(default_factory=GenerationConfig)
+    """Decoding settings: max tokens, sampling, stop strings, ignore_eos."""
     mixture: dict[str, float] | None = None
     """Explicit {adapter: weight} ({} is the base model alone); None lets the router choose."""
     logprobs: int | None = None
     """None, or how many alternatives to report per token."""
     echo: bool = False
     """Also score (and return) the prompt's tokens."""
-    ignore_eos: bool = False
-    """Decode past EOS up to max_tokens."""
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     """How the router reads this row's prompt (already applied to `route_text`); under `sentence` the row
     is also re-routed after each generated sentence."""
@@ -156,8 +105,13 @@ class StepRunner(Protocol):
 class Scheduler:
     """A bounded request queue drained by one worker thread that owns the running batch."""
 
-    def __init__(self, cfg: ServerConfig, runner: StepRunner,
-                 on_batch: Callable[[int], None] | None = None, on_step: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        runner: StepRunner,
+        on_batch: Callable[[int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
         self.cfg, self._runner, self._on_batch, self._on_step = cfg, runner, on_batch, on_step
         self._pending: deque[Job] = deque()
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()
@@ -214,8 +168,10 @@ class Scheduler:
             if not self.alive:
                 raise Unavailable("the batching worker is not running")
             if len(self._pending) + len(jobs) > self.cfg.max_queue:
-                raise QueueFull(f"the server queue is full ({len(self._pending)} requests waiting, "
-                                f"max_queue={self.cfg.max_queue}); retry later")
+                raise QueueFull(
+                    f"the server queue is full ({len(self._pending)} requests waiting, "
+                    f"max_queue={self.cfg.max_queue}); retry later"
+                )
             self._pending.extend(jobs)
             self._cond.notify_all()
         return jobs[-1].future

@@ -2,7 +2,7 @@
 schema, so the OpenAPI document and a generated client know them).
 
 Beyond OpenAI's fields, generation requests may carry `adapters` (names) and `weights` to override the
-router, or `routing_granularity` ("prompt", "segment" or "sentence", see `dlp_lora.routing`) and
+router, or `routing_granularity` ("prompt", "segment" or "sentence", see `dlp_lora.granularity`) and
 `segment_marker` to choose which text the router reads and whether the answer is re-routed after each
 generated sentence; responses carry a top-level `routing` object (`responses.py`), with the mid-answer
 `switches` under "sentence".
@@ -11,17 +11,26 @@ vLLM's extra endpoints are here too: /tokenize, /detokenize and the runtime adap
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from dlp_lora.config import Granularity
 from dlp_lora.engine import MAX_TOP_LOGPROBS
 from dlp_lora.server.errors import InvalidRequest
 
 __all__ = [
-    "ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "GenerationParams",
-    "LoadLoraRequest", "RouteRequest", "TokenizeRequest", "UnloadLoraRequest", "MAX_N", "MAX_PROMPTS",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "DetokenizeRequest",
+    "GenerationParams",
+    "LoadLoraRequest",
+    "RouteRequest",
+    "TokenizeRequest",
+    "UnloadLoraRequest",
+    "MAX_N",
+    "MAX_PROMPTS",
 ]
 
 Weight = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
@@ -39,8 +48,12 @@ Text = Annotated[str, Field(min_length=1, max_length=MAX_TEXT)]
 TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TEXT)]
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
-Prompt = Union[Text, Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)], TokenIds,
-               Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+Prompt = (
+    Text
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS)]
+    | TokenIds
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]
+)
 
 
 class StreamOptions(BaseModel):
@@ -51,13 +64,15 @@ class StreamOptions(BaseModel):
 
 def _no_lone_surrogates(data: object) -> object:
     """Refuse lone UTF-16 surrogates anywhere (JSON allows "\\ud800"): they cannot be tokenized or echoed."""
+
     def walk(x: object, where: str) -> None:
         if isinstance(x, str):
             try:
                 x.encode("utf-8")
             except UnicodeEncodeError:
-                raise ValueError(f"{where or 'a string'} is not valid Unicode text (it holds a lone surrogate)"
-                                 ) from None
+                raise ValueError(
+                    f"{where or 'a string'} is not valid Unicode text (it holds a lone surrogate)"
+                ) from None
         elif isinstance(x, dict):
             for k, v in x.items():
                 walk(k, where)
@@ -65,6 +80,7 @@ def _no_lone_surrogates(data: object) -> object:
         elif isinstance(x, list):
             for i, v in enumerate(x):
                 walk(v, f"{where}.{i}")
+
     walk(data, "")
     return data
 
@@ -116,18 +132,22 @@ class GenerationParams(_Request):
     """Separator of the prompt's segments for `segment` (default: a blank line)."""
 
     @model_validator(mode="after")
-    def _routing_override(self) -> "GenerationParams":
+    def _routing_override(self) -> GenerationParams:
         if self.adapters is not None and len(set(self.adapters)) != len(self.adapters):
             raise ValueError(f"adapters has duplicate names: {self.adapters}")
         if self.weights is not None:
             if self.adapters is None:
                 raise ValueError("weights needs adapters: one weight per adapter name")
             if len(self.weights) != len(self.adapters):
-                raise ValueError(f"weights has {len(self.weights)} values for {len(self.adapters)} adapters; "
-                                 "expected one weight per adapter")
+                raise ValueError(
+                    f"weights has {len(self.weights)} values for {len(self.adapters)} adapters; "
+                    "expected one weight per adapter"
+                )
         if self.adapters is not None and self.routing_granularity not in (None, "prompt"):
-            raise ValueError(f"routing_granularity={self.routing_granularity!r} needs the router; it cannot be "
-                             "combined with explicit adapters")
+            raise ValueError(
+                f"routing_granularity={self.routing_granularity!r} needs the router; it cannot be "
+                "combined with explicit adapters"
+            )
         return self
 
     @property
@@ -160,16 +180,20 @@ class CompletionRequest(GenerationParams):
     route_on: Annotated[str, Field(min_length=1, max_length=MAX_TEXT)] | None = None
     """The text the router reads for every prompt of the request, instead of the prompt. By default a
     scoring request (`echo` with `max_tokens` 0 or 1, as lm-evaluation-harness scores each option) is
-    routed on its question (`dlp_lora.routing.scoring_text`), any other on its prompt."""
+    routed on its question (`dlp_lora.granularity.scoring_text`), any other on its prompt."""
 
     @model_validator(mode="after")
-    def _streams_one_choice(self) -> "CompletionRequest":
+    def _streams_one_choice(self) -> CompletionRequest:
         if self.stream and (self.n > 1 or len(self.prompts) > 1):
-            raise InvalidRequest("stream=true serves one choice; send n=1 and one prompt (or do not stream)",
-                                 param="n" if self.n > 1 else "prompt")
+            raise InvalidRequest(
+                "stream=true serves one choice; send n=1 and one prompt (or do not stream)",
+                param="n" if self.n > 1 else "prompt",
+            )
         if self.stream and (self.echo or self.logprobs is not None):
-            raise InvalidRequest("stream=true does not return echo or logprobs; send them without stream",
-                                 param="echo" if self.echo else "logprobs")
+            raise InvalidRequest(
+                "stream=true does not return echo or logprobs; send them without stream",
+                param="echo" if self.echo else "logprobs",
+            )
         return self
 
     @property
@@ -195,7 +219,9 @@ class ContentPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Annotated[str, Field(max_length=MAX_TEXT)] | Annotated[list[ContentPart], Field(max_length=64)] | None = None
+    content: Annotated[str, Field(max_length=MAX_TEXT)] | Annotated[list[ContentPart], Field(max_length=64)] | None = (
+        None
+    )
 
     def text(self) -> str:
         if not isinstance(self.content, list):
@@ -222,7 +248,7 @@ class ChatCompletionRequest(GenerationParams):
     """With `logprobs`: also the most likely alternatives at each position."""
 
     @model_validator(mode="after")
-    def _checks(self) -> "ChatCompletionRequest":
+    def _checks(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         if self.stream and self.n > 1:
@@ -253,7 +279,7 @@ class TokenizeRequest(_Request):
     add_generation_prompt: bool = True
 
     @model_validator(mode="after")
-    def _one_input(self) -> "TokenizeRequest":
+    def _one_input(self) -> TokenizeRequest:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("send exactly one of prompt and messages")
         return self

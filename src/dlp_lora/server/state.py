@@ -13,15 +13,20 @@ import dataclasses
 import time
 
 from dlp_lora.chat import conversation_prompt
-from dlp_lora.config import RoutingConfig, ServerConfig
+from dlp_lora.config import GenerationConfig, RoutingConfig, ServerConfig
+from dlp_lora.granularity import routing_text, scoring_text
 from dlp_lora.pipeline import DLPLoRA
-from dlp_lora.routing import routing_text, scoring_text
 from dlp_lora.server.errors import APIError, InvalidRequest
 from dlp_lora.server.metrics import Metrics
 from dlp_lora.server.runner import PipelineRunner
-from dlp_lora.server.scheduler import Job, Sampling, Scheduler, StepRunner
-from dlp_lora.server.schemas import (ChatCompletionRequest, ChatMessage, CompletionRequest, GenerationParams,
-                                     RouteRequest)
+from dlp_lora.server.scheduler import Job, Scheduler, StepRunner
+from dlp_lora.server.schemas import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    GenerationParams,
+    RouteRequest,
+)
 
 __all__ = ["ModelNotFound", "ROUTER_NAME", "ServerState"]
 
@@ -47,8 +52,9 @@ class ServerState:
         self.vocab_size = pipeline.model.get_input_embeddings().num_embeddings
         self.metrics = Metrics(pipeline.adapter_names, cfg.max_batch_size)
         self.runner = runner if runner is not None else PipelineRunner(pipeline)
-        self.scheduler = Scheduler(cfg, self.runner, on_batch=self.metrics.observe_batch,
-                                   on_step=self.metrics.observe_step)
+        self.scheduler = Scheduler(
+            cfg, self.runner, on_batch=self.metrics.observe_batch, on_step=self.metrics.observe_step
+        )
         self.created = int(time.time())
         # A pipeline with its own, lower prompt limit would fail in the worker: refuse here.
         self.max_prompt_tokens = min(cfg.max_prompt_tokens, pipeline.max_prompt_tokens or cfg.max_prompt_tokens)
@@ -67,14 +73,18 @@ class ServerState:
         if req.mixture is not None:
             for name in req.mixture:
                 if name not in names:
-                    raise InvalidRequest(f"unknown adapter {name!r}; known adapters: {', '.join(names)}",
-                                         param="adapters")
+                    raise InvalidRequest(
+                        f"unknown adapter {name!r}; known adapters: {', '.join(names)}", param="adapters"
+                    )
             return req.mixture
         model = req.model
         if model is None or model == ROUTER_NAME:
             if self.pipeline.router is None:
-                raise InvalidRequest("this server has no router; name an adapter or the base model as `model`, "
-                                     f"or adapters in `adapters`; known adapters: {', '.join(names)}", param="model")
+                raise InvalidRequest(
+                    "this server has no router; name an adapter or the base model as `model`, "
+                    f"or adapters in `adapters`; known adapters: {', '.join(names)}",
+                    param="model",
+                )
             return None
         if model == self.model_name:
             return {}
@@ -86,11 +96,15 @@ class ServerState:
 
     def not_found(self, model: str) -> ModelNotFound:
         """The error for a `model` this server does not serve, saying why when it is a gated task."""
-        why = (f"task {model!r} has no deployed adapter (the dev gate left it to the base model: ask for "
-               f"{self.model_name!r}, or {ROUTER_NAME!r} to let the router choose); "
-               if model in self.pipeline.base_served else "")
-        return ModelNotFound(f"the model {model!r} does not exist; {why}served models: {', '.join(self.model_ids())}",
-                             param="model")
+        why = (
+            f"task {model!r} has no deployed adapter (the dev gate left it to the base model: ask for "
+            f"{self.model_name!r}, or {ROUTER_NAME!r} to let the router choose); "
+            if model in self.pipeline.base_served
+            else ""
+        )
+        return ModelNotFound(
+            f"the model {model!r} does not exist; {why}served models: {', '.join(self.model_ids())}", param="model"
+        )
 
     # ---- requests -> jobs -------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -106,8 +120,10 @@ class ServerState:
                 continue
             bad = next((t for t in p if t >= self.vocab_size), None)
             if bad is not None:
-                raise InvalidRequest(f"{where}: token id {bad} is out of range; the vocabulary has "
-                                     f"{self.vocab_size} tokens", param="prompt")
+                raise InvalidRequest(
+                    f"{where}: token id {bad} is out of range; the vocabulary has {self.vocab_size} tokens",
+                    param="prompt",
+                )
             out.append((self.tokenizer.decode(p), list(p)))
         return out
 
@@ -129,42 +145,70 @@ class ServerState:
         text = conversation_prompt(self.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def jobs(self, req: GenerationParams, prompts: list[tuple[str, list[int]]], route_texts: list[str],
-             logprobs: int | None, echo: bool) -> list[Job]:
+    def jobs(
+        self,
+        req: GenerationParams,
+        prompts: list[tuple[str, list[int]]],
+        route_texts: list[str],
+        logprobs: int | None,
+        echo: bool,
+    ) -> list[Job]:
         """One job per (prompt, choice), prompt-major as OpenAI numbers choices: validated limits."""
         max_tokens = self.max_tokens(req)
         if max_tokens > self.cfg.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens={max_tokens} is over this server's limit "
-                                 f"max_tokens_limit={self.cfg.max_tokens_limit}", param="max_tokens")
+            raise InvalidRequest(
+                f"max_tokens={max_tokens} is over this server's limit max_tokens_limit={self.cfg.max_tokens_limit}",
+                param="max_tokens",
+            )
         if max_tokens == 0 and not echo:
-            raise InvalidRequest("max_tokens=0 asks for nothing; send max_tokens >= 1 (0 only with echo)",
-                                 param="max_tokens")
+            raise InvalidRequest(
+                "max_tokens=0 asks for nothing; send max_tokens >= 1 (0 only with echo)", param="max_tokens"
+            )
         if len(prompts) * req.n > self.cfg.max_queue:
-            raise InvalidRequest(f"{len(prompts)} prompts x n={req.n} choices is more than this server queues "
-                                 f"(max_queue={self.cfg.max_queue}); split the request", param="n")
+            raise InvalidRequest(
+                f"{len(prompts)} prompts x n={req.n} choices is more than this server queues "
+                f"(max_queue={self.cfg.max_queue}); split the request",
+                param="n",
+            )
         for i, (_, ids) in enumerate(prompts):
             if not ids:
-                raise InvalidRequest("the prompt is empty after tokenizing; expected at least one token",
-                                     param="prompt")
+                raise InvalidRequest(
+                    "the prompt is empty after tokenizing; expected at least one token", param="prompt"
+                )
             if len(ids) > self.max_prompt_tokens:
                 where = "the prompt" if len(prompts) == 1 else f"prompt {i}"
-                raise InvalidRequest(f"{where} has {len(ids)} tokens (chat template included); the limit is "
-                                     f"max_prompt_tokens={self.max_prompt_tokens}", param="prompt")
+                raise InvalidRequest(
+                    f"{where} has {len(ids)} tokens (chat template included); the limit is "
+                    f"max_prompt_tokens={self.max_prompt_tokens}",
+                    param="prompt",
+                )
         mixture = self.mixture(req)
         if mixture is None and not all(route_texts):
-            raise InvalidRequest("the router reads the prompt's text (a chat's last user message) and it is empty; "
-                                 "send text, or name an adapter or the base model as `model`",
-                                 param="messages" if isinstance(req, ChatCompletionRequest) else "prompt")
+            raise InvalidRequest(
+                "the router reads the prompt's text (a chat's last user message) and it is empty; "
+                "send text, or name an adapter or the base model as `model`",
+                param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            )
         routing = self.routing_config(req, mixture)
         jobs = []
         for (_, ids), text in zip(prompts, route_texts):
             route = routing_text(text, routing) if mixture is None else text
             for c in range(req.n):
                 seed = None if req.seed is None else (req.seed + c) % 2**64
-                jobs.append(Job(prompt_ids=ids, route_text=route, max_tokens=max_tokens, stop=req.stop_strings,
-                                sampling=Sampling.of(req.temperature, req.top_p, seed), mixture=mixture,
-                                logprobs=logprobs, echo=echo, ignore_eos=req.ignore_eos, routing=routing,
-                                window_text=text))
+                jobs.append(
+                    Job(
+                        prompt_ids=ids,
+                        route_text=route,
+                        params=GenerationConfig.openai(
+                            max_tokens, req.temperature, req.top_p, seed, req.stop_strings, req.ignore_eos
+                        ),
+                        mixture=mixture,
+                        logprobs=logprobs,
+                        echo=echo,
+                        routing=routing,
+                        window_text=text,
+                    )
+                )
         return jobs
 
     def routing_config(self, req: GenerationParams | RouteRequest, mixture: dict[str, float] | None) -> RoutingConfig:
@@ -180,9 +224,11 @@ class ServerState:
         if cfg.granularity == "prompt":
             return cfg
         if mixture is not None:
-            raise InvalidRequest(f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
-                                 "names one model or adapter (send model=dlp-lora or none)",
-                                 param="routing_granularity")
+            raise InvalidRequest(
+                f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
+                "names one model or adapter (send model=dlp-lora or none)",
+                param="routing_granularity",
+            )
         return cfg
 
     def chat_jobs(self, req: ChatCompletionRequest) -> list[Job]:

@@ -10,14 +10,26 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from dlp_lora.tasks.prompts import mcq_example
 from dlp_lora.tasks.types import Example
 
-__all__ = ["resolve_data_dir", "read_rows", "nutcracker", "llm_adapters_boolq", "bbh_choice", "bbh_free",
-           "squad", "gsm8k", "user_file", "hf_dataset"]
+__all__ = [
+    "resolve_data_dir",
+    "read_rows",
+    "nutcracker",
+    "llm_adapters_boolq",
+    "bbh_choice",
+    "bbh_free",
+    "squad",
+    "gsm8k",
+    "user_file",
+    "hf_dataset",
+]
+
 
 def _default_data_dir() -> Path:
     # ../shared/data beside the repository (editable install), else beside the working directory.
@@ -32,8 +44,10 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     path = Path(chosen) if chosen else _default_data_dir()
     if not path.is_dir():
         hint = "" if chosen else " (the default, ../shared/data beside the repository)"
-        raise FileNotFoundError(f"no benchmark data directory at {path}{hint}; pass --data-dir DIR or set "
-                                "DLP_LORA_DATA to the folder that holds bbh/, gsm8k/, nutcracker-db/ ...")
+        raise FileNotFoundError(
+            f"no benchmark data directory at {path}{hint}; pass --data-dir DIR or set "
+            "DLP_LORA_DATA to the folder that holds bbh/, gsm8k/, nutcracker-db/ ..."
+        )
     return path
 
 
@@ -57,8 +71,9 @@ def read_rows(path: Path) -> list[Any]:
     return rows
 
 
-def nutcracker(task: str, folders: Iterable[str], files: Iterable[str] = ("dev.json", "test.json"),
-               shuffle_options: bool = False):
+def nutcracker(
+    task: str, folders: Iterable[str], files: Iterable[str] = ("dev.json", "test.json"), shuffle_options: bool = False
+):
     """Loader for nutcracker-db folders: {"centerpiece", "options", "correct_options_idx", ["context"]}.
 
     shuffle_options: reorder each example's options with a seed derived from its uid, for sources that
@@ -77,7 +92,11 @@ def nutcracker(task: str, folders: Iterable[str], files: Iterable[str] = ("dev.j
                     question = row["centerpiece"]
                     if row.get("context"):
                         question = f"{row['context']}\nQuestion: {question}"
-                    uid, options, gold = f"{task}/{folder}/{name}:{i}", list(row["options"]), row["correct_options_idx"][0]
+                    uid, options, gold = (
+                        f"{task}/{folder}/{name}:{i}",
+                        list(row["options"]),
+                        row["correct_options_idx"][0],
+                    )
                     if shuffle_options:
                         order = list(range(len(options)))
                         random.Random(uid).shuffle(order)  # str seeds are hashed with sha512: stable across runs
@@ -86,20 +105,26 @@ def nutcracker(task: str, folders: Iterable[str], files: Iterable[str] = ("dev.j
         if not out:
             raise FileNotFoundError(f"no nutcracker-db files for {task} under {root}/nutcracker-db/{folders[0]}")
         return out
+
     return load
 
 
 def llm_adapters_boolq(task: str):
     """BoolQ as LLM-Adapters ships it: question only, answer true/false, rendered as two options."""
+
     def load(root: str) -> list[Example]:
         out = []
         for name in ("train.json", "test.json"):
             for i, row in enumerate(read_rows(Path(root) / "llm-adapters" / "boolq" / name)):
                 question = re.search(r"question:\s*(.*?)\s*(?:\n|$)", row["instruction"]).group(1)
                 question = question[0].upper() + question[1:].rstrip("?") + "?"
-                out.append(mcq_example(f"{task}/{name}:{i}", task, question, ["true", "false"],
-                                       0 if row["answer"] == "true" else 1))
+                out.append(
+                    mcq_example(
+                        f"{task}/{name}:{i}", task, question, ["true", "false"], 0 if row["answer"] == "true" else 1
+                    )
+                )
         return out
+
     return load
 
 
@@ -112,6 +137,7 @@ def _bbh_examples(root: str, name: str) -> list[dict]:
 
 def bbh_choice(task: str, name: str):
     """A BIG-Bench Hard task whose input lists 'Options:' ((A) ... or - Yes), re-rendered with letters."""
+
     def load(root: str) -> list[Example]:
         out = []
         for i, row in enumerate(_bbh_examples(root, name)):
@@ -130,21 +156,34 @@ def bbh_choice(task: str, name: str):
                 gold = options.index(row["target"])
             out.append(mcq_example(f"{task}/{i}", task, question, options, gold, source_prompt=row["input"]))
         return out
+
     return load
 
 
 def bbh_free(task: str, name: str, instruction: str):
     """A free-form BIG-Bench Hard task; the answer is the target text."""
+
     def load(root: str) -> list[Example]:
-        return [Example(uid=f"{task}/{i}", task=task, prompt=f"{row['input'].strip()}\n{instruction}".strip(),
-                        answer=row["target"], references=(row["target"],), question=row["input"].strip(),
-                        instruction=instruction, source_prompt=row["input"])
-                for i, row in enumerate(_bbh_examples(root, name))]
+        return [
+            Example(
+                uid=f"{task}/{i}",
+                task=task,
+                prompt=f"{row['input'].strip()}\n{instruction}".strip(),
+                answer=row["target"],
+                references=(row["target"],),
+                question=row["input"].strip(),
+                instruction=instruction,
+                source_prompt=row["input"],
+            )
+            for i, row in enumerate(_bbh_examples(root, name))
+        ]
+
     return load
 
 
 def squad(task: str):
     """SQuAD v1.1 (official JSON); the first answer is the training target, all answers are references."""
+
     def load(root: str) -> list[Example]:
         data = json.loads((Path(root) / "squad-v1.1-dev" / "dev-v1.1.json").read_text())["data"]
         out = []
@@ -154,9 +193,19 @@ def squad(task: str):
                     refs = tuple(dict.fromkeys(a["text"].strip() for a in qa["answers"]))
                     question = f"Context: {para['context'].strip()}\nQuestion: {qa['question'].strip()}"
                     instruction = "Answer with a short span from the context."
-                    out.append(Example(uid=f"{task}/{qa['id']}", task=task, prompt=f"{question}\n{instruction}",
-                                       answer=refs[0], references=refs, question=question, instruction=instruction))
+                    out.append(
+                        Example(
+                            uid=f"{task}/{qa['id']}",
+                            task=task,
+                            prompt=f"{question}\n{instruction}",
+                            answer=refs[0],
+                            references=refs,
+                            question=question,
+                            instruction=instruction,
+                        )
+                    )
         return out
+
     return load
 
 
@@ -165,45 +214,77 @@ _CALC = re.compile(r"<<[^>]*>>")
 
 def gsm8k(task: str):
     """GSM8K: worked solutions (calculator annotations removed) ending in '#### <number>'."""
+
     def load(root: str) -> list[Example]:
         out = []
         for i, row in enumerate(read_rows(Path(root) / "gsm8k" / "train.jsonl")):
             solution = _CALC.sub("", row["answer"]).strip()
             final = solution.rsplit("####", 1)[1].strip().replace(",", "")
             instruction = "Solve it step by step and end with '#### <number>'."
-            out.append(Example(uid=f"{task}/{i}", task=task, prompt=f"{row['question'].strip()}\n{instruction}",
-                               answer=solution, references=(final,), question=row["question"].strip(),
-                               instruction=instruction))
+            out.append(
+                Example(
+                    uid=f"{task}/{i}",
+                    task=task,
+                    prompt=f"{row['question'].strip()}\n{instruction}",
+                    answer=solution,
+                    references=(final,),
+                    question=row["question"].strip(),
+                    instruction=instruction,
+                )
+            )
         return out
+
     return load
 
 
 def user_file(task: str, path: str | os.PathLike):
     """A user's JSON list or JSONL of {"input", "output"} pairs (the format of the paper's code)."""
+
     def load(_root: str) -> list[Example]:
         out = []
         for i, row in enumerate(read_rows(Path(path))):
-            if not isinstance(row, dict) or not all(isinstance(row.get(k), str) and row[k].strip()
-                                                    for k in ("input", "output")):
-                raise ValueError(f"{path}: row {i}: expected {{\"input\": str, \"output\": str}} with non-empty "
-                                 f"strings, got {row!r:.120}")
-            out.append(Example(uid=f"{task}/{i}", task=task, prompt=row["input"], answer=row["output"],
-                               references=(row["output"],), question=row["input"]))
+            if not isinstance(row, dict) or not all(
+                isinstance(row.get(k), str) and row[k].strip() for k in ("input", "output")
+            ):
+                raise ValueError(
+                    f'{path}: row {i}: expected {{"input": str, "output": str}} with non-empty '
+                    f"strings, got {row!r:.120}"
+                )
+            out.append(
+                Example(
+                    uid=f"{task}/{i}",
+                    task=task,
+                    prompt=row["input"],
+                    answer=row["output"],
+                    references=(row["output"],),
+                    question=row["input"],
+                )
+            )
         if not out:
             raise ValueError(f"{path}: no rows")
         return out
+
     return load
 
 
-def hf_dataset(task: str, dataset: str, split: str = "train", input_field: str = "input",
-               output_field: str = "output"):
+def hf_dataset(task: str, dataset: str, split: str = "train", input_field: str = "input", output_field: str = "output"):
     """A Hugging Face dataset with input/output text columns (needs `datasets` and network access)."""
+
     def load(_root: str) -> list[Example]:
         try:
             import datasets
         except ImportError as err:
             raise ModuleNotFoundError("loading a Hugging Face dataset needs `pip install datasets`") from err
         rows = datasets.load_dataset(dataset, split=split)
-        return [Example(uid=f"{task}/{i}", task=task, prompt=str(r[input_field]), answer=str(r[output_field]),
-                        references=(str(r[output_field]),)) for i, r in enumerate(rows)]
+        return [
+            Example(
+                uid=f"{task}/{i}",
+                task=task,
+                prompt=str(r[input_field]),
+                answer=str(r[output_field]),
+                references=(str(r[output_field]),),
+            )
+            for i, r in enumerate(rows)
+        ]
+
     return load

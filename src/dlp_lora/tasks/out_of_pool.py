@@ -25,8 +25,14 @@ from dlp_lora.tasks import loaders as L
 from dlp_lora.tasks.registry import get_task, load_splits, task_names
 from dlp_lora.tasks.types import Example, Splits, Task
 
-__all__ = ["NONE", "out_of_pool_sources", "out_of_pool_task", "out_of_pool_splits", "generic_examples",
-           "is_unseen_source"]
+__all__ = [
+    "NONE",
+    "out_of_pool_sources",
+    "out_of_pool_task",
+    "out_of_pool_splits",
+    "generic_examples",
+    "is_unseen_source",
+]
 
 NONE = "none"
 """The router class of prompts that match no task: routed to the base model alone."""
@@ -67,6 +73,7 @@ def _bbh_loader(name: str, uid_prefix: str):
             return L.bbh_choice(uid_prefix, name)(root)
         except (ValueError, KeyError):  # no 'Options:' block (or a target outside it): free-form task
             return L.bbh_free(uid_prefix, name, "")(root)
+
     return load
 
 
@@ -82,13 +89,15 @@ def out_of_pool_task(source: str, data_dir: str | os.PathLike | None = None) -> 
     elif kind == "nutcracker-db":
         load = L.nutcracker(name, [item])
     else:
-        raise ValueError(f"unknown out-of-pool source {source!r}; expected bbh/<name>, nutcracker-db/<folder> "
-                         "or generic")
+        raise ValueError(
+            f"unknown out-of-pool source {source!r}; expected bbh/<name>, nutcracker-db/<folder> or generic"
+        )
     return Task(name=name, kind="qa", source=source, metric="exact", load=lambda _r: load(root))
 
 
-def out_of_pool_splits(data_dir: str | os.PathLike | None = None, cfg: SplitConfig = SplitConfig(),
-                       pool: list[str] | None = None) -> dict[str, Splits]:
+def out_of_pool_splits(
+    data_dir: str | os.PathLike | None = None, cfg: SplitConfig = SplitConfig(), pool: list[str] | None = None
+) -> dict[str, Splits]:
     """Seeded disjoint splits per out-of-pool source (as `load_splits` cuts a task); unseen sources keep
     every example in `test` (up to cfg.test_size)."""
     out = {}
@@ -104,48 +113,121 @@ def out_of_pool_splits(data_dir: str | os.PathLike | None = None, cfg: SplitConf
 # ---- hand-written everyday prompts -----------------------------------------------------------------
 
 _SMALL_TALK = [
-    "Hi! How are you today?", "Good morning, what's up?", "Hello there", "Hey, can we chat for a bit?",
-    "Tell me a joke.", "What's your name?", "Who made you?", "Are you a robot?", "Thanks, that was helpful!",
-    "I'm bored. Any ideas?", "What do you like to do for fun?", "How was your weekend?",
-    "Do you have feelings?", "Can you keep a secret?", "What's your favourite colour?", "Goodnight!",
-    "I had a rough day at work.", "Say something nice to me.", "What should I call you?", "lol that's funny",
-    "ok thanks bye", "Can you be my friend?", "What's the weather like where you are?", "Do you dream?",
-    "I just got a puppy!", "Congratulate me, I passed my driving test!", "hmm", "Are you there?",
-    "What time is it?", "Sing me a song.",
+    "Hi! How are you today?",
+    "Good morning, what's up?",
+    "Hello there",
+    "Hey, can we chat for a bit?",
+    "Tell me a joke.",
+    "What's your name?",
+    "Who made you?",
+    "Are you a robot?",
+    "Thanks, that was helpful!",
+    "I'm bored. Any ideas?",
+    "What do you like to do for fun?",
+    "How was your weekend?",
+    "Do you have feelings?",
+    "Can you keep a secret?",
+    "What's your favourite colour?",
+    "Goodnight!",
+    "I had a rough day at work.",
+    "Say something nice to me.",
+    "What should I call you?",
+    "lol that's funny",
+    "ok thanks bye",
+    "Can you be my friend?",
+    "What's the weather like where you are?",
+    "Do you dream?",
+    "I just got a puppy!",
+    "Congratulate me, I passed my driving test!",
+    "hmm",
+    "Are you there?",
+    "What time is it?",
+    "Sing me a song.",
 ]
 _CODE_ASKS = [
-    "Write a {lang} function that reverses a string.", "How do I read a CSV file in {lang}?",
-    "Fix this {lang} code: for i in range(10) print(i)", "Explain what a closure is in {lang}.",
-    "Write a {lang} class for a bank account with deposit and withdraw.", "How do I sort a list of dicts by a key in {lang}?",
-    "What is the difference between a list and a tuple in {lang}?", "Write unit tests in {lang} for a fizzbuzz function.",
+    "Write a {lang} function that reverses a string.",
+    "How do I read a CSV file in {lang}?",
+    "Fix this {lang} code: for i in range(10) print(i)",
+    "Explain what a closure is in {lang}.",
+    "Write a {lang} class for a bank account with deposit and withdraw.",
+    "How do I sort a list of dicts by a key in {lang}?",
+    "What is the difference between a list and a tuple in {lang}?",
+    "Write unit tests in {lang} for a fizzbuzz function.",
     "Convert this loop to {lang}: for (int i = 0; i < n; i++) sum += a[i];",
-    "Why does my {lang} program throw a null pointer error?", "Implement binary search in {lang}.",
-    "How do I make an HTTP request in {lang}?", "Write a {lang} script that renames every file in a folder.",
+    "Why does my {lang} program throw a null pointer error?",
+    "Implement binary search in {lang}.",
+    "How do I make an HTTP request in {lang}?",
+    "Write a {lang} script that renames every file in a folder.",
 ]
 _LANGS = ["Python", "JavaScript", "Rust", "Go", "Java", "C++", "SQL", "Bash"]
 _FOREIGN = [
-    "Bonjour, comment ça va ?", "Peux-tu m'aider à écrire une lettre de motivation ?", "Quelle est la capitale de l'Australie ?",
-    "¿Cuál es la mejor manera de aprender inglés?", "Escribe un poema sobre el mar.", "¿Qué hora es en Tokio?",
-    "Wie spät ist es?", "Kannst du mir ein Rezept für Apfelkuchen geben?", "Erkläre mir die Relativitätstheorie einfach.",
-    "Ciao, come stai?", "Mi consigli un buon libro da leggere?", "Olá, tudo bem? Preciso de ajuda com meu currículo.",
-    "Как дела?", "Расскажи мне анекдот.", "你好，你叫什么名字？", "请帮我写一封请假邮件。", "今日は天気がいいですね。",
-    "おすすめのアニメを教えてください。", "안녕하세요, 오늘 뭐 해요?", "مرحبا، كيف حالك؟", "नमस्ते, आप कैसे हैं?",
-    "Merhaba, bana bir şaka anlatır mısın?", "Hallo, kun je me helpen met mijn huiswerk?", "Hej! Vad heter du?",
-    "Cześć, jak się masz?", "Γεια σου, τι κάνεις;", "Xin chào, bạn có khỏe không?", "Selamat pagi, apa kabar?",
+    "Bonjour, comment ça va ?",
+    "Peux-tu m'aider à écrire une lettre de motivation ?",
+    "Quelle est la capitale de l'Australie ?",
+    "¿Cuál es la mejor manera de aprender inglés?",
+    "Escribe un poema sobre el mar.",
+    "¿Qué hora es en Tokio?",
+    "Wie spät ist es?",
+    "Kannst du mir ein Rezept für Apfelkuchen geben?",
+    "Erkläre mir die Relativitätstheorie einfach.",
+    "Ciao, come stai?",
+    "Mi consigli un buon libro da leggere?",
+    "Olá, tudo bem? Preciso de ajuda com meu currículo.",
+    "Как дела?",
+    "Расскажи мне анекдот.",
+    "你好，你叫什么名字？",
+    "请帮我写一封请假邮件。",
+    "今日は天気がいいですね。",
+    "おすすめのアニメを教えてください。",
+    "안녕하세요, 오늘 뭐 해요?",
+    "مرحبا، كيف حالك؟",
+    "नमस्ते, आप कैसे हैं?",
+    "Merhaba, bana bir şaka anlatır mısın?",
+    "Hallo, kun je me helpen met mijn huiswerk?",
+    "Hej! Vad heter du?",
+    "Cześć, jak się masz?",
+    "Γεια σου, τι κάνεις;",
+    "Xin chào, bạn có khỏe không?",
+    "Selamat pagi, apa kabar?",
 ]
-_WRITING = ["Write a {form} about {topic}.", "Can you draft a short {form} on {topic}?",
-            "I need a {form} about {topic} for tomorrow."]
+_WRITING = [
+    "Write a {form} about {topic}.",
+    "Can you draft a short {form} on {topic}?",
+    "I need a {form} about {topic} for tomorrow.",
+]
 _FORMS = ["poem", "haiku", "short story", "blog post", "birthday message", "limerick", "speech", "product description"]
-_TOPICS = ["autumn leaves", "my cat", "the ocean", "friendship", "a rainy Monday", "space travel", "coffee",
-           "our new office", "climate change", "a lost umbrella"]
+_TOPICS = [
+    "autumn leaves",
+    "my cat",
+    "the ocean",
+    "friendship",
+    "a rainy Monday",
+    "space travel",
+    "coffee",
+    "our new office",
+    "climate change",
+    "a lost umbrella",
+]
 _ADVICE = [
-    "How can I sleep better?", "Give me tips for a job interview.", "What should I cook tonight with eggs and rice?",
-    "Plan a 3-day trip to Rome for me.", "How do I ask my boss for a raise?", "Suggest a workout for beginners.",
-    "Summarize the plot of Hamlet in two sentences.", "Recommend some podcasts about history.",
-    "How do I get red wine out of a carpet?", "What's a good name for a bakery?", "Help me write an email to my landlord.",
-    "How do I stop procrastinating?", "Explain the stock market to a ten-year-old.", "What are some fun date ideas?",
-    "Make me a grocery list for a week of vegetarian meals.", "How do I change a flat tire?",
-    "Translate 'good luck' into five languages.", "Give me a motivational quote.", "What is the meaning of life?",
+    "How can I sleep better?",
+    "Give me tips for a job interview.",
+    "What should I cook tonight with eggs and rice?",
+    "Plan a 3-day trip to Rome for me.",
+    "How do I ask my boss for a raise?",
+    "Suggest a workout for beginners.",
+    "Summarize the plot of Hamlet in two sentences.",
+    "Recommend some podcasts about history.",
+    "How do I get red wine out of a carpet?",
+    "What's a good name for a bakery?",
+    "Help me write an email to my landlord.",
+    "How do I stop procrastinating?",
+    "Explain the stock market to a ten-year-old.",
+    "What are some fun date ideas?",
+    "Make me a grocery list for a week of vegetarian meals.",
+    "How do I change a flat tire?",
+    "Translate 'good luck' into five languages.",
+    "Give me a motivational quote.",
+    "What is the meaning of life?",
     "Write a tweet announcing our product launch.",
 ]
 
@@ -155,5 +237,7 @@ def generic_examples() -> list[Example]:
     texts = list(_SMALL_TALK) + list(_FOREIGN) + list(_ADVICE)
     texts += [t.format(lang=lang) for t, lang in itertools.product(_CODE_ASKS, _LANGS)]
     texts += [t.format(form=f, topic=p) for t, f, p in itertools.product(_WRITING, _FORMS, _TOPICS)][::2]
-    return [Example(uid=f"{NONE}:generic/{i}", task=f"{NONE}:generic", prompt=t, answer="-", references=("-",),
-                    question=t) for i, t in enumerate(texts)]
+    return [
+        Example(uid=f"{NONE}:generic/{i}", task=f"{NONE}:generic", prompt=t, answer="-", references=("-",), question=t)
+        for i, t in enumerate(texts)
+    ]

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import re
 import string
+from collections.abc import Sequence
 from decimal import Decimal, InvalidOperation
-from typing import Sequence
 
 from dlp_lora.tasks.types import Example, Task
 
-__all__ = ["LETTERS", "mcq_prompt", "mcq_example", "parse_answer", "normalize_text", "extract_number",
-           "parse_choice"]
+__all__ = ["LETTERS", "mcq_prompt", "mcq_example", "parse_answer", "normalize_text", "extract_number", "parse_choice"]
 
 LETTERS = string.ascii_uppercase
 MCQ_INSTRUCTION = "Answer with the correct option."
@@ -32,17 +31,26 @@ def mcq_prompt(question: str, options: Sequence[str]) -> str:
     return "\n".join(lines + [MCQ_INSTRUCTION])
 
 
-def mcq_example(uid: str, task: str, question: str, options: Sequence[str], gold: int,
-                source_prompt: str = "") -> Example:
+def mcq_example(
+    uid: str, task: str, question: str, options: Sequence[str], gold: int, source_prompt: str = ""
+) -> Example:
     """A multiple-choice example: trained to answer the gold option's text, scored by its letter (reference)."""
     if not 0 <= gold < len(options):
         raise ValueError(f"{uid}: gold option index {gold} out of range for {len(options)} options")
     letters = tuple(LETTERS[: len(options)])
     texts = tuple(str(o).strip() for o in options)
-    return Example(uid=uid, task=task, prompt=mcq_prompt(question, options), answer=texts[gold],
-                   references=(letters[gold],), choices=letters, question=question.strip(),
-                   options=texts, instruction=MCQ_INSTRUCTION,
-                   source_prompt=source_prompt)
+    return Example(
+        uid=uid,
+        task=task,
+        prompt=mcq_prompt(question, options),
+        answer=texts[gold],
+        references=(letters[gold],),
+        choices=letters,
+        question=question.strip(),
+        options=texts,
+        instruction=MCQ_INSTRUCTION,
+        source_prompt=source_prompt,
+    )
 
 
 def normalize_text(text: str) -> str:
@@ -83,8 +91,11 @@ def parse_choice(text: str, choices: Sequence[str], options: Sequence[str] = ())
     """
     said = normalize_text(text)
     if options and said:
-        hits = [(len(normalize_text(o)), i) for i, o in enumerate(options)
-                if normalize_text(o) and (said == normalize_text(o) or said.startswith(normalize_text(o) + " "))]
+        hits = [
+            (len(normalize_text(o)), i)
+            for i, o in enumerate(options)
+            if normalize_text(o) and (said == normalize_text(o) or said.startswith(normalize_text(o) + " "))
+        ]
         if hits:
             return choices[max(hits)[1]]
     allowed = "".join(choices)

@@ -20,7 +20,16 @@ from dlp_lora.config import SplitConfig
 from dlp_lora.tasks import loaders as L
 from dlp_lora.tasks.types import Example, Splits, Task
 
-__all__ = ["TASKS", "EXTRA_TASKS", "REPLACEMENTS", "get_task", "task_names", "load_examples", "load_splits", "pool_table"]
+__all__ = [
+    "TASKS",
+    "EXTRA_TASKS",
+    "REPLACEMENTS",
+    "get_task",
+    "task_names",
+    "load_examples",
+    "load_splits",
+    "pool_table",
+]
 
 
 def _mcq(name: str, source: str, load) -> Task:
@@ -31,6 +40,7 @@ def _mmlu(task: str):
     def load(root: str) -> list[Example]:
         folders = sorted(p.name for p in (Path(root) / "nutcracker-db").glob("mmlu-*"))
         return L.nutcracker(task, folders)(root)
+
     return load
 
 
@@ -39,8 +49,14 @@ def _bbh_mcq(name: str) -> Task:
 
 
 def _bbh_qa(name: str, metric: str, instruction: str, max_new_tokens: int) -> Task:
-    return Task(name=f"bbh_{name}", kind="qa", source=f"bbh/{name}.json", metric=metric,  # type: ignore[arg-type]
-                load=L.bbh_free(f"bbh_{name}", name, instruction), max_new_tokens=max_new_tokens)
+    return Task(
+        name=f"bbh_{name}",
+        kind="qa",
+        source=f"bbh/{name}.json",
+        metric=metric,  # type: ignore[arg-type]
+        load=L.bbh_free(f"bbh_{name}", name, instruction),
+        max_new_tokens=max_new_tokens,
+    )
 
 
 def _builtin() -> dict[str, Task]:
@@ -53,8 +69,11 @@ def _builtin() -> dict[str, Task]:
         _mcq("socialiqa", nut + "socialiqa", L.nutcracker("socialiqa", ["socialiqa"])),
         _mcq("winogrande", nut + "winogrande", L.nutcracker("winogrande", ["winogrande"])),
         _mcq("commonsenseqa", nut + "commonsenseqa", L.nutcracker("commonsenseqa", ["commonsenseqa"])),
-        _mcq("truthfulqa_mc1", nut + "truthfulqa-mc1 (options shuffled)",
-             L.nutcracker("truthfulqa_mc1", ["truthfulqa-mc1"], ("test.json",), shuffle_options=True)),
+        _mcq(
+            "truthfulqa_mc1",
+            nut + "truthfulqa-mc1 (options shuffled)",
+            L.nutcracker("truthfulqa_mc1", ["truthfulqa-mc1"], ("test.json",), shuffle_options=True),
+        ),
         _mcq("mmlu", nut + "mmlu-* (57 subjects)", _mmlu("mmlu")),
         _mcq("boolq", "llm-adapters/boolq (question only)", L.llm_adapters_boolq("boolq")),
         _bbh_mcq("date_understanding"),
@@ -64,8 +83,14 @@ def _builtin() -> dict[str, Task]:
         _bbh_mcq("hyperbaton"),
         _bbh_mcq("snarks"),
         _bbh_mcq("movie_recommendation"),
-        Task(name="squad", kind="qa", source="squad-v1.1-dev/dev-v1.1.json", metric="squad", load=L.squad("squad"),
-             max_new_tokens=24),
+        Task(
+            name="squad",
+            kind="qa",
+            source="squad-v1.1-dev/dev-v1.1.json",
+            metric="squad",
+            load=L.squad("squad"),
+            max_new_tokens=24,
+        ),
         _bbh_qa("formal_fallacies", "exact", "Answer valid or invalid.", 4),
         _bbh_qa("causal_judgement", "exact", "Answer Yes or No.", 4),
         _bbh_qa("object_counting", "numeric", "Answer with a number.", 6),
@@ -80,21 +105,31 @@ def _builtin() -> dict[str, Task]:
 
 def _replaced() -> dict[str, Task]:
     tasks = [
-        Task(name="gsm8k", kind="qa", source="gsm8k/train.jsonl", metric="numeric", load=L.gsm8k("gsm8k"),
-             max_new_tokens=160),
+        Task(
+            name="gsm8k",
+            kind="qa",
+            source="gsm8k/train.jsonl",
+            metric="numeric",
+            load=L.gsm8k("gsm8k"),
+            max_new_tokens=160,
+        ),
         _bbh_qa("multistep_arithmetic_two", "numeric", "Answer with a number.", 8),
     ]
     return {t.name: t for t in tasks}
 
 
 REPLACEMENTS: dict[str, tuple[str, str]] = {
-    "gsm8k": ("bbh_formal_fallacies",
-              "0.0 for every method, the base model and its own adapter included (30 test examples, v1 assets): "
-              "multi-step arithmetic in a worked solution is beyond a 135M model, so it measured nothing about "
-              "routing"),
-    "bbh_multistep_arithmetic_two": ("bbh_causal_judgement",
-                                     "3.3 (one example in 30) for the base model, its adapter and every routed method "
-                                     "(v1 assets): the answer is one number computed in several steps, right only by luck at 135M"),
+    "gsm8k": (
+        "bbh_formal_fallacies",
+        "0.0 for every method, the base model and its own adapter included (30 test examples, v1 assets): "
+        "multi-step arithmetic in a worked solution is beyond a 135M model, so it measured nothing about "
+        "routing",
+    ),
+    "bbh_multistep_arithmetic_two": (
+        "bbh_causal_judgement",
+        "3.3 (one example in 30) for the base model, its adapter and every routed method "
+        "(v1 assets): the answer is one number computed in several steps, right only by luck at 135M",
+    ),
 }
 """Tasks taken out of the pool: name -> (the task that took its place, why). Both replacements are
 BIG-Bench Hard tasks with a short answer a small model can learn the format and some of the content of."""
@@ -154,45 +189,59 @@ def load_splits(task: Task, data_dir: str | os.PathLike | None = None, cfg: Spli
     n = len(examples)
     n_test = max(1, min(cfg.test_size, int(0.3 * n)))
     n_dev = min(cfg.dev_size, n // 10)
-    test, dev = examples[:n_test], examples[n_test:n_test + n_dev]
-    rest = examples[n_test + n_dev:]
-    train, gate = rest[: cfg.train_cap], rest[cfg.train_cap:][: cfg.gate_size]
+    test, dev = examples[:n_test], examples[n_test : n_test + n_dev]
+    rest = examples[n_test + n_dev :]
+    train, gate = rest[: cfg.train_cap], rest[cfg.train_cap :][: cfg.gate_size]
     return Splits(train=train, dev=dev, test=test, gate=gate)
 
 
-def pool_table(data_dir: str | os.PathLike | None = None, cfg: SplitConfig = SplitConfig(),
-               results: dict | None = None) -> str:
+def pool_table(
+    data_dir: str | os.PathLike | None = None, cfg: SplitConfig = SplitConfig(), results: dict | None = None
+) -> str:
     """The pool as a markdown table: task, kind, source, examples, split sizes, metric; with `results` (an
     evaluation's results.json) also the base model's and the task's own adapter's (`oracle`) test scores."""
     scored = results["per_task"] if results else {}
     extra = " base | oracle |" if scored else ""
-    lines = ["# Task pool", "",
-             f"Generated by `dlp-lora tasks --markdown docs/tasks.md{' --results docs/results.json' if scored else ''}` "
-             f"(split seed {cfg.seed}, train cap {cfg.train_cap}, dev <= {cfg.dev_size}, test <= {cfg.test_size}, "
-             f"gate <= {cfg.gate_size}). "
-             "Data: ../shared/data (see its SOURCES.md). Every multiple-choice task uses one template (question, "
-             "lettered options, 'Answer with the correct option.'); an adapter is trained to answer the gold "
-             "option's text and scored by `acc_norm` (the option text with the highest log-likelihood per byte). "
-             "Splits are seeded shuffles of the de-duplicated examples, so no prompt appears in two splits; the "
-             "gate split (what the training cap leaves, held out for the deployment gate) is empty for small tasks, "
-             "which are gated on dev.", "",
-             "| # | task | kind | source | examples | train | dev | test | gate | metric (headline) |" + extra,
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if scored else "")]
+    lines = [
+        "# Task pool",
+        "",
+        f"Generated by `dlp-lora tasks --markdown docs/tasks.md{' --results docs/results.json' if scored else ''}` "
+        f"(split seed {cfg.seed}, train cap {cfg.train_cap}, dev <= {cfg.dev_size}, test <= {cfg.test_size}, "
+        f"gate <= {cfg.gate_size}). "
+        "Data: ../shared/data (see its SOURCES.md). Every multiple-choice task uses one template (question, "
+        "lettered options, 'Answer with the correct option.'); an adapter is trained to answer the gold "
+        "option's text and scored by `acc_norm` (the option text with the highest log-likelihood per byte). "
+        "Splits are seeded shuffles of the de-duplicated examples, so no prompt appears in two splits; the "
+        "gate split (what the training cap leaves, held out for the deployment gate) is empty for small tasks, "
+        "which are gated on dev.",
+        "",
+        "| # | task | kind | source | examples | train | dev | test | gate | metric (headline) |" + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if scored else ""),
+    ]
     for i, name in enumerate(task_names(), 1):
         task = get_task(name)
         total = len(load_examples(task, data_dir))
         s = load_splits(task, data_dir, cfg)
         head = "acc_norm" if task.kind == "mcq" else task.headline
-        row = (f"| {i} | {name} | {task.kind} | {task.source} | {total} | {len(s.train)} | {len(s.dev)} | "
-               f"{len(s.test)} | {len(s.gate)} | {task.metric} ({head}) |")
+        row = (
+            f"| {i} | {name} | {task.kind} | {task.source} | {total} | {len(s.train)} | {len(s.dev)} | "
+            f"{len(s.test)} | {len(s.gate)} | {task.metric} ({head}) |"
+        )
         if scored:
             got = scored.get(name, {})
             row += "".join(f" {got[m][head]:.1f} |" if head in got.get(m, {}) else " - |" for m in ("base", "oracle"))
         lines.append(row)
     kinds = [get_task(n).kind for n in task_names()]
-    lines += ["", f"{len(kinds)} tasks: {kinds.count('mcq')} multiple choice, {kinds.count('qa')} question answering.",
-              "", "## Replaced tasks", "",
-              "Taken out of the pool as unlearnable at 135M (their loaders stay: `get_task` still knows them).", "",
-              "| task | replaced by | why |", "|---|---|---|"]
+    lines += [
+        "",
+        f"{len(kinds)} tasks: {kinds.count('mcq')} multiple choice, {kinds.count('qa')} question answering.",
+        "",
+        "## Replaced tasks",
+        "",
+        "Taken out of the pool as unlearnable at 135M (their loaders stay: `get_task` still knows them).",
+        "",
+        "| task | replaced by | why |",
+        "|---|---|---|",
+    ]
     lines += [f"| {old} | {new} | {why} |" for old, (new, why) in REPLACEMENTS.items()]
     return "\n".join(lines) + "\n"

@@ -20,15 +20,28 @@ from dataclasses import dataclass
 
 from dlp_lora.tasks.types import Example
 
-__all__ = ["Rendering", "RENDERINGS", "TRAIN_RENDERINGS", "HELD_OUT_RENDERINGS", "render", "render_many",
-           "rendering_rng"]
+__all__ = [
+    "Rendering",
+    "RENDERINGS",
+    "TRAIN_RENDERINGS",
+    "HELD_OUT_RENDERINGS",
+    "render",
+    "render_many",
+    "rendering_rng",
+]
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-_CHATML = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-           "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+_CHATML = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+)
 # Held-out instruction wordings (never in training): what a user might write instead of the project's line.
-_PARAPHRASES_MCQ = ("Choose the best answer.", "Which option is correct?", "Pick one option and explain briefly.",
-                    "Select the right choice.")
+_PARAPHRASES_MCQ = (
+    "Choose the best answer.",
+    "Which option is correct?",
+    "Pick one option and explain briefly.",
+    "Select the right choice.",
+)
 _PARAPHRASES_QA = ("Give only the final answer.", "Reply briefly.", "What is the answer?")
 
 
@@ -42,6 +55,7 @@ class Rendering:
 
 
 # ---- parts -----------------------------------------------------------------------------------------
+
 
 def _options(ex: Example, style: str) -> str:
     """The option block of a multiple-choice example in one style; '' for free-form examples."""
@@ -107,7 +121,7 @@ def _cut(text: str, keep: float, from_head: bool) -> str:
     """Keep a `keep` fraction of the words, dropping them from the head (True) or the tail."""
     words = text.split(" ")
     n = max(1, round(keep * len(words)))
-    return " ".join(words[len(words) - n:] if from_head else words[:n])
+    return " ".join(words[len(words) - n :] if from_head else words[:n])
 
 
 def _whitespace_noise(text: str, rng: random.Random) -> str:
@@ -125,8 +139,15 @@ def _whitespace_noise(text: str, rng: random.Random) -> str:
 
 def _case_swap(text: str, rng: random.Random, rate: float = 0.15) -> str:
     """Capitalise or upper-case a random fraction of the words (held-out case noise)."""
-    return re.sub(r"[A-Za-z]+", lambda m: (m.group(0).upper() if rng.random() < 0.5 else m.group(0).capitalize())
-                  if rng.random() < rate else m.group(0), text)
+    return re.sub(
+        r"[A-Za-z]+",
+        lambda m: (
+            (m.group(0).upper() if rng.random() < 0.5 else m.group(0).capitalize())
+            if rng.random() < rate
+            else m.group(0)
+        ),
+        text,
+    )
 
 
 # ---- the renderings ---------------------------------------------------------------------------------
@@ -156,8 +177,11 @@ _HELD_OUT: tuple[Rendering, ...] = (
     Rendering("llama_inst", True, lambda ex, rng: f"[INST] {_source(ex)} [/INST]"),
     Rendering("qa_wrapper", True, lambda ex, rng: f"Q: {_compose(ex, 'inline', '')}\nA:"),
     Rendering("case_noise", True, lambda ex, rng: _case_swap(ex.prompt, rng)),
-    Rendering("both_cut", True, lambda ex, rng: _cut(_cut(ex.prompt, rng.uniform(0.75, 0.9), True),
-                                                     rng.uniform(0.75, 0.9), False)),
+    Rendering(
+        "both_cut",
+        True,
+        lambda ex, rng: _cut(_cut(ex.prompt, rng.uniform(0.75, 0.9), True), rng.uniform(0.75, 0.9), False),
+    ),
 )
 
 RENDERINGS: dict[str, Rendering] = {r.name: r for r in _TRAIN + _HELD_OUT}
@@ -182,8 +206,9 @@ def render(ex: Example, name: str, seed: int = 0) -> str:
     return text if text.strip() else ex.prompt
 
 
-def render_many(examples: Sequence[Example], names: Sequence[str], per_example: int | None = None,
-                seed: int = 0) -> list[tuple[Example, str, str]]:
+def render_many(
+    examples: Sequence[Example], names: Sequence[str], per_example: int | None = None, seed: int = 0
+) -> list[tuple[Example, str, str]]:
     """(example, rendering name, text) triples: every name per example, or `per_example` names drawn per
     example without replacement (seeded by the example's uid, so a subset of examples draws the same)."""
     unknown = [n for n in names if n not in RENDERINGS]
@@ -193,7 +218,8 @@ def render_many(examples: Sequence[Example], names: Sequence[str], per_example: 
         raise ValueError(f"per_example must be in [1, {len(names)}], got {per_example}")
     out = []
     for ex in examples:
-        chosen = list(names) if per_example is None else \
-            rendering_rng(ex, "draw", seed).sample(list(names), per_example)
+        chosen = (
+            list(names) if per_example is None else rendering_rng(ex, "draw", seed).sample(list(names), per_example)
+        )
         out += [(ex, n, render(ex, n, seed)) for n in chosen]
     return out

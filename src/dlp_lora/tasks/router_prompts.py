@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-
 from pathlib import Path
 
 from dlp_lora.assets import Manifest
@@ -37,7 +36,7 @@ class RoutedPrompts:
     renderings: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
 
-    def extend(self, other: "RoutedPrompts") -> "RoutedPrompts":
+    def extend(self, other: RoutedPrompts) -> RoutedPrompts:
         for name in ("texts", "labels", "renderings", "sources"):
             getattr(self, name).extend(getattr(other, name))
         return self
@@ -46,8 +45,9 @@ class RoutedPrompts:
         return len(self.texts)
 
 
-def _rendered(examples: Sequence[Example], label: str, source: str, names: Sequence[str] | None,
-              per_example: int, seed: int) -> RoutedPrompts:
+def _rendered(
+    examples: Sequence[Example], label: str, source: str, names: Sequence[str] | None, per_example: int, seed: int
+) -> RoutedPrompts:
     """Template always; per_example - 1 more drawn from `names` (None: every rendering, no draw)."""
     out = RoutedPrompts()
     if names is None:
@@ -70,8 +70,14 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {_SPLITS}, got {split!r}")
 
 
-def none_prompts(split: str, data_dir: str | os.PathLike | None, split_cfg: SplitConfig, data_cfg: RouterDataConfig,
-                 pool: Sequence[str], every_rendering: bool = False) -> RoutedPrompts:
+def none_prompts(
+    split: str,
+    data_dir: str | os.PathLike | None,
+    split_cfg: SplitConfig,
+    data_cfg: RouterDataConfig,
+    pool: Sequence[str],
+    every_rendering: bool = False,
+) -> RoutedPrompts:
     """Out-of-pool prompts of one split labelled `none`, sources outside `pool` (task names)."""
     _check_split(split)
     cfg = replace(split_cfg, train_cap=data_cfg.none_train_cap)
@@ -79,14 +85,27 @@ def none_prompts(split: str, data_dir: str | os.PathLike | None, split_cfg: Spli
     for source, splits in out_of_pool_splits(data_dir, cfg, list(pool)).items():
         examples = getattr(splits, split)
         if examples:
-            out.extend(_rendered(examples, NONE, source, None if every_rendering else TRAIN_RENDERINGS,
-                                 data_cfg.renderings_per_example, data_cfg.seed))
+            out.extend(
+                _rendered(
+                    examples,
+                    NONE,
+                    source,
+                    None if every_rendering else TRAIN_RENDERINGS,
+                    data_cfg.renderings_per_example,
+                    data_cfg.seed,
+                )
+            )
     return out
 
 
-def routed_prompts(tasks: Sequence[str | Task], split: str, data_dir: str | os.PathLike | None = None,
-                   split_cfg: SplitConfig = SplitConfig(), data_cfg: RouterDataConfig = RouterDataConfig(),
-                   every_rendering: bool = False) -> RoutedPrompts:
+def routed_prompts(
+    tasks: Sequence[str | Task],
+    split: str,
+    data_dir: str | os.PathLike | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    data_cfg: RouterDataConfig = RouterDataConfig(),
+    every_rendering: bool = False,
+) -> RoutedPrompts:
     """Prompts of one split ('train' | 'dev' | 'test') over `tasks`, plus `none` prompts when
     data_cfg.none_class. every_rendering: each example in every rendering (a test set); otherwise the
     template plus draws from the training renderings."""
@@ -96,17 +115,29 @@ def routed_prompts(tasks: Sequence[str | Task], split: str, data_dir: str | os.P
     task_cfg = replace(split_cfg, train_cap=data_cfg.train_cap)  # dev and test do not depend on the cap
     for task in resolved:
         examples = getattr(load_splits(task, data_dir, task_cfg), split)
-        out.extend(_rendered(examples, task.name, task.name, None if every_rendering else TRAIN_RENDERINGS,
-                             data_cfg.renderings_per_example, data_cfg.seed))
+        out.extend(
+            _rendered(
+                examples,
+                task.name,
+                task.name,
+                None if every_rendering else TRAIN_RENDERINGS,
+                data_cfg.renderings_per_example,
+                data_cfg.seed,
+            )
+        )
     if data_cfg.none_class:
         builtin = [t.name for t in resolved if t.source.split()[0].startswith(("bbh/", "nutcracker-db/"))]
         out.extend(none_prompts(split, data_dir, split_cfg, data_cfg, builtin, every_rendering))
     return out
 
 
-def pool_test_prompts(tasks: Sequence[str | Task], data_dir: str | os.PathLike | None = None,
-                      split_cfg: SplitConfig = SplitConfig(), data_cfg: RouterDataConfig = RouterDataConfig(),
-                      split: str = "test") -> RoutedPrompts:
+def pool_test_prompts(
+    tasks: Sequence[str | Task],
+    data_dir: str | os.PathLike | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    data_cfg: RouterDataConfig = RouterDataConfig(),
+    split: str = "test",
+) -> RoutedPrompts:
     """The format-shift test set: every held-out example of `tasks` (and of the out-of-pool sources, when
     data_cfg.none_class) in every rendering."""
     return routed_prompts(tasks, split, data_dir, split_cfg, data_cfg, every_rendering=True)
@@ -125,8 +156,9 @@ def manifest_task(manifest: Manifest, name: str, root: str | Path) -> Task:
         return TASKS[name]
     file = manifest.records.get(name, {}).get("examples_file")
     if not file:
-        raise ValueError(f"task {name!r} is not in the registry and its manifest record names no examples_file; "
-                         "cannot rebuild its prompts (add it with `dlp-lora add-task ... --examples FILE`)")
+        raise ValueError(
+            f"task {name!r} is not in the registry and its manifest record names no examples_file; "
+            "cannot rebuild its prompts (add it with `dlp-lora add-task ... --examples FILE`)"
+        )
     path = Path(file) if Path(file).is_absolute() else Path(root) / file
-    return Task(name=name, kind="qa", source=str(path), metric="exact", load=user_file(name, path),
-                max_new_tokens=64)
+    return Task(name=name, kind="qa", source=str(path), metric="exact", load=user_file(name, path), max_new_tokens=64)

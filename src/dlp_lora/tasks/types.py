@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 __all__ = ["Example", "Task", "Splits", "Metric"]
 
@@ -72,8 +73,10 @@ class Task:
         if self.kind not in ("mcq", "qa"):
             raise ValueError(f"task {self.name!r}: kind must be mcq|qa, got {self.kind!r}")
         if (self.kind == "mcq") != (self.metric == "choice"):
-            raise ValueError(f"task {self.name!r}: mcq tasks use the 'choice' metric and qa tasks the others; "
-                             f"got kind={self.kind!r}, metric={self.metric!r}")
+            raise ValueError(
+                f"task {self.name!r}: mcq tasks use the 'choice' metric and qa tasks the others; "
+                f"got kind={self.kind!r}, metric={self.metric!r}"
+            )
 
     @property
     def headline(self) -> str:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -46,7 +47,9 @@ def lr_factor(step: int, total: int, cfg: AdapterTrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _evaluate(model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: Task, dev: Sequence[Example]) -> ExampleScores:
+def _evaluate(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: Task, dev: Sequence[Example]
+) -> ExampleScores:
     model.eval()
     try:
         with torch.no_grad():
@@ -94,15 +97,26 @@ def train_adapter(
     torch.manual_seed(cfg.seed)
     if cfg.init_from is not None:
         if not (Path(cfg.init_from) / "adapter_config.json").exists():
-            raise FileNotFoundError(f"init_from: expected a PEFT LoRA directory, found no adapter_config.json "
-                                    f"in {cfg.init_from}")
+            raise FileNotFoundError(
+                f"init_from: expected a PEFT LoRA directory, found no adapter_config.json in {cfg.init_from}"
+            )
         peft_model = PeftModel.from_pretrained(model, cfg.init_from, is_trainable=True)
         start = peft_model.peft_config["default"]
-        cfg = replace(cfg, r=start.r, alpha=start.lora_alpha, dropout=start.lora_dropout,
-                      target_modules=tuple(sorted(start.target_modules)))
+        cfg = replace(
+            cfg,
+            r=start.r,
+            alpha=start.lora_alpha,
+            dropout=start.lora_dropout,
+            target_modules=tuple(sorted(start.target_modules)),
+        )
     else:
-        lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=list(cfg.target_modules), task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+            task_type="CAUSAL_LM",
+        )
         peft_model = get_peft_model(model, lora)
     dev = list(dev)[: cfg.dev_limit]
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
@@ -125,8 +139,16 @@ def train_adapter(
 class _Run:
     """The state of one adapter's training: what a checkpoint saves and a resume restores."""
 
-    def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: Task, train: list[Example],
-                 dev: list[Example], cfg: AdapterTrainConfig, ckpt: Path | None) -> None:
+    def __init__(
+        self,
+        model: PeftModel,
+        tokenizer: PreTrainedTokenizerBase,
+        task: Task,
+        train: list[Example],
+        dev: list[Example],
+        cfg: AdapterTrainConfig,
+        ckpt: Path | None,
+    ) -> None:
         self.model, self.tokenizer, self.task, self.dev, self.cfg, self.ckpt = model, tokenizer, task, dev, cfg, ckpt
         self.rows = encode_examples(tokenizer, train, cfg.max_length, cfg.formats, cfg.seed)
         self.total = planned_steps(len(self.rows), cfg)
@@ -143,14 +165,20 @@ class _Run:
         if ckpt is not None and (ckpt / STATE_FILE).exists():
             self._load()
 
-    def fit(self, progress: bool, on_step: Callable[[], None] | None,
-            should_stop: Callable[[], bool] | None = None) -> bool:
+    def fit(
+        self, progress: bool, on_step: Callable[[], None] | None, should_stop: Callable[[], bool] | None = None
+    ) -> bool:
         """Train to the end (True) or until `should_stop` says so after a checkpoint (False)."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if self.step == 0 and not self.curve:
             self._eval_and_checkpoint()
-        bar = tqdm(total=self.total, initial=self.step, desc=f"train {self.task.name}", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            total=self.total,
+            initial=self.step,
+            desc=f"train {self.task.name}",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         self.model.train()
         while self.step < self.total and not self.stopped_early:
             batch = collate([self.rows[i] for i in self.batches[self.step]], pad)
@@ -186,8 +214,13 @@ class _Run:
         # Without a dev split (the multitask baseline) the last checkpoint is kept.
         score = scores.mean if scores is not None else float(self.step)
         recent = self._recent_loss() if self.losses else None
-        self.curve.append({"step": self.step, "dev": round(score, 2) if scores else None,
-                           "train_loss": None if recent is None else round(recent, 4)})
+        self.curve.append(
+            {
+                "step": self.step,
+                "dev": round(score, 2) if scores else None,
+                "train_loss": None if recent is None else round(recent, 4),
+            }
+        )
         if self.step == 0:
             # Step 0 is the base model, unless the run starts from another adapter: then score without it.
             self.base = scores
@@ -205,17 +238,29 @@ class _Run:
             self._save()
 
     def _recent_loss(self) -> float:
-        tail = self.losses[-self.cfg.eval_every:]
+        tail = self.losses[-self.cfg.eval_every :]
         return sum(tail) / len(tail)
 
     def _save(self) -> None:
         assert self.ckpt is not None
         self.ckpt.mkdir(parents=True, exist_ok=True)
-        state = {"cfg": asdict(self.cfg), "n_train": len(self.rows), "step": self.step, "losses": self.losses,
-                 "curve": self.curve, "bad_evals": self.bad_evals, "best": self.best, "base": self.base,
-                 "stopped_early": self.stopped_early, "lora": _lora_state(self.model),
-                 "opt": self.opt.state_dict(), "sched": self.sched.state_dict(), "rng": torch.get_rng_state(),
-                 "seconds": (self.train_seconds, self.eval_seconds), "tokens": self.tokens}
+        state = {
+            "cfg": asdict(self.cfg),
+            "n_train": len(self.rows),
+            "step": self.step,
+            "losses": self.losses,
+            "curve": self.curve,
+            "bad_evals": self.bad_evals,
+            "best": self.best,
+            "base": self.base,
+            "stopped_early": self.stopped_early,
+            "lora": _lora_state(self.model),
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "rng": torch.get_rng_state(),
+            "seconds": (self.train_seconds, self.eval_seconds),
+            "tokens": self.tokens,
+        }
         tmp = self.ckpt / (STATE_FILE + ".tmp")
         torch.save(state, tmp)
         tmp.replace(self.ckpt / STATE_FILE)  # a checkpoint exists only once complete
@@ -224,9 +269,11 @@ class _Run:
         assert self.ckpt is not None
         state = torch.load(self.ckpt / STATE_FILE, weights_only=False)
         if state["cfg"] != asdict(self.cfg) or state["n_train"] != len(self.rows):
-            raise ValueError(f"checkpoint {self.ckpt} was made with other settings or data; delete it to start over "
-                             f"(saved {state['cfg']}, {state['n_train']} examples; now {asdict(self.cfg)}, "
-                             f"{len(self.rows)} examples)")
+            raise ValueError(
+                f"checkpoint {self.ckpt} was made with other settings or data; delete it to start over "
+                f"(saved {state['cfg']}, {state['n_train']} examples; now {asdict(self.cfg)}, "
+                f"{len(self.rows)} examples)"
+            )
         set_peft_model_state_dict(self.model, state["lora"])
         self.opt.load_state_dict(state["opt"])
         self.sched.load_state_dict(state["sched"])
@@ -242,10 +289,17 @@ class _Run:
         scores: ExampleScores | None = best.get("scores")
         tail = self.losses[-5:]
         return {
-            "task": self.task.name, "kind": self.task.kind, "source": self.task.source,
-            "train_examples": len(self.rows) // len(cfg.formats), "truncated_examples": sum(r.truncated for r in self.rows),
-            "dev_examples_scored": len(self.dev), "steps": self.step, "planned_steps": self.total,
-            "best_step": best["step"], "stopped_early": self.stopped_early, **asdict(cfg),
+            "task": self.task.name,
+            "kind": self.task.kind,
+            "source": self.task.source,
+            "train_examples": len(self.rows) // len(cfg.formats),
+            "truncated_examples": sum(r.truncated for r in self.rows),
+            "dev_examples_scored": len(self.dev),
+            "steps": self.step,
+            "planned_steps": self.total,
+            "best_step": best["step"],
+            "stopped_early": self.stopped_early,
+            **asdict(cfg),
             "target_modules": list(cfg.target_modules),
             "first_train_loss": round(self.losses[0], 4) if self.losses else None,
             "final_train_loss": round(sum(tail) / len(tail), 4) if tail else None,
@@ -254,7 +308,8 @@ class _Run:
             "dev_scores": scores.headline if scores else [],
             "dev_chosen": scores.chosen if scores else [],
             "base_dev_scores": self.base.headline if self.base else [],
-            "train_seconds": round(self.train_seconds, 1), "eval_seconds": round(self.eval_seconds, 1),
+            "train_seconds": round(self.train_seconds, 1),
+            "eval_seconds": round(self.eval_seconds, 1),
             "train_tokens": self.tokens,
             "tokens_per_second": round(self.tokens / self.train_seconds, 1) if self.train_seconds else None,
         }

@@ -24,7 +24,7 @@ from dlp_lora.tasks import Task, load_splits
 from dlp_lora.tasks.loaders import user_file
 from dlp_lora.tasks.out_of_pool import NONE
 from dlp_lora.tasks.router_prompts import RoutedPrompts, routed_prompts
-from dlp_lora.training.router_pool import task_classes, manifest_task
+from dlp_lora.training.router_pool import manifest_task, task_classes
 
 __all__ = ["add_task", "add_task_to_assets"]
 
@@ -36,8 +36,9 @@ def _hidden(router: Router, texts: list[str]) -> torch.Tensor:
     router.eval()
     body = router.head[:-1]
     with torch.no_grad():
-        return torch.cat([body(router.features(*router.encode(texts[i:i + _BATCH])))
-                          for i in range(0, len(texts), _BATCH)])
+        return torch.cat(
+            [body(router.features(*router.encode(texts[i : i + _BATCH]))) for i in range(0, len(texts), _BATCH)]
+        )
 
 
 def _replay(prompts: RoutedPrompts, per_class: int, seed: int) -> RoutedPrompts:
@@ -57,8 +58,9 @@ def _replay(prompts: RoutedPrompts, per_class: int, seed: int) -> RoutedPrompts:
     return out
 
 
-def _fit_row(h: torch.Tensor, old: torch.Tensor, y: torch.Tensor, at: int, steps: int, lr: float,
-             seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _fit_row(
+    h: torch.Tensor, old: torch.Tensor, y: torch.Tensor, at: int, steps: int, lr: float, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Train the new class's weight row (hidden,) and bias () with the other logits fixed.
 
     h: (B, hidden) last-layer inputs; old: (B, N) the existing logits; y: (B,) labels over N + 1 classes,
@@ -78,8 +80,9 @@ def _fit_row(h: torch.Tensor, old: torch.Tensor, y: torch.Tensor, at: int, steps
     return w.detach(), b.detach()
 
 
-def _capped_bias(h: torch.Tensor, old: torch.Tensor, old_truth: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
-                 max_drop: float) -> torch.Tensor:
+def _capped_bias(
+    h: torch.Tensor, old: torch.Tensor, old_truth: torch.Tensor, w: torch.Tensor, b: torch.Tensor, max_drop: float
+) -> torch.Tensor:
     """The new row's bias, lowered so that on the replay prompts (h (B, hidden), old logits (B, N), old_truth
     (B,) class ids) no old class loses more than `max_drop` of its prompts that the old router got right.
 
@@ -122,10 +125,20 @@ def _accuracy_by_class(router: Router, prompts: RoutedPrompts) -> dict[str, floa
     return {lab: sum(v) / len(v) for lab, v in out.items()}
 
 
-def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file: str | Path,
-             data_dir: str | Path | None = None, split_cfg: SplitConfig = SplitConfig(),
-             data_cfg: RouterDataConfig = RouterDataConfig(), replay_per_class: int = 300, steps: int = 300,
-             lr: float = 0.05, seed: int = 0, max_replay_drop: float = 0.0025) -> dict:
+def add_task(
+    root: str | Path,
+    name: str,
+    adapter_dir: str | Path,
+    examples_file: str | Path,
+    data_dir: str | Path | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    data_cfg: RouterDataConfig = RouterDataConfig(),
+    replay_per_class: int = 300,
+    steps: int = 300,
+    lr: float = 0.05,
+    seed: int = 0,
+    max_replay_drop: float = 0.0025,
+) -> dict:
     """Add task `name` (adapter_dir: a PEFT LoRA dir; examples_file: its {"input", "output"} JSON/JSONL)
     to the assets at root: adapter copied to adapters/<name>, router class inserted before `none`, manifest
     updated. The new row's bias is then capped so that no other class loses more than `max_replay_drop` of
@@ -140,8 +153,14 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
     if manifest.router is None:
         raise ValueError(f"{root}: the manifest names no router; train one with `dlp-lora train-router` first")
     router = Router.load(root / manifest.router, expected_tasks=manifest.tasks)
-    task = Task(name=name, kind="qa", source=str(examples_file), metric="exact",
-                load=user_file(name, examples_file), max_new_tokens=64)
+    task = Task(
+        name=name,
+        kind="qa",
+        source=str(examples_file),
+        metric="exact",
+        load=user_file(name, examples_file),
+        max_new_tokens=64,
+    )
     splits = load_splits(task, data_dir, split_cfg)  # validates the file before anything is written
     own = replace(data_cfg, none_class=False)
     new_train = routed_prompts([task], "train", data_dir, split_cfg, own)
@@ -172,15 +191,27 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
     new_router.save(root / manifest.router)
     manifest.tasks = names
     manifest.adapters[name] = f"adapters/{name}"
-    record = {"source": "user file", "examples_file": str(examples_file), "adapter_from": str(adapter_dir.resolve()),
-              "splits": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test),
-                         **asdict(split_cfg)},
-              "router_head": {"train_prompts": len(texts), "new_task_prompts": len(new_train), "steps": steps,
-                              "lr": lr, "seed": seed, "bias_fitted": round(float(b_fit), 4), "bias": round(float(b), 4),
-                              "max_replay_drop": max_replay_drop, "new_task_dev_accuracy": new_acc,
-                              "other_classes_dev_accuracy_before": before, "other_classes_dev_accuracy_after": after,
-                              "max_drop_points": round(100 * max(before[k] - after[k] for k in before), 2)},
-              "seconds": round(time.perf_counter() - start, 1)}
+    record = {
+        "source": "user file",
+        "examples_file": str(examples_file),
+        "adapter_from": str(adapter_dir.resolve()),
+        "splits": {"train": len(splits.train), "dev": len(splits.dev), "test": len(splits.test), **asdict(split_cfg)},
+        "router_head": {
+            "train_prompts": len(texts),
+            "new_task_prompts": len(new_train),
+            "steps": steps,
+            "lr": lr,
+            "seed": seed,
+            "bias_fitted": round(float(b_fit), 4),
+            "bias": round(float(b), 4),
+            "max_replay_drop": max_replay_drop,
+            "new_task_dev_accuracy": new_acc,
+            "other_classes_dev_accuracy_before": before,
+            "other_classes_dev_accuracy_after": after,
+            "max_drop_points": round(100 * max(before[k] - after[k] for k in before), 2),
+        },
+        "seconds": round(time.perf_counter() - start, 1),
+    }
     manifest.records[name] = record
     manifest.records.setdefault("router", {})["classes"] = names
     manifest.records["router"].setdefault("added_tasks", []).append(name)
@@ -188,11 +219,27 @@ def add_task(root: str | Path, name: str, adapter_dir: str | Path, examples_file
     return record
 
 
-def add_task_to_assets(root: str | Path, name: str, adapter_dir: str | Path, examples_file: str | Path,
-                       data_dir: str | Path | None = None, steps: int = 300, max_replay_drop: float = 0.0025) -> dict:
+def add_task_to_assets(
+    root: str | Path,
+    name: str,
+    adapter_dir: str | Path,
+    examples_file: str | Path,
+    data_dir: str | Path | None = None,
+    steps: int = 300,
+    max_replay_drop: float = 0.0025,
+) -> dict:
     """`add_task` with the split and rendering settings the assets' router was trained with (its record)."""
     record = Manifest.load(root).records.get("router", {})
     split_cfg = SplitConfig(**record["splits"]) if "splits" in record else SplitConfig()
     data_cfg = RouterDataConfig(**record["data"]) if "data" in record else RouterDataConfig()
-    return add_task(root, name, adapter_dir, examples_file, data_dir, split_cfg, data_cfg, steps=steps,
-                    max_replay_drop=max_replay_drop)
+    return add_task(
+        root,
+        name,
+        adapter_dir,
+        examples_file,
+        data_dir,
+        split_cfg,
+        data_cfg,
+        steps=steps,
+        max_replay_drop=max_replay_drop,
+    )

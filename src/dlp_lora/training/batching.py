@@ -9,8 +9,8 @@ question and the answer instruction sit at its end, the head is context (a SQuAD
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,8 +30,13 @@ class Encoded:
     truncated: bool
 
 
-def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example], max_length: int,
-                    formats: Sequence[str] = ("chat",), seed: int = 0) -> list[Encoded]:
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example],
+    max_length: int,
+    formats: Sequence[str] = ("chat",),
+    seed: int = 0,
+) -> list[Encoded]:
     """Token ids of each example once per format, at most max_length tokens each: "chat" is the chat prompt +
     answer + EOS; "raw" is the prompt in a raw layout (drawn per example with `seed`) + " answer\n" + EOS.
     Rows come format by format, each in the order of `examples`."""
@@ -54,8 +59,9 @@ def encode_examples(tokenizer: PreTrainedTokenizerBase, examples: Sequence[Examp
     return out
 
 
-def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, epochs: int,
-                     bucket_batches: int = 16) -> list[list[int]]:
+def bucketed_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, epochs: int, bucket_batches: int = 16
+) -> list[list[int]]:
     """Row indices per optimiser step, `epochs` passes over the data.
 
     Each pass shuffles the rows, sorts each window of `bucket_batches * batch_size` rows by length and cuts
@@ -72,8 +78,8 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, seed: int, epochs:
         rng.shuffle(order)
         epoch: list[list[int]] = []
         for w in range(0, len(order), window):
-            chunk = sorted(order[w: w + window], key=lambda i: lengths[i])
-            epoch += [chunk[i: i + batch_size] for i in range(0, len(chunk), batch_size)]
+            chunk = sorted(order[w : w + window], key=lambda i: lengths[i])
+            epoch += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         rng.shuffle(epoch)
         batches += epoch
     return batches
@@ -89,5 +95,5 @@ def collate(rows: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
         ids = torch.tensor(r.ids, dtype=torch.long)
         input_ids[i, : len(ids)] = ids
         mask[i, : len(ids)] = 1
-        labels[i, r.n_prompt: len(ids)] = ids[r.n_prompt:]
+        labels[i, r.n_prompt : len(ids)] = ids[r.n_prompt :]
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}

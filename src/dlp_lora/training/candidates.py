@@ -12,8 +12,8 @@ headline scores and the chosen answers; a run resumes at the first (task, candid
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from peft import PeftModel
@@ -51,17 +51,22 @@ def _scores_under(peft_model: PeftModel, mixture: dict[str, float], tok, task, e
     name = "candidate"
     if name in peft_model.peft_config:
         peft_model.delete_adapter(name)
-    peft_model.add_weighted_adapter(list(mixture), list(mixture.values()), adapter_name=name,
-                                    combination_type="cat")
+    peft_model.add_weighted_adapter(list(mixture), list(mixture.values()), adapter_name=name, combination_type="cat")
     peft_model.set_adapter(name)
     peft_model.eval()
     with torch.no_grad():
         return example_scores(peft_model, tok, task, examples)
 
 
-def score_candidates(root: str | Path, tasks: Sequence[str] | None = None, data_dir: str | Path | None = None,
-                     split_cfg: SplitConfig = SplitConfig(), generalist: str = "multitask",
-                     weights: Sequence[float] = (1.0,), progress: bool = True) -> Manifest:
+def score_candidates(
+    root: str | Path,
+    tasks: Sequence[str] | None = None,
+    data_dir: str | Path | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    generalist: str = "multitask",
+    weights: Sequence[float] = (1.0,),
+    progress: bool = True,
+) -> Manifest:
     """Score each task's candidates (see `candidate_mixtures`) on its gate split, or its first
     `dev_limit` dev examples where it has none; save the manifest after each one (resumable)."""
     root = Path(root)

@@ -13,8 +13,9 @@ too; with none eligible, the base model serves it. The choice is written to the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from dlp_lora.assets import Manifest
 from dlp_lora.config import AdapterTrainConfig, SplitConfig
@@ -36,31 +37,42 @@ def serving_options(task: str, record: dict[str, Any]) -> dict[str, dict[str, An
     base = record.get(f"base_{split}_scores") or []
     options = {BASE: {"mixture": {}, "scores": base, "chosen": []}}
     if record.get(f"{split}_scores"):
-        options[task] = {"mixture": {task: 1.0}, "scores": record[f"{split}_scores"],
-                         "chosen": record.get(f"{split}_chosen") or []}
+        options[task] = {
+            "mixture": {task: 1.0},
+            "scores": record[f"{split}_scores"],
+            "chosen": record.get(f"{split}_chosen") or [],
+        }
     for name, cand in (record.get("candidates") or {}).items():
         if cand["split"] != split or len(cand["scores"]) != len(base):
-            raise ValueError(f"task {task!r}: candidate {name!r} was scored on {len(cand['scores'])} {cand['split']} "
-                             f"examples, the gate decides on {len(base)} {split} examples")
+            raise ValueError(
+                f"task {task!r}: candidate {name!r} was scored on {len(cand['scores'])} {cand['split']} "
+                f"examples, the gate decides on {len(base)} {split} examples"
+            )
         options[name] = {"mixture": cand["mixture"], "scores": cand["scores"], "chosen": cand["chosen"]}
     return options
 
 
-def choose_option(options: dict[str, dict[str, Any]], gold: Sequence | None = None,
-                  level: float = 0.95) -> dict[str, Any]:
+def choose_option(
+    options: dict[str, dict[str, Any]], gold: Sequence | None = None, level: float = 0.95
+) -> dict[str, Any]:
     """The gate's rule over every option (module docstring): {"served": name, "mixture", "n", "options":
     {name: {"mean", "diff", "low", "high", "eligible", "reason", "vs_<option>"}}} (differences against the
     base model; `vs_<option>`: against the option it was compared with); gold: the gold option indices of
     the examples (multiple choice), for the collapse check."""
     base = options[BASE]["scores"]
-    table: dict[str, dict[str, Any]] = {BASE: {"mean": round(sum(base) / len(base), 2), "eligible": True,
-                                              "reason": "the base model"}}
+    table: dict[str, dict[str, Any]] = {
+        BASE: {"mean": round(sum(base) / len(base), 2), "eligible": True, "reason": "the base model"}
+    }
     for name, opt in options.items():
         if name == BASE:
             continue
         diff = paired_difference(opt["scores"], base, level=level)
-        row = {"mean": round(sum(opt["scores"]) / len(opt["scores"]), 2), "diff": round(diff.estimate, 2),
-               "low": round(diff.low, 2), "high": round(diff.high, 2)}
+        row = {
+            "mean": round(sum(opt["scores"]) / len(opt["scores"]), 2),
+            "diff": round(diff.estimate, 2),
+            "low": round(diff.low, 2),
+            "high": round(diff.high, 2),
+        }
         if gold is not None and opt["chosen"] and collapsed(opt["chosen"], gold):
             row.update(eligible=False, reason=f"collapsed: one option for {majority_share(opt['chosen']):.0%}")
         elif diff.low > 0:
@@ -84,8 +96,12 @@ def choose_option(options: dict[str, dict[str, Any]], gold: Sequence | None = No
     return {"served": served, "mixture": dict(options[served]["mixture"]), "n": len(base), "options": table}
 
 
-def apply_choices(root: str | Path, data_dir: str | Path | None = None, split_cfg: SplitConfig = SplitConfig(),
-                  tasks: Sequence[str] | None = None) -> Manifest:
+def apply_choices(
+    root: str | Path,
+    data_dir: str | Path | None = None,
+    split_cfg: SplitConfig = SplitConfig(),
+    tasks: Sequence[str] | None = None,
+) -> Manifest:
     """Choose what serves each scored class and write it to the manifest at `root` (and save it).
 
     A class served by its specialist alone keeps `adapters[task]` and no `serve` entry (as before); by the
@@ -130,8 +146,10 @@ def _cell(row: dict[str, Any] | None) -> str:
 def choice_table(manifest: Manifest) -> str:
     """Markdown: for each class with a `choice` record, every option's mean on the examples decided on, its
     difference with the base model [95% CI] (✗: not eligible: within noise or collapsed), and what serves it."""
-    lines = ["| task | decided on | base | specialist | generalist | specialist + generalist | served by |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | decided on | base | specialist | generalist | specialist + generalist | served by |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for task in manifest.tasks:
         choice = (manifest.records.get(task) or {}).get("choice")
         if not choice:
@@ -142,6 +160,8 @@ def choice_table(manifest: Manifest) -> str:
             kinds["mix" if task in cand["mixture"] else "generalist"] = rows.get(name)
         split = decided_split(manifest.records[task])
         served = " + ".join(f"{n} x{w:g}" for n, w in choice["mixture"].items()) or "base model"
-        lines.append(f"| {task} | {split}, n={choice['n']} | {_cell(rows[BASE])} | {_cell(rows.get(task))} | "
-                     f"{_cell(kinds['generalist'])} | {_cell(kinds['mix'])} | **{served}** |")
+        lines.append(
+            f"| {task} | {split}, n={choice['n']} | {_cell(rows[BASE])} | {_cell(rows.get(task))} | "
+            f"{_cell(kinds['generalist'])} | {_cell(kinds['mix'])} | **{served}** |"
+        )
     return "\n".join(lines) + "\n"

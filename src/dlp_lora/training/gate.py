@@ -11,7 +11,8 @@ collapsed and never deployed. The test-split results (docs/results.md) are the f
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dlp_lora.evaluation.examples import COLLAPSE_SHARE, majority_share
 from dlp_lora.evaluation.stats import paired_difference
@@ -49,15 +50,25 @@ def deployment_gate(record: dict[str, Any], gold: Sequence | None = None, level:
     if not adapter or len(adapter) != len(base):
         return {"deployed": False, "reason": "no gate or dev split to compare on", "n": len(adapter)}
     diff = paired_difference(adapter, base, level=level)
-    out: dict[str, Any] = {"split": split, "n": diff.n, "base": round(sum(base) / len(base), 2),
-                           "adapter": round(sum(adapter) / len(adapter), 2), "diff": round(diff.estimate, 2),
-                           "low": round(diff.low, 2), "high": round(diff.high, 2), "level": level}
+    out: dict[str, Any] = {
+        "split": split,
+        "n": diff.n,
+        "base": round(sum(base) / len(base), 2),
+        "adapter": round(sum(adapter) / len(adapter), 2),
+        "diff": round(diff.estimate, 2),
+        "low": round(diff.low, 2),
+        "high": round(diff.high, 2),
+        "level": level,
+    }
     chosen = record.get(f"{split}_chosen") or []
     if gold is not None and chosen:
         out["majority_share"] = round(majority_share(chosen), 3)
         if collapsed(chosen, gold):
-            return {**out, "deployed": False, "reason": f"collapsed: one option for {out['majority_share']:.0%} "
-                                                       f"of {split} prompts"}
+            return {
+                **out,
+                "deployed": False,
+                "reason": f"collapsed: one option for {out['majority_share']:.0%} of {split} prompts",
+            }
     if diff.low > 0:
         return {**out, "deployed": True, "reason": "beats the base model beyond noise"}
     return {**out, "deployed": False, "reason": "not better than the base model beyond noise"}
@@ -76,8 +87,11 @@ def _signed(x: float) -> str:
 def gate_table(records: dict[str, dict[str, Any]], tasks: Sequence[str]) -> str:
     """Markdown: each trained task's dev curve, best step, dev and gate scores (base -> adapter) and the
     gate's decision with its interval, from a manifest's records (tasks not trained yet are left out)."""
-    lines = ["| task | steps | dev curve | best step | dev: base -> adapter | gate split: base -> adapter | "
-             "difference [95% CI] | deployed |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| task | steps | dev curve | best step | dev: base -> adapter | gate split: base -> adapter | "
+        "difference [95% CI] | deployed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for task in tasks:
         rec = records.get(task) or {}
         gate = rec.get("gate")
@@ -87,7 +101,9 @@ def gate_table(records: dict[str, dict[str, Any]], tasks: Sequence[str]) -> str:
         base_dev, dev = rec.get("base_dev_scores") or [], rec.get("dev_scores") or []  # the kept checkpoint's
         dev_cell = f"{sum(base_dev) / len(base_dev):.1f} -> {sum(dev) / len(dev):.1f}" if base_dev and dev else ""
         where = f"{gate['split']}, n={gate['n']}"
-        lines.append(f"| {task} | {rec.get('steps', '')} | {curve} | {rec.get('best_step', '')} | {dev_cell} | "
-                     f"{gate['base']:.1f} -> {gate['adapter']:.1f} ({where}) | {_signed(gate['diff'])} "
-                     f"[{gate['low']:+.1f}, {gate['high']:+.1f}] | {_decision(gate)} |")
+        lines.append(
+            f"| {task} | {rec.get('steps', '')} | {curve} | {rec.get('best_step', '')} | {dev_cell} | "
+            f"{gate['base']:.1f} -> {gate['adapter']:.1f} ({where}) | {_signed(gate['diff'])} "
+            f"[{gate['low']:+.1f}, {gate['high']:+.1f}] | {_decision(gate)} |"
+        )
     return "\n".join(lines) + "\n"

@@ -6,9 +6,9 @@ The pool's router is trained by `training.router_pool` (re-exported here).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from peft import PeftModel
@@ -77,9 +77,19 @@ def train_pool_adapters(
         if name in train:
             ckpt = root / "checkpoints" / name
             pool_bar.update(_resumed_steps(ckpt))
-            record = train_adapter(model, tok, task, split.train, split.dev, out, train_cfg, ckpt_dir=ckpt,
-                                   progress=progress, on_step=lambda: pool_bar.update(1),
-                                   should_stop=None if deadline is None else lambda: time.monotonic() > deadline)
+            record = train_adapter(
+                model,
+                tok,
+                task,
+                split.train,
+                split.dev,
+                out,
+                train_cfg,
+                ckpt_dir=ckpt,
+                progress=progress,
+                on_step=lambda: pool_bar.update(1),
+                should_stop=None if deadline is None else lambda: time.monotonic() > deadline,
+            )
             if record is None:
                 break  # out of time: the checkpoint holds the progress
         else:
@@ -88,8 +98,13 @@ def train_pool_adapters(
         _, decided_on = decided_examples(split, train_cfg.dev_limit)
         gold = [ex.gold_index for ex in decided_on] if task.kind == "mcq" else None
         record["gate"] = deployment_gate(record, gold)
-        record["splits"] = {"train": len(split.train), "dev": len(split.dev), "test": len(split.test),
-                            "gate": len(split.gate), **asdict(split_cfg)}
+        record["splits"] = {
+            "train": len(split.train),
+            "dev": len(split.dev),
+            "test": len(split.test),
+            "gate": len(split.gate),
+            **asdict(split_cfg),
+        }
         if TASKS.get(name) is not task:  # a user task: name its file so the router can be retrained from it
             record["examples_file"] = str(Path(task.source).resolve())
         manifest.records[name] = record
@@ -104,8 +119,13 @@ def train_pool_adapters(
     return manifest
 
 
-def gate_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task: Task, adapter_dir: Path,
-                examples: Sequence[Example]) -> dict:
+def gate_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    adapter_dir: Path,
+    examples: Sequence[Example],
+) -> dict:
     """Per-example scores of the base model and of the saved adapter at `adapter_dir` on the gate split
     (`gate_scores`, `base_gate_scores`, the adapter's `gate_chosen` answers), for `deployment_gate`."""
     with torch.no_grad():
@@ -116,8 +136,12 @@ def gate_scores(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, task
             adapted = example_scores(peft_model, tokenizer, task, examples)
         finally:
             peft_model.unload()  # the base model leaves unchanged
-    return {"gate_examples": len(examples), "gate_scores": adapted.headline, "gate_chosen": adapted.chosen,
-            "base_gate_scores": base.headline}
+    return {
+        "gate_examples": len(examples),
+        "gate_scores": adapted.headline,
+        "gate_chosen": adapted.chosen,
+        "base_gate_scores": base.headline,
+    }
 
 
 def _weights(root: Path, name: str) -> Path:
@@ -162,12 +186,14 @@ def train_pool_multitask(
         return manifest
     tasks = task_classes(manifest)  # not the router's `none` class: it has no training split
     train = [ex for t in tasks for ex in load_splits(get_task(t), data_dir, split_cfg).train]
-    union = Task(name=name, kind="qa", source="training splits of " + ", ".join(tasks), metric="exact",
-                 load=lambda _root: train)
+    union = Task(
+        name=name, kind="qa", source="training splits of " + ", ".join(tasks), metric="exact", load=lambda _root: train
+    )
     model, tok = load_base_model(base_model or manifest.base_model)
     # No dev score: one metric cannot score 26 tasks; `dlp-lora evaluate` scores it per task instead.
-    record = train_adapter(model, tok, union, train, [], out, train_cfg, ckpt_dir=root / "checkpoints" / name,
-                           progress=progress)
+    record = train_adapter(
+        model, tok, union, train, [], out, train_cfg, ckpt_dir=root / "checkpoints" / name, progress=progress
+    )
     manifest.records[name] = {**record, "splits": asdict(split_cfg)}
     manifest.baselines[name] = f"baselines/{name}"
     manifest.save(root)

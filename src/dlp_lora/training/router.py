@@ -46,8 +46,9 @@ def load_labelled_jsonl(path: str | os.PathLike) -> tuple[list[str], list[str]]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected an object with 'text' and 'task', "
-                                 f"got {type(row).__name__}")
+                raise ValueError(
+                    f"{path}:{lineno}: expected an object with 'text' and 'task', got {type(row).__name__}"
+                )
             for key in ("text", "task"):
                 if not isinstance(row.get(key), str) or not row[key]:
                     raise ValueError(f"{path}:{lineno}: '{key}' must be a non-empty string, got {row.get(key)!r}")
@@ -58,8 +59,9 @@ def load_labelled_jsonl(path: str | os.PathLike) -> tuple[list[str], list[str]]:
     return texts, tasks
 
 
-def stratified_split(texts: Sequence[str], labels: Sequence[str], dev_fraction: float = 0.1,
-                     seed: int = 0) -> tuple[list[str], list[str], list[str], list[str]]:
+def stratified_split(
+    texts: Sequence[str], labels: Sequence[str], dev_fraction: float = 0.1, seed: int = 0
+) -> tuple[list[str], list[str], list[str], list[str]]:
     """(train_texts, train_labels, dev_texts, dev_labels): a seeded shuffle of each label's rows, of which
     round(dev_fraction * n) (at least 1 when the label has 2 or more rows) go to dev; order within each
     side follows the input. A file sorted by label still gives every label a dev share."""
@@ -78,8 +80,12 @@ def stratified_split(texts: Sequence[str], labels: Sequence[str], dev_fraction: 
         dev.update(rng.sample(rows, n_dev))
     train_idx = [i for i in range(len(texts)) if i not in dev]
     dev_idx = sorted(dev)
-    return ([texts[i] for i in train_idx], [labels[i] for i in train_idx],
-            [texts[i] for i in dev_idx], [labels[i] for i in dev_idx])
+    return (
+        [texts[i] for i in train_idx],
+        [labels[i] for i in train_idx],
+        [texts[i] for i in dev_idx],
+        [labels[i] for i in dev_idx],
+    )
 
 
 def _label_ids(texts: Sequence[str], labels: Sequence[str], task_names: Sequence[str], split: str) -> torch.Tensor:
@@ -100,7 +106,7 @@ def _frozen_features(router: Router, ids: list[list[int]], progress: bool = True
     router.eval()
     starts = tqdm(range(0, len(ids), _EVAL_BATCH), desc="encoder features", unit="batch", disable=not progress)
     with torch.no_grad():
-        return torch.cat([router.features(*router.collate(ids[i:i + _EVAL_BATCH])) for i in starts])
+        return torch.cat([router.features(*router.collate(ids[i : i + _EVAL_BATCH])) for i in starts])
 
 
 def _logits_fn(router: Router, texts: Sequence[str], progress: bool = True) -> LogitsFn:
@@ -120,8 +126,14 @@ def _evaluate(router: Router, logits: LogitsFn, labels: torch.Tensor) -> tuple[f
     return float((out.argmax(dim=-1) == labels).float().mean()), float(nn.functional.cross_entropy(out, labels))
 
 
-def _run_epoch(router: Router, logits: LogitsFn, labels: torch.Tensor, opt: torch.optim.Optimizer,
-               batch_size: int, gen: torch.Generator) -> float:
+def _run_epoch(
+    router: Router,
+    logits: LogitsFn,
+    labels: torch.Tensor,
+    opt: torch.optim.Optimizer,
+    batch_size: int,
+    gen: torch.Generator,
+) -> float:
     """One pass in seeded random order; returns the mean training loss."""
     router.train()
     loss_fn = nn.CrossEntropyLoss()
@@ -165,8 +177,9 @@ def train_router(
         router = Router(router_cfg)
         gen = torch.Generator().manual_seed(train_cfg.seed)
         dev_logits = _logits_fn(router, dev_texts, progress)
-        history = _fit(router, _logits_fn(router, train_texts, progress), y_train, dev_logits, y_dev, train_cfg,
-                       gen, progress)
+        history = _fit(
+            router, _logits_fn(router, train_texts, progress), y_train, dev_logits, y_dev, train_cfg, gen, progress
+        )
         history["temperature"] = _calibrate(router, dev_logits, y_dev)
     history["seconds"] = time.perf_counter() - start
     history["trainable_params"] = router.num_parameters(trainable_only=True)
@@ -188,9 +201,15 @@ def calibrate(router: Router, dev_texts: Sequence[str], dev_labels: Sequence[str
     return _calibrate(router, _logits_fn(router, dev_texts, progress=False), y_dev)
 
 
-def train_jsonl_router(path: str | os.PathLike, out_dir: str | os.PathLike, router_cfg: RouterConfig,
-                       train_cfg: RouterTrainConfig, dev_path: str | os.PathLike | None = None,
-                       dev_fraction: float = 0.1, progress: bool = True) -> dict:
+def train_jsonl_router(
+    path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    router_cfg: RouterConfig,
+    train_cfg: RouterTrainConfig,
+    dev_path: str | os.PathLike | None = None,
+    dev_fraction: float = 0.1,
+    progress: bool = True,
+) -> dict:
     """Train a router on a labelled JSONL file and save it; classes in order of first appearance.
 
     Dev: `dev_path` when given, else a seeded stratified `dev_fraction` of the file (seed train_cfg.seed).
@@ -207,8 +226,16 @@ def train_jsonl_router(path: str | os.PathLike, out_dir: str | os.PathLike, rout
     return {**history, "out_dir": str(Path(out_dir))}
 
 
-def _fit(router: Router, train_logits: LogitsFn, y_train: torch.Tensor, dev_logits: LogitsFn, y_dev: torch.Tensor,
-         cfg: RouterTrainConfig, gen: torch.Generator, progress: bool) -> dict:
+def _fit(
+    router: Router,
+    train_logits: LogitsFn,
+    y_train: torch.Tensor,
+    dev_logits: LogitsFn,
+    y_dev: torch.Tensor,
+    cfg: RouterTrainConfig,
+    gen: torch.Generator,
+    progress: bool,
+) -> dict:
     """The epoch loop with early stopping; leaves the best weights in router."""
     params = [p for p in router.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -231,6 +258,10 @@ def _fit(router: Router, train_logits: LogitsFn, y_train: torch.Tensor, dev_logi
             break
     bar.close()
     router.load_trainable_state_dict(best_state)
-    return {"epochs": epochs, "best_epoch": best_epoch, "best_dev_acc": best[0], "best_dev_loss": -best[1],
-            "stopped_early": len(epochs) < cfg.epochs}
-
+    return {
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "best_dev_acc": best[0],
+        "best_dev_loss": -best[1],
+        "stopped_early": len(epochs) < cfg.epochs,
+    }

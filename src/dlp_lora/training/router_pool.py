@@ -8,9 +8,9 @@ folder and records the router, its classes and the chosen selection in the manif
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -20,7 +20,7 @@ from dlp_lora.evaluation.router_report import choose_p
 from dlp_lora.router import Router
 from dlp_lora.tasks import Task, get_task
 from dlp_lora.tasks.out_of_pool import NONE
-from dlp_lora.tasks.router_prompts import RoutedPrompts, task_classes, manifest_task, routed_prompts
+from dlp_lora.tasks.router_prompts import RoutedPrompts, manifest_task, routed_prompts, task_classes
 from dlp_lora.training.router import train_router
 
 __all__ = ["train_task_router", "train_pool_router", "manifest_task", "task_classes", "router_classes"]
@@ -63,16 +63,25 @@ def train_task_router(
     cfg = replace(router_cfg or RouterConfig(task_names=names), task_names=names)
     train = routed_prompts(tasks, "train", data_dir, split_cfg, data_cfg)
     dev = routed_prompts(tasks, "dev", data_dir, split_cfg, data_cfg)
-    router, history = train_router(train.texts, train.labels, dev.texts, dev.labels, cfg, train_cfg,
-                                   progress=progress)
+    router, history = train_router(train.texts, train.labels, dev.texts, dev.labels, cfg, train_cfg, progress=progress)
     router.save(out_dir)
     chosen, curve = _selection_from_dev(router, dev, selection)
     return {
-        "kind": cfg.kind, "classes": list(names), "train_prompts": len(train), "dev_prompts": len(dev),
-        "seed": train_cfg.seed, "params": router.num_parameters(), "trainable_params": history["trainable_params"],
-        "best_epoch": history["best_epoch"], "dev_accuracy": round(100 * history["best_dev_acc"], 2),
-        "temperature": round(history["temperature"], 4), "seconds": round(history["seconds"], 1),
-        "splits": asdict(split_cfg), "data": asdict(data_cfg), "selection": asdict(chosen), "p_curve": curve,
+        "kind": cfg.kind,
+        "classes": list(names),
+        "train_prompts": len(train),
+        "dev_prompts": len(dev),
+        "seed": train_cfg.seed,
+        "params": router.num_parameters(),
+        "trainable_params": history["trainable_params"],
+        "best_epoch": history["best_epoch"],
+        "dev_accuracy": round(100 * history["best_dev_acc"], 2),
+        "temperature": round(history["temperature"], 4),
+        "seconds": round(history["seconds"], 1),
+        "splits": asdict(split_cfg),
+        "data": asdict(data_cfg),
+        "selection": asdict(chosen),
+        "p_curve": curve,
     }
 
 
@@ -95,8 +104,9 @@ def train_pool_router(
     if not names:
         raise ValueError(f"{root}: the manifest lists no tasks; train adapters first")
     tasks = [manifest_task(manifest, n, root) for n in names]
-    record = train_task_router(tasks, root / "router", data_dir, split_cfg, router_cfg, train_cfg, data_cfg,
-                               selection, progress)
+    record = train_task_router(
+        tasks, root / "router", data_dir, split_cfg, router_cfg, train_cfg, data_cfg, selection, progress
+    )
     manifest.router = "router"
     manifest.tasks = list(record["classes"])
     manifest.adapters.pop(NONE, None)

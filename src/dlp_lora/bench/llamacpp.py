@@ -8,7 +8,7 @@ of the remaining tokens scaled to `new_tokens` steps, greedy (top_k=1), batch 1,
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -20,8 +20,9 @@ _INSTALL = "pip install 'dlp-lora[llamacpp]'  (builds llama-cpp-python from sour
 class LlamaCppTimer:
     """One llama.cpp context on the embedded GGUF, sized for `prompt_tokens + new_tokens`."""
 
-    def __init__(self, prompt_tokens: int, new_tokens: int, threads: int,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(
+        self, prompt_tokens: int, new_tokens: int, threads: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         try:
             import llama_cpp
         except ImportError:
@@ -31,9 +32,14 @@ class LlamaCppTimer:
         self.gguf = embedded_gguf_path()
         self.version = llama_cpp.__version__
         self.new_tokens, self.clock = new_tokens, clock
-        self.llm = llama_cpp.Llama(model_path=str(self.gguf), n_ctx=prompt_tokens + new_tokens + 8,
-                                   n_batch=max(prompt_tokens, 8), n_threads=threads, n_threads_batch=threads,
-                                   verbose=False)
+        self.llm = llama_cpp.Llama(
+            model_path=str(self.gguf),
+            n_ctx=prompt_tokens + new_tokens + 8,
+            n_batch=max(prompt_tokens, 8),
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
 
     def measure(self, ids: torch.Tensor) -> tuple[float, float]:
         """ids: (1, T) prompt -> (prefill seconds, decode seconds for new_tokens)."""

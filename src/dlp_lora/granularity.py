@@ -25,15 +25,14 @@ This module knows neither the router nor the fused model: `SentencePolicy` takes
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
-from dlp_lora.config import Granularity, RoutingConfig
+from dlp_lora.config import RoutingConfig
 
-__all__ = ["Granularity", "RoutingConfig", "split_segments", "routing_text", "scoring_text", "SentencePolicy",
-           "Switch"]
+__all__ = ["split_segments", "routing_text", "scoring_text", "SentencePolicy", "Switch"]
 
 
 def split_segments(text: str, marker: str = "\n\n") -> list[str]:
@@ -148,12 +147,12 @@ class SentencePolicy:
     @staticmethod
     def _window(row: _RowText, cfg: RoutingConfig) -> str:
         text = row.prompt + "\n" + row.answer
-        return text[-cfg.window_chars:]
+        return text[-cfg.window_chars :]
 
     def per_token(self, row: int, num_tokens: int) -> torch.Tensor:
         """(num_tokens, N): the mixture each of the row's answer tokens was sampled under."""
         out = self.initial[row].float().repeat(num_tokens, 1)
         for s in self.switches:
             if s.row == row and s.token > 0:
-                out[s.token:] = s.weights
+                out[s.token :] = s.weights
         return out

@@ -1,0 +1,178 @@
+"""Raw `/v1/completions` as lm-evaluation-harness sends them, on our test splits: routed vs the base model.
+
+    python benchmarks/lm_eval_raw.py --lm-eval /tmp/lmeval/bin/lm_eval --tokenizer /tmp/smollm2-tok \
+        --assets assets/smollm2-135m-26tasks --out docs/lm_eval_raw.json
+
+For each task (default: those with a deployed adapter) the whole test split is written as local lm-eval
+task files (JSONL + YAML under --work, from ../shared/data through our own loaders; nothing is copied into
+the repository) in lm-eval's raw zero-shot layout `Q: {prompt}\\nA:`, with no chat template:
+- multiple choice: `output_type: multiple_choice`, each option text after the prompt, scored by
+  log-likelihood (lm-eval's `acc` and `acc_norm`, the latter the headline as in our harness);
+- free-form: `output_type: generate_until`, greedy, `until: ["\\n"]`, the answer scored afterwards from
+  lm-eval's logged samples with our own parser and metric (`parse_answer`, `headline_score`), so the
+  figure means what `dlp-lora evaluate` reports.
+One `dlp-lora serve` is started; lm-eval (`local-completions`, 8 concurrent) runs once per model name:
+`dlp-lora` (routed) and the base model. Paired bootstrap intervals (routed - base) per task; empty
+answers counted. lm-eval lives in its own environment (`--lm-eval`: `pip install 'lm-eval[api]==0.4.13'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from dlp_lora.assets import Manifest
+from dlp_lora.bench import free_port, wait_healthy
+from dlp_lora.evaluation.examples import headline_score
+from dlp_lora.evaluation.stats import bootstrap_mean, paired_difference
+from dlp_lora.tasks import get_task, load_splits, parse_answer
+
+LAYOUT = "Q: {{prompt}}\nA:"
+
+
+def write_tasks(tasks: list[str], work: Path, data_dir: str | None) -> dict[str, list]:
+    """One JSONL + YAML per task under work/tasks; returns each task's test examples."""
+    folder = work / "tasks"
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in tasks:
+        task = get_task(name)
+        test = load_splits(task, data_dir).test
+        out[name] = test
+        rows = [
+            {
+                "uid": ex.uid,
+                "prompt": ex.prompt,
+                "options": list(ex.options),
+                "gold": ex.gold_index if ex.options else 0,
+                "target": ex.references[0],
+            }
+            for ex in test
+        ]
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        common = [
+            f"task: raw_{name}",
+            "dataset_path: json",
+            "dataset_kwargs:",
+            "  data_files:",
+            f"    test: {(folder / f'{name}.jsonl').resolve()}",
+            "test_split: test",
+            f"doc_to_text: {json.dumps(LAYOUT)}",
+        ]
+        if task.kind == "mcq":
+            body = [
+                "output_type: multiple_choice",
+                'doc_to_choice: "{{options}}"',
+                'doc_to_target: "{{gold}}"',
+                "metric_list:",
+                "  - metric: acc",
+                "  - metric: acc_norm",
+            ]
+        else:
+            body = [
+                "output_type: generate_until",
+                'doc_to_target: "{{target}}"',
+                "generation_kwargs:",
+                '  until: ["\\n"]',
+                f"  max_gen_toks: {task.max_new_tokens}",
+                "  do_sample: false",
+                "  temperature: 0.0",
+                "metric_list:",
+                "  - metric: exact_match",
+            ]
+        (folder / f"raw_{name}.yaml").write_text("\n".join(common + body + ["metadata:", "  version: 1.0"]) + "\n")
+    return out
+
+
+def run_lm_eval(ns: argparse.Namespace, model: str, url: str, tasks: list[str], work: Path) -> tuple[dict, float]:
+    """Run lm-eval once for `model`; (task -> its logged samples in doc order, seconds)."""
+    out = work / "out" / model
+    cmd = [
+        ns.lm_eval, "--model", "local-completions", "--tasks", ",".join(f"raw_{t}" for t in tasks),
+        "--include_path", str(work / "tasks"), "--log_samples", "--output_path", str(out),
+        "--model_args", f"model={model},base_url={url}/v1/completions,tokenizer={ns.tokenizer},"
+        f"tokenizer_backend=huggingface,num_concurrent={ns.concurrent},max_retries=3",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=sys.stderr)
+    seconds = time.perf_counter() - t0
+    samples = {}
+    for t in tasks:
+        (path,) = sorted(out.rglob(f"samples_raw_{t}_*.jsonl"))[-1:]
+        docs = [json.loads(line) for line in path.read_text().splitlines()]
+        samples[t] = sorted(docs, key=lambda d: d["doc_id"])
+    return samples, seconds
+
+
+def scores_of(name: str, samples: list[dict], examples: list) -> tuple[list[float], int]:
+    """Per-example headline scores (0-100) and the number of empty answers (free-form only)."""
+    task = get_task(name)
+    if task.kind == "mcq":
+        return [100.0 * float(s["acc_norm"]) for s in samples], 0
+    scores, empty = [], 0
+    for s, ex in zip(samples, examples):
+        text = s["filtered_resps"][0] if isinstance(s["filtered_resps"][0], str) else s["filtered_resps"][0][0]
+        empty += not text.strip()
+        scores.append(headline_score(task.metric, parse_answer(task, text, ex.choices, ex.options), ex.references))
+    return scores, empty
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--assets", default="assets/smollm2-135m-26tasks")
+    p.add_argument("--tasks", nargs="*", default=None, help="default: every task with a deployed adapter")
+    p.add_argument("--lm-eval", required=True, help="the lm_eval executable (its own environment)")
+    p.add_argument("--tokenizer", required=True, help="a local tokenizer folder for lm-eval (save_pretrained)")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--work", default="runs/lm_eval_raw")
+    p.add_argument("--concurrent", type=int, default=8)
+    p.add_argument("--out", default=None, help="JSON to write")
+    p.add_argument("--label", default="", help="what the assets are (kept in the JSON)")
+    ns = p.parse_args(argv)
+    manifest = Manifest.load(ns.assets)
+    tasks = ns.tasks or [t for t, a in manifest.adapters.items() if a is not None]
+    work = Path(ns.work)
+    examples = write_tasks(tasks, work, ns.data_dir)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", ns.assets, "--quantize", "none", "--port", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_healthy(url, server, 300)
+        base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+        runs = {m: run_lm_eval(ns, m, url, tasks, work) for m in ("dlp-lora", base_name)}
+    finally:
+        server.terminate()
+        server.wait(30)
+    result = {"command": "python benchmarks/lm_eval_raw.py " + " ".join(argv or sys.argv[1:]), "label": ns.label,
+              "assets": ns.assets, "layout": LAYOUT, "seconds": {m: round(s, 1) for m, (_, s) in runs.items()},
+              "tasks": {}}  # fmt: skip
+    routed, base = runs["dlp-lora"][0], runs[base_name][0]
+    for t in tasks:
+        r, r_empty = scores_of(t, routed[t], examples[t])
+        b, b_empty = scores_of(t, base[t], examples[t])
+        diff = paired_difference(r, b)
+        result["tasks"][t] = {
+            "n": len(r), "routed": round(bootstrap_mean(r).estimate, 1), "base": round(bootstrap_mean(b).estimate, 1),
+            "routed_minus_base": [round(diff.estimate, 1), round(diff.low, 1), round(diff.high, 1)],
+            "empty_routed": r_empty, "empty_base": b_empty,
+        }  # fmt: skip
+        row = result["tasks"][t]
+        print(f"{t:32s} n={row['n']:4d} routed {row['routed']:5.1f} base {row['base']:5.1f} "
+              f"diff {diff.estimate:+5.1f} [{diff.low:+.1f}, {diff.high:+.1f}] empty {r_empty}/{b_empty}")  # fmt: skip
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

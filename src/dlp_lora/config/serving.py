@@ -1,0 +1,96 @@
+"""Settings of the HTTP server (`dlp-lora serve`) and of its Ray Serve scale-out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from dlp_lora.config.checks import check, check_choices
+
+__all__ = ["ServerConfig", "RayServeConfig"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """`dlp-lora serve`: address, batching window, queue bound and per-request limits."""
+
+    host: str = "127.0.0.1"
+    """Interface to listen on."""
+    port: int = 8000
+    """TCP port."""
+    max_batch_size: int = 8
+    """Most requests decoded together in one mixed batch."""
+    batching: Literal["continuous", "static"] = "continuous"
+    """`continuous`: requests join the running batch at the next decode step and leave it when they end;
+    `static`: a batch forms only when none runs and runs until its last request ends."""
+    batch_window_ms: float = 20.0
+    """How long an idle scheduler waits for more requests after the first one arrives."""
+    max_queue: int = 64
+    """Requests waiting beyond this are refused with 429."""
+    max_prompt_tokens: int = 1024
+    """Longest accepted prompt (after the chat template), in tokens; longer is a 400."""
+    max_tokens_limit: int = 256
+    """Largest accepted `max_tokens`; larger is a 400."""
+    default_max_tokens: int = 64
+    """`max_tokens` when a request gives none."""
+    model_name: str | None = None
+    """Name of the base model in `/v1/models` and responses (default: the manifest's base model)."""
+    allow_runtime_adapters: bool = False
+    """Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime adapters). Off by
+    default, as in vLLM: loading reads any path the server can read."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check(bool(self.host), "host must be non-empty")
+        check(0 <= self.port <= 65535, f"port must be in [0, 65535], got {self.port}")
+        check(self.max_batch_size >= 1, f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        check(self.batch_window_ms >= 0, f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        check(self.max_queue >= 1, f"max_queue must be >= 1, got {self.max_queue}")
+        check(self.max_prompt_tokens >= 1, f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens}")
+        check(
+            1 <= self.default_max_tokens <= self.max_tokens_limit,
+            f"default_max_tokens must be in [1, max_tokens_limit={self.max_tokens_limit}], "
+            f"got {self.default_max_tokens}",
+        )
+        check(self.model_name is None or bool(self.model_name.strip()), "model_name must be non-empty when given")
+
+
+@dataclass(frozen=True)
+class RayServeConfig:
+    """`dlp-lora serve --ray`: replicas of the same app on Ray Serve, each with the whole adapter bank."""
+
+    replicas: int = 1
+    """Replicas to run (each loads the base model, every adapter and the router); the minimum when autoscaling."""
+    max_replicas: int | None = None
+    """Autoscale between `replicas` and this many replicas on the ongoing requests per replica (None: fixed)."""
+    target_ongoing_requests: float = 4.0
+    """Autoscaling target: ongoing requests per replica that Ray Serve aims for."""
+    max_ongoing_requests: int = 16
+    """Requests one replica takes at once; Ray Serve holds the rest back (back-pressure)."""
+    max_queued_requests: int = 64
+    """Requests waiting for a replica beyond this are refused with 503 by Ray Serve (-1: no bound)."""
+    cpus_per_replica: float = 1.0
+    """Logical CPUs Ray reserves for each replica (also its torch thread count when a whole number)."""
+    gpus_per_replica: float = 0.0
+    """GPUs Ray reserves for each replica (0.5: two replicas share one); needed for `--device cuda`."""
+    address: str | None = None
+    """Ray cluster to join ("auto": the one this node belongs to); None starts a local one."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check(self.replicas >= 1, f"replicas must be >= 1, got {self.replicas}")
+        check(
+            self.max_replicas is None or self.max_replicas >= self.replicas,
+            f"max_replicas must be >= replicas={self.replicas} when given, got {self.max_replicas}",
+        )
+        check(
+            self.target_ongoing_requests > 0, f"target_ongoing_requests must be > 0, got {self.target_ongoing_requests}"
+        )
+        check(self.max_ongoing_requests >= 1, f"max_ongoing_requests must be >= 1, got {self.max_ongoing_requests}")
+        check(
+            self.max_queued_requests == -1 or self.max_queued_requests >= 1,
+            f"max_queued_requests must be >= 1 or -1 (no bound), got {self.max_queued_requests}",
+        )
+        check(self.cpus_per_replica > 0, f"cpus_per_replica must be > 0, got {self.cpus_per_replica}")
+        check(self.gpus_per_replica >= 0, f"gpus_per_replica must be >= 0, got {self.gpus_per_replica}")
+        check(self.address is None or bool(self.address.strip()), "address must be non-empty when given")
