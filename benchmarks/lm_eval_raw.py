@@ -123,6 +123,17 @@ def scores_of(name: str, samples: list[dict], examples: list) -> tuple[list[floa
     return scores, empty
 
 
+def own_route_share(url: str, task: str, examples: list) -> float:
+    """Percent of the task's prompts, written as lm-eval sends them, whose first adapter is the task's own."""
+    with httpx.Client(timeout=60) as http:
+        hits = [
+            (http.post(f"{url}/v1/route", json={"prompt": LAYOUT.replace("{{prompt}}", ex.prompt)}).json()["adapters"]
+             or [None])[0] == task
+            for ex in examples
+        ]  # fmt: skip
+    return round(100.0 * sum(hits) / len(hits), 1)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--assets", default="assets/smollm2-135m-26tasks")
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         wait_healthy(url, server, 300)
         base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         runs = {m: run_lm_eval(ns, m, url, tasks, work) for m in ("dlp-lora", base_name)}
+        own = {t: own_route_share(url, t, examples[t]) for t in tasks}
     finally:
         server.terminate()
         server.wait(30)
@@ -163,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         result["tasks"][t] = {
             "n": len(r), "routed": round(bootstrap_mean(r).estimate, 1), "base": round(bootstrap_mean(b).estimate, 1),
             "routed_minus_base": [round(diff.estimate, 1), round(diff.low, 1), round(diff.high, 1)],
-            "empty_routed": r_empty, "empty_base": b_empty,
+            "empty_routed": r_empty, "empty_base": b_empty, "routed_to_own_adapter": own[t],
         }  # fmt: skip
         row = result["tasks"][t]
         print(f"{t:32s} n={row['n']:4d} routed {row['routed']:5.1f} base {row['base']:5.1f} "
-              f"diff {diff.estimate:+5.1f} [{diff.low:+.1f}, {diff.high:+.1f}] empty {r_empty}/{b_empty}")  # fmt: skip
+              f"diff {diff.estimate:+5.1f} [{diff.low:+.1f}, {diff.high:+.1f}] empty {r_empty}/{b_empty} own route {own[t]}%")  # fmt: skip
     if ns.out:
         Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
         Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")

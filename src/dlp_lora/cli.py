@@ -509,6 +509,29 @@ def _quantize_arg(p: argparse.ArgumentParser, default: str = "auto") -> None:
     )
 
 
+def _router_args(p: argparse.ArgumentParser) -> None:
+    from dlp_lora.config import ArrowConfig
+
+    group = p.add_argument_group("routing: the trained router, or Arrow's training-free routing per token")
+    group.add_argument("--router", choices=("trained", "arrow"), default="trained",
+                       help="trained: the assets' router per prompt (default); arrow: every token, in every "
+                       "adapted layer, to the deployed adapters whose prototypes match it")  # fmt: skip
+    add_config_args(group, ArrowConfig, prefix="arrow-")
+
+
+def _arrow_of(ns: argparse.Namespace):
+    """The ArrowConfig of `--router arrow` (None for the trained router)."""
+    from dlp_lora.config import ArrowConfig
+
+    given = flag_values(ArrowConfig, ns, prefix="arrow-")
+    if ns.router != "arrow":
+        changed = [k for k, v in given.items() if v != getattr(ArrowConfig(), k)]
+        if changed:
+            raise ValueError(f"--arrow-{changed[0].replace('_', '-')} needs --router arrow")
+        return None
+    return ArrowConfig(**given)
+
+
 def _pipeline_args(p: argparse.ArgumentParser, quantize: str = "auto") -> None:
     from dlp_lora.config import SelectionConfig
 
@@ -540,6 +563,7 @@ def _load_pipeline(ns: argparse.Namespace):
         device=config_from_args(DeviceConfig, ns),
         quantize=ns.quantize,
         compile=ns.compile,
+        arrow=_arrow_of(ns) if hasattr(ns, "router") else None,
     )
 
 
@@ -547,6 +571,7 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     from dlp_lora.config import GenerationConfig, RoutingConfig
 
     _pipeline_args(p)
+    _router_args(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
     add_config_args(p, GenerationConfig)
@@ -564,7 +589,7 @@ def _generate(ns: argparse.Namespace) -> None:
         if ns.json:
             print(json.dumps({"prompt": prompt, **dataclasses.asdict(r)}))
             continue
-        print(f"[{_mix(r.adapters, r.weights)}] {r.text}")
+        print(f"[{'arrow, per token' if r.arrow else _mix(r.adapters, r.weights)}] {r.text}")
         for s in r.switches:  # `sentence` routing: where the answer changed mixture
             print(f"  from token {s['token']}: [{_mix(s['adapters'], s['weights'])}]")
 
@@ -575,6 +600,7 @@ def _mix(adapters: Sequence[str], weights: Sequence[float]) -> str:
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     _pipeline_args(p)
+    _router_args(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", action="append", help="your own prompt (repeat for several)")
     src.add_argument("--prompts", help="a file of prompts: JSON list, JSONL with 'prompt', or one per line")
@@ -604,6 +630,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     _quantize_arg(p)
     add_config_args(p, ServerConfig)
     _device_args(p)
+    _router_args(p)
     add_config_args(
         p.add_argument_group(
             "routing granularity of routed requests that do not choose one (docs: dlp_lora.granularity)"
@@ -627,7 +654,9 @@ def _serve(ns: argparse.Namespace) -> None:
             raise ValueError(f"--{ray_flags[0].replace('_', '-')} needs --ray")
         from dlp_lora.server.app import serve
 
-        return serve(ns.assets, cfg, ns.base_model, device, ns.quantize, routing)
+        return serve(ns.assets, cfg, ns.base_model, device, ns.quantize, routing, _arrow_of(ns))
+    if ns.router == "arrow":
+        raise ValueError("--router arrow is not served on Ray yet; serve it without --ray")
     from dlp_lora.server.ray import serve_ray
 
     serve_ray(ns.assets, cfg, config_from_args(RayServeConfig, ns), ns.base_model, ns.quantize, device, routing)

@@ -82,6 +82,7 @@ def format_table(prompts: Sequence[str], results: Sequence[Result], seconds: flo
     rows = [("prompt", "adapters (weight)", "answer")]
     for p, r in zip(prompts, results):
         mix = ", ".join(f"{a} ({w:.2f})" for a, w in zip(r.adapters, r.weights)) or "base model"
+        mix = "arrow (per token)" if r.arrow else mix
         rows.append((_short(p, 48), _short(mix, 44), _short(r.text, 40)))
     widths = [max(len(row[c]) for row in rows) for c in range(3)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]

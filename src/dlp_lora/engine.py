@@ -30,6 +30,7 @@ from dlp_lora.chat import left_pad
 from dlp_lora.config import GenerationConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.sampling import cut_at_stop, eos_ids, sample_next, stop_reached
+from dlp_lora.types import ArrowRouting
 
 __all__ = [
     "Decoder",
@@ -124,6 +125,8 @@ class Result:
     the mixture answer tokens i, i+1, ... were sampled under; `adapters`/`weights` above are the first."""
     sentence: bool = False
     """The row was routed again after each generated sentence (`switches` lists what changed)."""
+    arrow: bool = False
+    """Arrow routed every token in the layers: there is no one mixture (`adapters` and `weights` are empty)."""
     prompt_ids: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     token_logprobs: list[TokenLogprob] | None = None
@@ -232,7 +235,8 @@ class Engine:
     target: a `FusedLoRAModel` (rows carry adapter mixtures) or a plain model (every row's mixture must be
     {}: a base model, a peft model, a fused model routed by the caller). decoder: runs `generate`'s
     forward passes (default: an `EagerDecoder` per call; a `compiled.CompiledDecoder` runs the steps
-    compiled over a static cache). The continuous-batching calls (prefill, decode, merge,
+    compiled over a static cache). arrow: every row is routed by Arrow (per token, in the fused layers)
+    instead of by its mixture, which must then be {}. The continuous-batching calls (prefill, decode, merge,
     drop_finished) run eagerly; both ways choose tokens and end rows in `_advance`.
     """
 
@@ -241,8 +245,12 @@ class Engine:
         target: FusedLoRAModel | PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         decoder: Decoder | None = None,
+        arrow: ArrowRouting | None = None,
     ) -> None:
         self.fused = target if isinstance(target, FusedLoRAModel) else None
+        if arrow is not None and self.fused is None:
+            raise ValueError("Arrow routing needs a FusedLoRAModel (its adapters are the experts)")
+        self.arrow = arrow
         self.model = target.model if self.fused is not None else target
         self.tokenizer, self.decoder = tokenizer, decoder
         self.eos = eos_ids(self.model, tokenizer)
@@ -267,6 +275,13 @@ class Engine:
 
     def _route(self, rows: list[Row]) -> None:
         """Set the fused layers' routing to these rows, unless it already is."""
+        if self.arrow is not None:
+            if any(r.mixture for r in rows):
+                raise ValueError("under Arrow routing every row's mixture must be {} (Arrow picks per token)")
+            if self._routing is None:
+                self._routing = ExitStack()
+                self._routing.enter_context(self.fused.routed(self.arrow))
+            return
         if self.fused is None:
             if any(r.mixture for r in rows):
                 raise ValueError("this engine runs a model without adapters; rows must have empty mixtures")
@@ -497,6 +512,7 @@ class Engine:
             completion_tokens=len(row.tokens),
             switches=switches_of(row),
             sentence=row.reroute is not None,
+            arrow=self.arrow is not None,
             prompt_ids=row.prompt_ids,
             token_ids=row.tokens,
             token_logprobs=row.token_logprobs if row.logprobs is not None else None,

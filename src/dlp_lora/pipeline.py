@@ -16,7 +16,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dlp_lora.assets import Manifest
 from dlp_lora.chat import prompt_ids
 from dlp_lora.compiled import CompiledDecoder
-from dlp_lora.config import DeviceConfig, FusionConfig, GenerationConfig, Quantization, RoutingConfig, SelectionConfig
+from dlp_lora.config import (
+    ArrowConfig,
+    DeviceConfig,
+    FusionConfig,
+    GenerationConfig,
+    Quantization,
+    RoutingConfig,
+    SelectionConfig,
+)
 from dlp_lora.engine import Engine, Result, Row, StepCallback, listed
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.granularity import SentencePolicy, routing_text
@@ -24,7 +32,7 @@ from dlp_lora.models import load_base_model
 from dlp_lora.router import Router, select_with
 from dlp_lora.sampling import eos_ids
 from dlp_lora.scoring import continuation_logprobs
-from dlp_lora.types import Routing
+from dlp_lora.types import ArrowRouting, Routing
 
 __all__ = ["DLPLoRA", "Result", "SentenceRerouter", "SwitchCallback"]
 
@@ -48,6 +56,7 @@ class DLPLoRA:
         routing_config: RoutingConfig | None = None,
         compile: bool = False,
         serve: Mapping[str, Mapping[str, float]] | None = None,
+        arrow: ArrowConfig | None = None,
     ) -> None:
         """adapters: the router's classes in its order, each with its adapter, or None where the base model
         serves the class (the dev gate: routing to it puts weight on nothing); baselines: more adapters the
@@ -57,7 +66,8 @@ class DLPLoRA:
         weight there; `Manifest.serve`);
         routing_config: the default routing granularity of `generate` (per prompt unless given); compile:
         decode steps run compiled over a static KV cache (`dlp_lora.compiled`: the first call of each batch
-        size and path compiles, tens of seconds on a 2-core CPU; later calls decode faster)."""
+        size and path compiles, tens of seconds on a 2-core CPU; later calls decode faster); arrow: route with
+        Arrow (per token, among the routed classes' adapters) instead of the router."""
         if router is not None and list(router.task_names) != list(adapters):
             raise ValueError(
                 f"router classes {list(router.task_names)} do not match adapters {list(adapters)} "
@@ -82,7 +92,26 @@ class DLPLoRA:
             raise ValueError(f"serve names {unknown}, which are not router classes: {self.classes}")
         self.fused = FusedLoRAModel(model, {**deployed, **baselines}, fusion)
         self._decoder = CompiledDecoder(model) if compile else None
+        self.arrow = arrow
+        if arrow is not None:
+            self.arrow_routing()  # fail now on a bad setting (top_k, an unknown general adapter)
         self._reindex()
+
+    def arrow_routing(self) -> ArrowRouting:
+        """The `ArrowRouting` of this pipeline's `arrow` setting over the current bank: the routed classes'
+        adapters are the experts, the named general adapters (e.g. a baseline) GenKnowSub's."""
+        if self.arrow is None:
+            raise ValueError("this pipeline routes with its router; pass arrow=ArrowConfig() to route with Arrow")
+        names = self.adapter_names
+        experts = tuple(names.index(c) for c in self.classes if c in names)
+        unknown = [g for g in self.arrow.general if g not in names]
+        if unknown:
+            raise ValueError(f"Arrow's general adapters {unknown} are not loaded; loaded adapters: {names}")
+        if not experts or self.arrow.top_k > len(experts):
+            raise ValueError(f"Arrow top_k {self.arrow.top_k} needs at least that many deployed adapters, found "
+                             f"{len(experts)}")  # fmt: skip
+        general = tuple(names.index(g) for g in self.arrow.general)
+        return ArrowRouting(experts, self.arrow.top_k, self.arrow.temperature, general, self.arrow.seed)
 
     def served(self, cls: str) -> dict[str, float]:
         """The mixture over bank adapters that serves router class `cls` ({}: the base model)."""
@@ -115,6 +144,7 @@ class DLPLoRA:
         quantize: Quantization = "none",
         routing_config: RoutingConfig | None = None,
         compile: bool = False,
+        arrow: ArrowConfig | None = None,
     ) -> DLPLoRA:
         """Load base model, adapters and router of an assets folder; the embedded model by default.
 
@@ -123,7 +153,7 @@ class DLPLoRA:
         available, else on cpu). `quantize="int8"` loads the base in int8 (:mod:`dlp_lora.quantize`, CPU
         only: with it `device="auto"` means cpu); `quantize="auto"` measures int8 against fp32 on this CPU
         and quantizes only where int8 is faster (on a GPU it is `none`); the adapters stay float32 on top.
-        `compile`: see `__init__`.
+        `compile`, `arrow`: see `__init__`.
         """
         device = device or DeviceConfig()
         manifest = Manifest.load(root)
@@ -147,6 +177,7 @@ class DLPLoRA:
             routing_config=routing_config,
             compile=compile,
             serve=manifest.serve,
+            arrow=arrow,
         )
 
     @property
@@ -252,7 +283,8 @@ class DLPLoRA:
     ) -> list[Result]:
         """Answer a batch of prompts, each row with its own mixture, on the engine the server runs.
 
-        routing_config (default: the pipeline's; one, or one per prompt) sets the granularity
+        With `arrow` set (and no explicit `routing`), Arrow routes every token and a `Result` names no
+        mixture. routing_config (default: the pipeline's; one, or one per prompt) sets the granularity
         (`dlp_lora.granularity`): the mixture is routed on the prompt or its last segment, and under
         `sentence` changes after generated sentences. An explicit `routing` replaces the first routing
         (a `sentence` row then follows the router from its first sentence end on). on_switch(row, token,
@@ -260,8 +292,12 @@ class DLPLoRA:
         `token` on are sampled under it).
         """
         config = config or GenerationConfig(max_new_tokens=max_new_tokens)
-        cfgs = self._routing_configs(prompts, routing_config or self.routing_config)
         ids = prompt_ids(self.tokenizer, list(prompts), self.max_prompt_tokens)
+        if self.arrow is not None and routing is None:  # Arrow routes each token in the layers: no mixtures
+            engine = Engine(self.fused, self.tokenizer, self._decoder, arrow=self.arrow_routing())
+            rows = engine.generate([Row(prompt_ids=p, mixture={}, params=config) for p in ids], on_step)
+            return [engine.result(row, {}) for row in rows]
+        cfgs = self._routing_configs(prompts, routing_config or self.routing_config)
         classes = None
         if routing is None:
             classes = self.class_weights(prompts, cfgs)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Routing"]
+__all__ = ["ArrowRouting", "Routing"]
 
 
 @dataclass(frozen=True)
@@ -58,3 +58,34 @@ class Routing:
         """(adapter index, weight) pairs of row b with nonzero weight, heaviest first."""
         pairs = [(int(i), float(w)) for i, w in zip(self.indices[b], self.weights[b]) if w > 0]
         return sorted(pairs, key=lambda p: -p[1])
+
+
+@dataclass(frozen=True)
+class ArrowRouting:
+    """Arrow's training-free routing (arXiv 2405.11157, as PEFT's `create_arrow_model` computes it): in every
+    fused layer, every token goes to the `top_k` experts whose prototype (the top right singular vector of
+    the expert's B A in that layer) best matches it, |x . p| / temperature softmaxed over those k.
+
+    experts: bank indices of the task adapters routed among; general: bank indices of general adapters
+    whose mean A and mean B are subtracted from each expert's (GenKnowSub; () for none); seed: of the
+    power iteration's start vector (PEFT's `rng_seed`); iters: power-iteration steps (PEFT's 15).
+    """
+
+    experts: tuple[int, ...]
+    top_k: int = 3
+    temperature: float = 1.0
+    general: tuple[int, ...] = ()
+    seed: int = 0
+    iters: int = 15
+
+    def __post_init__(self) -> None:
+        if not self.experts or len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"Arrow needs distinct expert adapters, got {self.experts}")
+        if not 1 <= self.top_k <= len(self.experts):
+            raise ValueError(f"arrow top_k must be in [1, {len(self.experts)}] (the experts), got {self.top_k}")
+        if not self.temperature > 0:
+            raise ValueError(f"arrow temperature must be > 0, got {self.temperature}")
+        if set(self.general) & set(self.experts):
+            raise ValueError(f"general adapters {self.general} must not be experts {self.experts}")
+        if self.iters < 1:
+            raise ValueError(f"arrow iters must be >= 1, got {self.iters}")

@@ -12,6 +12,7 @@ Every name is importable from `dlp_lora.config` itself.
 from dlp_lora.config.measurement import BenchConfig, EvalConfig
 from dlp_lora.config.runtime import (
     GREEDY_BELOW,
+    ArrowConfig,
     DeviceConfig,
     FusionConfig,
     GenerationConfig,
@@ -26,6 +27,7 @@ from dlp_lora.config.training import AdapterTrainConfig, RouterDataConfig, Route
 
 __all__ = [
     "AdapterTrainConfig",
+    "ArrowConfig",
     "BenchConfig",
     "DeviceConfig",
     "EvalConfig",

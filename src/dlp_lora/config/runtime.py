@@ -10,6 +10,7 @@ from typing import Literal
 from dlp_lora.config.checks import NOT_A_FLAG, check, check_choices
 
 __all__ = [
+    "ArrowConfig",
     "Quantization",
     "DeviceConfig",
     "FusionConfig",
@@ -222,3 +223,26 @@ class RouterConfig:
         check(self.max_length >= 2, f"max_length must be >= 2, got {self.max_length}")
         check(bool(self.tokenizer) and bool(self.encoder), "tokenizer and encoder must be non-empty strings")
         check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+
+
+@dataclass(frozen=True)
+class ArrowConfig:
+    """Arrow's training-free routing instead of the trained router (`DLPLoRA.from_assets(router="arrow")`,
+    `--router arrow`): every token, in every adapted layer, goes to the `top_k` deployed adapters whose
+    prototype best matches it (PEFT's `create_arrow_model`, arXiv 2405.11157)."""
+
+    top_k: int = 3
+    """Experts mixed per token (at most the number of deployed adapters)."""
+    temperature: float = 1.0
+    """Softmax temperature over the top_k similarities."""
+    general: tuple[str, ...] = ()
+    """General adapters for GenKnowSub (their mean A and B are subtracted from every expert's; they must
+    have the experts' rank); none by default."""
+    seed: int = 0
+    """Seed of the power iteration that finds each prototype (PEFT's `rng_seed`)."""
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        check(self.top_k >= 1, f"top_k must be >= 1, got {self.top_k}")
+        check(self.temperature > 0, f"temperature must be > 0, got {self.temperature}")
+        check(len(set(self.general)) == len(self.general), f"general has duplicates: {self.general}")

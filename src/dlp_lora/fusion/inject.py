@@ -13,8 +13,9 @@ from torch import nn
 from dlp_lora.adapters.bank import AdapterBank
 from dlp_lora.adapters.io import LoraAdapter
 from dlp_lora.config import FusionConfig
+from dlp_lora.fusion import ops
 from dlp_lora.fusion.layer import ActiveRouting, FusedLoRALinear, Path, RoutingSlot
-from dlp_lora.types import Routing
+from dlp_lora.types import ArrowRouting, Routing
 
 __all__ = ["FusedLoRAModel", "choose_path"]
 
@@ -74,6 +75,7 @@ class FusedLoRAModel:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._originals: dict[str, nn.Linear] = {}
+        self._arrow_stacks: dict[ArrowRouting, dict[str, tuple[torch.Tensor, ...]]] = {}
         self._sync_layers()
 
     def _sync_layers(self) -> None:
@@ -88,6 +90,7 @@ class FusedLoRAModel:
             setattr(parent, child, FusedLoRALinear(original, stack, self._slot, name))
             self._originals[name] = original
         self._names = list(self.bank.names)
+        self._arrow_stacks = {}  # the bank changed: Arrow's prototypes are made again
 
     def add_adapter(self, name: str, adapter: str | FsPath | LoraAdapter) -> None:
         """Serve one more adapter (index len(adapter_names)), checked as at load time: a bad directory,
@@ -136,10 +139,11 @@ class FusedLoRAModel:
         return weights.detach().float()
 
     @contextmanager
-    def routed(self, weights: torch.Tensor | Routing) -> Iterator[ActiveRouting]:
+    def routed(self, weights: torch.Tensor | Routing | ArrowRouting) -> Iterator[ActiveRouting]:
         """Within the block, row b of every batch uses sum_i weights[b, i] * adapter_i.
 
-        weights: (B, N) float >= 0 (rows need not sum to one; a zero row is the base model) or a Routing.
+        weights: (B, N) float >= 0 (rows need not sum to one; a zero row is the base model) or a Routing;
+        or an `ArrowRouting`: every token of every row picks its own experts in every layer (any batch).
         The mixture is fixed for every forward pass inside the block: prefill and all decode steps.
         Thread-safe: a second thread entering `routed` waits until the first one's block has ended.
         """
@@ -157,7 +161,7 @@ class FusedLoRAModel:
                 self._slot.active = None
                 self._owner = None
 
-    def reroute(self, weights: torch.Tensor | Routing) -> ActiveRouting:
+    def reroute(self, weights: torch.Tensor | Routing | ArrowRouting) -> ActiveRouting:
         """Inside `routed`: every forward pass from now on uses these weights (B', N); B' may differ from
         the block's B (rows joined or left the running batch).
 
@@ -177,7 +181,9 @@ class FusedLoRAModel:
         """Where the adapter stacks are now (they follow `model.to()`); routings are moved there."""
         return next(iter(self.bank.modules.values())).A.device
 
-    def _activate(self, weights: torch.Tensor | Routing) -> ActiveRouting:
+    def _activate(self, weights: torch.Tensor | Routing | ArrowRouting) -> ActiveRouting:
+        if isinstance(weights, ArrowRouting):
+            return self._activate_arrow(weights)
         given = self._dense(weights)
         path = choose_path(given, self.bank.total_rank, self.config)
         # The choices that read values (path, k) are made on the caller's tensors; what the layers read
@@ -195,6 +201,20 @@ class FusedLoRAModel:
         self._slot.active = active
         return active
 
+    def _activate_arrow(self, arrow: ArrowRouting) -> ActiveRouting:
+        n = len(self.bank)
+        bad = [i for i in (*arrow.experts, *arrow.general) if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"Arrow adapter indices {bad} are out of range for {n} adapters")
+        if arrow not in self._arrow_stacks:  # prototypes are made once per setting (the bank is fixed here)
+            self._arrow_stacks[arrow] = arrow_stacks(self.bank, arrow, self.device)
+        empty = torch.zeros(0, n, device=self.device)
+        routing = Routing.from_dense(empty)
+        active = ActiveRouting(path="arrow", dense=empty, routing=routing, indices=routing.indices,
+                               weights=routing.weights, prepared=self._arrow_stacks[arrow], arrow=arrow)  # fmt: skip
+        self._slot.active = active
+        return active
+
     def remove(self) -> nn.Module:
         """Put the original linear modules back; the model is then the plain base model again."""
         for name, original in self._originals.items():
@@ -203,3 +223,37 @@ class FusedLoRAModel:
         self._originals.clear()
         self.bank = None  # type: ignore[assignment]
         return self.model
+
+
+def arrow_stacks(bank: AdapterBank, arrow: ArrowRouting, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    """module -> (prototypes (E, d_in), A (E, r, d_in), Bt (E, r, d_out), scale folded) for Arrow, from the
+    experts' own weights (GenKnowSub applied first: the general adapters' mean A and mean B subtracted from
+    each expert's, as PEFT does). Every expert must adapt the same modules; GenKnowSub needs equal ranks."""
+    names = [bank.names[i] for i in arrow.experts]
+    out = {}
+    for module in bank.modules:
+        experts = [bank.adapters[i].modules.get(module) for i in arrow.experts]
+        if all(w is None for w in experts):
+            continue
+        if any(w is None for w in experts):
+            missing = [n for n, w in zip(names, experts) if w is None]
+            raise ValueError(f"Arrow needs every expert on the same modules: {missing} do not adapt {module}")
+        As, Bs = [w.A.float() for w in experts], [w.B.float() for w in experts]
+        if arrow.general:
+            general = [bank.adapters[i].modules.get(module) for i in arrow.general]
+            ranks = {w.rank for w in experts} | {w.rank for w in general if w is not None}
+            if any(w is None for w in general) or len(ranks) != 1:
+                raise ValueError(f"GenKnowSub subtracts the general adapters' mean A and B: every general adapter "
+                                 f"must adapt {module} at the experts' rank; found ranks {sorted(ranks)}")  # fmt: skip
+            A_bar = torch.stack([w.A.float() for w in general]).mean(0)
+            B_bar = torch.stack([w.B.float() for w in general]).mean(0)
+            As, Bs = [a - A_bar for a in As], [b - B_bar for b in Bs]
+        r = max(a.shape[0] for a in As)
+        A = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0])) for a in As])  # (E, r, d_in)
+        B = torch.stack([torch.nn.functional.pad(b, (0, r - b.shape[1])) for b in Bs])  # (E, d_out, r)
+        scales = torch.tensor([w.scale for w in experts], dtype=torch.float32)
+        P = ops.arrow_prototypes(A, B, arrow.seed, arrow.iters)
+        dtype = bank.modules[module].A.dtype
+        Bt = (B * scales[:, None, None]).transpose(1, 2)
+        out[module] = (P.to(device, dtype), A.to(device, dtype), Bt.contiguous().to(device, dtype))
+    return out

@@ -12,11 +12,11 @@ from torch import nn
 from dlp_lora.adapters.bank import ModuleStack
 from dlp_lora.fusion import ops
 from dlp_lora.quantize import is_quantized_linear
-from dlp_lora.types import Routing
+from dlp_lora.types import ArrowRouting, Routing
 
 __all__ = ["Path", "ActiveRouting", "RoutingSlot", "FusedLoRALinear"]
 
-Path = Literal["base", "gathered", "dense", "merged"]
+Path = Literal["base", "gathered", "dense", "merged", "arrow"]
 
 
 @dataclass
@@ -36,6 +36,9 @@ class ActiveRouting:
     weights: torch.Tensor
     mix: torch.Tensor | None = None
     prepared: dict[str, tuple[torch.Tensor, ...]] = field(default_factory=dict)
+    arrow: ArrowRouting | None = None
+    """Path `arrow`: per-token routing computed in each layer; `prepared` then holds every expert-bearing
+    layer's (prototypes (E, d_in), A (E, r, d_in), Bt (E, r, d_out)), made by `FusedLoRAModel`."""
 
 
 @dataclass
@@ -71,6 +74,8 @@ class FusedLoRALinear(nn.Module):
         active = self.slot.active
         if active is None or active.path == "base":
             return self.base(x)
+        if active.path == "arrow":
+            return self._arrow(x, active)
         prepared = self._prepare(active)
         if active.path == "merged" and len(prepared) == 1:
             return F.linear(x, prepared[0], self.base.bias)
@@ -92,6 +97,16 @@ class FusedLoRALinear(nn.Module):
             A_sel, Bt_sel = prepared
             delta = ops.lora_delta_gathered(xc, A_sel, Bt_sel)
         return (y.to(compute) + delta).to(x.dtype)
+
+    def _arrow(self, x: torch.Tensor, active: ActiveRouting) -> torch.Tensor:
+        """Arrow: each token's own mixture of the experts, from this layer's prototypes (any batch size)."""
+        stacks = active.prepared.get(self.name)
+        if stacks is None:  # no expert adapts this layer
+            return self.base(x)
+        compute = self._compute_dtype(x)
+        P, A, Bt = stacks
+        delta = ops.lora_delta_arrow(x.to(compute), P, A, Bt, active.arrow.top_k, active.arrow.temperature)
+        return (self.base(x).to(compute) + delta).to(x.dtype)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.promote_types(torch.promote_types(x.dtype, self.stack.A.dtype), torch.float32)

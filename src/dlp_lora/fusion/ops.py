@@ -20,6 +20,10 @@ __all__ = [
     "merged_weight",
     "merged_factors",
     "merge_into",
+    "arrow_prototypes",
+    "arrow_coefficients",
+    "lora_delta_arrow",
+    "lora_delta_arrow_loop",
 ]
 
 
@@ -102,3 +106,67 @@ def merged_weight(W: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mix: torch
     """W + sum_i mix_i * B_i A_i for one dense mixture mix (N,) (its nonzeros are read on mix's device)."""
     used = mix.nonzero().flatten()
     return merge_into(W, *merged_factors(A, Bt, used, mix[used]))
+
+
+# ---- Arrow: per-token routing from the adapters themselves ----------------------------------------------
+
+
+def arrow_prototypes(A: torch.Tensor, B: torch.Tensor, seed: int, iters: int, eps: float = 1e-8) -> torch.Tensor:
+    """Top right singular vector of each B_e A_e by power iteration on A^T (B^T B) A, as PEFT computes it
+    (float32, the same seeded start vector for every expert, `iters` steps).
+
+    A: (E, r, d_in); B: (E, d_out, r) -> (E, d_in). Unique up to sign; Arrow reads |x . p|.
+    """
+    A32, B32 = A.float(), B.float()
+    gen = torch.Generator(device=A32.device.type).manual_seed(int(seed))
+    v0 = torch.randn(A32.shape[-1], dtype=torch.float32, device=A32.device, generator=gen)
+    v = (v0 / (v0.norm() + eps)).expand(A32.shape[0], -1)[:, :, None]  # (E, d_in, 1)
+    C = B32.transpose(1, 2) @ B32  # (E, r, r)
+    for _ in range(iters):
+        w = A32.transpose(1, 2) @ (C @ (A32 @ v))
+        v = w / (w.norm(dim=1, keepdim=True) + eps)
+    return v[:, :, 0]
+
+
+def arrow_coefficients(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
+    """x: (..., d_in); prototypes: (E, d_in) -> (..., E): softmax(|x . p_e| / T) over each token's top_k
+    experts, 0 elsewhere."""
+    sim = torch.abs(x @ prototypes.T)
+    top_v, idx = torch.topk(sim, top_k, dim=-1)
+    full = torch.full_like(sim, float("-inf")).scatter(-1, idx, top_v)
+    return torch.softmax(full / temperature, dim=-1)
+
+
+def lora_delta_arrow(
+    x: torch.Tensor, prototypes: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, top_k: int, temperature: float
+) -> torch.Tensor:
+    """x: (B, T, d_in); prototypes: (E, d_in); A: (E, r, d_in); Bt: (E, r, d_out), scale folded -> (B, T, d_out).
+
+    The dense path with per-token weights: every expert's rank rows in one matmul, each token's Arrow
+    coefficients as the mask, one matmul back (PEFT forms (tokens, E, d_out) instead).
+    """
+    e, r, d_in = A.shape
+    coeff = arrow_coefficients(x, prototypes, top_k, temperature)  # (B, T, E)
+    h = torch.matmul(x, A.reshape(e * r, d_in).T) * coeff.repeat_interleave(r, dim=-1)
+    return torch.matmul(h, Bt.reshape(e * r, -1))
+
+
+def lora_delta_arrow_loop(
+    x: torch.Tensor,
+    adapters: list[tuple[torch.Tensor, torch.Tensor, float]],
+    prototypes: torch.Tensor,
+    top_k: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Reference, token by token: delta[t] = sum over t's top_k experts e of c[t, e] * scale_e * B_e A_e x[t],
+    c = softmax of |x[t] . p_e| / temperature over those k. x: (B, T, d_in); adapters[e]: (A_e, B_e, scale_e)."""
+    out = torch.zeros(*x.shape[:-1], adapters[0][1].shape[0], dtype=x.dtype, device=x.device)
+    for b in range(x.shape[0]):
+        for t in range(x.shape[1]):
+            sim = [abs(float(x[b, t] @ p)) for p in prototypes]
+            best = sorted(range(len(sim)), key=lambda e: -sim[e])[:top_k]
+            z = torch.softmax(torch.tensor([sim[e] for e in best], dtype=torch.float64) / temperature, 0)
+            for e, c in zip(best, z.tolist()):
+                A, B, scale = adapters[e]
+                out[b, t] += c * scale * (B @ (A @ x[b, t]))
+    return out

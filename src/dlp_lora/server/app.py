@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dlp_lora.config import DeviceConfig, RoutingConfig, ServerConfig
+from dlp_lora.config import ArrowConfig, DeviceConfig, RoutingConfig, ServerConfig
 from dlp_lora.engine import Result
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, error_body
@@ -409,17 +409,21 @@ def serve(
     device: DeviceConfig | None = None,
     quantize: str = "none",
     routing: RoutingConfig | None = None,
+    arrow: ArrowConfig | None = None,
 ) -> None:
     """Load an assets folder and serve it with uvicorn until interrupted (`dlp-lora serve`).
 
     device: where the model runs and in which dtype (default: cuda when available, float32);
     quantize: the base weights, none or int8 (`dlp_lora.quantize`); routing: the routing granularity of
-    routed requests that do not choose one (default: per prompt)."""
+    routed requests that do not choose one (default: per prompt); arrow: route every token with Arrow
+    instead of the router."""
     import uvicorn
 
     from dlp_lora.assets import Manifest
 
-    pipeline = DLPLoRA.from_assets(assets, base_model, device=device, quantize=quantize, routing_config=routing)
+    pipeline = DLPLoRA.from_assets(
+        assets, base_model, device=device, quantize=quantize, routing_config=routing, arrow=arrow
+    )
     name = cfg.model_name or base_model or Manifest.load(assets).base_model
     app = create_app(pipeline, dataclasses.replace(cfg, model_name=name))
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")

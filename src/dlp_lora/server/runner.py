@@ -66,7 +66,8 @@ class PipelineRunner:
 
     def __init__(self, pipeline: DLPLoRA) -> None:
         self.pipeline = pipeline
-        self.engine = Engine(pipeline.fused, pipeline.tokenizer)
+        arrow = pipeline.arrow_routing() if pipeline.arrow is not None else None
+        self.engine = Engine(pipeline.fused, pipeline.tokenizer, arrow=arrow)
         self.batch: RunningBatch | None = None
         self._rides: dict[int, _Ride] = {}  # id(row) -> its job
 
@@ -116,7 +117,19 @@ class PipelineRunner:
     def _mixtures(self, jobs: list[Job]) -> dict[int, dict[str, float]]:
         """id(job) -> its {adapter: weight}: its explicit mixture, or the router's choice for its text. A job
         whose text the router refuses (nothing left after tokenizing) answers 400 and is left out; the
-        others are routed without it."""
+        others are routed without it. Under Arrow every job rides with {} (Arrow routes each token); one
+        that names adapters answers 400."""
+        if self.engine.arrow is not None:
+            for job in jobs:
+                if job.mixture:
+                    job.future.set_exception(
+                        InvalidRequest(
+                            "this server routes every token with Arrow (--router arrow); it serves no "
+                            "named adapter mixtures",
+                            param="model",
+                        )  # fmt: skip
+                    )
+            return {id(j): {} for j in jobs if not j.mixture}
         out = {id(j): dict(j.mixture) for j in jobs if j.mixture is not None}
         routed = [j for j in jobs if j.mixture is None]
         try:
@@ -140,7 +153,7 @@ class PipelineRunner:
 
     def _ride(self, job: Job, mixture: dict[str, float]) -> _Ride:
         reroute = None
-        if job.routing.granularity == "sentence" and job.mixture is None:
+        if job.routing.granularity == "sentence" and job.mixture is None and self.engine.arrow is None:
             start = self.pipeline.class_weights([job.route_text])[0]
             reroute = SentenceRerouter(self.pipeline, job.window_text, job.routing, start)
         row = Row(
