@@ -30,7 +30,14 @@ from dlp_lora.engine import Decoder, Engine, Row
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.quantize import quantize_model
 
-__all__ = ["decode_tokens", "run_fusion_benchmark", "markdown_table", "random_adapters", "random_mixtures"]
+__all__ = [
+    "decode_tokens",
+    "time_generation",
+    "run_fusion_benchmark",
+    "markdown_table",
+    "random_adapters",
+    "random_mixtures",
+]
 
 
 def random_adapters(
@@ -84,7 +91,7 @@ def decode_tokens(model: torch.nn.Module, ids: torch.Tensor, n: int, decoder: De
     Engine(model, _NoText(), decoder).generate([Row(prompt_ids=r, mixture={}, params=params) for r in ids.tolist()])
 
 
-def _measure(
+def time_generation(
     model,
     ids: torch.Tensor,
     new_tokens: int,
@@ -124,9 +131,9 @@ def _one_repeat(
     def record(method: str, n: int, k: int, b: int, path: str, extra: dict | None = None) -> None:
         for dec in (None, compiled) if method != "peft" else (None,):
             if dec is not None and (method, n, k, b) not in warmed:  # compile now, outside the timing
-                _measure(model, prompts[b], 2, compiled=dec)
+                time_generation(model, prompts[b], 2, compiled=dec)
                 warmed.add((method, n, k, b))
-            prefill, decode = _measure(model, prompts[b], cfg.new_tokens, clock_of(cfg), dec)
+            prefill, decode = time_generation(model, prompts[b], cfg.new_tokens, clock_of(cfg), dec)
             rows.append(
                 {
                     "method": method,
@@ -191,7 +198,7 @@ def run_fusion_benchmark(model: torch.nn.Module, cfg: BenchConfig = BenchConfig(
     ):
         paths = random_adapters(model, max(cfg.num_adapters), cfg.rank, Path(tmp), cfg.seed)
         for m in models.values():  # warm-up: first calls pay one-time allocation costs
-            _measure(m, prompts[max(cfg.batch_sizes)], 2)
+            time_generation(m, prompts[max(cfg.batch_sizes)], 2)
         if llama is not None:
             llama.measure(prompts[1])
         for rep in range(cfg.repeats):
