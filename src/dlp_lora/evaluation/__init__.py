@@ -1,0 +1,1 @@
+"""Evaluation: the harness over test splits, metrics, bootstrap intervals, reports and plots."""
