@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dlp_lora.bench import free_port, wait_healthy
+from dlp_lora.bench import serving
 from dlp_lora.bench.serving import build_tiny_assets
 
 CHECKS = (
@@ -37,33 +37,9 @@ def main() -> int:
     st = shutil.which("schemathesis") or str(Path(sys.executable).parent / "schemathesis")
     with tempfile.TemporaryDirectory() as tmp:
         assets = build_tiny_assets(Path(tmp))
-        port = free_port()
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "dlp_lora.cli",
-                "serve",
-                "--assets",
-                str(assets),
-                "--port",
-                str(port),
-                "--max-tokens-limit",
-                "16",
-                "--default-max-tokens",
-                "4",
-                "--max-prompt-tokens",
-                "256",
-                "--max-queue",
-                "256",
-                "--allow-runtime-adapters",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            wait_healthy(url, server, 300)
+        flags = ["--max-tokens-limit", "16", "--default-max-tokens", "4", "--max-prompt-tokens", "256"]
+        flags += ["--max-queue", "256", "--allow-runtime-adapters"]
+        with serving(assets, *flags) as url:
             cmd = [
                 st,
                 "run",
@@ -85,9 +61,6 @@ def main() -> int:
                 cmd += ["--report", "junit", "--report-junit-path", ns.report]
             print("$", " ".join(cmd), flush=True)
             return subprocess.call(cmd)
-        finally:
-            server.terminate()
-            server.wait(30)
 
 
 if __name__ == "__main__":

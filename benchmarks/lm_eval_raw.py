@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from dlp_lora.assets import Manifest
-from dlp_lora.bench import free_port, wait_healthy
+from dlp_lora.bench import serving
 from dlp_lora.evaluation.examples import headline_score
 from dlp_lora.evaluation.stats import bootstrap_mean, paired_difference
 from dlp_lora.tasks import get_task, load_splits, parse_answer
@@ -150,20 +150,10 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ns.tasks or [t for t, a in manifest.adapters.items() if a is not None]
     work = Path(ns.work)
     examples = write_tasks(tasks, work, ns.data_dir)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", ns.assets, "--quantize", "none", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        wait_healthy(url, server, 300)
+    with serving(ns.assets, "--quantize", "none") as url:
         base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         runs = {m: run_lm_eval(ns, m, url, tasks, work) for m in ("dlp-lora", base_name)}
         own = {t: own_route_share(url, t, examples[t]) for t in tasks}
-    finally:
-        server.terminate()
-        server.wait(30)
     result = {"command": "python benchmarks/lm_eval_raw.py " + " ".join(argv or sys.argv[1:]), "label": ns.label,
               "assets": ns.assets, "layout": LAYOUT, "seconds": {m: round(s, 1) for m, (_, s) in runs.items()},
               "tasks": {}}  # fmt: skip

@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import socket
 import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["free_port", "rss_mb", "save_json", "timed", "wait_healthy", "write_section"]
+__all__ = ["free_port", "rss_mb", "save_json", "serving", "timed", "wait_healthy", "write_section"]
 
 
 def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
@@ -75,3 +77,19 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> Non
             pass
         time.sleep(0.5)
     raise TimeoutError(f"no healthy server at {url} after {timeout:.0f} s")
+
+
+@contextmanager
+def serving(assets: str | Path, *flags: str, timeout: float = 300) -> Iterator[str]:
+    """`dlp-lora serve --assets ASSETS FLAGS...` on a free local port, as a subprocess: yields its base URL
+    once /health answers, and stops it afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--port", str(port), *flags]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, server, timeout)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
