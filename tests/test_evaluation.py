@@ -280,3 +280,27 @@ def test_composite_counts_the_class_of_a_task_the_base_model_serves(tmp_path, to
     truth = torch.tensor([dlp.task_names.index(ex.task) for ex in parts])
     assert out["per_segment_true_task_weight"] == pytest.approx(float(classes[torch.arange(len(parts)), truth].mean()))
     assert 0 <= out["per_segment_mean_k"] <= 1  # one adapter in the bank
+
+
+def test_harness_arrow_method_runs_every_example_under_arrow(dlp, tmp_path):
+    """`arrow` is a method like the others: its rows are the pipeline's answers and option scores under
+    Arrow (no mixture named), cached apart from the base model's, and it needs an Arrow setting."""
+    from dlp_lora.config import ArrowConfig
+    from dlp_lora.tasks import load_splits
+
+    tasks = _tasks()
+    cfg = EvalConfig(methods=("base", "arrow"), p_sweep=(), limit=3, batch_size=2, composite_pairs=0)
+    with pytest.raises(ValueError, match="pass arrow=ArrowConfig"):
+        run_evaluation(dlp, list(tasks.values()), tmp_path / "no", cfg, SPLIT)
+    arrow = ArrowConfig(top_k=1)
+    summary = run_evaluation(dlp, list(tasks.values()), tmp_path / "eval", cfg, SPLIT, arrow=arrow)
+    assert set(summary) == {"base", "arrow"}
+    out = tmp_path / "eval" / "predictions"
+    for task in ("maths", "science"):
+        rows = [json.loads(line) for line in (out / "arrow" / f"{task}.jsonl").read_text().splitlines()]
+        base = [json.loads(line) for line in (out / "base" / f"{task}.jsonl").read_text().splitlines()]
+        prompts = [ex.prompt for ex in load_splits(tasks[task], None, SPLIT).test[:3]]
+        want = dlp.generate(prompts, max_new_tokens=tasks[task].max_new_tokens, routing=dlp.arrow_routing(arrow))
+        assert [r["text"] for r in rows] == [w.text for w in want] and all(r["adapters"] == [] for r in rows)
+        if task == "science":
+            assert [r["option_logprobs"] for r in rows] != [r["option_logprobs"] for r in base]

@@ -456,17 +456,21 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     add_config_args(p, EvalConfig)
     add_config_args(p, SplitConfig)
+    from dlp_lora.config import ArrowConfig
+
+    add_config_args(p.add_argument_group("the `arrow` method (--methods ... arrow)"), ArrowConfig, prefix="arrow-")
 
 
 def _evaluate(ns: argparse.Namespace) -> None:
-    from dlp_lora.config import EvalConfig, SplitConfig
+    from dlp_lora.config import ArrowConfig, EvalConfig, SplitConfig
     from dlp_lora.evaluation.run import run_evaluation
 
     cfg = config_from_args(EvalConfig, ns)
     split = config_from_args(SplitConfig, ns)
     dlp = _load_pipeline(ns)
+    arrow = ArrowConfig(**flag_values(ArrowConfig, ns, prefix="arrow-"))  # the `arrow` method's setting
     run_evaluation(
-        dlp, ns.tasks or dlp.task_names, ns.out, cfg, split, ns.data_dir, command="dlp-lora " + " ".join(sys.argv[1:])
+        dlp, ns.tasks or dlp.task_names, ns.out, cfg, split, ns.data_dir, "dlp-lora " + " ".join(sys.argv[1:]), arrow
     )
     print((Path(ns.out) / "results.md").read_text())
 

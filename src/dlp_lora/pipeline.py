@@ -97,21 +97,22 @@ class DLPLoRA:
             self.arrow_routing()  # fail now on a bad setting (top_k, an unknown general adapter)
         self._reindex()
 
-    def arrow_routing(self) -> ArrowRouting:
-        """The `ArrowRouting` of this pipeline's `arrow` setting over the current bank: the routed classes'
-        adapters are the experts, the named general adapters (e.g. a baseline) GenKnowSub's."""
-        if self.arrow is None:
+    def arrow_routing(self, arrow: ArrowConfig | None = None) -> ArrowRouting:
+        """The `ArrowRouting` of an Arrow setting (default: this pipeline's `arrow`) over the current bank: the
+        routed classes' adapters are the experts, the named general adapters (e.g. a baseline) GenKnowSub's."""
+        arrow = arrow or self.arrow
+        if arrow is None:
             raise ValueError("this pipeline routes with its router; pass arrow=ArrowConfig() to route with Arrow")
         names = self.adapter_names
         experts = tuple(names.index(c) for c in self.classes if c in names)
-        unknown = [g for g in self.arrow.general if g not in names]
+        unknown = [g for g in arrow.general if g not in names]
         if unknown:
             raise ValueError(f"Arrow's general adapters {unknown} are not loaded; loaded adapters: {names}")
-        if not experts or self.arrow.top_k > len(experts):
-            raise ValueError(f"Arrow top_k {self.arrow.top_k} needs at least that many deployed adapters, found "
+        if not experts or arrow.top_k > len(experts):
+            raise ValueError(f"Arrow top_k {arrow.top_k} needs at least that many deployed adapters, found "
                              f"{len(experts)}")  # fmt: skip
-        general = tuple(names.index(g) for g in self.arrow.general)
-        return ArrowRouting(experts, self.arrow.top_k, self.arrow.temperature, general, self.arrow.seed)
+        general = tuple(names.index(g) for g in arrow.general)
+        return ArrowRouting(experts, arrow.top_k, arrow.temperature, general, arrow.seed)
 
     def served(self, cls: str) -> dict[str, float]:
         """The mixture over bank adapters that serves router class `cls` ({}: the base model)."""
@@ -276,15 +277,15 @@ class DLPLoRA:
         prompts: Sequence[str],
         max_new_tokens: int = 64,
         config: GenerationConfig | None = None,
-        routing: Routing | None = None,
+        routing: Routing | ArrowRouting | None = None,
         on_step: StepCallback | None = None,
         routing_config: RoutingConfig | Sequence[RoutingConfig] | None = None,
         on_switch: SwitchCallback | None = None,
     ) -> list[Result]:
         """Answer a batch of prompts, each row with its own mixture, on the engine the server runs.
 
-        With `arrow` set (and no explicit `routing`), Arrow routes every token and a `Result` names no
-        mixture. routing_config (default: the pipeline's; one, or one per prompt) sets the granularity
+        With `arrow` set (and no explicit `routing`), or an `ArrowRouting` as `routing`, Arrow routes every
+        token and a `Result` names no mixture. routing_config (default: the pipeline's; one, or one per prompt) sets the granularity
         (`dlp_lora.granularity`): the mixture is routed on the prompt or its last segment, and under
         `sentence` changes after generated sentences. An explicit `routing` replaces the first routing
         (a `sentence` row then follows the router from its first sentence end on). on_switch(row, token,
@@ -293,8 +294,10 @@ class DLPLoRA:
         """
         config = config or GenerationConfig(max_new_tokens=max_new_tokens)
         ids = prompt_ids(self.tokenizer, list(prompts), self.max_prompt_tokens)
-        if self.arrow is not None and routing is None:  # Arrow routes each token in the layers: no mixtures
-            engine = Engine(self.fused, self.tokenizer, self._decoder, arrow=self.arrow_routing())
+        if isinstance(routing, ArrowRouting) or (self.arrow is not None and routing is None):
+            # Arrow routes each token in the layers: rows carry no mixture.
+            arrow = routing if isinstance(routing, ArrowRouting) else self.arrow_routing()
+            engine = Engine(self.fused, self.tokenizer, self._decoder, arrow=arrow)
             rows = engine.generate([Row(prompt_ids=p, mixture={}, params=config) for p in ids], on_step)
             return [engine.result(row, {}) for row in rows]
         cfgs = self._routing_configs(prompts, routing_config or self.routing_config)
@@ -335,13 +338,27 @@ class DLPLoRA:
         return cfgs
 
     def option_logprobs(
-        self, prompts: Sequence[str], options: Sequence[Sequence[str]], routing: Routing, batch_size: int = 16
+        self,
+        prompts: Sequence[str],
+        options: Sequence[Sequence[str]],
+        routing: Routing | ArrowRouting,
+        batch_size: int = 16,
     ) -> list[list[float]]:
-        """Summed log-probability of each option's tokens after its prompt, under each prompt's routing.
+        """Summed log-probability of each option's tokens after its prompt, under each prompt's routing (or
+        Arrow's, per token).
 
         As lm-evaluation-harness scores multiple choice (see `dlp_lora.scoring.continuation_logprobs`).
         Returns lists shaped like `options`.
         """
+        if isinstance(routing, ArrowRouting):
+            return continuation_logprobs(
+                self.model,
+                self.tokenizer,
+                prompts,
+                options,
+                batch_size,
+                scope=lambda owners: self.fused.routed(routing),
+            )
         dense = routing.to_dense(len(self.adapter_names))
         return continuation_logprobs(
             self.model,

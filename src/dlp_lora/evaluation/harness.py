@@ -19,13 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
-from dlp_lora.config import EvalConfig, GenerationConfig, SplitConfig
+from dlp_lora.config import ArrowConfig, EvalConfig, GenerationConfig, SplitConfig
 from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores
-from dlp_lora.evaluation.methods import method_weights
+from dlp_lora.evaluation.methods import ARROW, method_weights
 from dlp_lora.evaluation.metrics import choice_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
-from dlp_lora.types import Routing
+from dlp_lora.types import ArrowRouting, Routing
 
 __all__ = ["EvalConfig", "evaluate_task", "routing_key", "HEADLINE_SCORES", "headline_key"]
 
@@ -46,16 +46,22 @@ def routing_key(dense_row: torch.Tensor) -> tuple[tuple[int, float], ...]:
 
 
 def _run_rows(
-    dlp: DLPLoRA, task: Task, examples: Sequence[Example], dense: torch.Tensor, cfg: EvalConfig, cache: dict
+    dlp: DLPLoRA,
+    task: Task,
+    examples: Sequence[Example],
+    dense: torch.Tensor | ArrowRouting,
+    cfg: EvalConfig,
+    cache: dict,
 ) -> list[dict]:
-    """Generate (and score options) for rows not in cache; cache maps (uid, routing key) -> row result."""
-    keys = [(ex.uid, routing_key(dense[b])) for b, ex in enumerate(examples)]
+    """Generate (and score options) for rows not in cache; cache maps (uid, routing key) -> row result.
+    dense: (B, bank) weights per example, or an `ArrowRouting` for every example (the `arrow` method)."""
+    keys = [(ex.uid, _key(dense, b)) for b, ex in enumerate(examples)]
     todo = [b for b, k in enumerate(keys) if k not in cache]
     gen = GenerationConfig(max_new_tokens=task.max_new_tokens)
     for i in range(0, len(todo), cfg.batch_size):
         rows = todo[i : i + cfg.batch_size]
         prompts = [examples[b].prompt for b in rows]
-        routing = Routing.from_dense(dense[rows])
+        routing = dense if isinstance(dense, ArrowRouting) else Routing.from_dense(dense[rows])
         outs = dlp.generate(prompts, config=gen, routing=routing)
         opts = (
             dlp.option_logprobs(prompts, [list(examples[b].options) for b in rows], routing)
@@ -71,6 +77,11 @@ def _run_rows(
                 "weights": out.weights,
             }
     return [cache[k] for k in keys]
+
+
+def _key(dense: torch.Tensor | ArrowRouting, b: int) -> tuple:
+    """Routing key of example b: its mixture's, or Arrow's setting (every example under it alike)."""
+    return (("arrow", dense),) if isinstance(dense, ArrowRouting) else routing_key(dense[b])
 
 
 def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
@@ -114,6 +125,7 @@ def evaluate_task(
     split_cfg: SplitConfig,
     data_dir: str | Path | None = None,
     progress: bool = True,
+    arrow: ArrowConfig | None = None,
 ) -> dict[str, dict]:
     """All methods on one task: method -> metric means and HEADLINE_SCORES (per example); per-example
     predictions go to out_dir/predictions/<method>/<task>.jsonl.
@@ -129,11 +141,11 @@ def evaluate_task(
         raise ValueError(f"task {task_name!r} is not a router class of these assets: {dlp.task_names}")
     probs = dlp.router.predict_proba([ex.prompt for ex in examples])
     truth = torch.full((len(examples),), dlp.task_names.index(task_name), dtype=torch.long)
-    dense = {m: _method_dense(dlp, m, probs, truth) for m in cfg.all_methods}
+    dense = {m: _method_dense(dlp, m, probs, truth, arrow) for m in cfg.all_methods}
     path = {m: out_dir / "predictions" / m / f"{task_name}.jsonl" for m in cfg.all_methods}
-    done = {m: _read_complete(path[m], examples, [dlp.mixture(row) for row in dense[m]]) for m in cfg.all_methods}
+    done = {m: _read_complete(path[m], examples, _mixtures(dlp, dense[m], len(examples))) for m in cfg.all_methods}
     cache = {
-        (ex.uid, routing_key(dense[m][b])): r
+        (ex.uid, _key(dense[m], b)): r
         for m, rows in done.items()
         if rows is not None
         for b, (ex, r) in enumerate(zip(examples, rows))
@@ -148,9 +160,19 @@ def evaluate_task(
     return results
 
 
-def _method_dense(dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+def _mixtures(dlp: DLPLoRA, dense: torch.Tensor | ArrowRouting, n: int) -> list[tuple[list[str], list[float]]]:
+    """What each example's stored row must name: its mixture, or none under Arrow (per token)."""
+    return [([], [])] * n if isinstance(dense, ArrowRouting) else [dlp.mixture(row) for row in dense]
+
+
+def _method_dense(
+    dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.Tensor, arrow: ArrowConfig | None = None
+) -> torch.Tensor | ArrowRouting:
     """(B, bank width) weights: a baseline adapter alone when `method` names one, else the method's routing
-    over the router's classes mapped to the bank (classes the base model serves drop their weight)."""
+    over the router's classes mapped to the bank (classes the base model serves drop their weight); for
+    `arrow`, the Arrow routing of `arrow` (default: the pipeline's), the same for every example."""
+    if method == ARROW:
+        return dlp.arrow_routing(arrow)
     if method in dlp.baselines:
         dense = torch.zeros(len(probs), len(dlp.adapter_names))
         dense[:, dlp.adapter_names.index(method)] = 1.0

@@ -15,7 +15,11 @@ import torch
 from dlp_lora.config import SelectionConfig
 from dlp_lora.router import select_with
 
-__all__ = ["METHODS", "check_method", "method_weights"]
+__all__ = ["ARROW", "METHODS", "check_method", "method_weights"]
+
+ARROW = "arrow"
+"""The method that routes with Arrow (per token, in the layers) instead of weights: the harness runs it under
+`DLPLoRA.arrow_routing()` (a pipeline built with `arrow=ArrowConfig(...)`)."""
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig, Sequence[int]], torch.Tensor]
 
@@ -57,7 +61,9 @@ def check_method(method: str, selection: SelectionConfig) -> tuple[MethodFn, Sel
     """
     name, _, p = method.partition("@")
     if name not in METHODS or (p and name != "dlp"):
-        raise ValueError(f"unknown method {method!r}; known methods: {list(METHODS)} and dlp@P for a p sweep")
+        raise ValueError(
+            f"unknown method {method!r}; known methods: {list(METHODS)}, {ARROW!r} and dlp@P for a p sweep"
+        )
     if p:
         try:
             selection = replace(selection, p=float(p))

@@ -8,10 +8,10 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dlp_lora.config import SplitConfig
+from dlp_lora.config import ArrowConfig, SplitConfig
 from dlp_lora.evaluation.composite import evaluate_composite, make_pairs
 from dlp_lora.evaluation.harness import EvalConfig, config_record, evaluate_task
-from dlp_lora.evaluation.methods import check_method
+from dlp_lora.evaluation.methods import ARROW, check_method
 from dlp_lora.evaluation.report import write_report
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Task, get_task, load_splits
@@ -28,8 +28,10 @@ def run_evaluation(
     split_cfg: SplitConfig = SplitConfig(),
     data_dir: str | Path | None = None,
     command: str = "dlp-lora evaluate",
+    arrow: ArrowConfig | None = None,
 ) -> dict:
-    """Evaluate all methods on all tasks (resumable per method and task) and write the report into out_dir.
+    """Evaluate all methods on all tasks (resumable per method and task) and write the report into out_dir;
+    the `arrow` method routes with `arrow` (default: the pipeline's Arrow setting).
     The router's `none` class (out-of-pool prompts, no adapter, no test split) is left out of `tasks`, so
     `dlp.task_names` can be passed as it is."""
     task_map = {t.name: t for t in map(get_task, (t for t in tasks if t != NONE))}
@@ -39,11 +41,13 @@ def run_evaluation(
     # Baselines in the assets (e.g. `multitask`) are always compared: they exist for that.
     cfg = replace(cfg, methods=cfg.methods + tuple(b for b in dlp.baselines if b not in cfg.methods))
     for method in cfg.all_methods:  # an unknown name fails now, not after hours of generation
-        if method not in dlp.baselines:
+        if method == ARROW:
+            dlp.arrow_routing(arrow)  # Arrow's setting: `arrow`, else the pipeline's
+        elif method not in dlp.baselines:
             check_method(method, dlp.selection)
     out = Path(out_dir)
     per_task = {
-        name: evaluate_task(dlp, task, out, cfg, split_cfg, data_dir)
+        name: evaluate_task(dlp, task, out, cfg, split_cfg, data_dir, arrow=arrow)
         for name, task in tqdm(task_map.items(), desc="tasks")
     }
     composite = None
