@@ -31,6 +31,8 @@ PAIRS = (
     ("dlp", "multitask"),
     ("dlp", "base"),
     ("multitask", "base"),
+    ("arrow", "dlp"),
+    ("arrow", "base"),
 )
 """Method pairs compared over all tasks (when both were run): `a - b` with a stratified bootstrap interval."""
 
