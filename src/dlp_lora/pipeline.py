@@ -350,24 +350,17 @@ class DLPLoRA:
         As lm-evaluation-harness scores multiple choice (see `dlp_lora.scoring.continuation_logprobs`).
         Returns lists shaped like `options`.
         """
-        if isinstance(routing, ArrowRouting):
-            return continuation_logprobs(
-                self.model,
-                self.tokenizer,
-                prompts,
-                options,
-                batch_size,
-                scope=lambda owners: self.fused.routed(routing),
-            )
-        dense = routing.to_dense(len(self.adapter_names))
-        return continuation_logprobs(
-            self.model,
-            self.tokenizer,
-            prompts,
-            options,
-            batch_size,
-            scope=lambda owners: self.fused.routed(dense[owners]),
-        )
+        if isinstance(routing, ArrowRouting):  # every row under Arrow, whichever rows a chunk holds
+
+            def scope(owners: list[int]):
+                return self.fused.routed(routing)
+        else:
+            dense = routing.to_dense(len(self.adapter_names))
+
+            def scope(owners: list[int]):
+                return self.fused.routed(dense[owners])
+
+        return continuation_logprobs(self.model, self.tokenizer, prompts, options, batch_size, scope=scope)
 
     def mixture(self, dense_row: torch.Tensor) -> tuple[list[str], list[float]]:
         """(adapter names, weights rounded to 1e-6), heaviest first, of one row of bank weights (bank width,):
