@@ -62,6 +62,12 @@ class _Page:
         while True:
             msg = json.loads(self.ws.recv(30))
             if msg.get("id") == self.next_id:
+                if "error" in msg:
+                    # Evaluated while the page navigated (the polls race `location.href = ...`): nothing to
+                    # read yet, the caller polls again. Any other DevTools error is a failure.
+                    if "context" in msg["error"].get("message", "").lower():
+                        return None
+                    raise RuntimeError(f"DevTools refused {expression!r}: {msg['error']}")
                 return msg["result"]["result"].get("value")
 
 
