@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from dlp_lora.bench import serving
+from dlp_lora.bench import server_process
 from dlp_lora.bench.serving import build_tiny_assets
 
 CHECKS = (
@@ -39,7 +39,7 @@ def main() -> int:
         assets = build_tiny_assets(Path(tmp))
         flags = ["--max-tokens-limit", "16", "--default-max-tokens", "4", "--max-prompt-tokens", "256"]
         flags += ["--max-queue", "256", "--allow-runtime-adapters"]
-        with serving(assets, *flags) as url:
+        with server_process(assets, *flags) as url:
             cmd = [
                 st,
                 "run",

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 
 from dlp_lora.assets import Manifest
-from dlp_lora.bench import serving
+from dlp_lora.bench import server_process
 from dlp_lora.evaluation.examples import headline_score
 from dlp_lora.evaluation.stats import bootstrap_mean, paired_difference
 from dlp_lora.tasks import get_task, load_splits, parse_answer
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = ns.tasks or [t for t, a in manifest.adapters.items() if a is not None]
     work = Path(ns.work)
     examples = write_tasks(tasks, work, ns.data_dir)
-    with serving(ns.assets, "--quantize", "none") as url:
+    with server_process(ns.assets, "--quantize", "none") as url:
         base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         runs = {m: run_lm_eval(ns, m, url, tasks, work) for m in ("dlp-lora", base_name)}
         own = {t: own_route_share(url, t, examples[t]) for t in tasks}

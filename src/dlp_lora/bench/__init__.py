@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["free_port", "rss_mb", "save_json", "serving", "timed", "wait_healthy", "write_section"]
+__all__ = ["free_port", "rss_mb", "save_json", "server_process", "timed", "wait_healthy", "write_section"]
 
 
 def timed(fn: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
@@ -80,7 +80,7 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> Non
 
 
 @contextmanager
-def serving(assets: str | Path, *flags: str, timeout: float = 300) -> Iterator[str]:
+def server_process(assets: str | Path, *flags: str, timeout: float = 300) -> Iterator[str]:
     """`dlp-lora serve --assets ASSETS FLAGS...` on a free local port, as a subprocess: yields its base URL
     once /health answers, and stops it afterwards."""
     port = free_port()
