@@ -150,8 +150,9 @@ def test_pipeline_and_server_route_with_arrow(tmp_path):
         body = {"model": "dlp-lora", "max_tokens": 6, "temperature": 0}
         ans = client.post("/v1/chat/completions", json={**body, "messages": [{"role": "user", "content": prompts[0]}]})
         assert ans.status_code == 200 and ans.json()["choices"][0]["message"]["content"] == got[0].text
-        named = client.post("/v1/completions", json={**body, "model": "maths", "prompt": "hi"})
-        assert named.status_code == 400 and "Arrow" in named.json()["error"]["message"]
+        for model in ("maths", "tiny-base"):  # an adapter, and the base model, by name
+            named = client.post("/v1/completions", json={**body, "model": model, "prompt": "hi"})
+            assert named.status_code == 400 and "Arrow" in named.json()["error"]["message"], model
     with pytest.raises(ValueError, match="top_k 4 needs at least that many"):
         tiny_pipeline(root, tok, arrow=ArrowConfig(top_k=4))
     with pytest.raises(ValueError, match=r"general adapters \['nope'\] are not loaded"):

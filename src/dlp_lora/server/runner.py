@@ -118,18 +118,19 @@ class PipelineRunner:
         """id(job) -> its {adapter: weight}: its explicit mixture, or the router's choice for its text. A job
         whose text the router refuses (nothing left after tokenizing) answers 400 and is left out; the
         others are routed without it. Under Arrow every job rides with {} (Arrow routes each token); one
-        that names adapters answers 400."""
+        that names a model or adapters (the base model included: it cannot ride beside Arrow rows) answers
+        400."""
         if self.engine.arrow is not None:
             for job in jobs:
-                if job.mixture:
+                if job.mixture is not None:
                     job.future.set_exception(
                         InvalidRequest(
-                            "this server routes every token with Arrow (--router arrow); it serves no "
-                            "named adapter mixtures",
+                            "this server routes every token with Arrow (--router arrow); ask for the routed "
+                            "model, not a named model or adapter mixture",
                             param="model",
-                        )  # fmt: skip
+                        )
                     )
-            return {id(j): {} for j in jobs if not j.mixture}
+            return {id(j): {} for j in jobs if j.mixture is None}
         out = {id(j): dict(j.mixture) for j in jobs if j.mixture is not None}
         routed = [j for j in jobs if j.mixture is None]
         try:
