@@ -312,8 +312,9 @@ def test_arrow_on_the_bundled_adapters_equals_peft(real):
 
     Same prototypes (to 2e-8) and the same routing; the deltas are summed in another order (one dense
     matmul against PEFT's per-expert einsums), so the two differ by fp32 rounding: measured 1.1e-4 at
-    most here, each about 8.5e-5 from the same computation in float64. The test holds each to that: ours
-    no further from the float64 result than twice PEFT's distance, and the two within 2e-4."""
+    most here, each about 8.5e-5 from the same computation in float64. The bounds are relative to PEFT's own
+    fp32 error in this run (no constant taken from one CPU): ours no further from the float64 result than
+    twice PEFT's distance, and the two no further apart than twice that distance."""
     import copy
 
     from peft import ArrowConfig, create_arrow_model
@@ -345,6 +346,7 @@ def test_arrow_on_the_bundled_adapters_equals_peft(real):
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits.double()
     tokens = mask.bool()
-    assert (ours32 - theirs)[tokens].abs().max() <= 2e-4
-    assert (ours32 - ours64)[tokens].abs().max() <= 2 * (theirs - ours64)[tokens].abs().max()
+    peft_error = (theirs - ours64)[tokens].abs().max()
+    assert (ours32 - theirs)[tokens].abs().max() <= 2 * peft_error
+    assert (ours32 - ours64)[tokens].abs().max() <= 2 * peft_error
     assert (ours32 - plain)[tokens].abs().max() > 1e-2  # Arrow changed the model
