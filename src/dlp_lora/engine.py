@@ -503,10 +503,11 @@ class Engine:
 
     def result(self, row: Row, first: Mapping[str, float]) -> Result:
         """An ended row's `Result`; `first` is the mixture it started under."""
+        adapters, weights = listed(first)
         return Result(
             text=self.text(row),
-            adapters=listed(first)[0],
-            weights=listed(first)[1],
+            adapters=adapters,
+            weights=weights,
             finish_reason=row.finish_reason or "length",
             prompt_tokens=len(row.prompt_ids),
             completion_tokens=len(row.tokens),
