@@ -20,94 +20,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
 from dlp_lora.assets import Manifest
 from dlp_lora.bench import server_process
+from dlp_lora.bench.lmeval import LAYOUTS, LmEval, write_tasks
 from dlp_lora.evaluation.examples import headline_score
 from dlp_lora.evaluation.stats import bootstrap_mean, paired_difference
-from dlp_lora.tasks import get_task, load_splits, parse_answer
+from dlp_lora.tasks import get_task, parse_answer
 
-LAYOUT = "Q: {{prompt}}\nA:"
-
-
-def write_tasks(tasks: list[str], work: Path, data_dir: str | None) -> dict[str, list]:
-    """One JSONL + YAML per task under work/tasks; returns each task's test examples."""
-    folder = work / "tasks"
-    folder.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for name in tasks:
-        task = get_task(name)
-        test = load_splits(task, data_dir).test
-        out[name] = test
-        rows = [
-            {
-                "uid": ex.uid,
-                "prompt": ex.prompt,
-                "options": list(ex.options),
-                "gold": ex.gold_index if ex.options else 0,
-                "target": ex.references[0],
-            }
-            for ex in test
-        ]
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        common = [
-            f"task: raw_{name}",
-            "dataset_path: json",
-            "dataset_kwargs:",
-            "  data_files:",
-            f"    test: {(folder / f'{name}.jsonl').resolve()}",
-            "test_split: test",
-            f"doc_to_text: {json.dumps(LAYOUT)}",
-        ]
-        if task.kind == "mcq":
-            body = [
-                "output_type: multiple_choice",
-                'doc_to_choice: "{{options}}"',
-                'doc_to_target: "{{gold}}"',
-                "metric_list:",
-                "  - metric: acc",
-                "  - metric: acc_norm",
-            ]
-        else:
-            body = [
-                "output_type: generate_until",
-                'doc_to_target: "{{target}}"',
-                "generation_kwargs:",
-                '  until: ["\\n"]',
-                f"  max_gen_toks: {task.max_new_tokens}",
-                "  do_sample: false",
-                "  temperature: 0.0",
-                "metric_list:",
-                "  - metric: exact_match",
-            ]
-        (folder / f"raw_{name}.yaml").write_text("\n".join(common + body + ["metadata:", "  version: 1.0"]) + "\n")
-    return out
-
-
-def run_lm_eval(ns: argparse.Namespace, model: str, url: str, tasks: list[str], work: Path) -> tuple[dict, float]:
-    """Run lm-eval once for `model`; (task -> its logged samples in doc order, seconds)."""
-    out = work / "out" / model
-    cmd = [
-        ns.lm_eval, "--model", "local-completions", "--tasks", ",".join(f"raw_{t}" for t in tasks),
-        "--include_path", str(work / "tasks"), "--log_samples", "--output_path", str(out),
-        "--model_args", f"model={model},base_url={url}/v1/completions,tokenizer={ns.tokenizer},"
-        f"tokenizer_backend=huggingface,num_concurrent={ns.concurrent},max_retries=3",
-    ]  # fmt: skip
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=sys.stderr)
-    seconds = time.perf_counter() - t0
-    samples = {}
-    for t in tasks:
-        (path,) = sorted(out.rglob(f"samples_raw_{t}_*.jsonl"))[-1:]
-        docs = [json.loads(line) for line in path.read_text().splitlines()]
-        samples[t] = sorted(docs, key=lambda d: d["doc_id"])
-    return samples, seconds
+LAYOUT = LAYOUTS["raw"][0]
 
 
 def scores_of(name: str, samples: list[dict], examples: list) -> tuple[list[float], int]:
@@ -152,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     examples = write_tasks(tasks, work, ns.data_dir)
     with server_process(ns.assets, "--quantize", "none") as url:
         base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
-        runs = {m: run_lm_eval(ns, m, url, tasks, work) for m in ("dlp-lora", base_name)}
+        lm_eval = LmEval(ns.lm_eval, ns.tokenizer, ns.concurrent)
+        runs = {m: lm_eval.run(m, url, tasks, work) for m in ("dlp-lora", base_name)}
         own = {t: own_route_share(url, t, examples[t]) for t in tasks}
     result = {"command": "python benchmarks/lm_eval_raw.py " + " ".join(argv or sys.argv[1:]), "label": ns.label,
               "assets": ns.assets, "layout": LAYOUT, "seconds": {m: round(s, 1) for m, (_, s) in runs.items()},

@@ -222,3 +222,72 @@ def test_a_row_switching_mixture_mid_decode_equals_the_reference(adapter_dirs, d
     assert row.switches == [(2, plan[2]), (5, plan[5])] and row.mixture == plan[5]
     for other, ref in zip(others if neighbours else [], refs):
         assert other.tokens == ref and other.switches == []
+
+
+def _scoring(ids, mixture, max_tokens=1, top=1) -> Row:
+    return Row(
+        prompt_ids=ids, mixture=mixture, params=GenerationConfig(max_new_tokens=max_tokens), logprobs=top, echo=True
+    )
+
+
+def test_scoring_on_cached_prefixes_equals_scoring_alone(engine):
+    """Options of one question (a shared context, each option appended) scored through a prefix cache, in
+    one call or across calls, beside other mixtures and short prompts, get what each gets prefilled alone:
+    every prompt log-probability, its alternatives and the first new token; only the shared context is
+    reused, only under the same mixture."""
+    from dlp_lora.prefixes import PrefixCache
+
+    context = [5, 9, 17, 33, 40, 41, 7, 8, 9, 10, 11]
+    options = [[12, 13], [14], [15, 16, 17, 18], [12, 19]]
+    make = [
+        lambda: _scoring(context + options[0], MIXES[1], top=2),
+        lambda: _scoring(context + options[1], MIXES[1], max_tokens=0, top=2),
+        lambda: _scoring(context + options[2], MIXES[0]),  # another mixture: no reuse
+        lambda: _scoring([3, 4], MIXES[1]),  # too short to share
+        lambda: _scoring(context + options[3], MIXES[1], top=1),
+        lambda: _scoring(context + options[2], MIXES[1], top=3),  # more alternatives than cached: no reuse
+    ]
+    want = []
+    for f in make:
+        row = f()
+        with device_checked():
+            engine.prefill([row])
+        want.append(row)
+    engine.release()
+    prefixes = PrefixCache(max_tokens=64, min_shared=4)
+    first = [f() for f in make[:4]]
+    with device_checked():
+        engine.score(first, prefixes)
+        later = [f() for f in make[4:]]
+        engine.score(later, prefixes)
+    tol = 2 * ATOL[engine.model.dtype]
+    for got, ref in zip(first + later, want):
+        assert got.done and got.tokens == ref.tokens and got.finish_reason == ref.finish_reason
+        assert len(got.prompt_logprobs) == len(ref.prompt_logprobs) and got.prompt_logprobs[0] is None
+        for a, b in zip(got.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
+            assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=tol)
+            assert [t for t, _ in a.top] == [t for t, _ in b.top]
+    # Options 1 and 3 reused option 0's context (one in the same call; 3 also its first token, 12); the
+    # other mixture, the short prompt and the one asking more alternatives did not.
+    assert prefixes.hits == 2 and prefixes.reused_tokens == len(context) + len(context) + 1
+
+
+def test_prefix_cache_keeps_its_token_budget_and_forgets_on_clear():
+    from dlp_lora.prefixes import CachedPrompt, PrefixCache
+
+    def entry(ids):
+        kv = [torch.zeros(1, 1, len(ids), 2)]
+        return CachedPrompt(ids=ids, keys=kv, values=kv, logprobs=[None] * len(ids), top=0)
+
+    cache = PrefixCache(max_tokens=10, min_shared=2)
+    cache.store("m", entry([1, 2, 3, 4]))
+    cache.store("m", entry([1, 2, 5, 6, 7]))
+    assert cache.lookup("m", [1, 2, 3, 9], 0)[1] == 3 and cache.lookup("x", [1, 2, 3, 9], 0) is None
+    cache.store("m", entry([8, 9, 1]))  # over 10 tokens: the least recently used ([1, 2, 5, 6, 7]) leaves
+    assert cache.tokens == 7 and len(cache) == 2 and cache.lookup("m", [1, 2, 5, 6], 0)[1] == 2
+    cache.store("m", entry(list(range(20))))  # longer than the whole budget: not kept
+    assert cache.tokens == 7
+    cache.clear()
+    assert len(cache) == 0 and cache.tokens == 0 and cache.lookup("m", [1, 2, 3, 9], 0) is None
+    with pytest.raises(ValueError, match="min_shared >= 2"):
+        PrefixCache(max_tokens=8, min_shared=1)

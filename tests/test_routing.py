@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import make_tiny_assets, tiny_pipeline, tiny_vocab_model
 
-from dlp_lora.chat import encode_prompts
+from dlp_lora.chat import UserTurns, conversation_prompt, encode_prompts
 from dlp_lora.config import FusionConfig, GenerationConfig, RoutingConfig, SelectionConfig
-from dlp_lora.granularity import SentencePolicy, routing_text, scoring_text, split_segments
+from dlp_lora.granularity import SentencePolicy, completion_route_text, routing_text, scoring_text, split_segments
 from dlp_lora.models import load_tokenizer
 
 
@@ -248,3 +248,23 @@ def test_sentence_demo_cuts_the_answer_at_each_switch(tmp_path, tok):
 )
 def test_scoring_text_reads_the_question(text, want):
     assert scoring_text(text) == want
+
+
+def test_user_turns_find_the_last_user_message_of_a_templated_prompt():
+    tok = load_tokenizer()
+    turns = UserTurns(tok)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first\n\nQ: one?"}]
+    chat += [{"role": "assistant", "content": "A: 1"}, {"role": "user", "content": "Q: two?\nA:"}]
+    text = conversation_prompt(tok, chat)
+    assert turns.last_message(text) == "Q: two?\nA:"
+    assert turns.last_message(text + "an answer: with a colon") == "Q: two?\nA:"
+    assert turns.last_message(conversation_prompt(tok, chat[1:2])) == "first\n\nQ: one?"
+    assert turns.last_message("Q: two?\nA: yes") is None  # raw text: not a chat
+    assert completion_route_text("Q: two?\nA: yes", turns, scoring=True) == "Q: two?\nA:"
+    assert completion_route_text("Q: two?\nA: yes", turns, scoring=False) == "Q: two?\nA: yes"
+    assert completion_route_text(text + "yes", turns, scoring=False) == "Q: two?\nA:"
+    assert UserTurns(_NoTemplate()).last_message(text) is None
+
+
+class _NoTemplate:
+    chat_template = None

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from dlp_lora.chat import chat_prompt, encode_prompts
 from dlp_lora.config import FusionConfig, GenerationConfig, RoutingConfig, SelectionConfig, ServerConfig
+from dlp_lora.granularity import scoring_text
 from dlp_lora.models import load_tokenizer
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server import create_app
@@ -251,10 +252,22 @@ def test_echo_logprobs_equal_option_logprobs(pipe):
             },
         )
         assert r.status_code == 200, r.text
+        # One request per option, as lm-eval sends them: the later ones reuse the first one's context.
+        alone = [
+            client.post(
+                "/v1/completions",
+                json={"model": "science", "prompt": ctx + c, "max_tokens": 1, "echo": True, "logprobs": 1},
+            ).json()["choices"][0]
+            for c in conts
+        ]
+        prefixes = client.app.state.server.runner.prefixes
+        assert prefixes.hits >= len(conts) and prefixes.reused_tokens >= len(conts) * len(ctx)
         gen = client.post(
             "/v1/completions",
             json={"model": "science", "prompt": ctx, "max_tokens": 3, "logprobs": 5, "temperature": 0},
         ).json()["choices"][0]
+    for choice, cont, lp in zip(alone, conts, want):
+        assert sum(choice["logprobs"]["token_logprobs"][-len(cont) - 1 : -1]) == pytest.approx(lp, abs=1e-4)
     for choice, cont, lp in zip(r.json()["choices"], conts, want):
         got = choice["logprobs"]
         assert got["token_logprobs"][0] is None and got["top_logprobs"][0] is None
@@ -1010,3 +1023,41 @@ def test_scoring_requests_route_every_option_on_the_question(client):
     assert not same([route(question + o) for o in options], want)
     other = "Sort the following words: pear apple fig"
     assert same(scored([question + o for o in options], route_on=other), route(other))
+
+
+def test_a_chat_templated_completion_is_routed_on_its_user_message(client, pipe):
+    """A client that applies the chat template itself (lm-evaluation-harness's `--apply_chat_template`)
+    sends a raw prompt holding the template: it is routed as the chat endpoint routes, on the last user
+    message, whether it generates or scores options appended after the assistant's turn opens."""
+    question = "Sort the following words: pear apple fig"
+    context = chat_prompt(pipe.tokenizer, question)
+    want = client.post("/v1/route", json={"prompt": question}).json()
+    options = ["apple fig pear", "fig: pear apple"]
+    scored = client.post(
+        "/v1/completions", json={"prompt": [context + o for o in options], "max_tokens": 0, "echo": True}
+    ).json()["choices"]
+    generated = client.post("/v1/completions", json={"prompt": context, "max_tokens": 2}).json()["choices"]
+    for c in scored + generated:
+        assert c["routing"]["adapters"] == want["adapters"]
+        assert c["routing"]["weights"] == pytest.approx(want["weights"], abs=1e-5)
+    # Read whole (template, system text and option included), the router would choose otherwise.
+    whole = [client.post("/v1/route", json={"prompt": context + o}).json()["weights"] for o in options]
+    assert any(w != pytest.approx(want["weights"], abs=1e-5) for w in whole)
+
+
+def test_library_and_server_score_a_raw_question_alike(client, pipe):
+    """`DLPLoRA.option_logprobs(chat=False)` without a routing reads what the server reads of the same
+    scoring requests: one mixture per question, the same log-likelihoods."""
+    demos = "Q: What is 2 + 2?\nA: 4\n\n"
+    context = demos + "Q: Which gas do plants take in?\nA:"
+    options = [" carbon dioxide", " oxygen: a gas"]
+    want = pipe.option_logprobs([context], [options], chat=False)[0]
+    ctx = pipe.tokenizer(context, add_special_tokens=False)["input_ids"]
+    conts = [pipe.tokenizer(o, add_special_tokens=False)["input_ids"] for o in options]
+    out = client.post(
+        "/v1/completions", json={"prompt": [ctx + c for c in conts], "max_tokens": 0, "echo": True, "logprobs": 0}
+    ).json()["choices"]
+    routing = pipe.route([scoring_text(context + options[0])])
+    assert all(c["routing"]["adapters"] == pipe.mixture(routing.to_dense(len(pipe.adapter_names))[0])[0] for c in out)
+    for c, cont, lp in zip(out, conts, want):
+        assert sum(c["logprobs"]["token_logprobs"][-len(cont) :]) == pytest.approx(lp, abs=1e-4)

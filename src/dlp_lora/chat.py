@@ -6,11 +6,14 @@ adapter sees at inference exactly the prompt format it was trained on.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "RAW_LAYOUTS",
+    "UserTurns",
     "chat_prompt",
     "conversation_prompt",
     "encode_prompts",
@@ -47,6 +50,46 @@ def conversation_prompt(
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     # Tokenizers without a chat template (tiny test models): each message's text on its own line.
     return "".join(m["content"] + "\n" for m in messages)
+
+
+class UserTurns:
+    """Finds the user's turns in text already written in the tokenizer's chat template (a raw completion
+    whose client applied the template itself, as lm-evaluation-harness's `--apply_chat_template` does), so
+    such a prompt is routed as the chat endpoint routes it: on its last user message.
+
+    The markers are read off the template: it renders a conversation of placeholders, and a user turn's
+    opening is the text every user message follows (the end of the turn before it included), its closing
+    the text every user message is followed by. A tokenizer without a template has none: nothing is found.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.opening = self.closing = ""
+        if not getattr(tokenizer, "chat_template", None):
+            return
+        a, b, c = "\x01first\x01", "\x02answer\x02", "\x03second\x03"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": a}, {"role": "assistant", "content": b}, {"role": "user", "content": c}],
+            tokenize=False,
+        )
+        if not all(m in text for m in (a, b, c)):
+            return  # a template that rewrites messages: leave such prompts to the raw rule
+        before_first, after_first = text[: text.index(a)], text[text.index(a) + len(a) :]
+        before_second, after_second = text[text.index(b) + len(b) : text.index(c)], text[text.index(c) + len(c) :]
+        self.opening = _common_suffix(before_first, before_second)
+        self.closing = os.path.commonprefix([after_first, after_second])
+
+    def last_message(self, text: str) -> str | None:
+        """The last user message of `text` if it is written in the chat template (it holds a user turn's
+        opening), else None."""
+        if not self.opening or self.opening not in text:
+            return None
+        message = text[text.rindex(self.opening) + len(self.opening) :]
+        end = message.find(self.closing) if self.closing else -1
+        return message[:end] if end >= 0 else message
+
+
+def _common_suffix(x: str, y: str) -> str:
+    return os.path.commonprefix([x[::-1], y[::-1]])[::-1]
 
 
 def encode_prompts(

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.chat import left_pad
 from dlp_lora.config import GenerationConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.prefixes import CachedPrompt, PrefixCache
 from dlp_lora.sampling import cut_at_stop, eos_ids, sample_next, stop_reached
 from dlp_lora.types import ArrowRouting
 
@@ -390,6 +391,105 @@ class Engine:
         batch = RunningBatch(rows=list(rows), cache=out.cache, mask=mask, positions=positions[:, -1:].clone())
         self._advance(batch.rows, out.logits[:, -1])
         return batch
+
+    @staticmethod
+    def scores_only(row: Row) -> bool:
+        """A row that only scores its prompt (echo, at most one new token, no re-routing): it ends at its
+        prefill, so `score` may run it."""
+        return row.echo and row.max_tokens <= 1 and row.reroute is None
+
+    @torch.no_grad()
+    def score(self, rows: list[Row], prefixes: PrefixCache | None = None) -> None:
+        """Prefill rows that only score their prompt (`scores_only`); each ends here.
+
+        With `prefixes`, a row whose prompt starts like a recently scored one under the same mixture (another
+        option of the same question) runs only its own tail on the cached keys and values, and copies the
+        shared tokens' log-probabilities; every row scored here is cached in turn. Of rows that arrive together
+        and start alike, one runs first and the others reuse its context.
+        """
+        if not all(self.scores_only(r) for r in rows):
+            raise ValueError("score takes rows that echo their prompt with at most one new token")
+        if prefixes is None:
+            self.prefill(rows)
+            return
+        todo = list(rows)
+        while todo:  # each round runs at least one row per head, so it ends
+            found = [(r, prefixes.lookup(self._key(r), r.prompt_ids, r.logprobs or 0)) for r in todo]
+            hits = [(r, h) for r, h in found if h is not None]
+            if hits:
+                self._prefill_on(prefixes, [r for r, _ in hits], [h for _, h in hits])
+            heads, first, later = set(), [], []
+            for r, h in found:
+                if h is not None:
+                    continue
+                head = (self._key(r), tuple(r.prompt_ids[: prefixes.min_shared]))
+                (later if head in heads else first).append(r)  # one row per head; the rest look again
+                heads.add(head)
+            if first:
+                batch = self.prefill(first)
+                width = batch.mask.shape[1]
+                for b, row in enumerate(first):
+                    self._keep(prefixes, row, batch.cache, b, width - len(row.prompt_ids), width)
+            todo = later
+
+    def _key(self, row: Row) -> tuple:
+        """What a cached prompt must share with a row besides its tokens: the row's mixture (or Arrow)."""
+        return (
+            ("arrow",) if self.arrow is not None else tuple(sorted((n, float(w)) for n, w in row.mixture.items() if w))
+        )
+
+    def _keep(self, prefixes: PrefixCache, row: Row, cache, b: int, start: int, end: int) -> None:
+        """Cache row b's prompt: its KV columns [start, end) of `cache`."""
+        layers = cache.layers
+        entry = CachedPrompt(
+            ids=list(row.prompt_ids),
+            keys=[layer.keys[b : b + 1, :, start:end] for layer in layers],
+            values=[layer.values[b : b + 1, :, start:end] for layer in layers],
+            logprobs=list(row.prompt_logprobs),
+            top=row.logprobs or 0,
+        )
+        prefixes.store(self._key(row), entry)
+
+    def _prefill_on(self, prefixes: PrefixCache, rows: list[Row], hits: list[tuple[CachedPrompt, int]]) -> None:
+        """Prefill rows on cached prefixes: row b reuses the first s_b - 1 tokens' keys and values and runs
+        tokens s_b - 1 ... (s_b shared tokens: the logits at position s_b - 1 score its first new token).
+
+        Cached parts are left padded to the longest (P columns), the tails right padded (S columns): a
+        real token never attends to padding before it (masked) or after it (causal)."""
+        past = [s - 1 for _, s in hits]
+        tails = [r.prompt_ids[p:] for r, p in zip(rows, past)]
+        width_p, width_s = max(past), max(map(len, tails))
+        dev = self.device
+        keys, values = [], []
+        for i in range(len(hits[0][0].keys)):
+            keys.append(torch.cat([_left_pad_to(e.keys[i][:, :, :p], width_p, 2) for (e, _), p in zip(hits, past)]))
+            values.append(torch.cat([_left_pad_to(e.values[i][:, :, :p], width_p, 2) for (e, _), p in zip(hits, past)]))
+        cache = DynamicCache(ddp_cache_data=list(zip(keys, values)), config=self.model.config)
+        # Built on the host (filled row by row from Python), moved once.
+        mask = torch.zeros(len(rows), width_p + width_s, dtype=torch.long, device="cpu")
+        ids = torch.full((len(rows), width_s), self.pad, dtype=torch.long, device="cpu")
+        for b, (p, tail) in enumerate(zip(past, tails)):
+            mask[b, width_p - p : width_p + len(tail)] = 1
+            ids[b, : len(tail)] = torch.tensor(tail, dtype=torch.long, device="cpu")
+        positions = torch.tensor(past, device="cpu")[:, None] + torch.arange(width_s, device="cpu")[None]
+        self._route(rows)
+        out = self.model(
+            input_ids=ids.to(dev),
+            attention_mask=mask.to(dev),
+            position_ids=positions.to(dev),
+            cache=cache,
+            use_cache=True,
+        )
+        last = []
+        for b, (row, (entry, shared), p, tail) in enumerate(zip(rows, hits, past, tails)):
+            top = row.logprobs or 0
+            copied = [entry.logprobs[0]] + [
+                TokenLogprob(t.token, t.logprob, t.top[:top]) for t in entry.logprobs[1:shared]
+            ]
+            row.prompt_logprobs = copied + self._scored(out.logits[b, : len(tail) - 1], tail[1:], row.logprobs)
+            last.append(out.logits[b, len(tail) - 1])
+            self._keep(prefixes, row, out.cache, b, width_p - p, width_p + len(tail))
+        self._advance(rows, torch.stack(last))
 
     @torch.no_grad()
     def decode(self, batch: RunningBatch) -> None:

@@ -17,7 +17,9 @@ Three granularities (`RoutingConfig.granularity`):
 
 A scoring request (a context with one answer option appended, as lm-evaluation-harness sends each option of
 a multiple-choice question) is routed on `scoring_text`: its question, not the appended answer and not the
-demonstrations before it, so every option of one question is scored under one mixture.
+demonstrations before it, so every option of one question is scored under one mixture. A raw prompt the
+client wrote in the chat template is routed on its last user message, as the chat endpoint routes
+(`completion_route_text`).
 
 This module knows neither the router nor the fused model: `SentencePolicy` takes a `route` function
 (texts -> (B', N) weights) and returns new weights for some rows; the pipeline applies them.
@@ -30,9 +32,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlp_lora.chat import UserTurns
 from dlp_lora.config import RoutingConfig
 
-__all__ = ["split_segments", "routing_text", "scoring_text", "SentencePolicy", "Switch"]
+__all__ = ["split_segments", "routing_text", "scoring_text", "completion_route_text", "SentencePolicy", "Switch"]
 
 
 def split_segments(text: str, marker: str = "\n\n") -> list[str]:
@@ -62,6 +65,17 @@ def scoring_text(text: str, marker: str = "\n\n") -> str:
     if ":" in last:
         return (head + "\n" if head else "") + last[: last.index(":") + 1]
     return head or segment
+
+
+def completion_route_text(text: str, user_turns: UserTurns, scoring: bool) -> str:
+    """What the router reads of a raw completion prompt, the server's and the library's rule: a prompt
+    written in the chat template is read as a chat, on its last user message (whatever answer follows it);
+    a scoring context with an answer appended (`scoring`) on its question (`scoring_text`); any other
+    prompt whole."""
+    message = user_turns.last_message(text)
+    if message is not None:
+        return message
+    return scoring_text(text) if scoring else text
 
 
 @dataclass(frozen=True)

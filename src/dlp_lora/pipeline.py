@@ -14,7 +14,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.assets import Manifest
-from dlp_lora.chat import prompt_ids
+from dlp_lora.chat import UserTurns, prompt_ids
 from dlp_lora.compiled import CompiledDecoder
 from dlp_lora.config import (
     ArrowConfig,
@@ -27,7 +27,7 @@ from dlp_lora.config import (
 )
 from dlp_lora.engine import Engine, Result, Row, StepCallback, listed
 from dlp_lora.fusion.inject import FusedLoRAModel
-from dlp_lora.granularity import SentencePolicy, routing_text
+from dlp_lora.granularity import SentencePolicy, completion_route_text, routing_text
 from dlp_lora.models import load_base_model
 from dlp_lora.router import Router, select_with
 from dlp_lora.sampling import eos_ids
@@ -81,6 +81,7 @@ class DLPLoRA:
         if not deployed and not baselines:
             raise ValueError("no adapter to serve: every class maps to the base model and there are no baselines")
         self.model, self.tokenizer, self.router = model, tokenizer, router
+        self.user_turns = UserTurns(tokenizer)  # finds a chat-templated raw prompt's user message
         self.selection = selection or SelectionConfig()
         self.routing_config = routing_config or RoutingConfig()
         self.max_prompt_tokens = max_prompt_tokens
@@ -341,15 +342,26 @@ class DLPLoRA:
         self,
         prompts: Sequence[str],
         options: Sequence[Sequence[str]],
-        routing: Routing | ArrowRouting,
+        routing: Routing | ArrowRouting | None = None,
         batch_size: int = 16,
+        chat: bool = True,
     ) -> list[list[float]]:
         """Summed log-probability of each option's tokens after its prompt, under each prompt's routing (or
         Arrow's, per token).
 
-        As lm-evaluation-harness scores multiple choice (see `dlp_lora.scoring.continuation_logprobs`).
-        Returns lists shaped like `options`.
+        As lm-evaluation-harness scores multiple choice (see `dlp_lora.scoring.continuation_logprobs`):
+        `chat` puts each prompt (a user message) in the chat template and the option as the answer; else
+        the prompt is raw text and the option follows it as given (e.g. " Paris" after "Q: ...\nA:").
+        Without `routing` the router chooses, reading what the server reads of the same scoring request
+        (`granularity.completion_route_text`): a chat prompt's user message, a raw prompt's question, so
+        library and server score a question under one mixture alike. Returns lists shaped like `options`.
         """
+        if routing is None:
+            if chat:
+                routing = self.route(prompts)
+            else:
+                texts = [p + (o[0] if o else "") for p, o in zip(prompts, options)]  # as the server gets it
+                routing = self.route([completion_route_text(t, self.user_turns, scoring=True) for t in texts])
         if isinstance(routing, ArrowRouting):  # every row under Arrow, whichever rows a chunk holds
 
             def scope(owners: list[int]):
@@ -360,7 +372,7 @@ class DLPLoRA:
             def scope(owners: list[int]):
                 return self.fused.routed(dense[owners])
 
-        return continuation_logprobs(self.model, self.tokenizer, prompts, options, batch_size, scope=scope)
+        return continuation_logprobs(self.model, self.tokenizer, prompts, options, batch_size, scope=scope, chat=chat)
 
     def mixture(self, dense_row: torch.Tensor) -> tuple[list[str], list[float]]:
         """(adapter names, weights rounded to 1e-6), heaviest first, of one row of bank weights (bank width,):

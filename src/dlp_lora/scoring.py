@@ -28,15 +28,21 @@ def continuation_logprobs(
     options: Sequence[Sequence[str]],
     batch_size: int = 16,
     scope: Scope | None = None,
+    chat: bool = True,
 ) -> list[list[float]]:
-    """Summed log-probability of each option's tokens after its prompt's chat template; shaped like `options`.
+    """Summed log-probability of each option's tokens after its prompt; shaped like `options`.
 
-    The option is the assistant's answer, tokenised on its own as in training. Each prompt is read once and
-    its KV cache shared by its options, so an option costs its own tokens only.
+    `chat`: the prompt is a user message put in the chat template and the option is the assistant's answer;
+    else the prompt is raw text scored as given (a raw completion's context). The option is tokenised on
+    its own (as in training, and as lm-evaluation-harness tokenises a continuation). Each prompt is read
+    once and its KV cache shared by its options, so an option costs its own tokens only.
     """
     if len(prompts) != len(options):
         raise ValueError(f"expected one option list per prompt, got {len(prompts)} prompts and {len(options)} lists")
-    ctx = [tokenizer(chat_prompt(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    texts = [chat_prompt(tokenizer, p) for p in prompts] if chat else list(prompts)
+    ctx = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    if not all(ctx):
+        raise ValueError("every prompt must tokenize to at least one token")
     conts = [[tokenizer(o, add_special_tokens=False)["input_ids"] for o in opts] for opts in options]
     if any(not c for cs in conts for c in cs):
         raise ValueError("every option must be non-empty text")

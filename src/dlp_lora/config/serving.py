@@ -38,6 +38,10 @@ class ServerConfig:
     allow_runtime_adapters: bool = False
     """Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime adapters). Off by
     default, as in vLLM: loading reads any path the server can read."""
+    prefix_cache_tokens: int = 8192
+    """Tokens of recent scoring prompts (echo, at most one new token) whose KV cache is kept, so the options
+    of one question reuse their shared context (`dlp_lora.prefixes`; 0: off). Memory per token: 2 x layers
+    x KV heads x head size floats (46 KB for SmolLM2-135M in fp32: 8192 tokens ~ 380 MB)."""
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -53,6 +57,7 @@ class ServerConfig:
             f"got {self.default_max_tokens}",
         )
         check(self.model_name is None or bool(self.model_name.strip()), "model_name must be non-empty when given")
+        check(self.prefix_cache_tokens >= 0, f"prefix_cache_tokens must be >= 0, got {self.prefix_cache_tokens}")
 
 
 @dataclass(frozen=True)

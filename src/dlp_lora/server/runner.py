@@ -2,7 +2,9 @@
 
 Admitting jobs routes them (the router for rows without an explicit mixture), prefills them as their
 own batch (`Engine.prefill`) and merges them into the running batch; each step decodes one token for
-every running row. After every call, rows that ended answer their clients at once and leave the batch;
+every running row. Scoring jobs (echo, at most one new token: how lm-evaluation-harness scores an
+option) end at their prefill and never join the batch; `Engine.score` runs them on the KV cache of a
+recently scored prompt that starts alike (`prefixes.PrefixCache`: the other options of the question). After every call, rows that ended answer their clients at once and leave the batch;
 streaming rows get the text that became safe to send (stop strings are checked on the text the way
 `sampling.py` checks them, so a row's answer does not depend on the rows beside it).
 
@@ -17,6 +19,7 @@ import logging
 
 from dlp_lora.engine import Engine, Row, RunningBatch, listed, switches_of
 from dlp_lora.pipeline import DLPLoRA, SentenceRerouter
+from dlp_lora.prefixes import PrefixCache
 from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.scheduler import Job
 
@@ -64,10 +67,11 @@ class _Ride:
 class PipelineRunner:
     """Continuous-batching rows over one pipeline (worker thread only)."""
 
-    def __init__(self, pipeline: DLPLoRA) -> None:
+    def __init__(self, pipeline: DLPLoRA, prefix_cache_tokens: int = 0) -> None:
         self.pipeline = pipeline
         arrow = pipeline.arrow_routing() if pipeline.arrow is not None else None
         self.engine = Engine(pipeline.fused, pipeline.tokenizer, arrow=arrow)
+        self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.batch: RunningBatch | None = None
         self._rides: dict[int, _Ride] = {}  # id(row) -> its job
 
@@ -91,6 +95,16 @@ class PipelineRunner:
         for ride in rides:
             if ride.job.sink is not None:
                 ride.job.sink.started(ride.adapters, ride.weights)
+        scoring = [r for r in rides if Engine.scores_only(r.row)]
+        if scoring:  # they end at their prefill: answered now, never in the running batch
+            self.engine.score([r.row for r in scoring], self.prefixes)
+            for ride in scoring:
+                ride.job.future.set_result(self.engine.result(ride.row, ride.first))
+        rides = [r for r in rides if not Engine.scores_only(r.row)]
+        if not rides:
+            if self.batch is None:
+                self.engine.release()
+            return
         new = self.engine.prefill([r.row for r in rides])
         self._rides.update({id(r.row): r for r in rides})
         self.batch = Engine.merge(self.batch, new)
@@ -110,8 +124,11 @@ class PipelineRunner:
         self.engine.release()
 
     def pause(self) -> None:
-        """Leave the routed block so the adapter bank may change (between two steps)."""
+        """Leave the routed block so the adapter bank may change (between two steps); cached prefixes go too
+        (an adapter's name may come back with other weights)."""
         self.engine.release()
+        if self.prefixes is not None:
+            self.prefixes.clear()
 
     # ---- helpers --------------------------------------------------------------------------------
     def _mixtures(self, jobs: list[Job]) -> dict[int, dict[str, float]]:

@@ -12,9 +12,9 @@ import copy
 import dataclasses
 import time
 
-from dlp_lora.chat import conversation_prompt
+from dlp_lora.chat import UserTurns, conversation_prompt
 from dlp_lora.config import GenerationConfig, RoutingConfig, ServerConfig
-from dlp_lora.granularity import routing_text, scoring_text
+from dlp_lora.granularity import completion_route_text, routing_text
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.server.errors import APIError, InvalidRequest
 from dlp_lora.server.metrics import Metrics
@@ -49,9 +49,10 @@ class ServerState:
         # The worker thread uses the pipeline's tokenizer; the event loop tokenizes with a private copy so
         # the two threads never share tokenizer state.
         self.tokenizer = copy.deepcopy(pipeline.tokenizer)
+        self.user_turns = UserTurns(self.tokenizer)
         self.vocab_size = pipeline.model.get_input_embeddings().num_embeddings
         self.metrics = Metrics(pipeline.adapter_names, cfg.max_batch_size)
-        self.runner = runner if runner is not None else PipelineRunner(pipeline)
+        self.runner = runner if runner is not None else PipelineRunner(pipeline, cfg.prefix_cache_tokens)
         self.scheduler = Scheduler(
             cfg, self.runner, on_batch=self.metrics.observe_batch, on_step=self.metrics.observe_step
         )
@@ -132,14 +133,14 @@ class ServerState:
         return req.max_tokens if req.max_tokens is not None else self.cfg.default_max_tokens
 
     def completion_route_texts(self, req: CompletionRequest, prompts: list[tuple[str, list[int]]]) -> list[str]:
-        """What the router reads of each prompt: the request's `route_on`; for a scoring request (`echo` with
-        at most one new token: a context with an option appended) its question (`routing.scoring_text`), so
-        every option of one question gets one mixture; else the prompt."""
+        """What the router reads of each prompt (`dlp_lora.granularity.completion_route_text`): the request's
+        `route_on`; a prompt written in the chat template: its last user message, as the chat endpoint
+        routes; a scoring request (`echo` with at most one new token: a context with an option appended):
+        its question, so every option of one question gets one mixture; else the prompt."""
         if req.route_on is not None:
             return [req.route_on] * len(prompts)
-        if req.echo and self.max_tokens(req) <= 1:
-            return [scoring_text(text) for text, _ in prompts]
-        return [text for text, _ in prompts]
+        scoring = req.echo and self.max_tokens(req) <= 1
+        return [completion_route_text(text, self.user_turns, scoring) for text, _ in prompts]
 
     def chat_prompt_ids(self, messages: list[ChatMessage], add_generation_prompt: bool = True) -> list[int]:
         text = conversation_prompt(self.tokenizer, [m.as_template_message() for m in messages], add_generation_prompt)
