@@ -30,8 +30,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,7 +38,7 @@ import httpx
 import numpy as np
 
 from dlp_lora.bench import free_port, wait_healthy
-from dlp_lora.bench.serving import build_tiny_assets
+from dlp_lora.bench.serving import build_tiny_assets, client_load, stream_one
 
 PROMPTS = [
     "What is 17 + 25? Answer with a number.",
@@ -146,69 +144,23 @@ def _step_stats(url: str) -> tuple[float, float]:
     return values.get("dlp_lora_step_rows_sum", 0.0), values.get("dlp_lora_step_rows_count", 0.0)
 
 
-def _one(http: httpx.Client, url: str, i: int, max_tokens: int) -> tuple[float, float, int]:
-    """One streamed request: (seconds to first token, seconds in all, completion tokens)."""
-    body = {
+def _body(i: int, max_tokens: int) -> dict:
+    return {
         "prompt": PROMPTS[i % len(PROMPTS)],
         "max_tokens": max_tokens,
         "temperature": 0,
-        "stream": True,
         "ignore_eos": True,
         "model": "dlp-lora",
         "stream_options": {"include_usage": True},
     }
-    start = time.perf_counter()
-    first, tokens = None, 0
-    with http.stream("POST", f"{url}/v1/completions", json=body) as r:
-        if r.status_code != 200:
-            raise httpx.HTTPStatusError(f"status {r.status_code}", request=r.request, response=r)
-        for line in r.iter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if "error" in chunk:
-                raise ValueError(chunk["error"]["message"])
-            if first is None and any(c.get("text") for c in chunk.get("choices", [])):
-                first = time.perf_counter() - start
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    total = time.perf_counter() - start
-    return (total if first is None else first), total, tokens
 
 
 def run_level(url: str, clients: int, requests: int, max_tokens: int, timeout: float) -> dict:
     """`requests` streamed completions over `clients` threads; figures for one table row."""
-    ttft, tpot, done = [], [], []
-    tokens, errors, lock, counter = [0], [0], threading.Lock(), iter(range(requests))
-
-    def client() -> None:
-        with httpx.Client(timeout=timeout) as http:
-            while True:
-                with lock:
-                    i = next(counter, None)
-                if i is None:
-                    return
-                try:
-                    first, total, n = _one(http, url, i, max_tokens)
-                except (httpx.HTTPError, ValueError, KeyError):
-                    with lock:
-                        errors[0] += 1
-                    continue
-                with lock:
-                    ttft.append(first)
-                    if n > 1:
-                        tpot.append((total - first) / (n - 1))
-                    done.append(total)
-                    tokens[0] += n
-
     before = _step_stats(url)
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - start
+    done, errors, wall = client_load(
+        url, "/v1/completions", [_body(i, max_tokens) for i in range(requests)], clients, timeout
+    )
     after = _step_stats(url)
     steps = after[1] - before[1]
 
@@ -218,12 +170,12 @@ def run_level(url: str, clients: int, requests: int, max_tokens: int, timeout: f
     return {
         "clients": clients,
         "requests": requests,
-        "errors": errors[0],
+        "errors": errors,
         "seconds": round(wall, 3),
-        "output_tokens_per_s": round(tokens[0] / wall, 2),
-        "ttft_p50_ms": p50(ttft),
-        "tpot_p50_ms": p50(tpot),
-        "latency_p50_ms": p50(done),
+        "output_tokens_per_s": round(sum(d.tokens for d in done) / wall, 2),
+        "ttft_p50_ms": p50([d.ttft for d in done]),
+        "tpot_p50_ms": p50([d.per_token for d in done if d.per_token is not None]),
+        "latency_p50_ms": p50([d.total for d in done]),
         "mean_rows_per_step": round((after[0] - before[0]) / steps, 2) if steps else None,
     }
 
@@ -386,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             with running_server(ns, assets, batching) as url:
                 with httpx.Client(timeout=ns.timeout) as http:  # warm-up: first-call allocations stay out
                     for i in range(2):
-                        _one(http, url, i, 4)
+                        stream_one(http, url, "/v1/completions", _body(i, 4))
                 for mix in ns.mixes:
                     rows = runs.setdefault((batching, mix), [])
                     for c in ns.concurrency:

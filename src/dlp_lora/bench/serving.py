@@ -1,10 +1,94 @@
-"""A tiny assets folder for load tests and fuzzing: the serving machinery without the real model's cost."""
+"""Load tests of OpenAI-style servers (ours, llama.cpp's): streamed requests from concurrent clients, and a
+tiny assets folder for load tests and fuzzing (the serving machinery without the real model's cost)."""
 
 from __future__ import annotations
 
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["build_tiny_assets"]
+__all__ = ["Streamed", "build_tiny_assets", "client_load", "stream_one"]
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """One streamed answer: seconds to its first token and in all, and its tokens (the usage the server
+    reported, else the chunks that carried text)."""
+
+    ttft: float
+    total: float
+    tokens: int
+
+    @property
+    def per_token(self) -> float | None:
+        """Seconds per token after the first (None for a one-token answer)."""
+        return (self.total - self.ttft) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+def stream_one(http, url: str, path: str, body: dict) -> Streamed:
+    """POST `body` (with `stream: true`) to url+path and read the server-sent events to the end; raises on an
+    HTTP error or an error event."""
+    import httpx
+
+    start = time.perf_counter()
+    first, chunks, usage = None, 0, None
+    with http.stream("POST", f"{url}{path}", json={**body, "stream": True}) as r:
+        if r.status_code != 200:
+            r.read()
+            raise httpx.HTTPStatusError(f"status {r.status_code}: {r.text[:200]}", request=r.request, response=r)
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise ValueError(chunk["error"].get("message", str(chunk["error"])))
+            texts = [c.get("text") or (c.get("delta") or {}).get("content") for c in chunk.get("choices", [])]
+            if any(texts):
+                chunks += 1
+                if first is None:
+                    first = time.perf_counter() - start
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+    total = time.perf_counter() - start
+    return Streamed(total if first is None else first, total, usage if usage is not None else chunks)
+
+
+def client_load(
+    url: str, path: str, bodies: Sequence[dict], clients: int, timeout: float
+) -> tuple[list[Streamed], int, float]:
+    """Send `bodies` (streamed) from `clients` concurrent client threads, each taking the next body when its
+    last answer ended; returns (the answers, errors, wall seconds)."""
+    import httpx
+
+    done: list[Streamed] = []
+    errors, lock, todo = [0], threading.Lock(), iter(bodies)
+
+    def client() -> None:
+        with httpx.Client(timeout=timeout) as http:
+            while True:
+                with lock:
+                    body = next(todo, None)
+                if body is None:
+                    return
+                try:
+                    answer = stream_one(http, url, path, body)
+                except (httpx.HTTPError, ValueError, KeyError):
+                    with lock:
+                        errors[0] += 1
+                    continue
+                with lock:
+                    done.append(answer)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return done, errors[0], time.perf_counter() - start
 
 
 def build_tiny_assets(root: Path) -> Path:

@@ -1,0 +1,240 @@
+"""Our server against llama.cpp's own server on a many-adapter workload: same CPU, same GGUF, same client load.
+
+    python benchmarks/serve_vs_llamacpp.py --llama-cpp /path/to/llama.cpp --out docs/serve_vs_llamacpp.json \
+        --markdown docs/performance.md
+
+llama.cpp: `llama-server`, built from the llama.cpp source that the `llama-cpp-python` sdist vendors (the
+registries carry no server binary; `llama_cpp.server`, the Python binding's server, takes no per-request
+adapter scales):
+
+    pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
+    cd llama_cpp_python-*/vendor/llama.cpp && cmake -B build -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+        -DLLAMA_CURL=OFF && cmake --build build -j --target llama-server     # ~25 min on 2 cores
+
+`--llama-cpp` is that `vendor/llama.cpp` folder. Every deployed adapter of the assets is converted with
+llama.cpp's own `convert_lora_to_gguf.py` (f32) and loaded with `--lora ... --lora-init-without-apply`; the
+base model is the embedded GGUF itself (the file our fp32 weights are dequantised from).
+
+The load: the pool's test prompts, round robin over the tasks, each as one user message; both servers get
+the same requests through `/v1/chat/completions`, streamed, greedy, `ignore_eos` (every answer is exactly
+16 or 128 tokens), from 1, 4, 16 and 32 concurrent clients (2 requests per client per level). Ours routes each
+prompt itself (`model: dlp-lora`); llama.cpp gets, per request, the adapter scales our router chose for that
+prompt (`lora: [{id, scale}]`, asked of our `/v1/route` beforehand), so both do the same work. llama.cpp does
+not batch requests whose adapter settings differ. Per level: output tokens/s (all answers' tokens over the
+wall time), time to first token and time per token after it (p50, p90). The servers run one after another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from dlp_lora.assets import Manifest
+from dlp_lora.bench import free_port, save_json, server_process, wait_healthy, write_section
+from dlp_lora.bench.serving import client_load
+from dlp_lora.models import embedded_gguf_path
+from dlp_lora.tasks import get_task, load_splits
+
+LENGTHS = (128, 16)
+CLIENTS = (1, 4, 16, 32)
+
+
+def convert_adapters(llama_cpp: Path, assets: Path, out: Path) -> dict[str, Path]:
+    """Adapter name -> its GGUF LoRA (converted once with llama.cpp's converter, f32)."""
+    from dlp_lora.models import embedded_cache_dir, load_base_model
+
+    load_base_model()  # makes the fp32 cache, whose config.json the converter reads
+    manifest = Manifest.load(assets)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    env = {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}{os.pathsep}{llama_cpp}"}
+    for name, path in manifest.adapter_paths(assets).items():
+        if path is None:
+            continue
+        files[name] = out / f"{name}.gguf"
+        if not files[name].exists():
+            cmd = [sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), "--outtype", "f32",
+                   "--base", str(embedded_cache_dir()), "--outfile", str(files[name]), str(assets / path)]  # fmt: skip
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return files
+
+
+@contextmanager
+def llama_server(binary: Path, loras: list[Path], threads: int, slots: int, ctx_per_slot: int):
+    """`llama-server` on the embedded GGUF with every adapter loaded at scale 0; yields its base URL."""
+    port = free_port()
+    cmd = [str(binary), "-m", str(embedded_gguf_path()), "--port", str(port), "--host", "127.0.0.1",
+           "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-c", str(slots * ctx_per_slot),
+           "--lora-init-without-apply", "--no-webui"]  # fmt: skip
+    for f in loras:
+        cmd += ["--lora", str(f)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, 120)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def workload(assets: Path, data_dir: str | None, n: int) -> list[str]:
+    """n test prompts, round robin over the pool's tasks."""
+    tasks = Manifest.load(assets).tasks
+    tests = {t: load_splits(get_task(t), data_dir).test for t in tasks if t != "none"}
+    names = sorted(tests)
+    return [tests[names[i % len(names)]][i // len(names)].prompt for i in range(n)]
+
+
+def level(url: str, bodies: list[dict], clients: int) -> dict:
+    done, errors, wall = client_load(url, "/v1/chat/completions", bodies, clients, timeout=1800)
+
+    def pct(xs: list[float], q: int) -> float:
+        return round(float(np.percentile(xs, q)), 4) if xs else float("nan")
+
+    per_token = [d.per_token for d in done if d.per_token is not None]
+    return {
+        "requests": len(bodies),
+        "errors": errors,
+        "seconds": round(wall, 2),
+        "tok_s": round(sum(d.tokens for d in done) / wall, 2),
+        "ttft_s": pct([d.ttft for d in done], 50),
+        "ttft_p90_s": pct([d.ttft for d in done], 90),
+        "ms_per_token": round(1000 * pct(per_token, 50), 2),
+        "ms_per_token_p90": round(1000 * pct(per_token, 90), 2),
+        "tokens_per_answer": sorted({d.tokens for d in done}),
+    }
+
+
+def build_info(binary: Path, llama_cpp: Path) -> dict:
+    """llama-server's version line and the build's cache flags that decide its kernels."""
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True)
+    cache = llama_cpp / "build" / "CMakeCache.txt"
+    flags = {}
+    if cache.exists():
+        for line in cache.read_text().splitlines():
+            m = re.match(r"(GGML_[A-Z0-9_]+|CMAKE_BUILD_TYPE|CMAKE_C_FLAGS):[A-Z]+=(.*)", line)
+            if m and m.group(2) not in ("", "OFF") and "DIR" not in m.group(1):
+                flags[m.group(1)] = m.group(2)
+    return {"version": (version.stdout + version.stderr).strip().splitlines()[-2:], "cmake": flags}
+
+
+def markdown(result: dict) -> str:
+    lines = [
+        "## Serving against llama.cpp's server",
+        "",
+        f"Produced by `{result['command']}` on this machine ({result['cpu']}, {result['threads']} threads each, "
+        f"no GPU; quiet). Ours: `dlp-lora serve --quantize {result['quantize']}` (max batch "
+        f"{result['max_batch_size']}); llama.cpp: `llama-server` {result['llama_cpp']['version'][0]} on the "
+        "embedded GGUF, every adapter loaded as a GGUF LoRA, per request the scales our router chose. Streamed "
+        "greedy chat answers of exactly the given length from concurrent clients, 2 requests per client, prompts "
+        "round robin over the pool's tasks. Time per token is p50 after the first token.",
+        "",
+        "| answer tokens | clients | ours tok/s | llama.cpp tok/s | ours/llama.cpp | ours TTFT s | llama.cpp TTFT s "
+        "| ours ms/token | llama.cpp ms/token |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for length, rows in result["results"].items():
+        for clients, r in rows.items():
+            lines.append(
+                f"| {length} | {clients} | {r['ours_tok_s']} | {r['llamacpp_tok_s']} | "
+                f"{r['ours_tok_s'] / r['llamacpp_tok_s']:.2f}x | {r['ours_ttft_s']} | {r['llamacpp_ttft_s']} | "
+                f"{r['ours_ms_per_token']} | {r['llamacpp_ms_per_token']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--llama-cpp", required=True, type=Path, help="llama.cpp source folder with build/bin/llama-server")
+    p.add_argument("--assets", default="assets/smollm2-135m-26tasks", type=Path)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--work", default="runs/serve_vs_llamacpp", type=Path, help="where the GGUF adapters go")
+    p.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
+    p.add_argument("--clients", type=int, nargs="+", default=list(CLIENTS))
+    p.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
+    p.add_argument("--quantize", default="auto", choices=["auto", "int8", "none"], help="our server's base")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--out", default=None)
+    p.add_argument("--markdown", default=None, help="replace/append this section of a markdown file")
+    ns = p.parse_args(argv)
+    binary = ns.llama_cpp / "build" / "bin" / "llama-server"
+    if not binary.exists():
+        p.error(f"no llama-server at {binary}; build it as this script's docstring shows")
+    files = convert_adapters(ns.llama_cpp, ns.assets, ns.work / "lora")
+    names = list(files)
+    top = max(ns.clients)
+    prompts = workload(ns.assets, ns.data_dir, top * ns.rounds)
+    batch = str(max(ns.clients))
+    result: dict = {
+        "command": "python benchmarks/serve_vs_llamacpp.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "threads": ns.threads, "quantize": ns.quantize, "max_batch_size": int(batch),
+        "llama_cpp": build_info(binary, ns.llama_cpp), "adapters": names, "results": {},
+    }  # fmt: skip
+    os.environ["OMP_NUM_THREADS"] = str(ns.threads)  # our server's torch threads (it inherits the environment)
+    ours: dict = {}
+    with server_process(ns.assets, "--quantize", ns.quantize, "--max-batch-size", batch, "--max-queue", "256") as url:
+        with httpx.Client(timeout=120) as http:
+            routes = [http.post(f"{url}/v1/route", json={"prompt": t}).json() for t in prompts]
+        for length in ns.lengths:
+            client_load(url, "/v1/chat/completions", [_body(prompts[0], 4)] * 2, 1, 600)  # warm-up
+            for c in ns.clients:
+                bodies = [{**_body(t, length), "model": "dlp-lora"} for t in prompts[: c * ns.rounds]]
+                ours[(length, c)] = level(url, bodies, c)
+                print("ours", length, c, ours[(length, c)], flush=True)
+    theirs: dict = {}
+    with llama_server(binary, [files[n] for n in names], ns.threads, top, 1536) as url:
+        for length in ns.lengths:
+            client_load(url, "/v1/chat/completions", [_body(prompts[0], 4)] * 2, 1, 600)
+            for c in ns.clients:
+                bodies = [
+                    {**_body(t, length), "lora": _scales(names, r)} for t, r in zip(prompts[: c * ns.rounds], routes)
+                ]
+                theirs[(length, c)] = level(url, bodies, c)
+                print("llama.cpp", length, c, theirs[(length, c)], flush=True)
+    for (length, c), a in ours.items():
+        b = theirs[(length, c)]
+        result["results"].setdefault(str(length), {})[str(c)] = {
+            "ours_tok_s": a["tok_s"], "llamacpp_tok_s": b["tok_s"],
+            "ours_ttft_s": a["ttft_s"], "llamacpp_ttft_s": b["ttft_s"],
+            "ours_ms_per_token": a["ms_per_token"], "llamacpp_ms_per_token": b["ms_per_token"],
+            "ours": a, "llamacpp": b,
+        }  # fmt: skip
+    result["routed_mixtures"] = sum(1 for r in routes if r["adapters"]) / len(routes)
+    if ns.out:
+        save_json(result, ns.out)
+    table = markdown(result)
+    print(table)
+    if ns.markdown:
+        write_section(Path(ns.markdown), "## Serving against llama.cpp's server", table)
+    return 0
+
+
+def _body(prompt: str, length: int) -> dict:
+    return {
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": length,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def _scales(names: list[str], route: dict) -> list[dict]:
+    """llama.cpp's per-request adapter scales: the weights our router chose (0 for the rest)."""
+    chosen = dict(zip(route["adapters"], route["weights"]))
+    return [{"id": i, "scale": float(chosen.get(n, 0.0))} for i, n in enumerate(names)]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
