@@ -246,6 +246,13 @@ def test_scoring_on_cached_prefixes_equals_scoring_alone(engine):
         lambda: _scoring([3, 4], MIXES[1]),  # too short to share
         lambda: _scoring(context + options[3], MIXES[1], top=1),
         lambda: _scoring(context + options[2], MIXES[1], top=3),  # more alternatives than cached: no reuse
+        lambda: Row(  # a seeded sample draws from its own generator, cached prefix or not
+            prompt_ids=context + options[0] + [20],
+            mixture=MIXES[1],
+            params=GenerationConfig(max_new_tokens=1, do_sample=True, temperature=1.0, seed=7),
+            logprobs=1,
+            echo=True,
+        ),
     ]
     want = []
     for f in make:
@@ -267,9 +274,10 @@ def test_scoring_on_cached_prefixes_equals_scoring_alone(engine):
         for a, b in zip(got.prompt_logprobs[1:], ref.prompt_logprobs[1:]):
             assert a.token == b.token and a.logprob == pytest.approx(b.logprob, abs=tol)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
-    # Options 1 and 3 reused option 0's context (one in the same call; 3 also its first token, 12); the
-    # other mixture, the short prompt and the one asking more alternatives did not.
-    assert prefixes.hits == 2 and prefixes.reused_tokens == len(context) + len(context) + 1
+    # Options 1 and 3 reused option 0's context (one in the same call; 3 also its first token, 12), the
+    # sampled row all of option 0; the other mixture, the short prompt and the one asking more
+    # alternatives did not.
+    assert prefixes.hits == 3 and prefixes.reused_tokens == len(context) + (len(context) + 1) + (len(context) + 2)
 
 
 def test_prefix_cache_keeps_its_token_budget_and_forgets_on_clear():

@@ -357,14 +357,18 @@ class Engine:
         seeded sampling row gets its generator and the routing is set to the rows."""
         ids, mask = left_pad([r.prompt_ids for r in rows], self.pad)
         ids, mask = ids.to(self.device), mask.to(self.device)
+        self._seed(rows)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
+        self._route(rows)
+        return ids, mask, positions
+
+    def _seed(self, rows: list[Row]) -> None:
+        """Give each seeded sampling row its own generator (once)."""
         for row in rows:
             if row.params.do_sample and row.params.seed is not None and row.generator is None:
                 # Any 64-bit seed, signed or not, maps onto torch's unsigned 64-bit seeds; the generator
                 # lives where sampling happens (torch.multinomial refuses one on another device).
                 row.generator = torch.Generator(device=self.device).manual_seed(row.params.seed % 2**64)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-        self._route(rows)
-        return ids, mask, positions
 
     @torch.no_grad()
     def prefill(self, rows: list[Row]) -> RunningBatch:
@@ -472,6 +476,7 @@ class Engine:
             mask[b, width_p - p : width_p + len(tail)] = 1
             ids[b, : len(tail)] = torch.tensor(tail, dtype=torch.long, device="cpu")
         positions = torch.tensor(past, device="cpu")[:, None] + torch.arange(width_s, device="cpu")[None]
+        self._seed(rows)
         self._route(rows)
         out = self.model(
             input_ids=ids.to(dev),
