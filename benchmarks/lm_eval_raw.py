@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrent", type=int, default=8)
     p.add_argument("--out", default=None, help="JSON to write")
     p.add_argument("--label", default="", help="what the assets are (kept in the JSON)")
+    p.add_argument(
+        "--models", nargs="+", default=[], help="more model names to run beside routed and base (e.g. multitask)"
+    )
     ns = p.parse_args(argv)
     manifest = Manifest.load(ns.assets)
     tasks = ns.tasks or [t for t, a in manifest.adapters.items() if a is not None]
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     with server_process(ns.assets, "--quantize", "none") as url:
         base_name = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
         lm_eval = LmEval(ns.lm_eval, ns.tokenizer, ns.concurrent)
-        runs = {m: lm_eval.run(m, url, tasks, work) for m in ("dlp-lora", base_name)}
+        runs = {m: lm_eval.run(m, url, tasks, work) for m in ("dlp-lora", base_name, *ns.models)}
         own = {t: own_route_share(url, t, examples[t]) for t in tasks}
     result = {"command": "python benchmarks/lm_eval_raw.py " + " ".join(argv or sys.argv[1:]), "label": ns.label,
               "assets": ns.assets, "layout": LAYOUT, "seconds": {m: round(s, 1) for m, (_, s) in runs.items()},
@@ -93,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             "routed_minus_base": [round(diff.estimate, 1), round(diff.low, 1), round(diff.high, 1)],
             "empty_routed": r_empty, "empty_base": b_empty, "routed_to_own_adapter": own[t],
         }  # fmt: skip
+        for m in ns.models:  # e.g. the multitask LoRA by name, against routed
+            o, o_empty = scores_of(t, runs[m][0][t], examples[t])
+            d = paired_difference(r, o)
+            result["tasks"][t][m] = round(bootstrap_mean(o).estimate, 1)
+            result["tasks"][t][f"empty_{m}"] = o_empty
+            result["tasks"][t][f"routed_minus_{m}"] = [round(d.estimate, 1), round(d.low, 1), round(d.high, 1)]
         row = result["tasks"][t]
         print(f"{t:32s} n={row['n']:4d} routed {row['routed']:5.1f} base {row['base']:5.1f} "
               f"diff {diff.estimate:+5.1f} [{diff.low:+.1f}, {diff.high:+.1f}] empty {r_empty}/{b_empty} own route {own[t]}%")  # fmt: skip

@@ -262,6 +262,9 @@ def test_echo_logprobs_equal_option_logprobs(pipe):
         ]
         prefixes = client.app.state.server.runner.prefixes
         assert prefixes.hits >= len(conts) and prefixes.reused_tokens >= len(conts) * len(ctx)
+        metrics = client.get("/metrics").text
+        assert f"vllm:prefix_cache_hits_total {float(prefixes.reused_tokens)}" in metrics
+        assert f"vllm:prefix_cache_queries_total {float(prefixes.queried_tokens)}" in metrics
         gen = client.post(
             "/v1/completions",
             json={"model": "science", "prompt": ctx, "max_tokens": 3, "logprobs": 5, "temperature": 0},

@@ -220,6 +220,20 @@ def switches_of(row: Row) -> list[dict]:
     return out
 
 
+def _similar_tails(hits: list[tuple[Row, tuple[object, int]]]) -> list[list[tuple[Row, tuple[object, int]]]]:
+    """Rows on cached prefixes in groups whose new tails are of similar length (at most twice the shortest,
+    plus 8): one forward pass per group, so a long tail (a prompt that shares only a system text) does not
+    pad every short one (another option of a cached question) to its length."""
+    groups: list[list] = []
+    for row, (entry, shared) in sorted(hits, key=lambda rh: len(rh[0].prompt_ids) - rh[1][1]):
+        tail = len(row.prompt_ids) - shared
+        if groups and tail <= 2 * (len(groups[-1][0][0].prompt_ids) - groups[-1][0][1][1]) + 8:
+            groups[-1].append((row, (entry, shared)))
+        else:
+            groups.append([(row, (entry, shared))])
+    return groups
+
+
 def _left_pad_to(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Zeros on the left of `dim` up to `width` (KV tensors (B, H, T, D) use dim 2, masks (B, T) dim 1)."""
     missing = width - t.shape[dim]
@@ -419,9 +433,8 @@ class Engine:
         todo = list(rows)
         while todo:  # each round runs at least one row per head, so it ends
             found = [(r, prefixes.lookup(self._key(r), r.prompt_ids, r.logprobs or 0)) for r in todo]
-            hits = [(r, h) for r, h in found if h is not None]
-            if hits:
-                self._prefill_on(prefixes, [r for r, _ in hits], [h for _, h in hits])
+            for group in _similar_tails([(r, h) for r, h in found if h is not None]):
+                self._prefill_on(prefixes, [r for r, _ in group], [h for _, h in group])
             heads, first, later = set(), [], []
             for r, h in found:
                 if h is not None:

@@ -45,12 +45,13 @@ class PrefixCache:
         self._by_head: dict[tuple, dict[int, CachedPrompt]] = {}
         self._next = 0
         self.tokens = 0
-        self.hits = self.reused_tokens = 0
+        self.hits = self.reused_tokens = self.queried_tokens = 0  # since the start (clear keeps them)
 
     def lookup(self, mixture: Hashable, ids: list[int], top: int) -> tuple[CachedPrompt, int] | None:
         """The cached prompt under `mixture` sharing the most leading tokens with `ids` (at least
         `min_shared`) and listing at least `top` alternatives, with how many tokens of it to reuse: the
         shared ones, but at most len(ids) - 1 (the last token is always computed: it predicts the next)."""
+        self.queried_tokens += len(ids)
         if len(ids) <= self.min_shared:
             return None
         best, shared = None, 0

@@ -98,7 +98,8 @@ class LmEval:
     ) -> tuple[dict, float]:
         """lm-eval once (`local-completions`, model name `model`) on `{layout}_{task}` for each task (the first
         `limit` documents of each, if given); returns (task -> its logged samples in doc order, wall seconds
-        of the lm-eval process)."""
+        of the lm-eval process). A run already finished in `work` is read back, not run again (the
+        benchmarks resume; delete work/out to measure afresh)."""
         out = work / "out" / layout / model / (f"limit{limit}" if limit else "all")
         cmd = [
             self.executable, "--model", "local-completions", "--tasks", ",".join(f"{layout}_{t}" for t in tasks),
@@ -110,12 +111,24 @@ class LmEval:
             cmd.append("--apply_chat_template")
         if limit:
             cmd += ["--limit", str(limit)]
+        timing, key = out / "seconds.json", ",".join(tasks)
+        runs = json.loads(timing.read_text()) if timing.exists() else {}
+        if key in runs and all(self._samples_file(out, layout, t) for t in tasks):
+            return self._read(out, layout, tasks), runs[key]  # this run finished before
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, stdout=sys.stderr)
-        seconds = time.perf_counter() - t0
+        runs[key] = time.perf_counter() - t0
+        timing.write_text(json.dumps(runs, indent=1) + "\n")
+        return self._read(out, layout, tasks), runs[key]
+
+    @staticmethod
+    def _samples_file(out: Path, layout: str, task: str) -> Path | None:
+        found = sorted(out.rglob(f"samples_{layout}_{task}_*.jsonl"))
+        return found[-1] if found else None
+
+    def _read(self, out: Path, layout: str, tasks: list[str]) -> dict:
         samples = {}
         for t in tasks:
-            (path,) = sorted(out.rglob(f"samples_{layout}_{t}_*.jsonl"))[-1:]
-            docs = [json.loads(line) for line in path.read_text().splitlines()]
+            docs = [json.loads(line) for line in self._samples_file(out, layout, t).read_text().splitlines()]
             samples[t] = sorted(docs, key=lambda d: d["doc_id"])
-        return samples, seconds
+        return samples

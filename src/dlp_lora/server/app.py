@@ -327,7 +327,9 @@ async def metrics(request: Request) -> Response:
     state = _state(request)
     running = getattr(state.runner, "active_adapters", ())
     waiting = [a for j in state.scheduler.waiting_jobs() for a in (j.mixture or {})]
-    body = state.metrics.render(state.scheduler.queue_depth, state.scheduler.running, running, waiting)
+    prefixes = getattr(state.runner, "prefixes", None)
+    found = (prefixes.queried_tokens, prefixes.reused_tokens) if prefixes is not None else (0, 0)
+    body = state.metrics.render(state.scheduler.queue_depth, state.scheduler.running, running, waiting, found)
     return Response(body, media_type=CONTENT_TYPE)
 
 

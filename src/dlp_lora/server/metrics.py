@@ -3,7 +3,9 @@
 Our own series keep their names (`dlp_lora_*`); where vLLM exports the same meaning we export vLLM's name
 as well, so gateways and dashboards written for vLLM read this server unchanged:
 `vllm:num_requests_running`, `vllm:num_requests_waiting`, `vllm:lora_requests_info` (which adapters
-the running and waiting requests use), `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`.
+the running and waiting requests use), `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
+`vllm:prefix_cache_queries_total` and `vllm:prefix_cache_hits_total` (prompt tokens of scoring requests
+looked up in the prefix cache, and those found).
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ class Metrics:
             buckets=self.LATENCY_BUCKETS,
             registry=r,
         )
+        self._prefix_queries = Counter(
+            "vllm:prefix_cache_queries", "Prompt tokens of scoring requests looked up in the prefix cache.", registry=r
+        )
+        self._prefix_hits = Counter(
+            "vllm:prefix_cache_hits", "Prompt tokens of scoring requests found in the prefix cache.", registry=r
+        )
+        self._prefix_seen = [0, 0]
         self._adapters = Counter(
             "dlp_lora_adapter_selected", "Requests whose mixture included the adapter.", ["adapter"], registry=r
         )
@@ -99,9 +108,18 @@ class Metrics:
         self._latency.labels(endpoint=endpoint).observe(seconds)
 
     def render(
-        self, waiting: int, running: int, running_adapters: Iterable[str], waiting_adapters: Iterable[str]
+        self,
+        waiting: int,
+        running: int,
+        running_adapters: Iterable[str],
+        waiting_adapters: Iterable[str],
+        prefix_tokens: tuple[int, int] = (0, 0),
     ) -> bytes:
-        """The exposition text; the live values are read from the scheduler by the caller."""
+        """The exposition text; the live values are read from the scheduler by the caller. prefix_tokens: the
+        prefix cache's totals so far (tokens looked up, tokens found)."""
+        for i, (counter, total) in enumerate(zip((self._prefix_queries, self._prefix_hits), prefix_tokens)):
+            counter.inc(max(0, total - self._prefix_seen[i]))  # the cache counts totals; the counters grow by it
+            self._prefix_seen[i] = max(self._prefix_seen[i], total)
         self._queue.set(waiting)
         self._waiting.set(waiting)
         self._running.set(running)
