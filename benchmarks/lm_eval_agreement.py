@@ -22,12 +22,11 @@ Throughput: questions per second of each side; lm-eval's process start (a `--lim
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from dlp_lora.bench import server_process
+from dlp_lora.bench import save_json, server_process
 from dlp_lora.bench.lmeval import LmEval, write_tasks
 from dlp_lora.evaluation.stats import bootstrap_mean, paired_difference
 from dlp_lora.pipeline import DLPLoRA
@@ -121,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{rows[t]['max_abs_loglik_diff']:.2e} q/s {rate['lm_eval']} vs {rate['ours']}")  # fmt: skip
             result["layouts"][layout] = rows
     if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+        save_json(result, ns.out)
     return 0
 
 

@@ -19,14 +19,13 @@ answers counted. lm-eval lives in its own environment (`--lm-eval`: `pip install
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import httpx
 
 from dlp_lora.assets import Manifest
-from dlp_lora.bench import server_process
+from dlp_lora.bench import save_json, server_process
 from dlp_lora.bench.lmeval import LAYOUTS, LmEval, write_tasks
 from dlp_lora.evaluation.examples import headline_score
 from dlp_lora.evaluation.stats import bootstrap_mean, paired_difference
@@ -106,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{t:32s} n={row['n']:4d} routed {row['routed']:5.1f} base {row['base']:5.1f} "
               f"diff {diff.estimate:+5.1f} [{diff.low:+.1f}, {diff.high:+.1f}] empty {r_empty}/{b_empty} own route {own[t]}%")  # fmt: skip
     if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(result, indent=2) + "\n")
+        save_json(result, ns.out)
     return 0
 
 

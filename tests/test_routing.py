@@ -41,8 +41,8 @@ def test_segments_and_the_answered_segment():
     assert split_segments(text) == ["Context: cats.", "What is 2 + 3?"]
     assert split_segments("no marker") == ["no marker"]
     assert split_segments("a ## b", "##") == ["a", "b"]
-    assert routing_text(text, RoutingConfig()) == text
-    assert routing_text(text, RoutingConfig(granularity="segment")) == "What is 2 + 3?"
+    assert routing_text(text, RoutingConfig(granularity="prompt")) == text
+    assert routing_text(text, RoutingConfig()) == "What is 2 + 3?"  # `segment`, the default
     assert routing_text("a ## b", RoutingConfig(granularity="sentence", segment_marker="##")) == "b"
 
 

@@ -64,7 +64,7 @@ class DLPLoRA:
         the bank; serve: classes served by another mixture than their own adapter, class -> {adapter: weight}
         over the bank (e.g. a class the gate gave to the `multitask` generalist: routing to it puts its
         weight there; `Manifest.serve`);
-        routing_config: the default routing granularity of `generate` (per prompt unless given); compile:
+        routing_config: the default routing granularity of `generate` (`RoutingConfig()`: the prompt's last segment); compile:
         decode steps run compiled over a static KV cache (`dlp_lora.compiled`: the first call of each batch
         size and path compiles, tens of seconds on a 2-core CPU; later calls decode faster); arrow: route with
         Arrow (per token, among the routed classes' adapters) instead of the router."""

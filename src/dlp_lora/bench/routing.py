@@ -79,7 +79,7 @@ def run_routing_benchmark(
     label: str = "auto",
 ) -> list[dict]:
     """Medians over `repeats` of prompt vs sentence routing per batch size (interleaved per repeat)."""
-    settings = {"prompt": RoutingConfig(), "sentence": replace(sentence, granularity="sentence")}
+    settings = {"prompt": RoutingConfig(granularity="prompt"), "sentence": replace(sentence, granularity="sentence")}
     batches = {b: [ROUTING_BENCH_PROMPTS[i % len(ROUTING_BENCH_PROMPTS)] for i in range(b)] for b in batch_sizes}
     _one_run(dlp, batches[max(batch_sizes)], settings["sentence"], 4)  # warm-up
     raw: dict[tuple[int, str], list[dict]] = {}

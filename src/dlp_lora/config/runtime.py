@@ -158,10 +158,11 @@ GRANULARITIES: tuple[str, ...] = ("prompt", "segment", "sentence")
 class RoutingConfig:
     """How often the router is consulted for one request, and on which text."""
 
-    granularity: Granularity = "prompt"
-    """`prompt`: route the whole prompt once; `segment`: route the prompt's last segment (see
-    `segment_marker`) and answer under it; `sentence`: start as `segment`, then re-route after each
-    generated sentence on a window of recent text."""
+    granularity: Granularity = "segment"
+    """`prompt`: route the whole prompt once; `segment` (the default): route the prompt's last segment (see
+    `segment_marker`) and answer under it, so demonstrations, a preamble or an earlier question in front do
+    not decide the route (a prompt without a blank line routes as under `prompt`); `sentence`: start as
+    `segment`, then re-route after each generated sentence on a window of recent text."""
     segment_marker: str = "\n\n"
     """Separator of the prompt's segments (`segment` and `sentence`); empty segments are dropped."""
     sentence_ends: tuple[str, ...] = (".", "!", "?", "\n")

@@ -219,12 +219,15 @@ class ServerState:
         `segment` routes on the prompt's last segment: it only changes the text the router reads before
         the prefill. `sentence` starts the same way, then re-routes the row after each sentence it
         generates (`PipelineRunner` gives the row a policy; its neighbours in the continuous batch keep
-        their mixtures). Both need the router: refused when the request names one model or adapter."""
+        their mixtures). Both need the router: a request that names one model or adapter and asks for one is
+        refused; one that names a model and asks for none is served under `prompt` (nothing is routed)."""
         given = {"granularity": req.routing_granularity, "segment_marker": req.segment_marker}
         cfg = dataclasses.replace(self.pipeline.routing_config, **{k: v for k, v in given.items() if v is not None})
         if cfg.granularity == "prompt":
             return cfg
         if mixture is not None:
+            if req.routing_granularity is None:  # the server's default, not the request's wish
+                return dataclasses.replace(cfg, granularity="prompt")
             raise InvalidRequest(
                 f"routing_granularity={cfg.granularity!r} needs the router; model={req.model!r} "
                 "names one model or adapter (send model=dlp-lora or none)",
