@@ -63,8 +63,10 @@ def convert_adapters(llama_cpp: Path, assets: Path, out: Path) -> dict[str, Path
         files[name] = out / f"{name}.gguf"
         if not files[name].exists():
             cmd = [sys.executable, str(llama_cpp / "convert_lora_to_gguf.py"), "--outtype", "f32",
-                   "--base", str(embedded_cache_dir()), "--outfile", str(files[name]), str(assets / path)]  # fmt: skip
-            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                   "--base", str(embedded_cache_dir()), "--outfile", str(files[name]), str(path)]  # fmt: skip
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"converting {name} failed:\n{done.stderr[-2000:]}")
     return files
 
 
@@ -133,10 +135,11 @@ def markdown(result: dict) -> str:
         "## Serving against llama.cpp's server",
         "",
         f"Produced by `{result['command']}` on this machine ({result['cpu']}, {result['threads']} threads each, "
-        f"no GPU; quiet). Ours: `dlp-lora serve --quantize {result['quantize']}` (max batch "
+        f"no GPU; 1-minute load average {result['load_average']} at the start). Ours: `dlp-lora serve --quantize {result['quantize']}` (max batch "
         f"{result['max_batch_size']}); llama.cpp: `llama-server` {result['llama_cpp']['version'][0]} on the "
         "embedded GGUF, every adapter loaded as a GGUF LoRA, per request the scales our router chose. Streamed "
-        "greedy chat answers of exactly the given length from concurrent clients, 2 requests per client, prompts "
+        f"greedy chat answers of exactly the given length from concurrent clients, {result['rounds']} requests per "
+        "client, prompts "
         "round robin over the pool's tasks. Time per token is p50 after the first token.",
         "",
         "| answer tokens | clients | ours tok/s | llama.cpp tok/s | ours/llama.cpp | ours TTFT s | llama.cpp TTFT s "
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {
         "command": "python benchmarks/serve_vs_llamacpp.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
-        "threads": ns.threads, "quantize": ns.quantize, "max_batch_size": int(batch),
+        "threads": ns.threads, "quantize": ns.quantize, "max_batch_size": int(batch), "rounds": ns.rounds,
+        "load_average": round(os.getloadavg()[0], 2),
         "llama_cpp": build_info(binary, ns.llama_cpp), "adapters": names, "results": {},
     }  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(ns.threads)  # our server's torch threads (it inherits the environment)
