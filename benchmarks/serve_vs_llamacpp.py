@@ -143,15 +143,16 @@ def markdown(result: dict) -> str:
         "round robin over the pool's tasks. Time per token is p50 after the first token.",
         "",
         "| answer tokens | clients | ours tok/s | llama.cpp tok/s | ours/llama.cpp | ours TTFT s | llama.cpp TTFT s "
-        "| ours ms/token | llama.cpp ms/token |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| ours ms/token | llama.cpp ms/token | errors ours / llama.cpp |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for length, rows in result["results"].items():
         for clients, r in rows.items():
             lines.append(
                 f"| {length} | {clients} | {r['ours_tok_s']} | {r['llamacpp_tok_s']} | "
                 f"{r['ours_tok_s'] / r['llamacpp_tok_s']:.2f}x | {r['ours_ttft_s']} | {r['llamacpp_ttft_s']} | "
-                f"{r['ours_ms_per_token']} | {r['llamacpp_ms_per_token']} |"
+                f"{r['ours_ms_per_token']} | {r['llamacpp_ms_per_token']} | "
+                f"{r['ours']['errors']} / {r['llamacpp']['errors']} |"
             )
     return "\n".join(lines) + "\n"
 
