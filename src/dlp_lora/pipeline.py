@@ -356,12 +356,13 @@ class DLPLoRA:
         (`granularity.completion_route_text`): a chat prompt's user message, a raw prompt's question, so
         library and server score a question under one mixture alike. Returns lists shaped like `options`.
         """
-        if routing is None:
+        if routing is None:  # the server's rule, then its default granularity, as the server applies both
             if chat:
-                routing = self.route(prompts)
+                texts = list(prompts)
             else:
-                texts = [p + (o[0] if o else "") for p, o in zip(prompts, options)]  # as the server gets it
-                routing = self.route([completion_route_text(t, self.user_turns, scoring=True) for t in texts])
+                joined = [p + (o[0] if o else "") for p, o in zip(prompts, options)]  # as the server gets it
+                texts = [completion_route_text(t, self.user_turns, scoring=True) for t in joined]
+            routing = self.route(texts, self.routing_config)
         if isinstance(routing, ArrowRouting):  # every row under Arrow, whichever rows a chunk holds
 
             def scope(owners: list[int]):
