@@ -74,7 +74,10 @@ def client_load(
                 if body is None:
                     return
                 try:
-                    answer = stream_one(http, url, path, body)
+                    try:
+                        answer = stream_one(http, url, path, body)
+                    except httpx.RemoteProtocolError:  # a kept-alive connection the server had closed: once more
+                        answer = stream_one(http, url, path, body)
                 except (httpx.HTTPError, ValueError, KeyError):
                     with lock:
                         errors[0] += 1
