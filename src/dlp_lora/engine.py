@@ -225,12 +225,14 @@ def _similar_tails(hits: list[tuple[Row, tuple[object, int]]]) -> list[list[tupl
     plus 8): one forward pass per group, so a long tail (a prompt that shares only a system text) does not
     pad every short one (another option of a cached question) to its length."""
     groups: list[list] = []
-    for row, (entry, shared) in sorted(hits, key=lambda rh: len(rh[0].prompt_ids) - rh[1][1]):
-        tail = len(row.prompt_ids) - shared
-        if groups and tail <= 2 * (len(groups[-1][0][0].prompt_ids) - groups[-1][0][1][1]) + 8:
-            groups[-1].append((row, (entry, shared)))
+    shortest = 0  # tail length of the current group's first (shortest) row
+    for hit in sorted(hits, key=lambda rh: len(rh[0].prompt_ids) - rh[1][1]):
+        tail = len(hit[0].prompt_ids) - hit[1][1]
+        if groups and tail <= 2 * shortest + 8:
+            groups[-1].append(hit)
         else:
-            groups.append([(row, (entry, shared))])
+            groups.append([hit])
+            shortest = tail
     return groups
 
 

@@ -12,6 +12,7 @@ the batch they were computed in). Least recently used entries leave once the cac
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -58,7 +59,7 @@ class PrefixCache:
         for key, entry in self._by_head.get((mixture, tuple(ids[: self.min_shared])), {}).items():
             if entry.top < top:
                 continue
-            n = _common_length(entry.ids, ids)
+            n = len(os.path.commonprefix([entry.ids, ids]))
             if n > shared:
                 best, shared, best_key = entry, n, key
         shared = min(shared, len(ids) - 1)
@@ -95,11 +96,3 @@ class PrefixCache:
         self._entries.clear()
         self._by_head.clear()
         self.tokens = 0
-
-
-def _common_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n

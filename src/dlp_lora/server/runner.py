@@ -96,11 +96,11 @@ class PipelineRunner:
             if ride.job.sink is not None:
                 ride.job.sink.started(ride.adapters, ride.weights)
         scoring = [r for r in rides if Engine.scores_only(r.row)]
+        rides = [r for r in rides if r not in scoring]
         if scoring:  # they end at their prefill: answered now, never in the running batch
             self.engine.score([r.row for r in scoring], self.prefixes)
             for ride in scoring:
                 ride.job.future.set_result(self.engine.result(ride.row, ride.first))
-        rides = [r for r in rides if not Engine.scores_only(r.row)]
         if not rides:
             if self.batch is None:
                 self.engine.release()
