@@ -131,6 +131,7 @@ def build_info(binary: Path, llama_cpp: Path) -> dict:
 
 
 def markdown(result: dict) -> str:
+    compiled = any("ours_compiled_tok_s" in r for rows in result["results"].values() for r in rows.values())
     lines = [
         "## Serving against llama.cpp's server",
         "",
@@ -141,20 +142,32 @@ def markdown(result: dict) -> str:
         f"greedy chat answers of exactly the given length from concurrent clients, {result['rounds']} requests per "
         "client, prompts "
         "round robin over the pool's tasks. Time per token is p50 after the first token.",
+        "Ours: eager decode" + (", and `--compile` (compiled)" if compiled else "") + ".",
         "",
-        "| answer tokens | clients | ours tok/s | llama.cpp tok/s | ours/llama.cpp | ours TTFT s | llama.cpp TTFT s "
-        "| ours ms/token | llama.cpp ms/token | errors ours / llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| answer tokens | clients | ours tok/s | "
+        + ("ours compiled tok/s | " if compiled else "")
+        + "llama.cpp tok/s | best ours/llama.cpp | ours TTFT s | "
+        + ("compiled TTFT s | " if compiled else "")
+        + "llama.cpp TTFT s | ours ms/token | "
+        + ("compiled ms/token | " if compiled else "")
+        + "llama.cpp ms/token | errors ours / llama.cpp |",
+        "|---" * (10 + 3 * compiled) + "|",
     ]
     for length, rows in result["results"].items():
         for clients, r in rows.items():
+            k = [f"{r[key]} | " if compiled else "" for key in _COMPILED]
+            best = max(r["ours_tok_s"], r.get("ours_compiled_tok_s", 0))
+            errors = r["ours"]["errors"] + (r["ours_compiled"]["errors"] if compiled else 0)
             lines.append(
-                f"| {length} | {clients} | {r['ours_tok_s']} | {r['llamacpp_tok_s']} | "
-                f"{r['ours_tok_s'] / r['llamacpp_tok_s']:.2f}x | {r['ours_ttft_s']} | {r['llamacpp_ttft_s']} | "
-                f"{r['ours_ms_per_token']} | {r['llamacpp_ms_per_token']} | "
-                f"{r['ours']['errors']} / {r['llamacpp']['errors']} |"
+                f"| {length} | {clients} | {r['ours_tok_s']} | {k[0]}{r['llamacpp_tok_s']} | "
+                f"{best / r['llamacpp_tok_s']:.2f}x | {r['ours_ttft_s']} | {k[1]}{r['llamacpp_ttft_s']} | "
+                f"{r['ours_ms_per_token']} | {k[2]}{r['llamacpp_ms_per_token']} | "
+                f"{errors} / {r['llamacpp']['errors']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+_COMPILED = ("ours_compiled_tok_s", "ours_compiled_ttft_s", "ours_compiled_ms_per_token")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2, help="requests per client at each level")
     p.add_argument("--quantize", default="auto", choices=["auto", "int8", "none"], help="our server's base")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--compile", action="store_true", help="also run our server with --compile (same load)")
+    p.add_argument("--compile-context", type=int, default=512, help="our compiled server's --compile-context")
     p.add_argument("--out", default=None)
     p.add_argument("--markdown", default=None, help="replace/append this section of a markdown file")
     ns = p.parse_args(argv)
@@ -187,16 +202,20 @@ def main(argv: list[str] | None = None) -> int:
         "llama_cpp": build_info(binary, ns.llama_cpp), "adapters": names, "results": {},
     }  # fmt: skip
     os.environ["OMP_NUM_THREADS"] = str(ns.threads)  # our server's torch threads (it inherits the environment)
+    flags = ["--quantize", ns.quantize, "--max-batch-size", batch, "--max-queue", "256"]
     ours: dict = {}
-    with server_process(ns.assets, "--quantize", ns.quantize, "--max-batch-size", batch, "--max-queue", "256") as url:
-        with httpx.Client(timeout=120) as http:
-            routes = [http.post(f"{url}/v1/route", json={"prompt": t}).json() for t in prompts]
-        for length in ns.lengths:
-            client_load(url, "/v1/chat/completions", [_body(prompts[0], 4)] * 2, 1, 600)  # warm-up
-            for c in ns.clients:
-                bodies = [{**_body(t, length), "model": "dlp-lora"} for t in prompts[: c * ns.rounds]]
-                ours[(length, c)] = level(url, bodies, c)
-                print("ours", length, c, ours[(length, c)], flush=True)
+    for variant in ["eager", "compiled"] if ns.compile else ["eager"]:
+        extra = ["--compile", "--compile-context", str(ns.compile_context)] if variant == "compiled" else []
+        # Compiling takes about a minute per slot count at start.
+        with server_process(ns.assets, *flags, *extra, timeout=1800) as url:
+            with httpx.Client(timeout=120) as http:
+                routes = [http.post(f"{url}/v1/route", json={"prompt": t}).json() for t in prompts]
+            for length in ns.lengths:
+                client_load(url, "/v1/chat/completions", [_body(prompts[0], 4)] * 2, 1, 600)  # warm-up
+                for c in ns.clients:
+                    bodies = [{**_body(t, length), "model": "dlp-lora"} for t in prompts[: c * ns.rounds]]
+                    ours[(variant, length, c)] = level(url, bodies, c)
+                    print("ours", variant, length, c, ours[(variant, length, c)], flush=True)
     theirs: dict = {}
     with llama_server(binary, [files[n] for n in names], ns.threads, top, 1536) as url:
         for length in ns.lengths:
@@ -207,14 +226,18 @@ def main(argv: list[str] | None = None) -> int:
                 ]
                 theirs[(length, c)] = level(url, bodies, c)
                 print("llama.cpp", length, c, theirs[(length, c)], flush=True)
-    for (length, c), a in ours.items():
-        b = theirs[(length, c)]
-        result["results"].setdefault(str(length), {})[str(c)] = {
+    for (length, c), b in theirs.items():
+        a = ours[("eager", length, c)]
+        row = result["results"].setdefault(str(length), {})[str(c)] = {
             "ours_tok_s": a["tok_s"], "llamacpp_tok_s": b["tok_s"],
             "ours_ttft_s": a["ttft_s"], "llamacpp_ttft_s": b["ttft_s"],
             "ours_ms_per_token": a["ms_per_token"], "llamacpp_ms_per_token": b["ms_per_token"],
             "ours": a, "llamacpp": b,
         }  # fmt: skip
+        if ("compiled", length, c) in ours:  # `--compile`: the same load on our compiled decode
+            k = ours[("compiled", length, c)]
+            row.update(ours_compiled_tok_s=k["tok_s"], ours_compiled_ttft_s=k["ttft_s"],
+                       ours_compiled_ms_per_token=k["ms_per_token"], ours_compiled=k)  # fmt: skip
     result["routed_mixtures"] = sum(1 for r in routes if r["adapters"]) / len(routes)
     if ns.out:
         save_json(result, ns.out)

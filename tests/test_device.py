@@ -26,12 +26,14 @@ def test_stacks_are_non_persistent_buffers_that_follow_model_to(tiny_model, adap
     # only the base weights, under their wrapper's name: no adapter tensor enters state_dict
     assert {k.replace(".base.", ".") for k in tiny_model.state_dict()} == keys
     stacks = {n for n, _ in tiny_model.named_buffers() if ".stack." in n}
-    assert len(stacks) == 2 * len(fused.bank.modules)
+    # A and Bt (rank-padded, per adapter), A_dense and Bt_dense (unpadded, the dense path) and owner
+    assert len(stacks) == 5 * len(fused.bank.modules)
     tiny_model.to(torch.float64)
-    assert all(s.A.dtype == s.Bt.dtype == torch.float64 for s in fused.bank.modules.values())
+    assert all(s.A.dtype == s.Bt.dtype == s.A_dense.dtype == torch.float64 for s in fused.bank.modules.values())
+    assert all(s.owner.dtype == torch.long for s in fused.bank.modules.values())  # indices keep their dtype
     tiny_model.to("meta")
     assert fused.device == torch.device("meta")
-    assert all(s.A.is_meta and s.Bt.is_meta for s in fused.bank.modules.values())  # the bank sees the move
+    assert all(s.A.is_meta and s.Bt_dense.is_meta for s in fused.bank.modules.values())  # the bank sees the move
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=dtype_id)

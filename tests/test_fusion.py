@@ -268,6 +268,36 @@ def test_forced_merged_with_mixed_rows_refused(tiny_model, adapter_dirs):
             pass
 
 
+@pytest.mark.parametrize("path", ["dense", "gathered"])
+def test_a_pinned_path_runs_whatever_the_weights_and_is_prepared_at_once(tiny_model, adapter_dirs, path):
+    """What the compiled slots need: zero rows stay on the pinned path (not `base`), gathered keeps k >= 2,
+    every layer's tensors exist before the first forward, and outputs equal the path auto chooses."""
+    ids, mask = padded_ids(3, 6)
+    weights = _mixed_weights()
+    weights[1] = 0  # a base-model row among mixtures
+    with torch.no_grad():
+        fused = FusedLoRAModel(tiny_model, adapter_dirs)
+        with fused.routed(weights):
+            want = tiny_model(input_ids=ids, attention_mask=mask).logits
+        with fused.routed(weights, path=path) as active:
+            assert active.path == path and len(active.prepared) == len(fused.bank.modules)
+            assert path == "dense" or active.indices.shape[1] >= 2
+            got = tiny_model(input_ids=ids, attention_mask=mask).logits
+        with fused.routed(torch.zeros_like(weights), path=path) as active:
+            assert active.path == path
+            base = tiny_model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    fused.remove()
+    torch.testing.assert_close(base, tiny_model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pinned_path_must_be_dense_or_gathered(tiny_model, adapter_dirs):
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    with pytest.raises(ValueError, match="pinned path must be one of"):
+        with fused.routed(_mixed_weights(), path="merged"):
+            pass
+
+
 def test_bin_adapter_refused(tiny_model, adapter_dirs, tmp_path):
     d = tmp_path / "bin"
     shutil.copytree(adapter_dirs["a"], d)

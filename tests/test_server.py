@@ -22,7 +22,7 @@ import torch
 from conftest import make_peft_adapter, make_tiny_assets, tiny_vocab_model
 from fastapi.testclient import TestClient
 
-from dlp_lora.chat import chat_prompt, encode_prompts
+from dlp_lora.chat import chat_prompt, encode_prompts, prompt_ids
 from dlp_lora.config import FusionConfig, GenerationConfig, RoutingConfig, SelectionConfig, ServerConfig
 from dlp_lora.granularity import scoring_text
 from dlp_lora.models import load_tokenizer
@@ -1064,3 +1064,66 @@ def test_library_and_server_score_a_raw_question_alike(client, pipe):
     assert all(c["routing"]["adapters"] == pipe.mixture(routing.to_dense(len(pipe.adapter_names))[0])[0] for c in out)
     for c, cont, lp in zip(out, conts, want):
         assert sum(c["logprobs"]["token_logprobs"][-len(cont) :]) == pytest.approx(lp, abs=1e-4)
+
+
+class _Where(_Slow):
+    """Runs over compiled slots (dynamo's eager backend: graph capture without a C++ build) and records,
+    at each step, whether the running batch was in the slots."""
+
+    def __init__(self, pipe: DLPLoRA, context: int) -> None:
+        super().__init__(pipe)
+        self.inner = PipelineRunner(pipe, slot_sizes=(1, 2), context=context, backend="eager")
+        self.in_slots: list[bool] = []
+
+    def step(self) -> None:
+        self.in_slots.append(self.inner.batch is None)
+        super().step()
+
+
+def test_compiled_slots_answer_as_alone_and_a_row_too_long_for_them_runs_eagerly(pipe):
+    """`--compile`: requests decode in the static-cache slots; one whose prompt and max_tokens exceed the
+    slots' columns arrives mid-decode and the batch goes on eagerly, every answer equal to its solo run."""
+    fit, long = PROMPTS[4], PROMPTS[5]
+    n_fit, n_long = (len(ids) for ids in prompt_ids(pipe.tokenizer, [fit, long]))
+    context = n_fit + 20
+    assert n_long + 30 > context
+    refs = [_alone(pipe, fit, 20, {"maths": 1.0}), _alone(pipe, long, 30, {"code": 1.0}), _alone(pipe, fit, 4, {})]
+    where = _Where(pipe, context)
+    app = create_app(pipe, _cfg(max_batch_size=2), runner=where)
+    with TestClient(app) as client, ThreadPoolExecutor(2) as pool:
+
+        def ask(text: str, n: int, model: str) -> str:
+            body = {"messages": _user(text), "max_tokens": n, "temperature": 0, "model": model}
+            return client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+
+        first = pool.submit(ask, fit, 20, "maths")
+        _wait_for(lambda: len(where.steps) >= 3)
+        second = pool.submit(ask, long, 30, "code")
+        answers = [first.result(), second.result(), ask(fit, 4, "tiny-base")]
+    assert answers == [r.text for r in refs]
+    assert where.in_slots[:3] == [True] * 3 and not where.in_slots[-5] and where.in_slots[-1]
+
+
+def test_serve_runs_the_worker_on_the_main_thread_and_stops_on_sigterm(assets):
+    """`dlp-lora serve` as a user starts it: answers over HTTP (the batching worker on the main thread,
+    uvicorn beside it), then SIGTERM shuts both down cleanly."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from dlp_lora.bench import free_port, wait_healthy
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc, 120)
+        body = {"messages": _user(PROMPTS[0]), "max_tokens": 3, "temperature": 0}
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        proc.terminate()
+        assert proc.wait(30) == 0, proc.stderr.read()[-2000:]
+    finally:
+        proc.kill()

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -29,6 +29,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from dlp_lora.chat import left_pad
 from dlp_lora.config import GenerationConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.fusion.layer import PinnedPath
 from dlp_lora.prefixes import CachedPrompt, PrefixCache
 from dlp_lora.sampling import cut_at_stop, eos_ids, sample_next, stop_reached
 from dlp_lora.types import ArrowRouting
@@ -43,8 +44,11 @@ __all__ = [
     "StepCallback",
     "TokenLogprob",
     "listed",
+    "similar_lengths",
     "switches_of",
 ]
+
+T = TypeVar("T")
 
 StepCallback = Callable[[torch.Tensor, torch.Tensor], None]
 """on_step(tokens (B,), finished (B,)), host tensors, after each step of `Engine.generate`: each row's
@@ -220,19 +224,18 @@ def switches_of(row: Row) -> list[dict]:
     return out
 
 
-def _similar_tails(hits: list[tuple[Row, tuple[object, int]]]) -> list[list[tuple[Row, tuple[object, int]]]]:
-    """Rows on cached prefixes in groups whose new tails are of similar length (at most twice the shortest,
-    plus 8): one forward pass per group, so a long tail (a prompt that shares only a system text) does not
-    pad every short one (another option of a cached question) to its length."""
-    groups: list[list] = []
-    shortest = 0  # tail length of the current group's first (shortest) row
-    for hit in sorted(hits, key=lambda rh: len(rh[0].prompt_ids) - rh[1][1]):
-        tail = len(hit[0].prompt_ids) - hit[1][1]
-        if groups and tail <= 2 * shortest + 8:
-            groups[-1].append(hit)
+def similar_lengths(items: list[T], length: Callable[[T], int]) -> list[list[T]]:
+    """`items` in groups of similar `length` (each at most twice its group's shortest, plus 8), shortest
+    first: one forward pass per group, so a long sequence does not pad every short one to its length."""
+    groups: list[list[T]] = []
+    shortest = 0  # length of the current group's first (shortest) item
+    for item in sorted(items, key=length):
+        n = length(item)
+        if groups and n <= 2 * shortest + 8:
+            groups[-1].append(item)
         else:
-            groups.append([hit])
-            shortest = tail
+            groups.append([item])
+            shortest = n
     return groups
 
 
@@ -254,7 +257,7 @@ class Engine:
     forward passes (default: an `EagerDecoder` per call; a `compiled.CompiledDecoder` runs the steps
     compiled over a static cache). arrow: every row is routed by Arrow (per token, in the fused layers)
     instead of by its mixture, which must then be {}. The continuous-batching calls (prefill, decode, merge,
-    drop_finished) run eagerly; both ways choose tokens and end rows in `_advance`.
+    drop_finished) run eagerly; both ways (and `slots.SlotBatch`) choose tokens and end rows in `advance`.
     """
 
     def __init__(
@@ -275,10 +278,11 @@ class Engine:
         self._routing: ExitStack | None = None
         self._routed_rows: list[Row] = []
         self._stale = False  # a routed row changed its mixture: route again before the next forward
+        self._path: PinnedPath | None = None  # the path the current routing is pinned to
 
     # ---- routing --------------------------------------------------------------------------------
-    def dense(self, rows: list[Row]) -> torch.Tensor:
-        """(B, N) routing weights of the rows' mixtures in the bank's current order."""
+    def dense(self, rows: list[Row | None]) -> torch.Tensor:
+        """(B, N) routing weights of the rows' mixtures in the bank's current order (None: a zero row)."""
         if self.fused is None:
             raise ValueError("this engine runs a model without adapters; rows must have empty mixtures")
         names = self.fused.adapter_names
@@ -286,26 +290,28 @@ class Engine:
         # read by `routed` (path, k) and moved to the stacks' device once.
         dense = torch.zeros(len(rows), len(names), device="cpu")
         for b, row in enumerate(rows):
-            for name, w in row.mixture.items():
+            for name, w in row.mixture.items() if row is not None else ():
                 dense[b, names.index(name)] = float(w)
         return dense
 
-    def _route(self, rows: list[Row]) -> None:
-        """Set the fused layers' routing to these rows, unless it already is."""
+    def route(self, rows: list[Row | None], path: PinnedPath | None = None) -> None:
+        """Set the fused layers' routing to these rows (None: a free slot, run as the base model), unless it
+        already is; `path` pins the fused path (`FusedLoRAModel.routed`)."""
         if self.arrow is not None:
-            if any(r.mixture for r in rows):
+            if any(r is not None and r.mixture for r in rows):
                 raise ValueError("under Arrow routing every row's mixture must be {} (Arrow picks per token)")
             if self._routing is None:
                 self._routing = ExitStack()
                 self._routing.enter_context(self.fused.routed(self.arrow))
             return
         if self.fused is None:
-            if any(r.mixture for r in rows):
+            if any(r is not None and r.mixture for r in rows):
                 raise ValueError("this engine runs a model without adapters; rows must have empty mixtures")
             return
         if (
             self._routing is not None
             and not self._stale
+            and path == self._path
             and len(rows) == len(self._routed_rows)
             and all(a is b for a, b in zip(rows, self._routed_rows))
         ):
@@ -313,18 +319,18 @@ class Engine:
         dense = self.dense(rows)
         if self._routing is None:
             stack = ExitStack()
-            stack.enter_context(self.fused.routed(dense))
+            stack.enter_context(self.fused.routed(dense, path))
             self._routing = stack
         else:
-            self.fused.reroute(dense)
-        self._routed_rows, self._stale = list(rows), False
+            self.fused.reroute(dense, path)
+        self._routed_rows, self._stale, self._path = list(rows), False, path
 
     def release(self) -> None:
         """Leave the routed block (the model is the plain base model again); call when the batch empties
         and before the adapter bank changes."""
         if self._routing is not None:
             self._routing.close()
-        self._routing, self._routed_rows, self._stale = None, [], False
+        self._routing, self._routed_rows, self._stale, self._path = None, [], False, None
 
     @property
     def device(self) -> torch.device:
@@ -347,15 +353,15 @@ class Engine:
             ids, mask, positions = self._prepare(rows)
             logits = decoder.prefill(ids, mask, positions, max(r.max_tokens for r in rows))
             positions = positions[:, -1]
-            self._advance(rows, logits)
+            self.advance(rows, logits)
             self._report(on_step, rows, [0] * len(rows))
             while not all(r.done for r in rows):
                 before = [len(r.tokens) for r in rows]
-                self._route(rows)  # again only when a row's mixture changed (sentence routing)
+                self.route(rows)  # again only when a row's mixture changed (sentence routing)
                 last = [self.pad if r.done else r.tokens[-1] for r in rows]
                 positions = positions + 1
                 logits = decoder.step(torch.tensor(last, dtype=torch.long, device=self.device), positions)
-                self._advance(rows, logits)
+                self.advance(rows, logits)
                 self._report(on_step, rows, before)
         finally:
             self.release()
@@ -375,7 +381,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         self._seed(rows)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions count real tokens only
-        self._route(rows)
+        self.route(rows)
         return ids, mask, positions
 
     def _seed(self, rows: list[Row]) -> None:
@@ -409,7 +415,7 @@ class Engine:
                 n = len(row.prompt_ids)
                 row.prompt_logprobs = [None] + self._scored(out.logits[b, -n:-1], row.prompt_ids[1:], row.logprobs)
         batch = RunningBatch(rows=list(rows), cache=out.cache, mask=mask, positions=positions[:, -1:].clone())
-        self._advance(batch.rows, out.logits[:, -1])
+        self.advance(batch.rows, out.logits[:, -1])
         return batch
 
     @staticmethod
@@ -435,7 +441,10 @@ class Engine:
         todo = list(rows)
         while todo:  # each round runs at least one row per head, so it ends
             found = [(r, prefixes.lookup(self._key(r), r.prompt_ids, r.logprobs or 0)) for r in todo]
-            for group in _similar_tails([(r, h) for r, h in found if h is not None]):
+            # Grouped by the length of the tail each row still runs (a prompt that shares only a system text
+            # with a cached one must not pad every short tail, another option of a cached question, to its own).
+            hits = [(r, h) for r, h in found if h is not None]
+            for group in similar_lengths(hits, lambda rh: len(rh[0].prompt_ids) - rh[1][1]):
                 self._prefill_on(prefixes, [r for r, _ in group], [h for _, h in group])
             heads, first, later = set(), [], []
             for r, h in found:
@@ -492,7 +501,7 @@ class Engine:
             ids[b, : len(tail)] = torch.tensor(tail, dtype=torch.long, device="cpu")
         positions = torch.tensor(past, device="cpu")[:, None] + torch.arange(width_s, device="cpu")[None]
         self._seed(rows)
-        self._route(rows)
+        self.route(rows)
         out = self.model(
             input_ids=ids.to(dev),
             attention_mask=mask.to(dev),
@@ -509,14 +518,14 @@ class Engine:
             row.prompt_logprobs = copied + self._scored(out.logits[b, : len(tail) - 1], tail[1:], row.logprobs)
             last.append(out.logits[b, len(tail) - 1])
             self._keep(prefixes, row, out.cache, b, width_p - p, width_p + len(tail))
-        self._advance(rows, torch.stack(last))
+        self.advance(rows, torch.stack(last))
 
     @torch.no_grad()
     def decode(self, batch: RunningBatch) -> None:
         """One more token for every row (none of them may have ended: call `drop_finished` first)."""
         if any(r.done for r in batch.rows):
             raise ValueError("decode got a batch holding finished rows; call drop_finished first")
-        self._route(batch.rows)
+        self.route(batch.rows)
         last = torch.tensor([r.tokens[-1] for r in batch.rows], dtype=torch.long, device=self.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], dim=1)
         batch.positions = batch.positions + 1
@@ -528,7 +537,7 @@ class Engine:
             use_cache=True,
         )
         batch.cache = out.cache
-        self._advance(batch.rows, out.logits[:, -1])
+        self.advance(batch.rows, out.logits[:, -1])
 
     @staticmethod
     def merge(running: RunningBatch | None, new: RunningBatch) -> RunningBatch:
@@ -571,7 +580,7 @@ class Engine:
         )
 
     # ---- per-row token choice ---------------------------------------------------------------------
-    def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
+    def advance(self, rows: list[Row], logits: torch.Tensor) -> None:
         """logits: (B, V) at each row's last position -> each unfinished row's next token and its end."""
         greedy = logits.argmax(-1)
         want_lp = any(r.logprobs is not None for r in rows)

@@ -45,11 +45,12 @@ class Routing:
         return dense.scatter_add_(1, self.indices, self.weights)
 
     @staticmethod
-    def from_dense(weights: torch.Tensor) -> Routing:
-        """Routing that keeps every nonzero entry of a (B, N) matrix, padded to the row with most."""
+    def from_dense(weights: torch.Tensor, min_k: int = 1) -> Routing:
+        """Routing that keeps every nonzero entry of a (B, N) matrix, padded to the row with most (and to at
+        least min_k entries, at most N: a fixed k keeps a compiled graph's shapes)."""
         if weights.dim() != 2:
             raise ValueError(f"dense weights must be (B, N), got shape {tuple(weights.shape)}")
-        k = max(int((weights != 0).sum(1).max()) if weights.numel() else 0, 1)
+        k = max(int((weights != 0).sum(1).max()) if weights.numel() else 0, min(min_k, weights.shape[1]), 1)
         # Sorting by weight puts the nonzeros first; padding slots then carry weight 0.
         vals, idx = weights.sort(dim=1, descending=True, stable=True)
         return Routing(indices=idx[:, :k].contiguous(), weights=vals[:, :k].contiguous())

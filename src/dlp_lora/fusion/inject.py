@@ -6,6 +6,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path as FsPath
+from typing import get_args
 
 import torch
 from torch import nn
@@ -14,7 +15,7 @@ from dlp_lora.adapters.bank import AdapterBank
 from dlp_lora.adapters.io import LoraAdapter
 from dlp_lora.config import FusionConfig
 from dlp_lora.fusion import ops
-from dlp_lora.fusion.layer import ActiveRouting, FusedLoRALinear, Path, RoutingSlot
+from dlp_lora.fusion.layer import ActiveRouting, FusedLoRALinear, Path, PinnedPath, RoutingSlot
 from dlp_lora.types import ArrowRouting, Routing
 
 __all__ = ["FusedLoRAModel", "choose_path"]
@@ -75,6 +76,7 @@ class FusedLoRAModel:
         self._lock = threading.Lock()
         self._owner: int | None = None
         self._originals: dict[str, nn.Linear] = {}
+        self._layers: list[FusedLoRALinear] = []
         self._arrow_stacks: dict[ArrowRouting, dict[str, tuple[torch.Tensor, ...]]] = {}
         self._sync_layers()
 
@@ -89,6 +91,7 @@ class FusedLoRAModel:
             original = getattr(parent, child)
             setattr(parent, child, FusedLoRALinear(original, stack, self._slot, name))
             self._originals[name] = original
+        self._layers = [m for m in self.model.modules() if isinstance(m, FusedLoRALinear)]
         self._names = list(self.bank.names)
         self._arrow_stacks = {}  # the bank changed: Arrow's prototypes are made again
 
@@ -139,12 +142,18 @@ class FusedLoRAModel:
         return weights.detach().float()
 
     @contextmanager
-    def routed(self, weights: torch.Tensor | Routing | ArrowRouting) -> Iterator[ActiveRouting]:
+    def routed(
+        self, weights: torch.Tensor | Routing | ArrowRouting, path: PinnedPath | None = None
+    ) -> Iterator[ActiveRouting]:
         """Within the block, row b of every batch uses sum_i weights[b, i] * adapter_i.
 
         weights: (B, N) float >= 0 (rows need not sum to one; a zero row is the base model) or a Routing;
         or an `ArrowRouting`: every token of every row picks its own experts in every layer (any batch).
         The mixture is fixed for every forward pass inside the block: prefill and all decode steps.
+        path: run this path whatever the weights (`dense`: (B, N*r) masks, the same shapes for every
+        mixture, all-zero rows included; `gathered`: k at least 2), its per-layer tensors made at once: what
+        a compiled forward needs, so that a new mixture changes tensor values and not the graph
+        (`dlp_lora.slots`).
         Thread-safe: a second thread entering `routed` waits until the first one's block has ended.
         """
         if self.bank is None:
@@ -156,12 +165,12 @@ class FusedLoRAModel:
             try:
                 if self.bank is None:  # removed while this thread waited for the lock
                     raise RuntimeError("this FusedLoRAModel was removed; build a new one")
-                yield self._activate(weights)
+                yield self._activate(weights, path)
             finally:
                 self._slot.active = None
                 self._owner = None
 
-    def reroute(self, weights: torch.Tensor | Routing | ArrowRouting) -> ActiveRouting:
+    def reroute(self, weights: torch.Tensor | Routing | ArrowRouting, path: PinnedPath | None = None) -> ActiveRouting:
         """Inside `routed`: every forward pass from now on uses these weights (B', N); B' may differ from
         the block's B (rows joined or left the running batch).
 
@@ -174,21 +183,29 @@ class FusedLoRAModel:
                 "reroute needs an active routing: call it inside a `with fused.routed(...)` block "
                 "(in the thread that opened it)"
             )
-        return self._activate(weights)
+        return self._activate(weights, path)
 
     @property
     def device(self) -> torch.device:
         """Where the adapter stacks are now (they follow `model.to()`); routings are moved there."""
         return next(iter(self.bank.modules.values())).A.device
 
-    def _activate(self, weights: torch.Tensor | Routing | ArrowRouting) -> ActiveRouting:
+    def _activate(
+        self, weights: torch.Tensor | Routing | ArrowRouting, pinned: PinnedPath | None = None
+    ) -> ActiveRouting:
         if isinstance(weights, ArrowRouting):
+            if pinned is not None:
+                raise ValueError("Arrow routing picks per token; it takes no pinned path")
             return self._activate_arrow(weights)
+        if pinned is not None and pinned not in get_args(PinnedPath):
+            raise ValueError(f"a pinned path must be one of {list(get_args(PinnedPath))}, got {pinned!r}")
         given = self._dense(weights)
-        path = choose_path(given, self.bank.total_rank, self.config)
+        path = pinned or choose_path(given, self.bank.total_rank, self.config)
         # The choices that read values (path, k) are made on the caller's tensors; what the layers read
         # moves to the stacks' device here, once per routing: nothing crosses devices in a forward pass.
-        routing, device = Routing.from_dense(given), self.device
+        # A pinned gathered path keeps k at least 2 (a mixture of two: the router's usual most), so a base row
+        # and a one- or two-adapter mixture share a compiled graph's shapes.
+        routing, device = Routing.from_dense(given, min_k=2 if pinned == "gathered" else 1), self.device
         dense = given.to(device)
         active = ActiveRouting(
             path=path,
@@ -199,6 +216,9 @@ class FusedLoRAModel:
             mix=dense[0] if path == "merged" else None,
         )
         self._slot.active = active
+        if pinned is not None:
+            for layer in self._layers:
+                layer.prepare(active)
         return active
 
     def _activate_arrow(self, arrow: ArrowRouting) -> ActiveRouting:

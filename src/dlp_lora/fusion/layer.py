@@ -14,9 +14,11 @@ from dlp_lora.fusion import ops
 from dlp_lora.quantize import is_quantized_linear
 from dlp_lora.types import ArrowRouting, Routing
 
-__all__ = ["Path", "ActiveRouting", "RoutingSlot", "FusedLoRALinear"]
+__all__ = ["Path", "PinnedPath", "ActiveRouting", "RoutingSlot", "FusedLoRALinear"]
 
 Path = Literal["base", "gathered", "dense", "merged", "arrow"]
+PinnedPath = Literal["dense", "gathered"]
+"""Paths a routing may be held to whatever its weights (`FusedLoRAModel.routed(..., path=)`)."""
 
 
 @dataclass
@@ -76,7 +78,7 @@ class FusedLoRALinear(nn.Module):
             return self.base(x)
         if active.path == "arrow":
             return self._arrow(x, active)
-        prepared = self._prepare(active)
+        prepared = self.prepare(active)
         if active.path == "merged" and len(prepared) == 1:
             return F.linear(x, prepared[0], self.base.bias)
         if active.path != "merged" and x.shape[0] != active.dense.shape[0]:
@@ -92,7 +94,7 @@ class FusedLoRALinear(nn.Module):
             delta = torch.matmul(torch.matmul(xc, A_mix.T), Bt_mix)
         elif active.path == "dense":
             (mask,) = prepared
-            delta = ops.lora_delta_dense(xc, self.stack.A.to(compute), self.stack.Bt.to(compute), mask)
+            delta = ops.lora_delta_dense(xc, self.stack.A_dense.to(compute), self.stack.Bt_dense.to(compute), mask)
         else:
             A_sel, Bt_sel = prepared
             delta = ops.lora_delta_gathered(xc, A_sel, Bt_sel)
@@ -111,7 +113,7 @@ class FusedLoRALinear(nn.Module):
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         return torch.promote_types(torch.promote_types(x.dtype, self.stack.A.dtype), torch.float32)
 
-    def _prepare(self, active: ActiveRouting) -> tuple[torch.Tensor, ...]:
+    def prepare(self, active: ActiveRouting) -> tuple[torch.Tensor, ...]:
         """What this layer derives from a routing, once per routing: on the stacks' device, in the
         compute dtype (a merged weight is in the base weight's dtype)."""
         cached = active.prepared.get(self.name)
@@ -130,7 +132,7 @@ class FusedLoRALinear(nn.Module):
                 else:
                     cached = (ops.merge_into(self.base.weight, *factors),)
             elif active.path == "dense":
-                cached = (ops.dense_mask(active.dense.to(compute), self.stack.rank),)
+                cached = (ops.dense_mask(active.dense.to(compute), self.stack.owner),)
             else:
                 cached = ops.gather_stacks(A.to(compute), Bt.to(compute), active.indices, active.weights)
             active.prepared[self.name] = cached

@@ -67,19 +67,22 @@ def lora_delta_gathered(x: torch.Tensor, A_sel: torch.Tensor, Bt_sel: torch.Tens
     return torch.bmm(torch.bmm(x, A_sel.transpose(1, 2)), Bt_sel)
 
 
-def dense_mask(weights: torch.Tensor, rank: int) -> torch.Tensor:
-    """(B, N) adapter weights -> (B, N*r) weight of each stacked rank row."""
-    return weights.repeat_interleave(rank, dim=1)
+def dense_mask(weights: torch.Tensor, rank: int | torch.Tensor) -> torch.Tensor:
+    """(B, N) adapter weights -> (B, R) weight of each stacked rank row: rank r (every adapter padded to r
+    rows: R = N*r), or owner (R,), the adapter of each row of an unpadded stack."""
+    return weights.repeat_interleave(rank, dim=1) if isinstance(rank, int) else weights[:, rank]
 
 
 def lora_delta_dense(x: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, d_in); A: (N, r, d_in); Bt: (N, r, d_out); mask: (B, N*r) -> (B, T, d_out).
+    """x: (B, T, d_in); A: (N, r, d_in) or (R, d_in); Bt: (N, r, d_out) or (R, d_out); mask: (B, R = N*r)
+    -> (B, T, d_out).
 
-    Every adapter is applied to every row and masked: cost grows with N, but it is three plain matmuls.
+    Every adapter is applied to every row and masked: cost grows with the bank's total rank R, but it is
+    three plain matmuls.
     """
-    n, r, d_in = A.shape
-    h = torch.matmul(x, A.reshape(n * r, d_in).T) * mask[:, None, :].to(x.dtype)
-    return torch.matmul(h, Bt.reshape(n * r, -1))
+    A, Bt = A.reshape(-1, A.shape[-1]), Bt.reshape(-1, Bt.shape[-1])
+    h = torch.matmul(x, A.T) * mask[:, None, :].to(x.dtype)
+    return torch.matmul(h, Bt)
 
 
 def merged_factors(

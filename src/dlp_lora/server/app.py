@@ -16,6 +16,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import signal
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -336,7 +338,8 @@ async def metrics(request: Request) -> Response:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     scheduler = app.state.server.scheduler
-    scheduler.start()
+    if app.state.own_worker:
+        scheduler.start()
     try:
         yield
     finally:
@@ -344,14 +347,19 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(scheduler.stop)
 
 
-def create_app(pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepRunner | None = None) -> FastAPI:
-    """The app for one pipeline. The batching worker starts and stops with the app's lifespan.
+def create_app(
+    pipeline: DLPLoRA, cfg: ServerConfig | None = None, runner: StepRunner | None = None, own_worker: bool = True
+) -> FastAPI:
+    """The app for one pipeline. The batching worker starts (on a thread of its own) and stops with the
+    app's lifespan; own_worker=False leaves running it to the caller (`app.state.server.scheduler.run()`,
+    as `serve` does on the main thread), the lifespan still stops it.
 
     `runner` replaces the default `PipelineRunner` (tests wrap it to hold batches deterministically).
     """
     cfg = cfg or ServerConfig()
     app = FastAPI(title="dlp-lora", description=__doc__.splitlines()[0], lifespan=_lifespan)
     app.state.server = ServerState(pipeline, cfg, runner)
+    app.state.own_worker = own_worker
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -427,5 +435,25 @@ def serve(
         assets, base_model, device=device, quantize=quantize, routing_config=routing, arrow=arrow
     )
     name = cfg.model_name or base_model or Manifest.load(assets).base_model
-    app = create_app(pipeline, dataclasses.replace(cfg, model_name=name))
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="info")
+    app = create_app(pipeline, dataclasses.replace(cfg, model_name=name), own_worker=False)
+    scheduler = app.state.server.scheduler
+    server = uvicorn.Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="info"))
+
+    def http() -> None:
+        try:
+            server.run()
+        finally:  # whatever ended the HTTP side (a signal, a port in use) ends the worker loop below
+            scheduler.stop()
+
+    # The batching worker runs on the main thread: torch's CPU kernels measured 1.3-1.7x slower on a second
+    # thread here (docs/performance.md). uvicorn installs signal handlers only on the main thread, so
+    # SIGINT/SIGTERM are routed to its shutdown by hand; the lifespan then stops the worker.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, server.handle_exit)
+    thread = threading.Thread(target=http, name="dlp-lora-http")
+    thread.start()
+    try:
+        scheduler.run()
+    finally:
+        server.should_exit = True
+        thread.join()

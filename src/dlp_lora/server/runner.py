@@ -16,12 +16,14 @@ continues under it, its neighbours untouched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from dlp_lora.engine import Engine, Row, RunningBatch, listed, switches_of
+from dlp_lora.engine import Engine, Row, RunningBatch, listed, similar_lengths, switches_of
 from dlp_lora.pipeline import DLPLoRA, SentenceRerouter
 from dlp_lora.prefixes import PrefixCache
 from dlp_lora.server.errors import InvalidRequest
 from dlp_lora.server.scheduler import Job
+from dlp_lora.slots import SlotBatch
 
 __all__ = ["PipelineRunner"]
 
@@ -65,19 +67,35 @@ class _Ride:
 
 
 class PipelineRunner:
-    """Continuous-batching rows over one pipeline (worker thread only)."""
+    """Continuous-batching rows over one pipeline (worker thread only).
 
-    def __init__(self, pipeline: DLPLoRA, prefix_cache_tokens: int = 0) -> None:
+    slot_sizes: decode compiled over a static KV cache in these slot counts (`slots.SlotBatch`, compiled here
+    by torch.compile's `backend`, before the server answers); empty: eagerly. The running batch is then in
+    the slots while its rows fit them (their count, and each one's prompt plus max_tokens within `context`
+    columns), else eager (`Engine`'s calls), and back in the slots once it fits again.
+    """
+
+    def __init__(
+        self,
+        pipeline: DLPLoRA,
+        prefix_cache_tokens: int = 0,
+        slot_sizes: tuple[int, ...] = (),
+        context: int = 512,
+        backend: str | Callable = "inductor",
+    ) -> None:
         self.pipeline = pipeline
         arrow = pipeline.arrow_routing() if pipeline.arrow is not None else None
         self.engine = Engine(pipeline.fused, pipeline.tokenizer, arrow=arrow)
         self.prefixes = PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.batch: RunningBatch | None = None
+        self.slots = SlotBatch(self.engine, slot_sizes, context, backend) if slot_sizes else None
+        if self.slots is not None:
+            self.slots.warm()
         self._rides: dict[int, _Ride] = {}  # id(row) -> its job
 
     @property
     def running(self) -> int:
-        return 0 if self.batch is None else len(self.batch)
+        return (0 if self.batch is None else len(self.batch)) + (0 if self.slots is None else len(self.slots))
 
     @property
     def active_adapters(self) -> set[str]:
@@ -101,19 +119,34 @@ class PipelineRunner:
             self.engine.score([r.row for r in scoring], self.prefixes)
             for ride in scoring:
                 ride.job.future.set_result(self.engine.result(ride.row, ride.first))
-        if not rides:
-            if self.batch is None:
-                self.engine.release()
-            return
-        new = self.engine.prefill([r.row for r in rides])
         self._rides.update({id(r.row): r for r in rides})
-        self.batch = Engine.merge(self.batch, new)
-        self._settle()
+        # Prompts of similar length are prefilled together: one forward pass over a short prompt padded to
+        # a long one's length costs the long one's time.
+        for group in similar_lengths([r.row for r in rides], lambda row: len(row.prompt_ids)):
+            new = self.engine.prefill(group)
+            self._settle(new.rows)  # rows that ended at their first token answer now
+            new = Engine.drop_finished(new)
+            if new is None:
+                continue
+            if self.batch is None and self._to_slots(new):
+                continue
+            if self.slots is not None and len(self.slots):  # too many rows, or one too long: all go eager
+                self.batch = self.slots.to_running()
+            self.batch = Engine.merge(self.batch, new)
+        self._idle()
 
     def step(self) -> None:
+        if self.batch is not None and self._to_slots(self.batch):  # the eager batch shrank: back to the slots
+            self.batch = None
         if self.batch is not None:
             self.engine.decode(self.batch)
-            self._settle()
+            self._settle(self.batch.rows)
+            self.batch = Engine.drop_finished(self.batch)
+        elif self.slots is not None and len(self.slots):
+            self.slots.decode()
+            self._settle(self.slots.live)
+            self.slots.drop_finished()
+        self._idle()
 
     def abort(self, error: BaseException) -> None:
         for ride in self._rides.values():
@@ -121,6 +154,8 @@ class PipelineRunner:
                 ride.job.future.set_exception(error)
         self._rides.clear()
         self.batch = None
+        if self.slots is not None:
+            self.slots.to_running()
         self.engine.release()
 
     def pause(self) -> None:
@@ -184,10 +219,9 @@ class PipelineRunner:
         )
         return _Ride(job, row)
 
-    def _settle(self) -> None:
-        """Stream new text, answer rows that ended (or whose client left), drop them from the batch."""
-        assert self.batch is not None
-        for row in self.batch.rows:
+    def _settle(self, rows: list[Row]) -> None:
+        """Stream new text and answer the rows that ended (or whose client left); the caller drops them."""
+        for row in rows:
             ride = self._rides[id(row)]
             if ride.job.abandoned:
                 row.finish("length")
@@ -202,6 +236,17 @@ class PipelineRunner:
             ride.emit(result.text)
             del self._rides[id(row)]
             ride.job.future.set_result(result)
-        self.batch = Engine.drop_finished(self.batch)
-        if self.batch is None:
+
+    def _to_slots(self, batch: RunningBatch) -> bool:
+        """Move `batch`'s rows into the compiled slots when they all fit there (their count and lengths)."""
+        if self.slots is None or len(self.slots) + len(batch) > self.slots.capacity:
+            return False
+        if not all(map(self.slots.fits, batch.rows)):
+            return False
+        self.slots.join(batch)
+        return True
+
+    def _idle(self) -> None:
+        """Leave the routed block when no row runs."""
+        if not self.running:
             self.engine.release()

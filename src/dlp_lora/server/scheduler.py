@@ -117,17 +117,28 @@ class Scheduler:
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
+        self._done = threading.Event()  # the worker loop returned
         self._closing = False
         self.running = 0
         """Rows in the running batch (read by metrics; written by the worker)."""
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
+        """Run the worker on a thread of its own."""
         with self._cond:
             if self._thread is not None:
                 raise RuntimeError("the scheduler was already started")
             self._thread = threading.Thread(target=self._work, name="dlp-lora-batcher", daemon=True)
             self._thread.start()
+
+    def run(self) -> None:
+        """Run the worker on the calling thread until `stop` (`dlp-lora serve` gives it the process's main
+        thread: torch's CPU kernels ran 1.3-1.7x slower on a second thread here, docs/performance.md)."""
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("the scheduler was already started")
+            self._thread = threading.current_thread()
+        self._work()
 
     def stop(self, timeout: float | None = None) -> None:
         """Refuse new work, fail waiting requests with 503, and wait for the running rows to end."""
@@ -142,11 +153,11 @@ class Scheduler:
         for _, future in controls:
             future.set_exception(Unavailable("the server is shutting down"))
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+            self._done.wait(timeout)
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and not self._closing
+        return self._thread is not None and self._thread.is_alive() and not self._done.is_set() and not self._closing
 
     @property
     def queue_depth(self) -> int:
@@ -214,6 +225,12 @@ class Scheduler:
             return batch
 
     def _work(self) -> None:
+        try:
+            self._loop()
+        finally:
+            self._done.set()
+
+    def _loop(self) -> None:
         while True:
             batch = self._admissible()
             if batch is None:

@@ -52,7 +52,13 @@ class ServerState:
         self.user_turns = UserTurns(self.tokenizer)
         self.vocab_size = pipeline.model.get_input_embeddings().num_embeddings
         self.metrics = Metrics(pipeline.adapter_names, cfg.max_batch_size)
-        self.runner = runner if runner is not None else PipelineRunner(pipeline, cfg.prefix_cache_tokens)
+        self.runner = (
+            runner
+            if runner is not None
+            else PipelineRunner(
+                pipeline, cfg.prefix_cache_tokens, cfg.slot_sizes if cfg.compile else (), cfg.compile_context
+            )
+        )
         self.scheduler = Scheduler(
             cfg, self.runner, on_batch=self.metrics.observe_batch, on_step=self.metrics.observe_step
         )
