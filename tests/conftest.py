@@ -131,6 +131,15 @@ def padded_ids(b: int = 3, t: int = 6, seed: int = 0) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Each test compiles from scratch: graphs left by other tests count against dynamo's recompile limit
+    (8 per function), past which it silently runs eagerly."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny matmuls: a second OpenMP thread only spins against other jobs on a shared 2-core machine."""

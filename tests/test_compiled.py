@@ -19,16 +19,7 @@ from dlp_lora.engine import EagerDecoder
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.quantize import quantize_model
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch: graphs left by other tests count against dynamo's recompile limit
-    (8 per function), past which it silently runs eagerly."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 HAS_CXX = any(shutil.which(c) for c in ("g++", "clang++", "c++"))

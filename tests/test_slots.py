@@ -20,16 +20,7 @@ from dlp_lora.config import GenerationConfig
 from dlp_lora.engine import Engine, Row
 from dlp_lora.slots import SlotBatch
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Each test compiles from scratch: graphs left by other tests count against dynamo's recompile limit
-    (8 per function), past which it silently runs eagerly."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("one_thread", "fresh_dynamo")
 
 
 PROMPTS = [[5, 9, 17, 33], [40, 41], [7, 8, 9, 10, 11, 12, 13], [3], [60, 61, 62, 63, 64, 65, 66, 67, 68, 69]]
