@@ -56,6 +56,10 @@ RAY_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
     "RAY_enable_metrics_collection": "0",
     "RAY_SERVE_ENABLE_TASK_EVENTS": "0",
+    # Serve kills a proxy that is not ready within 5 s (its default): on 2 busy cores (the suite beside a
+    # training job) the proxy's start alone took longer, and the module's setup failed with ActorDiedError.
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
 }
 
 
