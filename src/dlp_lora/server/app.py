@@ -445,7 +445,7 @@ def serve(
         finally:  # whatever ended the HTTP side (a signal, a port in use) ends the worker loop below
             scheduler.stop()
 
-    # The batching worker runs on the main thread: torch's CPU kernels measured 1.3-1.7x slower on a second
+    # The batching worker runs on the main thread: torch's CPU kernels measured 1.4-1.8x slower on a second
     # thread here (docs/performance.md). uvicorn installs signal handlers only on the main thread, so
     # SIGINT/SIGTERM are routed to its shutdown by hand; the lifespan then stops the worker.
     for sig in (signal.SIGINT, signal.SIGTERM):

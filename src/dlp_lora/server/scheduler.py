@@ -133,7 +133,7 @@ class Scheduler:
 
     def run(self) -> None:
         """Run the worker on the calling thread until `stop` (`dlp-lora serve` gives it the process's main
-        thread: torch's CPU kernels ran 1.3-1.7x slower on a second thread here, docs/performance.md)."""
+        thread: torch's CPU kernels ran 1.4-1.8x slower on a second thread here, docs/performance.md)."""
         with self._cond:
             if self._thread is not None:
                 raise RuntimeError("the scheduler was already started")
