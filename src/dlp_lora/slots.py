@@ -94,6 +94,11 @@ class SlotBatch:
     def live(self) -> list[Row]:
         return [r for r in self.rows if r is not None]
 
+    @property
+    def _occupied(self) -> list[int]:
+        """Indices of the slots that hold a row."""
+        return [s for s, r in enumerate(self.rows) if r is not None]
+
     def __len__(self) -> int:
         return len(self.live)
 
@@ -145,7 +150,7 @@ class SlotBatch:
 
     def to_running(self) -> RunningBatch | None:
         """The live rows as an eager `RunningBatch` (their own columns only); the slots empty."""
-        live = [s for s, r in enumerate(self.rows) if r is not None]
+        live = self._occupied
         if not live:
             return None
         width = max(self._context(s) for s in live)
@@ -172,25 +177,28 @@ class SlotBatch:
         if any(r.done for r in self.live):
             raise ValueError("decode got finished rows; call drop_finished first")
         if self._t == self.length:  # full: drop the columns no live row attends to
-            self._move(max(self._context(s) for s, r in enumerate(self.rows) if r is not None))
-        self.engine.route(self.rows, path=_path(len(self.rows)))
-        dev = self._mask.device
-        last = torch.tensor([r.tokens[-1] if r is not None else self.engine.pad for r in self.rows], device=dev)
+            self._move(max(map(self._context, self._occupied)))
+        last = [r.tokens[-1] if r is not None else self.engine.pad for r in self.rows]
         self._positions += 1
+        logits = self._forward(torch.tensor(last, device=self._mask.device))
+        self._t += 1
+        live = self._occupied
+        self.engine.advance([self.rows[s] for s in live], logits[live] if len(live) < len(self.rows) else logits)
+
+    def _forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (S,) -> logits (S, V): the compiled step at column t, under the slots' routing."""
+        self.engine.route(self.rows, path=_path(len(self.rows)))
         for layer in self._cache.layers:  # where StaticLayer writes this step's keys and values
             layer.cumulative_length.fill_(self._t)
         out = self._step(
-            input_ids=last[:, None],
+            input_ids=tokens[:, None],
             attention_mask=self._mask,
             position_ids=self._positions,
             cache=self._cache,
-            cache_position=torch.tensor([self._t], device=dev),
+            cache_position=torch.tensor([self._t], device=tokens.device),
             use_cache=True,
         )
-        self._t += 1
-        live = [s for s, r in enumerate(self.rows) if r is not None]
-        logits = out.logits[:, -1]
-        self.engine.advance([self.rows[s] for s in live], logits[live] if len(live) < len(self.rows) else logits)
+        return out.logits[:, -1]
 
     def warm(self, sizes: Sequence[int] | None = None) -> dict[int, float]:
         """Compile the step for each size now (seconds each, by size), so no request waits for it."""
@@ -200,16 +208,8 @@ class SlotBatch:
             self._resize(size)
             self.rows = [None] * size
             self._remask()
-            self.engine.route(self.rows, path=_path(len(self.rows)))
             with torch.no_grad():
-                self._step(
-                    input_ids=torch.full((size, 1), self.engine.pad, device=self._mask.device),
-                    attention_mask=self._mask,
-                    position_ids=self._positions,
-                    cache=self._cache,
-                    cache_position=torch.tensor([self._t], device=self._mask.device),
-                    use_cache=True,
-                )
+                self._forward(torch.full((size,), self.engine.pad, device=self._mask.device))
             seconds[size] = round(time.perf_counter() - t0, 2)
             _log.info("compiled the decode step for %d slots in %.1f s", size, seconds[size])
         self.engine.release()
@@ -230,7 +230,7 @@ class SlotBatch:
         shape = torch.empty(size, heads, 0, dim, dtype=self.model.dtype, device=self.engine.device)
         for layer in cache.layers:
             layer.lazy_initialization(shape, shape)
-        live = [s for s, r in enumerate(self.rows) if r is not None]
+        live = self._occupied
         positions = torch.zeros(size, 1, dtype=torch.long, device=self.engine.device)
         if live:
             index = torch.tensor(live, device=self.engine.device)
@@ -250,7 +250,7 @@ class SlotBatch:
         shift = t - self._t
         if shift == 0:
             return
-        assert all(self._context(s) <= t for s, r in enumerate(self.rows) if r is not None) and t < self.length
+        assert all(self._context(s) <= t for s in self._occupied) and t < self.length
         for layer in self._cache.layers:
             # roll wraps columns around: they land outside every live row's columns, masked, and finite.
             layer.keys.copy_(torch.roll(layer.keys, shift, dims=2))
