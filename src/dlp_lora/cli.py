@@ -189,6 +189,15 @@ def _choose_serving_args(p: argparse.ArgumentParser) -> None:
         default=[1.0],
         help="generalist weights of the specialist+generalist options (the specialist at 1)",
     )
+    p.add_argument(
+        "--crossval",
+        type=int,
+        default=0,
+        metavar="K",
+        help="first cross-validate the generalist's recipe in K folds on the train + dev examples of every "
+        "class too small for a gate split (trains K generalists; resumable); 0: use the scores the assets hold",
+    )
+    p.add_argument("--crossval-dir", default="runs/crossval", help="where the fold generalists are trained")
     add_config_args(p, SplitConfig)
 
 
@@ -199,7 +208,11 @@ def _choose_serving(ns: argparse.Namespace) -> None:
 
     split = config_from_args(SplitConfig, ns)
     score_candidates(ns.assets, ns.tasks, ns.data_dir, split, ns.generalist, tuple(ns.weights))
-    print(choice_table(apply_choices(ns.assets, ns.data_dir, split, ns.tasks)))
+    if ns.crossval:
+        from dlp_lora.training.crossval import crossval_generalist
+
+        crossval_generalist(ns.assets, ns.crossval_dir, ns.data_dir, split, ns.generalist, ns.crossval)
+    print(choice_table(apply_choices(ns.assets, ns.data_dir, split, ns.tasks, ns.generalist)))
 
 
 def _train_adapter_args(p: argparse.ArgumentParser) -> None:
