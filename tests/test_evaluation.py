@@ -199,10 +199,38 @@ def test_collapse_rows_flag_one_answer_for_most_prompts():
         "t": {
             "a": {"top_answer_share": 0.9, "gold_top_share": 0.5},  # collapsed
             "b": {"top_answer_share": 0.6, "gold_top_share": 0.5},
-            "c": {"top_answer_share": 0.95, "gold_top_share": 0.9},
+            "c": {"top_answer_share": 0.95, "gold_top_share": 0.9},  # so are the answers
+            "d": {"top_answer_share": 0.85, "gold_top_share": 0.6, "option_auc": {"estimate": 0.5}},
         }
-    }  # so are the answers
-    assert collapsed_rows(per_task) == [("t", "a", 0.9, 0.5)]
+    }
+    assert collapsed_rows(per_task) == [("t", "a", 0.9, 0.5, None), ("t", "d", 0.85, 0.6, {"estimate": 0.5})]
+
+
+def test_option_auc_tells_ranking_from_leaning():
+    from dlp_lora.evaluation.stats import bootstrap_auc
+
+    labels = [1, 0] * 20
+    assert bootstrap_auc(labels, [float(y) for y in labels]).estimate == 1.0  # tells every pair apart
+    assert bootstrap_auc(labels, [-float(y) for y in labels]).estimate == 0.0
+    # Leaning to option 1 on every question (the label prior) ranks nothing: 0.5, whatever the lean.
+    lean = bootstrap_auc(labels, [3.0] * 40)
+    assert lean.estimate == 0.5 and lean.low == lean.high == 0.5
+    noisy = bootstrap_auc(labels, [y + 0.9 * ((i * 7919) % 13 / 13) for i, y in enumerate(labels)])
+    assert 0.5 < noisy.low <= noisy.estimate <= noisy.high <= 1.0 and noisy.n == 40
+    with pytest.raises(ValueError, match="labels in"):
+        bootstrap_auc([0, 2], [0.1, 0.2])
+
+
+def test_option_auc_of_a_two_option_task_from_its_log_likelihoods():
+    from dlp_lora.evaluation.examples import option_auc
+
+    yes_no = [mcq_example(f"b/{i}", "b", f"Is {i} even?", ["true", "false"], i % 2) for i in range(20)]
+    # Per byte, "true" (4) at -1.0 beats "false" (5) at -2.5 on every question: a lean, no ranking.
+    assert option_auc([[-1.0, -2.5]] * 20, yes_no).estimate == 0.5
+    # A larger margin for "true" exactly where it is gold: every pair ranked.
+    assert option_auc([[-1.0, -2.5 - 2 * (i % 2 == 0)] for i in range(20)], yes_no).estimate == 1.0
+    three = [mcq_example("c/0", "c", "?", ["a", "b", "c"], 0)] * 2
+    assert option_auc([[-1.0, -2.0, -3.0]] * 2, three) is None
 
 
 def test_harness_refuses_task_outside_router_classes(dlp, tmp_path):

@@ -105,8 +105,13 @@ def _shared_prompt_logprobs(
     return out
 
 
+def per_byte(logprobs: Sequence[float], options: Sequence[str]) -> list[float]:
+    """Each option's log-likelihood per UTF-8 byte of its text (lm-evaluation-harness's `acc_norm`)."""
+    return [lp / max(len(o.encode("utf-8")), 1) for lp, o in zip(logprobs, options)]
+
+
 def option_choice(logprobs: Sequence[float], options: Sequence[str], normalize: bool) -> int:
     """Index of the best option: highest summed log-likelihood (`acc`), or per UTF-8 byte of the option
     text (`acc_norm`, lm-evaluation-harness's length normalisation). The first wins ties."""
-    scores = [lp / max(len(o.encode("utf-8")), 1) if normalize else lp for lp, o in zip(logprobs, options)]
+    scores = per_byte(logprobs, options) if normalize else list(logprobs)
     return max(range(len(scores)), key=lambda i: (scores[i], -i))

@@ -18,7 +18,8 @@ from dlp_lora.chat import prompt_ids
 from dlp_lora.config import GenerationConfig
 from dlp_lora.engine import Engine, Row
 from dlp_lora.evaluation.metrics import exact_match, numeric_match, token_f1
-from dlp_lora.scoring import continuation_logprobs, option_choice
+from dlp_lora.evaluation.stats import Interval, bootstrap_auc
+from dlp_lora.scoring import continuation_logprobs, option_choice, per_byte
 from dlp_lora.tasks import Example, Task, parse_answer
 
 __all__ = ["ExampleScores", "example_scores", "headline_score", "majority_share", "MCQ_HEADLINE", "COLLAPSE_SHARE"]
@@ -104,6 +105,16 @@ def mcq_scores(logprobs: Sequence[Sequence[float]], examples: Sequence[Example])
     return ExampleScores(
         headline=norm if MCQ_HEADLINE == "acc_norm" else acc, metrics={"acc": acc, "acc_norm": norm}, chosen=chosen
     )
+
+
+def option_auc(logprobs: Sequence[Sequence[float]], examples: Sequence[Example]) -> Interval | None:
+    """On a two-option task, whether the model tells the answers apart or only leans to one: the AUC
+    [95% bootstrap interval] of its acc_norm margin of the first option over the second for the examples
+    whose gold is the first (0.5: the label prior alone); None for other tasks or one gold answer only."""
+    if any(len(ex.options) != 2 for ex in examples) or len({ex.gold_index for ex in examples}) != 2:
+        return None
+    margin = [first - second for first, second in (per_byte(lp, ex.options) for lp, ex in zip(logprobs, examples))]
+    return bootstrap_auc([int(ex.gold_index == 0) for ex in examples], margin)
 
 
 COLLAPSE_SHARE = 0.8

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
 from dlp_lora.config import ArrowConfig, EvalConfig, GenerationConfig, SplitConfig
-from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores
+from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores, option_auc
 from dlp_lora.evaluation.methods import ARROW, method_weights
 from dlp_lora.evaluation.metrics import choice_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
@@ -112,6 +112,9 @@ def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
     scores["gold_top_share"] = majority_share(
         [ex.gold_index if task.kind == "mcq" else ex.references[0] for ex in examples]
     )
+    auc = option_auc([r["option_logprobs"] for r in rows], examples) if loglik else None
+    if auc is not None:
+        scores["option_auc"] = {"estimate": auc.estimate, "low": auc.low, "high": auc.high}
     scores["mean_k"] = sum(len(r["adapters"]) for r in rows) / max(len(rows), 1)
     scores["fused_fraction"] = sum(len(r["adapters"]) > 1 for r in rows) / max(len(rows), 1)
     return scores

@@ -122,14 +122,19 @@ def method_pairs(per_task: dict[str, dict[str, dict]]) -> dict[str, dict]:
     }
 
 
-def collapsed_rows(per_task: dict[str, dict[str, dict]]) -> list[tuple[str, str, float, float]]:
-    """(task, method, top answer share, gold top share) wherever a method collapsed (COLLAPSE_SHARE)."""
+def collapsed_rows(per_task: dict[str, dict[str, dict]]) -> list[tuple[str, str, float, float, dict | None]]:
+    """(task, method, top answer share, gold top share, option AUC or None) wherever a method collapsed
+    (COLLAPSE_SHARE); the AUC (two-option tasks) says whether it still tells the answers apart."""
     return [
-        (t, m, s["top_answer_share"], s["gold_top_share"])
+        (t, m, s["top_answer_share"], s["gold_top_share"], s.get("option_auc"))
         for t, by in per_task.items()
         for m, s in by.items()
         if s["top_answer_share"] > COLLAPSE_SHARE >= s["gold_top_share"]
     ]
+
+
+def _auc_cell(auc: dict | None) -> str:
+    return f"{auc['estimate']:.2f} [{auc['low']:.2f}, {auc['high']:.2f}]" if auc else ""
 
 
 def _as_dict(i: Interval) -> dict:
@@ -243,11 +248,14 @@ def _markdown(
         "## Collapse check",
         "",
         f"Methods whose most frequent answer (the option `acc_norm` picks, else the parsed answer) covers more "
-        f"than {COLLAPSE_SHARE:.0%} of a task's prompts while the gold answers' most frequent one does not.",
+        f"than {COLLAPSE_SHARE:.0%} of a task's prompts while the gold answers' most frequent one does not. "
+        "On two-option tasks, the AUC of the method's acc_norm margin of the first option over the second "
+        "[95% bootstrap interval]: near 0.5, the method only leans to one answer (the label prior) and does "
+        "not tell the questions apart.",
     ]
     lines += (
-        ["", "| task | method | top answer share | gold top share |", "|---|---|---|---|"]
-        + [f"| {t} | {m} | {s:.0%} | {g:.0%} |" for t, m, s, g in collapsed]
+        ["", "| task | method | top answer share | gold top share | option AUC |", "|---|---|---|---|---|"]
+        + [f"| {t} | {m} | {s:.0%} | {g:.0%} | {_auc_cell(a)} |" for t, m, s, g, a in collapsed]
         if collapsed
         else ["", "None."]
     )

@@ -90,3 +90,25 @@ def stratified_mean_difference(
         draws += d[rng.integers(0, d.size, size=(resamples, d.size))].mean(1)
     n = sum(len(v) for v in a.values())
     return _interval(point / len(a), draws / len(a), n, level)
+
+
+def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mann-Whitney AUC (ties count half) of `scores` for `labels` in {0, 1}; nan without both labels."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not pos.size or not neg.size:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def bootstrap_auc(
+    labels: Sequence[int], scores: Sequence[float], level: float = 0.95, resamples: int = 1000, seed: int = 0
+) -> Interval:
+    """How well `scores` (N,) rank the examples with label 1 above those with 0 (0.5: not at all, as a model
+    answering from the label prior alone), with a percentile bootstrap interval over examples."""
+    y, x = np.asarray(labels), _as_matrix(scores)
+    if y.shape != x.shape or not set(np.unique(y)) <= {0, 1}:
+        raise ValueError(f"expected {x.size} labels in {{0, 1}}, got {y.size}: {sorted(set(y.tolist()))[:5]}")
+    rng = np.random.default_rng(seed)
+    draws = np.array([_auc(y[i], x[i]) for i in rng.integers(0, y.size, size=(resamples, y.size))])
+    return _interval(_auc(y, x), draws[~np.isnan(draws)], y.size, level)
