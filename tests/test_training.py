@@ -231,6 +231,25 @@ def test_train_adapter_leaves_the_base_model_unchanged(trained):
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
 
 
+def test_pooled_scores_score_each_example_by_its_own_task(trained, tok):
+    from dlp_lora.evaluation.examples import example_scores, pooled_scores
+
+    model = trained[0]
+    colour = _examples(3, answer="red")
+    count = [Example(uid=f"count/{i}", task="count", prompt=f"Count to {i}.", answer=str(i), references=(str(i),))
+             for i in range(3)]  # fmt: skip
+    tasks = {"colour": _task(colour), "count": Task("count", "qa", "test", "numeric", lambda root: count, 4)}
+    mixed = [colour[0], count[0], count[1], colour[1], colour[2], count[2]]
+    got = pooled_scores(model, tok, tasks, mixed)
+    want = {name: example_scores(model, tok, tasks[name], [ex for ex in mixed if ex.task == name]) for name in tasks}
+    order = {"colour": iter(range(3)), "count": iter(range(3))}
+    picks = [(ex.task, next(order[ex.task])) for ex in mixed]
+    assert got.headline == [want[t].headline[i] for t, i in picks]
+    assert got.chosen == [want[t].chosen[i] for t, i in picks]
+    with pytest.raises(ValueError, match=r"examples of tasks \['count'\] but no Task"):
+        pooled_scores(model, tok, {"colour": tasks["colour"]}, mixed)
+
+
 def test_gate_scores_are_the_base_model_and_the_saved_adapter_on_the_gate_split(trained, tok):
     from peft import PeftModel
 
@@ -480,8 +499,10 @@ class _Calls:
         progress=True,
         on_step=None,
         should_stop=None,
+        dev_tasks=None,
     ):
         assert (model, tokenizer) == ("base-model", "tokenizer")
+        self.dev = (list(dev), dev_tasks)
         assert Path(ckpt_dir).name == task.name and Path(ckpt_dir).parent.name == "checkpoints"
         self.trained.append(task.name)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -615,8 +636,20 @@ def test_multitask_baseline_trains_once_on_every_task_and_is_recorded(tmp_path, 
     manifest = pool.train_pool_multitask(root, split_cfg=split, progress=False)
     assert calls.trained == ["multitask"] and manifest.records["multitask"]["train_examples"] == 10
     assert Manifest.load(root).baselines == {"multitask": "baselines/multitask"}
+    assert calls.dev == ([], None)  # no dev curve by default: the last step is kept
     pool.train_pool_multitask(root, split_cfg=split, progress=False)  # finished: skipped
     assert calls.trained == ["multitask"] and calls.loads == 1
+    # With a dev curve: the first N dev examples of every class with a gate split, each with its own task.
+    pool.train_pool_multitask(root, split_cfg=split, name="generalist", progress=False, dev_per_task=2)
+    dev, dev_tasks = calls.dev
+    assert [ex.task for ex in dev] == ["bbh_navigate"] * 2 + ["bbh_snarks"] * 2 and set(dev_tasks) == {
+        "bbh_navigate",
+        "bbh_snarks",
+    }
+    # Classes without a gate split keep their dev examples clean for the choices made on them.
+    no_gate = SplitConfig(train_cap=5, gate_size=0)
+    pool.train_pool_multitask(root, split_cfg=no_gate, name="generalist2", progress=False, dev_per_task=2)
+    assert calls.dev == ([], None)
 
 
 def test_bundled_assets_deploy_no_collapsed_or_ungated_adapter():

@@ -232,6 +232,15 @@ def _train_adapter_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the baseline: one LoRA on every task of --assets together (use e.g. --r 64 --alpha 128)",
     )
+    p.add_argument("--multitask-name", default="multitask", help="with --multitask: the baseline's name")
+    p.add_argument(
+        "--multitask-dev",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --multitask: a dev curve on the first N dev examples of every class with a gate split "
+        "(each scored by its own task), the best checkpoint kept; 0: none, the last step kept",
+    )
     p.add_argument("--assets", default=DEFAULT_ASSETS, help="assets folder to write adapters and manifest into")
     p.add_argument("--data-dir", default=None, help="benchmark data root (default: ../shared/data)")
     p.add_argument("--base-model", default=None, help="HF dir or hub id (default: the embedded SmolLM2)")
@@ -254,10 +263,12 @@ def _train_adapter(ns: argparse.Namespace) -> None:
     if ns.multitask:
         from dlp_lora.training.pool import train_pool_multitask
 
-        rec = train_pool_multitask(
-            ns.assets, ns.data_dir, split, config_from_args(AdapterTrainConfig, ns), ns.base_model
-        ).records["multitask"]
-        print(f"multitask steps={rec['steps']} loss={rec['final_train_loss']:.3f}")
+        cfg = config_from_args(AdapterTrainConfig, ns)
+        manifest = train_pool_multitask(
+            ns.assets, ns.data_dir, split, cfg, ns.base_model, ns.multitask_name, dev_per_task=ns.multitask_dev
+        )
+        rec = manifest.records[ns.multitask_name]
+        print(f"{ns.multitask_name} steps={rec['steps']} best={rec['best_step']} loss={rec['final_train_loss']:.3f}")
         return
     tasks = task_names() if ns.all else ns.task or [_user_task(spec) for spec in ns.task_file]
     budget = None if ns.time_budget_min is None else 60 * ns.time_budget_min

@@ -107,6 +107,30 @@ def mcq_scores(logprobs: Sequence[Sequence[float]], examples: Sequence[Example])
     )
 
 
+def pooled_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tasks: dict[str, Task],
+    examples: Sequence[Example],
+    batch_size: int = 8,
+) -> ExampleScores:
+    """Examples of several tasks (a generalist's dev split), each scored by its own task (`tasks[ex.task]`):
+    headline scores and answers in example order; the mean pools every example."""
+    missing = sorted({ex.task for ex in examples} - set(tasks))
+    if missing:
+        raise ValueError(f"examples of tasks {missing} but no Task for them; known: {sorted(tasks)}")
+    headline: list[float] = [0.0] * len(examples)
+    chosen: list = [None] * len(examples)
+    for name, task in tasks.items():
+        idx = [i for i, ex in enumerate(examples) if ex.task == name]
+        if not idx:
+            continue
+        part = example_scores(model, tokenizer, task, [examples[i] for i in idx], batch_size)
+        for i, h, c in zip(idx, part.headline, part.chosen):
+            headline[i], chosen[i] = h, c
+    return ExampleScores(headline=headline, chosen=chosen)
+
+
 def option_auc(logprobs: Sequence[Sequence[float]], examples: Sequence[Example]) -> Interval | None:
     """On a two-option task, whether the model tells the answers apart or only leans to one: the AUC
     [95% bootstrap interval] of its acc_norm margin of the first option over the second for the examples

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.config import AdapterTrainConfig
-from dlp_lora.evaluation.examples import ExampleScores, example_scores
+from dlp_lora.evaluation.examples import ExampleScores, example_scores, pooled_scores
 from dlp_lora.tasks import Example, Task
 from dlp_lora.training.batching import bucketed_batches, collate, encode_examples
 
@@ -48,11 +48,17 @@ def lr_factor(step: int, total: int, cfg: AdapterTrainConfig) -> float:
 
 
 def _evaluate(
-    model: PeftModel, tokenizer: PreTrainedTokenizerBase, task: Task, dev: Sequence[Example]
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    dev: Sequence[Example],
+    dev_tasks: dict[str, Task] | None = None,
 ) -> ExampleScores:
     model.eval()
     try:
         with torch.no_grad():
+            if dev_tasks:
+                return pooled_scores(model, tokenizer, dev_tasks, dev)
             return example_scores(model, tokenizer, task, dev)
     finally:
         model.train()
@@ -81,8 +87,12 @@ def train_adapter(
     progress: bool = True,
     on_step: Callable[[], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    dev_tasks: dict[str, Task] | None = None,
 ) -> dict[str, Any] | None:
     """Train a LoRA for one task, save its best checkpoint (fp16 safetensors) and return its record.
+
+    `dev_tasks`: when `dev` mixes several tasks (a generalist's), each example is scored by its own task
+    (`dev_tasks[example.task]`) and the dev score pools them all; `dev_limit` does not cut such a dev split.
 
     `should_stop` is asked after each checkpoint: when it says yes, training ends there and None is
     returned (nothing saved but the checkpoint; the next call with the same `ckpt_dir` resumes).
@@ -118,10 +128,10 @@ def train_adapter(
             task_type="CAUSAL_LM",
         )
         peft_model = get_peft_model(model, lora)
-    dev = list(dev)[: cfg.dev_limit]
+    dev = list(dev) if dev_tasks else list(dev)[: cfg.dev_limit]
     ckpt = Path(ckpt_dir) if ckpt_dir is not None else None
     try:
-        run = _Run(peft_model, tokenizer, task, list(train), dev, cfg, ckpt)
+        run = _Run(peft_model, tokenizer, task, list(train), dev, cfg, ckpt, dev_tasks)
         if not run.fit(progress, on_step, should_stop):
             return None
         set_peft_model_state_dict(peft_model, run.best["lora"])
@@ -148,8 +158,10 @@ class _Run:
         dev: list[Example],
         cfg: AdapterTrainConfig,
         ckpt: Path | None,
+        dev_tasks: dict[str, Task] | None = None,
     ) -> None:
         self.model, self.tokenizer, self.task, self.dev, self.cfg, self.ckpt = model, tokenizer, task, dev, cfg, ckpt
+        self.dev_tasks = dev_tasks
         self.rows = encode_examples(tokenizer, train, cfg.max_length, cfg.formats, cfg.seed)
         self.total = planned_steps(len(self.rows), cfg)
         epochs = math.ceil(self.total * cfg.batch_size / len(self.rows))
@@ -209,7 +221,7 @@ class _Run:
 
     def _eval_and_checkpoint(self) -> None:
         t0 = time.perf_counter()
-        scores = _evaluate(self.model, self.tokenizer, self.task, self.dev) if self.dev else None
+        scores = _evaluate(self.model, self.tokenizer, self.task, self.dev, self.dev_tasks) if self.dev else None
         self.eval_seconds += time.perf_counter() - t0
         # Without a dev split (the multitask baseline) the last checkpoint is kept.
         score = scores.mean if scores is not None else float(self.step)
@@ -226,7 +238,7 @@ class _Run:
             self.base = scores
             if self.cfg.init_from is not None and self.dev:
                 with self.model.disable_adapter():
-                    self.base = _evaluate(self.model, self.tokenizer, self.task, self.dev)
+                    self.base = _evaluate(self.model, self.tokenizer, self.task, self.dev, self.dev_tasks)
         # Strictly better only: on a tie the earlier (less trained) checkpoint stays.
         if not self.best or score > self.best["score"]:
             self.best = {"step": self.step, "score": score, "lora": _lora_state(self.model), "scores": scores}

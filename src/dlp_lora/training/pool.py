@@ -171,11 +171,15 @@ def train_pool_multitask(
     base_model: str | None = None,
     name: str = "multitask",
     progress: bool = True,
+    dev_per_task: int = 0,
 ) -> Manifest:
     """The paper's composite baseline: one LoRA trained on every task's training split together.
 
     Saved under root/baselines/<name> and listed in the manifest's `baselines` (the router never picks
-    it; evaluation compares it). Skipped when already trained.
+    it; evaluation compares it). Skipped when already trained. With `dev_per_task`, a dev curve as the
+    specialists have: the first `dev_per_task` dev examples of every class that has a gate split, each
+    scored by its own task, pooled, every `eval_every` steps; the best checkpoint is kept. The classes
+    without a gate split are left out so that their dev examples stay unseen by every choice made on them.
     """
     root = Path(root)
     manifest = Manifest.load(root)
@@ -185,14 +189,24 @@ def train_pool_multitask(
     if (out / "adapter_model.safetensors").exists() and name in manifest.records:
         return manifest
     tasks = task_classes(manifest)  # not the router's `none` class: it has no training split
-    train = [ex for t in tasks for ex in load_splits(get_task(t), data_dir, split_cfg).train]
+    splits = {t: load_splits(get_task(t), data_dir, split_cfg) for t in tasks}
+    train = [ex for t in tasks for ex in splits[t].train]
+    dev = [ex for t in tasks if splits[t].gate for ex in splits[t].dev[:dev_per_task]]
     union = Task(
         name=name, kind="qa", source="training splits of " + ", ".join(tasks), metric="exact", load=lambda _root: train
     )
     model, tok = load_base_model(base_model or manifest.base_model)
-    # No dev score: one metric cannot score 26 tasks; `dlp-lora evaluate` scores it per task instead.
     record = train_adapter(
-        model, tok, union, train, [], out, train_cfg, ckpt_dir=root / "checkpoints" / name, progress=progress
+        model,
+        tok,
+        union,
+        train,
+        dev,
+        out,
+        train_cfg,
+        ckpt_dir=root / "checkpoints" / name,
+        progress=progress,
+        dev_tasks={t: get_task(t) for t in tasks} if dev else None,
     )
     manifest.records[name] = {**record, "splits": asdict(split_cfg)}
     manifest.baselines[name] = f"baselines/{name}"
