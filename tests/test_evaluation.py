@@ -332,3 +332,22 @@ def test_harness_arrow_method_runs_every_example_under_arrow(dlp, tmp_path):
         assert [r["text"] for r in rows] == [w.text for w in want] and all(r["adapters"] == [] for r in rows)
         if task == "science":
             assert [r["option_logprobs"] for r in rows] != [r["option_logprobs"] for r in base]
+
+
+def test_report_shows_whether_two_option_tasks_are_told_apart(tmp_path):
+    from dlp_lora.evaluation.report import write_report
+
+    yn = Task(name="yn", kind="mcq", source="test", metric="choice", load=lambda root: [])
+
+    def scores(right: int, auc: float) -> dict:
+        per = [100.0] * right + [0.0] * (10 - right)
+        return {"acc_norm": right * 10.0, "acc": right * 10.0, "accuracy": right * 10.0, "headline_scores": per,
+                "top_answer_share": 0.9, "gold_top_share": 0.6, "mean_k": 0.0, "fused_fraction": 0.0,
+                "option_auc": {"estimate": auc, "low": auc - 0.1, "high": auc + 0.1}}  # fmt: skip
+
+    meta = {"command": "test", "examples_per_task": 10}
+    write_report(tmp_path, {"yn": {"base": scores(4, 0.45), "dlp": scores(6, 0.5)}}, {"yn": yn}, meta)
+    text = (tmp_path / "results.md").read_text()
+    assert "## Two-option tasks: told apart, or a lean to one answer?" in text
+    assert "| yn | 0.45 [0.35, 0.55] | 0.50 [0.40, 0.60] |" in text
+    assert "| yn | dlp | 90% | 60% | 0.50 [0.40, 0.60] |" in text  # collapsed, and the AUC says it is a lean

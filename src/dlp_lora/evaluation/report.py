@@ -259,6 +259,23 @@ def _markdown(
         if collapsed
         else ["", "None."]
     )
+    binary = [t for t, by in per_task.items() if any("option_auc" in s for s in by.values())]
+    if binary:
+        lines += [
+            "",
+            "## Two-option tasks: told apart, or a lean to one answer?",
+            "",
+            "AUC of each method's acc_norm margin of the first option over the second, for the examples whose "
+            "gold is the first [95% bootstrap interval]. 0.5: the answers carry no information about the "
+            "question (a method that gains here while near 0.5 gained the test split's label prior, not the "
+            "task); below 0.5: ranked the wrong way.",
+            "",
+            "| task | " + " | ".join(main) + " |",
+            "|---|" + "---|" * len(main),
+        ]
+        lines += [
+            f"| {t} | " + " | ".join(_auc_cell(per_task[t][m].get("option_auc")) for m in main) + " |" for t in binary
+        ]
     if sweep:
         lines += ["", "## Top-p sweep of `dlp`", ""] + _averages_table(summary, sweep)
         lines += ["", "![p sweep: mean adapters fused vs score](p_sweep.png)"]
