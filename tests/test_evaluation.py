@@ -284,6 +284,20 @@ def test_baseline_adapter_is_served_only_when_named_and_evaluated(tmp_path, tok)
         SPLIT,
     )
     assert set(summary) == {"base", "multitask"}  # baselines join every run
+    # Composite prompts: the base model and the generalist answer every part too, unrouted.
+    from dlp_lora.evaluation.composite import _part_score, evaluate_composite, make_pairs
+
+    tasks = _tasks()
+    pairs = make_pairs({name: task.load(None) for name, task in tasks.items()}, 2)
+    composite = evaluate_composite(dlp, pairs, tasks, max_new_tokens=3)
+    assert composite["settings"] == ["per_prompt", "per_segment", "base", "multitask"]
+    assert (composite["base_mean_k"], composite["multitask_mean_k"]) == (0.0, 1.0)
+    parts = [ex for pair in pairs for ex in pair]
+    by_generalist = dlp.generate([ex.prompt for ex in parts], max_new_tokens=3,
+                                 routing=dlp.routing_for([{"multitask": 1.0}] * len(parts)))  # fmt: skip
+    assert all(r.adapters == ["multitask"] for r in by_generalist)
+    want = sum(_part_score(tasks[ex.task], ex, r.text) for ex, r in zip(parts, by_generalist)) / len(parts)
+    assert composite["multitask_score"] == pytest.approx(want)
     with pytest.raises(ValueError, match="share names with routed adapters"):
         DLPLoRA(plain.model, tok, None, {"maths": root / "adapters/maths"}, baselines={"maths": extra})
     with pytest.raises(ValueError, match="unknown method 'nope'"):

@@ -1,8 +1,9 @@
 """Composite prompts: two questions from different tasks in one prompt, scored per part.
 
 Routing once per prompt (the router sees the joined text, one mixture answers both parts) is compared
-with routing once per segment (each part routed on its own text). Each part is answered by its own
-greedy generation so the two settings differ only in the mixture used.
+with routing once per segment (each part routed on its own text), and with no routing: the base model, and
+each baseline adapter of the assets (the multitask generalist) answering every part. Each part is answered
+by its own greedy generation so the settings differ only in the mixture used.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def evaluate_composite(
     max_new_tokens: int = 64,
     batch_size: int = 8,
 ) -> dict[str, float]:
-    """Mean per-part score (percent), weight on the true task and mean k, per-prompt vs per-segment routing.
+    """Mean per-part score (percent), weight on the true task and mean k: per-prompt and per-segment
+    routing, the base model and each baseline adapter (`<name>_score`, ... for name in `settings`).
 
     tasks: task name -> Task for every task the pairs draw from.
     """
@@ -59,12 +61,21 @@ def evaluate_composite(
     parts = [ex for pair in pairs for ex in pair]
     truth = torch.tensor([dlp.task_names.index(ex.task) for ex in parts])
     out: dict[str, float] = {"pairs": len(pairs)}
+    settings = []
     for name, routed, parts_each in (("per_prompt", joined, 2), ("per_segment", [ex.prompt for ex in parts], 1)):
         probs = dlp.router.predict_proba(routed).repeat_interleave(parts_each, dim=0)
         # Served as `DLPLoRA.class_weights` selects; routing quality read on the router's classes, where a
         # task the gate serves with the base model keeps its class.
         dense = dlp.to_bank(select_with(probs, dlp.selection, dlp.no_adapter).to_dense(len(dlp.task_names)))
         classes = select_with(probs, dlp.selection).to_dense(len(dlp.task_names))
+        settings.append((name, dense, float(classes[torch.arange(len(parts)), truth].mean())))
+    settings.append(("base", torch.zeros(len(parts), len(dlp.adapter_names)), 0.0))
+    for baseline in dlp.baselines:
+        dense = torch.zeros(len(parts), len(dlp.adapter_names))
+        dense[:, dlp.adapter_names.index(baseline)] = 1.0
+        settings.append((baseline, dense, 0.0))
+    out["settings"] = [name for name, _, _ in settings]
+    for name, dense, true_weight in settings:
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
             rows = slice(i, i + batch_size)
@@ -74,6 +85,6 @@ def evaluate_composite(
             res = dlp.generate([ex.prompt for ex in parts[rows]], config=gen, routing=Routing.from_dense(dense[rows]))
             texts += [r.text for r in res]
         out[f"{name}_score"] = sum(_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)) / len(parts)
-        out[f"{name}_true_task_weight"] = float(classes[torch.arange(len(parts)), truth].mean())
+        out[f"{name}_true_task_weight"] = true_weight
         out[f"{name}_mean_k"] = float((dense > 0).sum(1).float().mean())
     return out

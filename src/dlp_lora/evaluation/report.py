@@ -304,15 +304,18 @@ def _markdown(
             "",
             f"{composite['pairs']} prompts, each two questions from different tasks joined by a blank line; "
             "each part is answered and scored on its own. Per prompt: one routing for the joined text; "
-            "per segment: each part routed on its own text.",
+            "per segment: each part routed on its own text; base: no adapter; a baseline's name: that adapter "
+            "alone for every part (no routing).",
             "",
             "| routing | mean part score | weight on the true task | mean k |",
             "|---|---|---|---|",
         ]
-        for name in ("per_prompt", "per_segment"):
+        for name in composite.get("settings", ("per_prompt", "per_segment")):
+            routed = name in ("per_prompt", "per_segment")
+            label, weight = (name.replace("_", " "), f"{composite[f'{name}_true_task_weight']:.3f}") if routed else (
+                f"`{name}`", "-")  # fmt: skip
             lines.append(
-                f"| {name.replace('_', ' ')} | {composite[f'{name}_score']:.2f} | "
-                f"{composite[f'{name}_true_task_weight']:.3f} | {composite[f'{name}_mean_k']:.2f} |"
+                f"| {label} | {composite[f'{name}_score']:.2f} | {weight} | {composite[f'{name}_mean_k']:.2f} |"
             )
     return "\n".join(lines) + "\n"
 
