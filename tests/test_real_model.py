@@ -107,6 +107,26 @@ def test_bundled_assets_answer_a_mixed_batch():
         dlp.close()
 
 
+@pytest.mark.skipif(not (ASSETS / "manifest.json").exists(), reason="bundled assets not built (make assets)")
+def test_the_demo_shows_specialists_the_generalist_and_the_base_model():
+    """`make demo`'s prompts, routed with the bundled assets: some get their specialist, one the generalist
+    its class is served by (the manifest's `serve`), some the base model alone."""
+    from dlp_lora import DLPLoRA
+    from dlp_lora.assets import Manifest
+    from dlp_lora.demo import DEMO_PROMPTS
+
+    manifest = Manifest.load(ASSETS)
+    dlp = DLPLoRA.from_assets(ASSETS)
+    try:
+        routing = dlp.route(list(DEMO_PROMPTS))
+        first = [dlp.adapter_names[routing.row(b)[0][0]] if routing.row(b) else None for b in range(len(DEMO_PROMPTS))]
+    finally:
+        dlp.close()
+    generalist_served = [t for t, mix in manifest.serve.items() if set(mix) <= set(manifest.baselines)]
+    assert generalist_served and "multitask" in first
+    assert len({a for a in first if a in manifest.deployed}) >= 3 and None in first
+
+
 def test_server_on_the_bundled_assets_scores_and_batches_like_the_pipeline():
     """The real model behind the server: echo + logprobs equal `option_logprobs` within 1e-4 (what
     lm-evaluation-harness's log-likelihood tasks read), and greedy answers of requests decoded together
