@@ -32,10 +32,11 @@ from dlp_lora.assets import Manifest
 from dlp_lora.config import AdapterTrainConfig, SplitConfig
 from dlp_lora.evaluation.examples import example_scores
 from dlp_lora.models import load_base_model
-from dlp_lora.tasks import Example, Task, get_task, load_splits
+from dlp_lora.tasks import Example, get_task, load_splits
 from dlp_lora.tasks.router_prompts import task_classes
 from dlp_lora.training.adapters import train_adapter
 from dlp_lora.training.gate import decided_split
+from dlp_lora.training.pool import union_task
 
 __all__ = ["fold_assignment", "recipe_of", "crossval_generalist", "crossval_options", "labelled"]
 
@@ -122,13 +123,7 @@ def crossval_generalist(
             train = [
                 ex for t in classes for ex in (_kept(pool[t], cvs[t]["folds"], i) if t in pool else splits[t].train)
             ]
-            union = Task(
-                name=f"{generalist}-fold{i}",
-                kind="qa",
-                source=f"{generalist}'s recipe without fold {i} of {k} of {', '.join(small)}",
-                metric="exact",
-                load=lambda _root, train=train: train,
-            )
+            union = union_task(out.name, f"{generalist}'s recipe without fold {i} of {k} of {', '.join(small)}", train)
             train_adapter(model, tok, union, train, [], out, recipe, ckpt_dir=work_dir / "checkpoints" / out.name,
                           progress=progress)  # fmt: skip
         peft_model = PeftModel.from_pretrained(model, str(out))

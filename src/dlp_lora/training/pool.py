@@ -27,7 +27,14 @@ from dlp_lora.training.adapters import STATE_FILE, planned_steps, train_adapter
 from dlp_lora.training.gate import decided_examples, deployment_gate
 from dlp_lora.training.router_pool import train_pool_router, train_task_router
 
-__all__ = ["train_pool_adapters", "train_pool_multitask", "train_pool_router", "train_task_router", "gate_scores"]
+__all__ = [
+    "train_pool_adapters",
+    "train_pool_multitask",
+    "union_task",
+    "train_pool_router",
+    "train_task_router",
+    "gate_scores",
+]
 
 
 def _open_manifest(root: Path, base_model: str) -> Manifest:
@@ -163,6 +170,12 @@ def _resumed_steps(ckpt: Path) -> int:
     return int(torch.load(state, weights_only=False)["step"]) if state.exists() else 0
 
 
+def union_task(name: str, source: str, train: list[Example]) -> Task:
+    """A task standing for several tasks' training examples together (a generalist's): trained on as one,
+    never scored as one (each example is scored by its own task)."""
+    return Task(name=name, kind="qa", source=source, metric="exact", load=lambda _root: train)
+
+
 def train_pool_multitask(
     root: str | Path,
     data_dir: str | Path | None = None,
@@ -192,9 +205,7 @@ def train_pool_multitask(
     splits = {t: load_splits(get_task(t), data_dir, split_cfg) for t in tasks}
     train = [ex for t in tasks for ex in splits[t].train]
     dev = [ex for t in tasks if splits[t].gate for ex in splits[t].dev[:dev_per_task]]
-    union = Task(
-        name=name, kind="qa", source="training splits of " + ", ".join(tasks), metric="exact", load=lambda _root: train
-    )
+    union = union_task(name, "training splits of " + ", ".join(tasks), train)
     model, tok = load_base_model(base_model or manifest.base_model)
     record = train_adapter(
         model,
