@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from dlp_lora.assets import Manifest
 from dlp_lora.config import ServerConfig
-from dlp_lora.evaluation.harness import _method_dense
+from dlp_lora.evaluation.harness import method_dense
 from dlp_lora.export import export_mixture
 from dlp_lora.models import load_tokenizer
 from dlp_lora.pipeline import DLPLoRA
@@ -103,7 +103,7 @@ def test_a_class_served_by_a_mixture_routes_to_it(assets):
     # The oracle method (the true class's service) of a `code` example is the class's mixture, and its
     # answers equal the mixture named explicitly.
     probs = torch.full((1, 3), 1 / 3)
-    dense = _method_dense(dlp, "oracle", probs, torch.tensor([2]))
+    dense = method_dense(dlp, "oracle", probs, torch.tensor([2]))
     torch.testing.assert_close(dense, want[:1], atol=0, rtol=0)
     routed = dlp.generate(["Sort: pear apple"], max_new_tokens=5, routing=dlp.routing_for([dlp.served("code")]))[0]
     assert sorted(routed.adapters) == ["general", "maths"] and routed.weights == [0.5, 0.5]

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from dlp_lora.config import GenerationConfig
+from dlp_lora.evaluation.harness import method_dense
 from dlp_lora.evaluation.metrics import score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.router import select_with
@@ -69,11 +70,9 @@ def evaluate_composite(
         dense = dlp.to_bank(select_with(probs, dlp.selection, dlp.no_adapter).to_dense(len(dlp.task_names)))
         classes = select_with(probs, dlp.selection).to_dense(len(dlp.task_names))
         settings.append((name, dense, float(classes[torch.arange(len(parts)), truth].mean())))
-    settings.append(("base", torch.zeros(len(parts), len(dlp.adapter_names)), 0.0))
-    for baseline in dlp.baselines:
-        dense = torch.zeros(len(parts), len(dlp.adapter_names))
-        dense[:, dlp.adapter_names.index(baseline)] = 1.0
-        settings.append((baseline, dense, 0.0))
+    no_probs = torch.zeros(len(parts), len(dlp.task_names))  # these settings do not read the router
+    for unrouted in ("base", *dlp.baselines):  # the same weights as the harness's methods of these names
+        settings.append((unrouted, method_dense(dlp, unrouted, no_probs, truth), 0.0))
     out["settings"] = [name for name, _, _ in settings]
     for name, dense, true_weight in settings:
         texts: list[str] = []

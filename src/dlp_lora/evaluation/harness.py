@@ -144,7 +144,7 @@ def evaluate_task(
         raise ValueError(f"task {task_name!r} is not a router class of these assets: {dlp.task_names}")
     probs = dlp.router.predict_proba([ex.prompt for ex in examples])
     truth = torch.full((len(examples),), dlp.task_names.index(task_name), dtype=torch.long)
-    dense = {m: _method_dense(dlp, m, probs, truth, arrow) for m in cfg.all_methods}
+    dense = {m: method_dense(dlp, m, probs, truth, arrow) for m in cfg.all_methods}
     path = {m: out_dir / "predictions" / m / f"{task_name}.jsonl" for m in cfg.all_methods}
     done = {m: _read_complete(path[m], examples, _mixtures(dlp, dense[m], len(examples))) for m in cfg.all_methods}
     cache = {
@@ -168,7 +168,7 @@ def _mixtures(dlp: DLPLoRA, dense: torch.Tensor | ArrowRouting, n: int) -> list[
     return [([], [])] * n if isinstance(dense, ArrowRouting) else [dlp.mixture(row) for row in dense]
 
 
-def _method_dense(
+def method_dense(
     dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.Tensor, arrow: ArrowConfig | None = None
 ) -> torch.Tensor | ArrowRouting:
     """(B, bank width) weights: a baseline adapter alone when `method` names one, else the method's routing

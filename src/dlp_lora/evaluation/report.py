@@ -310,7 +310,7 @@ def _markdown(
             "| routing | mean part score | weight on the true task | mean k |",
             "|---|---|---|---|",
         ]
-        for name in composite.get("settings", ("per_prompt", "per_segment")):
+        for name in composite["settings"]:
             routed = name in ("per_prompt", "per_segment")
             label, weight = (name.replace("_", " "), f"{composite[f'{name}_true_task_weight']:.3f}") if routed else (
                 f"`{name}`", "-")  # fmt: skip

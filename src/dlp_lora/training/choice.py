@@ -126,14 +126,14 @@ def apply_choices(
         if len(options) == 1 or not options[BASE]["scores"]:
             continue  # nothing but the base model was scored: leave the class as it is
         t = get_task(task)
-        split = load_splits(t, data_dir, split_cfg)
-        gold = None
-        if t.kind == "mcq":
+        gold = cv_gold = None
+        if t.kind == "mcq":  # gold option indices, for the collapse check
+            split = load_splits(t, data_dir, split_cfg)
             gold = [ex.gold_index for ex in decided_examples(split, dev_limit)[1]]
+            cv_gold = [ex.gold_index for ex in labelled(split)]
         choice = choose_option(options, gold)
         cv = crossval_options(record, generalist) if decided_split(record) == "dev" else None
         if cv is not None:
-            cv_gold = [ex.gold_index for ex in labelled(split)] if t.kind == "mcq" else None
             choice["crossval"] = choose_option(cv, cv_gold)
             if choice["served"] == BASE and choice["crossval"]["served"] != BASE:
                 choice.update(served=generalist, mixture=dict(cv[generalist]["mixture"]), decided_on="crossval")
