@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -324,28 +325,112 @@ def test_composite_counts_the_class_of_a_task_the_base_model_serves(tmp_path, to
     assert 0 <= out["per_segment_mean_k"] <= 1  # one adapter in the bank
 
 
-def test_harness_arrow_method_runs_every_example_under_arrow(dlp, tmp_path):
-    """`arrow` is a method like the others: its rows are the pipeline's answers and option scores under
-    Arrow (no mixture named), cached apart from the base model's, and it needs an Arrow setting."""
+@pytest.fixture
+def with_general(tmp_path, tok):
+    """The tiny pipeline plus a `general` baseline of the experts' rank (for GenKnowSub)."""
+    from conftest import make_peft_adapter, tiny_vocab_model
+
+    from dlp_lora.pipeline import DLPLoRA
+
+    root = make_tiny_assets(tmp_path / "assets", len(tok))
+    general = make_peft_adapter(tmp_path / "general", seed=9, base=tiny_vocab_model(len(tok)))
+    plain = tiny_pipeline(root, tok)
+    plain.close()  # one model carries one FusedLoRAModel at a time
+    adapters = {"maths": root / "adapters/maths", "science": root / "adapters/science"}
+    return DLPLoRA(plain.model, tok, plain.router, adapters, baselines={"general": general})
+
+
+def _rows(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_harness_arrow_methods_run_every_example_under_arrow(with_general, tmp_path):
+    """`arrow` and `arrow-gks` are methods like the others: their rows are the pipeline's answers and option
+    scores under Arrow without / with GenKnowSub (no mixture named), cached apart from the base model's and
+    from each other, and stored with their Arrow setting, so a rerun with another setting reruns them."""
     from dlp_lora.config import ArrowConfig
     from dlp_lora.tasks import load_splits
 
-    tasks = _tasks()
-    cfg = EvalConfig(methods=("base", "arrow"), p_sweep=(), limit=3, batch_size=2, composite_pairs=0)
-    with pytest.raises(ValueError, match="pass arrow=ArrowConfig"):
+    dlp, tasks = with_general, _tasks()
+    cfg = EvalConfig(methods=("base", "arrow", "arrow-gks"), p_sweep=(), limit=3, batch_size=2, composite_pairs=0)
+    with pytest.raises(ValueError, match="routes with Arrow: pass arrow=ArrowConfig"):
         run_evaluation(dlp, list(tasks.values()), tmp_path / "no", cfg, SPLIT)
-    arrow = ArrowConfig(top_k=1)
+    with pytest.raises(ValueError, match="name one with --arrow-general"):
+        run_evaluation(dlp, list(tasks.values()), tmp_path / "no", cfg, SPLIT, arrow=ArrowConfig(top_k=1))
+    only_arrow = EvalConfig(methods=("base", "arrow"), p_sweep=(), limit=3, composite_pairs=0)
+    with pytest.raises(ValueError, match="are for the arrow-gks method"):
+        run_evaluation(dlp, list(tasks.values()), tmp_path / "no", only_arrow, SPLIT,
+                       arrow=ArrowConfig(top_k=1, general=("general",)))  # fmt: skip
+    arrow = ArrowConfig(top_k=1, general=("general",))
     summary = run_evaluation(dlp, list(tasks.values()), tmp_path / "eval", cfg, SPLIT, arrow=arrow)
-    assert set(summary) == {"base", "arrow"}
+    assert set(summary) == {"base", "arrow", "arrow-gks", "general"}
     out = tmp_path / "eval" / "predictions"
     for task in ("maths", "science"):
-        rows = [json.loads(line) for line in (out / "arrow" / f"{task}.jsonl").read_text().splitlines()]
-        base = [json.loads(line) for line in (out / "base" / f"{task}.jsonl").read_text().splitlines()]
         prompts = [ex.prompt for ex in load_splits(tasks[task], None, SPLIT).test[:3]]
-        want = dlp.generate(prompts, max_new_tokens=tasks[task].max_new_tokens, routing=dlp.arrow_routing(arrow))
-        assert [r["text"] for r in rows] == [w.text for w in want] and all(r["adapters"] == [] for r in rows)
-        if task == "science":
-            assert [r["option_logprobs"] for r in rows] != [r["option_logprobs"] for r in base]
+        base = _rows(out / "base" / f"{task}.jsonl")
+        for method, general in (("arrow", ()), ("arrow-gks", ("general",))):
+            rows = _rows(out / method / f"{task}.jsonl")
+            routing = dlp.arrow_routing(ArrowConfig(top_k=1, general=general))
+            want = dlp.generate(prompts, max_new_tokens=tasks[task].max_new_tokens, routing=routing)
+            assert [r["text"] for r in rows] == [w.text for w in want] and all(r["adapters"] == [] for r in rows)
+            assert all(r["arrow"] == {"experts": ["maths", "science"], "general": list(general), "top_k": 1,
+                                      "temperature": 1.0, "seed": 0} for r in rows)  # fmt: skip
+            if task == "science":
+                assert [r["option_logprobs"] for r in rows] != [r["option_logprobs"] for r in base]
+                if method == "arrow-gks":
+                    plain = _rows(out / "arrow" / f"{task}.jsonl")
+                    assert [r["option_logprobs"] for r in rows] != [r["option_logprobs"] for r in plain]
+    # Another Arrow setting into the same folder: the Arrow rows are answered again, the base rows read back.
+    stale = (out / "base" / "maths.jsonl").stat().st_mtime_ns, (out / "arrow" / "maths.jsonl").stat().st_mtime_ns
+    run_evaluation(dlp, list(tasks.values()), tmp_path / "eval", cfg, SPLIT, arrow=replace(arrow, top_k=2))
+    assert (out / "base" / "maths.jsonl").stat().st_mtime_ns == stale[0]
+    assert (out / "arrow" / "maths.jsonl").stat().st_mtime_ns != stale[1]
+    assert all(r["arrow"]["top_k"] == 2 for r in _rows(out / "arrow" / "maths.jsonl"))
+
+
+def test_composite_and_out_of_pool_prompts_take_arrow_and_compare_with_the_base_model(with_general, tmp_path):
+    from dlp_lora.config import ArrowConfig
+    from dlp_lora.evaluation.composite import _part_score, evaluate_composite, make_pairs
+    from dlp_lora.evaluation.leave_alone import evaluate_leave_alone
+    from dlp_lora.evaluation.report import write_report
+
+    dlp, tasks = with_general, _tasks()
+    arrow = dlp.arrow_routing(ArrowConfig(top_k=2))
+    pairs = make_pairs({name: task.load(None) for name, task in tasks.items()}, 2)
+    composite = evaluate_composite(dlp, pairs, tasks, arrows={"arrow": arrow}, max_new_tokens=3)
+    assert composite["settings"][-1] == "arrow" and composite["arrow_mean_k"] == 2.0
+    parts = [ex for pair in pairs for ex in pair]
+    by_arrow = dlp.generate([ex.prompt for ex in parts], max_new_tokens=3, routing=arrow)
+    want = sum(_part_score(tasks[ex.task], ex, r.text) for ex, r in zip(parts, by_arrow)) / len(parts)
+    assert composite["arrow_score"] == pytest.approx(want)
+
+    examples = tasks["maths"].load(None)[:3]
+    n = len(dlp.adapter_names)
+    general = torch.zeros(3, n)
+    general[:, dlp.adapter_names.index("general")] = 1.0
+    settings = {"base": torch.zeros(3, n), "general": general, "arrow": arrow}
+    out = evaluate_leave_alone(dlp, examples, settings, max_new_tokens=4, batch_size=2)
+    assert out["settings"] == ["base", "general", "arrow"] and out["prompts"] == out["scored"] == 3
+    assert out["base"] == {"same_answer": 1.0, "drift_nats": pytest.approx(0.0, abs=1e-5), "mean_k": 0.0}
+    assert out["general"]["mean_k"] == 1.0 and out["arrow"]["mean_k"] == 2.0
+    # The drift is the base answer's per-token log-likelihood under the base model minus under the setting.
+    prompts = [ex.prompt for ex in examples]
+    answers = [r.text for r in dlp.generate(prompts, max_new_tokens=4, routing=Routing.from_dense(settings["base"]))]
+    lp = {name: [o[0] for o in dlp.option_logprobs(prompts, [[a] for a in answers],
+                                                   Routing.from_dense(w) if torch.is_tensor(w) else w)]
+          for name, w in (("base", settings["base"]), ("general", general))}  # fmt: skip
+    tokens = [len(dlp.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers]
+    drift = sum((b - g) / t for b, g, t in zip(lp["base"], lp["general"], tokens)) / 3
+    assert out["general"]["drift_nats"] == pytest.approx(drift, abs=1e-5) and drift != pytest.approx(0.0)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        evaluate_leave_alone(dlp, [], settings)
+    meta = {"command": "test", "examples_per_task": 3}
+    per = {"base": {"em": 50.0, "bleu": 0.0, "rouge1": 0.0, "rougeL": 0.0, "headline_scores": [100.0, 0.0],
+                    "mean_k": 0.0, "fused_fraction": 0.0, "top_answer_share": 0.5, "gold_top_share": 0.5}}  # fmt: skip
+    write_report(tmp_path / "r", {"maths": per}, {"maths": tasks["maths"]}, meta, composite, {**out, "sources": 1})
+    text = (tmp_path / "r" / "results.md").read_text()
+    assert "## Out-of-pool prompts: left to the base model?" in text and "| `base` | 100% | +0.000 | 0.00 |" in text
+    assert "| `arrow` |" in text.split("## Composite prompts")[1]
 
 
 def test_report_shows_whether_two_option_tasks_are_told_apart(tmp_path):

@@ -485,7 +485,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, SplitConfig)
     from dlp_lora.config import ArrowConfig
 
-    add_config_args(p.add_argument_group("the `arrow` method (--methods ... arrow)"), ArrowConfig, prefix="arrow-")
+    group = p.add_argument_group("the `arrow` and `arrow-gks` methods (--methods ... arrow arrow-gks; "
+                                  "--arrow-general names arrow-gks's general adapters)")  # fmt: skip
+    add_config_args(group, ArrowConfig, prefix="arrow-")
 
 
 def _evaluate(ns: argparse.Namespace) -> None:
@@ -495,7 +497,7 @@ def _evaluate(ns: argparse.Namespace) -> None:
     cfg = config_from_args(EvalConfig, ns)
     split = config_from_args(SplitConfig, ns)
     dlp = _load_pipeline(ns)
-    arrow = ArrowConfig(**flag_values(ArrowConfig, ns, prefix="arrow-"))  # the `arrow` method's setting
+    arrow = ArrowConfig(**flag_values(ArrowConfig, ns, prefix="arrow-"))  # the Arrow methods' setting
     run_evaluation(
         dlp, ns.tasks or dlp.task_names, ns.out, cfg, split, ns.data_dir, "dlp-lora " + " ".join(sys.argv[1:]), arrow
     )

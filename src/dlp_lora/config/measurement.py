@@ -78,15 +78,18 @@ class EvalConfig:
     """Also score multiple-choice options by log-likelihood."""
     composite_pairs: int = 0
     """Composite prompts (two questions from different tasks) to score; 0 skips the composite setting."""
+    out_of_pool: int = 0
+    """Held-out out-of-pool prompts per source (the router's `none` class) on which each routing's answers
+    are compared with the base model's; 0 skips."""
 
     def __post_init__(self) -> None:
         check_choices(self)
         if not self.methods:
             raise ValueError("methods must name at least one method")
-        if self.limit < 1 or self.batch_size < 1 or self.composite_pairs < 0:
+        if self.limit < 1 or self.batch_size < 1 or self.composite_pairs < 0 or self.out_of_pool < 0:
             raise ValueError(
-                f"limit and batch_size must be >= 1 and composite_pairs >= 0; got {self.limit}, "
-                f"{self.batch_size}, {self.composite_pairs}"
+                f"limit and batch_size must be >= 1, composite_pairs and out_of_pool >= 0; got {self.limit}, "
+                f"{self.batch_size}, {self.composite_pairs}, {self.out_of_pool}"
             )
         bad = [p for p in self.p_sweep if not 0 < p <= 1]
         if bad:

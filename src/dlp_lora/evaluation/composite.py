@@ -19,7 +19,7 @@ from dlp_lora.evaluation.metrics import score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.router import select_with
 from dlp_lora.tasks import Example, Task, parse_answer
-from dlp_lora.types import Routing
+from dlp_lora.types import ArrowRouting, Routing
 
 __all__ = ["make_pairs", "evaluate_composite"]
 
@@ -50,13 +50,15 @@ def evaluate_composite(
     dlp: DLPLoRA,
     pairs: Sequence[tuple[Example, Example]],
     tasks: Mapping[str, Task],
-    max_new_tokens: int = 64,
     batch_size: int = 8,
+    arrows: Mapping[str, ArrowRouting] | None = None,
+    max_new_tokens: int = 64,
 ) -> dict[str, float]:
     """Mean per-part score (percent), weight on the true task and mean k: per-prompt and per-segment
-    routing, the base model and each baseline adapter (`<name>_score`, ... for name in `settings`).
+    routing, the base model, each baseline adapter and each of `arrows` (Arrow per token: no prompt-level
+    choice, so it is the same per prompt and per segment) (`<name>_score`, ... for name in `settings`).
 
-    tasks: task name -> Task for every task the pairs draw from.
+    tasks: task name -> Task for every task the pairs draw from; arrows: setting name -> Arrow routing.
     """
     joined = [a.prompt + SEPARATOR + b.prompt for a, b in pairs]
     parts = [ex for pair in pairs for ex in pair]
@@ -73,17 +75,20 @@ def evaluate_composite(
     no_probs = torch.zeros(len(parts), len(dlp.task_names))  # these settings do not read the router
     for unrouted in ("base", *dlp.baselines):  # the same weights as the harness's methods of these names
         settings.append((unrouted, method_dense(dlp, unrouted, no_probs, truth), 0.0))
+    settings += [(name, arrow, 0.0) for name, arrow in (arrows or {}).items()]
     out["settings"] = [name for name, _, _ in settings]
     for name, dense, true_weight in settings:
+        arrow = isinstance(dense, ArrowRouting)
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
             rows = slice(i, i + batch_size)
             gen = GenerationConfig(
                 max_new_tokens=min(max_new_tokens, max(tasks[ex.task].max_new_tokens for ex in parts[rows]))
             )
-            res = dlp.generate([ex.prompt for ex in parts[rows]], config=gen, routing=Routing.from_dense(dense[rows]))
+            routing = dense if arrow else Routing.from_dense(dense[rows])
+            res = dlp.generate([ex.prompt for ex in parts[rows]], config=gen, routing=routing)
             texts += [r.text for r in res]
         out[f"{name}_score"] = sum(_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)) / len(parts)
         out[f"{name}_true_task_weight"] = true_weight
-        out[f"{name}_mean_k"] = float((dense > 0).sum(1).float().mean())
+        out[f"{name}_mean_k"] = float(dense.top_k) if arrow else float((dense > 0).sum(1).float().mean())
     return out

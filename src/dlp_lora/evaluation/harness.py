@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -21,13 +21,13 @@ from tqdm.auto import tqdm
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
 from dlp_lora.config import ArrowConfig, EvalConfig, GenerationConfig, SplitConfig
 from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores, option_auc
-from dlp_lora.evaluation.methods import ARROW, method_weights
+from dlp_lora.evaluation.methods import ARROW, ARROW_GKS, method_weights
 from dlp_lora.evaluation.metrics import choice_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
 from dlp_lora.types import ArrowRouting, Routing
 
-__all__ = ["EvalConfig", "evaluate_task", "routing_key", "HEADLINE_SCORES", "headline_key"]
+__all__ = ["EvalConfig", "evaluate_task", "routing_key", "HEADLINE_SCORES", "headline_key", "arrow_setting"]
 
 HEADLINE_SCORES = "headline_scores"
 """Key of a method's per-example headline scores (0-100, in test-example order) in `evaluate_task`'s result."""
@@ -68,6 +68,7 @@ def _run_rows(
             if task.kind == "mcq" and cfg.loglik
             else [None] * len(rows)
         )
+        arrow = _arrow_record(dlp, dense) if isinstance(dense, ArrowRouting) else None
         for b, out, lp in zip(rows, outs, opts):
             cache[keys[b]] = {
                 "text": out.text,
@@ -75,8 +76,22 @@ def _run_rows(
                 "option_logprobs": lp,
                 "adapters": out.adapters,
                 "weights": out.weights,
+                **({"arrow": arrow} if arrow else {}),
             }
     return [cache[k] for k in keys]
+
+
+def _arrow_record(dlp: DLPLoRA, arrow: ArrowRouting) -> dict:
+    """What a row answered under Arrow stores of its setting (adapters by name), so a rerun with another
+    setting does not read it back."""
+    names = dlp.adapter_names
+    return {
+        "experts": [names[i] for i in arrow.experts],
+        "general": [names[i] for i in arrow.general],
+        "top_k": arrow.top_k,
+        "temperature": arrow.temperature,
+        "seed": arrow.seed,
+    }
 
 
 def _key(dense: torch.Tensor | ArrowRouting, b: int) -> tuple:
@@ -146,7 +161,7 @@ def evaluate_task(
     truth = torch.full((len(examples),), dlp.task_names.index(task_name), dtype=torch.long)
     dense = {m: method_dense(dlp, m, probs, truth, arrow) for m in cfg.all_methods}
     path = {m: out_dir / "predictions" / m / f"{task_name}.jsonl" for m in cfg.all_methods}
-    done = {m: _read_complete(path[m], examples, _mixtures(dlp, dense[m], len(examples))) for m in cfg.all_methods}
+    done = {m: _read_complete(path[m], examples, _identities(dlp, dense[m], len(examples))) for m in cfg.all_methods}
     cache = {
         (ex.uid, _key(dense[m], b)): r
         for m, rows in done.items()
@@ -163,9 +178,12 @@ def evaluate_task(
     return results
 
 
-def _mixtures(dlp: DLPLoRA, dense: torch.Tensor | ArrowRouting, n: int) -> list[tuple[list[str], list[float]]]:
-    """What each example's stored row must name: its mixture, or none under Arrow (per token)."""
-    return [([], [])] * n if isinstance(dense, ArrowRouting) else [dlp.mixture(row) for row in dense]
+def _identities(dlp: DLPLoRA, dense: torch.Tensor | ArrowRouting, n: int) -> list[dict]:
+    """What each example's stored row must hold to be read back: its mixture (adapters, weights), or under
+    Arrow (per token: no mixture) the Arrow setting."""
+    if isinstance(dense, ArrowRouting):
+        return [{"adapters": [], "weights": [], "arrow": _arrow_record(dlp, dense)}] * n
+    return [{"adapters": list(a), "weights": list(w)} for a, w in map(dlp.mixture, dense)]
 
 
 def method_dense(
@@ -173,9 +191,10 @@ def method_dense(
 ) -> torch.Tensor | ArrowRouting:
     """(B, bank width) weights: a baseline adapter alone when `method` names one, else the method's routing
     over the router's classes mapped to the bank (classes the base model serves drop their weight); for
-    `arrow`, the Arrow routing of `arrow` (default: the pipeline's), the same for every example."""
-    if method == ARROW:
-        return dlp.arrow_routing(arrow)
+    `arrow` / `arrow-gks`, the Arrow routing of `arrow` (default: the pipeline's) without / with its general
+    adapters, the same for every example."""
+    if method in (ARROW, ARROW_GKS):
+        return dlp.arrow_routing(arrow_setting(dlp, method, arrow))
     if method in dlp.baselines:
         dense = torch.zeros(len(probs), len(dlp.adapter_names))
         dense[:, dlp.adapter_names.index(method)] = 1.0
@@ -183,17 +202,29 @@ def method_dense(
     return dlp.to_bank(method_weights(method, probs, truth, dlp.selection, dlp.no_adapter))
 
 
-def _read_complete(
-    path: Path, examples: Sequence[Example], mixtures: list[tuple[list[str], list[float]]]
-) -> list[dict] | None:
-    """The rows of a finished run with these examples and these (adapters, weights) per example, else None."""
+def arrow_setting(dlp: DLPLoRA, method: str, arrow: ArrowConfig | None = None) -> ArrowConfig:
+    """The Arrow setting the `arrow` (no general adapters) or `arrow-gks` (its general adapters, at least
+    one) method runs with: `arrow`, else the pipeline's."""
+    arrow = arrow or dlp.arrow
+    if arrow is None:
+        raise ValueError(f"the {method} method routes with Arrow: pass arrow=ArrowConfig(...) (--arrow-* flags)")
+    if method == ARROW_GKS and not arrow.general:
+        raise ValueError(
+            f"the {ARROW_GKS} method subtracts general adapters (GenKnowSub): name one with --arrow-general NAME "
+            f"(ArrowConfig.general); loaded adapters: {dlp.adapter_names}"
+        )
+    return arrow if method == ARROW_GKS else replace(arrow, general=())
+
+
+def _read_complete(path: Path, examples: Sequence[Example], identities: list[dict]) -> list[dict] | None:
+    """The rows of a finished run with these examples, each holding its `_identities` entry, else None."""
     if not path.exists():
         return None
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    if [r.get("uid") for r in rows] != [ex.uid for ex in examples] or [
-        (r.get("adapters"), r.get("weights")) for r in rows
-    ] != [(list(a), list(w)) for a, w in mixtures]:
-        return None  # partial, or from other settings (router, p, gate): rerun
+    if [r.get("uid") for r in rows] != [ex.uid for ex in examples] or any(
+        any(r.get(k) != v for k, v in want.items()) for r, want in zip(rows, identities)
+    ):
+        return None  # partial, or from other settings (router, p, gate, Arrow): rerun
     return rows
 
 

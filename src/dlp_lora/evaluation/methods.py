@@ -15,11 +15,14 @@ import torch
 from dlp_lora.config import SelectionConfig
 from dlp_lora.router import select_with
 
-__all__ = ["ARROW", "METHODS", "check_method", "method_weights"]
+__all__ = ["ARROW", "ARROW_GKS", "METHODS", "check_method", "method_weights"]
 
 ARROW = "arrow"
 """The method that routes with Arrow (per token, in the layers) instead of weights: the harness runs it under
-`DLPLoRA.arrow_routing()` (a pipeline built with `arrow=ArrowConfig(...)`)."""
+`DLPLoRA.arrow_routing()` (a pipeline built with `arrow=ArrowConfig(...)`), without general adapters."""
+ARROW_GKS = "arrow-gks"
+"""Arrow with GenKnowSub: the same setting with its general adapters' mean subtracted from every expert
+(`ArrowConfig.general`, `--arrow-general NAME`), so one run reports Arrow with and without it."""
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig, Sequence[int]], torch.Tensor]
 
@@ -62,7 +65,8 @@ def check_method(method: str, selection: SelectionConfig) -> tuple[MethodFn, Sel
     name, _, p = method.partition("@")
     if name not in METHODS or (p and name != "dlp"):
         raise ValueError(
-            f"unknown method {method!r}; known methods: {list(METHODS)}, {ARROW!r} and dlp@P for a p sweep"
+            f"unknown method {method!r}; known methods: {list(METHODS)}, {ARROW!r}, {ARROW_GKS!r} and dlp@P for a "
+            "p sweep"
         )
     if p:
         try:

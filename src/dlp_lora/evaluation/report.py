@@ -33,6 +33,10 @@ PAIRS = (
     ("multitask", "base"),
     ("arrow", "dlp"),
     ("arrow", "base"),
+    ("arrow", "multitask"),
+    ("arrow-gks", "arrow"),
+    ("arrow-gks", "dlp"),
+    ("arrow-gks", "base"),
 )
 """Method pairs compared over all tasks (when both were run): `a - b` with a stratified bootstrap interval."""
 
@@ -208,7 +212,9 @@ def _markdown(
         "that many; the count per task is in the table), greedy generation (no sampling, so one run is exact "
         "and seeds do not apply). Multiple choice headline: `acc_norm`, the option whose full text has the "
         "highest log-likelihood per byte after the prompt, as lm-evaluation-harness scores it (the adapters "
-        "are trained on that target); `MCQ generated acc` parses the generated answer instead. QA headline: "
+        "are trained on that target); `MCQ generated acc` parses the generated answer instead, which is "
+        "capped at the task's answer length (4 tokens for multiple choice: enough for a letter, not for an "
+        "option's text, which is what an adapter trained on option texts answers with). QA headline: "
         "token F1 for SQuAD, exact match otherwise; BLEU (sacrebleu) and ROUGE (rouge-score) compare the "
         "generated text with the reference answer.",
         "",
@@ -305,7 +311,7 @@ def _markdown(
             f"{composite['pairs']} prompts, each two questions from different tasks joined by a blank line; "
             "each part is answered and scored on its own. Per prompt: one routing for the joined text; "
             "per segment: each part routed on its own text; base: no adapter; a baseline's name: that adapter "
-            "alone for every part (no routing).",
+            "alone for every part (no routing); `arrow`, `arrow-gks`: Arrow per token (no choice per prompt).",
             "",
             "| routing | mean part score | weight on the true task | mean k |",
             "|---|---|---|---|",
@@ -317,6 +323,27 @@ def _markdown(
             lines.append(
                 f"| {label} | {composite[f'{name}_score']:.2f} | {weight} | {composite[f'{name}_mean_k']:.2f} |"
             )
+    return "\n".join(lines) + "\n"
+
+
+def _leave_alone_markdown(leave_alone: dict | None) -> str:
+    if not leave_alone:
+        return ""
+    lines = [
+        "",
+        "## Out-of-pool prompts: left to the base model?",
+        "",
+        f"{leave_alone['prompts']} held-out prompts from {leave_alone['sources']} sources no adapter was trained "
+        "on (the router's `none` class). Same answer: the greedy answer equals the base model's; drift: how "
+        "much less likely the base model's own answer is under the setting, in nats per answer token "
+        "(0: left alone).",
+        "",
+        "| setting | same answer as base | drift (nats/token) | mean k |",
+        "|---|---|---|---|",
+    ]
+    for name in leave_alone["settings"]:
+        r = leave_alone[name]
+        lines.append(f"| `{name}` | {100 * r['same_answer']:.0f}% | {r['drift_nats']:+.3f} | {r['mean_k']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -357,7 +384,12 @@ def _sweep_plot(summary: dict, path: Path) -> None:
 
 
 def write_report(
-    out_dir: Path, per_task: dict, tasks: Mapping[str, Task], meta: dict, composite: dict | None = None
+    out_dir: Path,
+    per_task: dict,
+    tasks: Mapping[str, Task],
+    meta: dict,
+    composite: dict | None = None,
+    leave_alone: dict | None = None,
 ) -> dict:
     """Write results.json, results.md, per_task.png and (with a sweep) p_sweep.png; returns the summary.
 
@@ -379,12 +411,14 @@ def write_report(
                 "vs_base": diffs,
                 "pairs": pairs,
                 "composite": composite,
+                "out_of_pool": leave_alone,
             },
             indent=2,
         )
         + "\n"
     )
-    (out_dir / "results.md").write_text(_markdown(per_task, tasks, summary, diffs, meta, composite, pairs))
+    text = _markdown(per_task, tasks, summary, diffs, meta, composite, pairs) + _leave_alone_markdown(leave_alone)
+    (out_dir / "results.md").write_text(text)
     _bar_plot(per_task, tasks, [m for m in summary if "@" not in m], out_dir / "per_task.png")
     if any(m.startswith("dlp@") for m in summary):
         _sweep_plot(summary, out_dir / "p_sweep.png")

@@ -6,16 +6,18 @@ from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from dlp_lora.config import ArrowConfig, SplitConfig
 from dlp_lora.evaluation.composite import evaluate_composite, make_pairs
-from dlp_lora.evaluation.harness import EvalConfig, config_record, evaluate_task
-from dlp_lora.evaluation.methods import ARROW, check_method
+from dlp_lora.evaluation.harness import EvalConfig, arrow_setting, config_record, evaluate_task, method_dense
+from dlp_lora.evaluation.leave_alone import evaluate_leave_alone
+from dlp_lora.evaluation.methods import ARROW, ARROW_GKS, check_method
 from dlp_lora.evaluation.report import write_report
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Task, get_task, load_splits
-from dlp_lora.tasks.out_of_pool import NONE
+from dlp_lora.tasks.out_of_pool import NONE, out_of_pool_splits
 
 __all__ = ["run_evaluation"]
 
@@ -41,25 +43,42 @@ def run_evaluation(
     # Baselines in the assets (e.g. `multitask`) are always compared: they exist for that.
     cfg = replace(cfg, methods=cfg.methods + tuple(b for b in dlp.baselines if b not in cfg.methods))
     for method in cfg.all_methods:  # an unknown name fails now, not after hours of generation
-        if method == ARROW:
-            dlp.arrow_routing(arrow)  # Arrow's setting: `arrow`, else the pipeline's
+        if method in (ARROW, ARROW_GKS):
+            dlp.arrow_routing(arrow_setting(dlp, method, arrow))  # `arrow`, else the pipeline's
         elif method not in dlp.baselines:
             check_method(method, dlp.selection)
+    if arrow is not None and arrow.general and ARROW_GKS not in cfg.methods:
+        raise ValueError(f"general adapters {list(arrow.general)} are for the {ARROW_GKS} method (GenKnowSub); "
+                         f"add it to the methods, which are {list(cfg.methods)}")  # fmt: skip
     out = Path(out_dir)
     per_task = {
         name: evaluate_task(dlp, task, out, cfg, split_cfg, data_dir, arrow=arrow)
         for name, task in tqdm(task_map.items(), desc="tasks")
     }
+    # Arrow routes every prompt alike, so the settings below take its routing as it is.
+    arrows = {m: dlp.arrow_routing(arrow_setting(dlp, m, arrow)) for m in cfg.methods if m in (ARROW, ARROW_GKS)}
     composite = None
     if cfg.composite_pairs:
         pools = {n: load_splits(t, data_dir, split_cfg).test[: cfg.limit] for n, t in task_map.items()}
         composite = evaluate_composite(
-            dlp, make_pairs(pools, cfg.composite_pairs, split_cfg.seed), task_map, batch_size=cfg.batch_size
+            dlp, make_pairs(pools, cfg.composite_pairs, split_cfg.seed), task_map, cfg.batch_size, arrows
         )
+    leave_alone = None
+    if cfg.out_of_pool:
+        examples = [
+            ex
+            for splits in out_of_pool_splits(data_dir, split_cfg, [t for t in dlp.task_names if t != NONE]).values()
+            for ex in splits.test[: cfg.out_of_pool]
+        ]
+        probs = dlp.router.predict_proba([ex.prompt for ex in examples])
+        truth = torch.zeros(len(examples), dtype=torch.long)  # none of these methods reads the true task
+        routed = [m for m in ("dlp", *dlp.baselines) if m in cfg.methods]
+        settings = {m: method_dense(dlp, m, probs, truth) for m in routed} | arrows
+        leave_alone = evaluate_leave_alone(dlp, examples, settings, batch_size=cfg.batch_size)
     meta = {
         "command": command,
         "examples_per_task": cfg.limit,
         "selection": asdict(dlp.selection),
         **config_record(cfg, split_cfg),
     }
-    return write_report(out, per_task, task_map, meta, composite)
+    return write_report(out, per_task, task_map, meta, composite, leave_alone)
