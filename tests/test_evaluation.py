@@ -17,7 +17,7 @@ from dlp_lora.evaluation.methods import METHODS, method_weights
 from dlp_lora.evaluation.run import run_evaluation
 from dlp_lora.models import load_tokenizer
 from dlp_lora.router import select_with
-from dlp_lora.tasks import Example, Task
+from dlp_lora.tasks import Example, Task, load_splits
 from dlp_lora.tasks.prompts import mcq_example
 from dlp_lora.types import Routing
 
@@ -349,7 +349,6 @@ def test_harness_arrow_methods_run_every_example_under_arrow(with_general, tmp_p
     scores under Arrow without / with GenKnowSub (no mixture named), cached apart from the base model's and
     from each other, and stored with their Arrow setting, so a rerun with another setting reruns them."""
     from dlp_lora.config import ArrowConfig
-    from dlp_lora.tasks import load_splits
 
     dlp, tasks = with_general, _tasks()
     cfg = EvalConfig(methods=("base", "arrow", "arrow-gks"), p_sweep=(), limit=3, batch_size=2, composite_pairs=0)
@@ -386,6 +385,38 @@ def test_harness_arrow_methods_run_every_example_under_arrow(with_general, tmp_p
     assert (out / "base" / "maths.jsonl").stat().st_mtime_ns == stale[0]
     assert (out / "arrow" / "maths.jsonl").stat().st_mtime_ns != stale[1]
     assert all(r["arrow"]["top_k"] == 2 for r in _rows(out / "arrow" / "maths.jsonl"))
+
+
+def test_dlp_plus_arrow_gives_arrow_the_pool_prompts_the_router_leaves_to_the_base_model(tmp_path, tok):
+    """`dlp+arrow`: the router's mixture where it picks an adapter; Arrow where it picks a pool class the
+    base model serves; the base model for `none`. Its rows are the `dlp` and `arrow` rows of the same
+    examples, read from either method's run."""
+    from dlp_lora.assets import Manifest
+    from dlp_lora.config import ArrowConfig
+    from dlp_lora.evaluation.harness import Hybrid, method_dense
+
+    root = make_tiny_assets(tmp_path / "assets", len(tok), names=("maths", "science", "none"))
+    manifest = Manifest.load(root)
+    manifest.adapters["science"] = manifest.adapters["none"] = None  # the base model serves both
+    manifest.save(root)
+    dlp = tiny_pipeline(root, tok, arrow=ArrowConfig(top_k=1))
+    probs = torch.tensor([[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]])
+    plan = method_dense(dlp, "dlp+arrow", probs, torch.zeros(3, dtype=torch.long))
+    assert isinstance(plan, Hybrid) and plan.arrow_rows.tolist() == [False, True, False]
+    assert plan.dense[0].tolist() == [1.0] and plan.dense[2].tolist() == [0.0]  # maths; none: the base model
+
+    tasks = _tasks()
+    cfg = EvalConfig(methods=("dlp", "arrow", "dlp+arrow"), p_sweep=(), limit=3, batch_size=2, composite_pairs=0)
+    run_evaluation(dlp, list(tasks.values()), tmp_path / "eval", cfg, SPLIT)
+    out = tmp_path / "eval" / "predictions"
+    for task in ("maths", "science"):
+        both = _rows(out / "dlp+arrow" / f"{task}.jsonl")
+        dlp_rows, arrow_rows = _rows(out / "dlp" / f"{task}.jsonl"), _rows(out / "arrow" / f"{task}.jsonl")
+        probs = dlp.router.predict_proba([ex.prompt for ex in load_splits(tasks[task], None, SPLIT).test[:3]])
+        plan = method_dense(dlp, "dlp+arrow", probs, torch.zeros(3, dtype=torch.long))
+        for b, row in enumerate(both):
+            want = arrow_rows[b] if plan.arrow_rows[b] else dlp_rows[b]
+            assert row["text"] == want["text"] and row.get("arrow") == want.get("arrow")
 
 
 def test_composite_and_out_of_pool_prompts_take_arrow_and_compare_with_the_base_model(with_general, tmp_path):

@@ -485,8 +485,8 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     add_config_args(p, SplitConfig)
     from dlp_lora.config import ArrowConfig
 
-    group = p.add_argument_group("the `arrow` and `arrow-gks` methods (--methods ... arrow arrow-gks; "
-                                  "--arrow-general names arrow-gks's general adapters)")  # fmt: skip
+    group = p.add_argument_group("the `arrow`, `arrow-gks` and `dlp+arrow` methods (--methods ... arrow "
+                                  "arrow-gks dlp+arrow; --arrow-general names arrow-gks's general adapters)")  # fmt: skip
     add_config_args(group, ArrowConfig, prefix="arrow-")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -21,10 +21,11 @@ from tqdm.auto import tqdm
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
 from dlp_lora.config import ArrowConfig, EvalConfig, GenerationConfig, SplitConfig
 from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores, option_auc
-from dlp_lora.evaluation.methods import ARROW, ARROW_GKS, method_weights
+from dlp_lora.evaluation.methods import ARROW, ARROW_GKS, DLP_ARROW, method_weights
 from dlp_lora.evaluation.metrics import choice_accuracy, score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
+from dlp_lora.tasks.out_of_pool import NONE
 from dlp_lora.types import ArrowRouting, Routing
 
 __all__ = ["EvalConfig", "evaluate_task", "routing_key", "HEADLINE_SCORES", "headline_key", "arrow_setting"]
@@ -45,39 +46,64 @@ def routing_key(dense_row: torch.Tensor) -> tuple[tuple[int, float], ...]:
     return tuple((i, round(float(dense_row[i]), 6)) for i in nz)
 
 
+@dataclass(frozen=True)
+class Hybrid:
+    """Arrow for some examples, a mixture for the others (the `dlp+arrow` method).
+
+    dense: (B, bank) weights; arrow: the Arrow routing; arrow_rows: (B,) bool, True where Arrow answers."""
+
+    dense: torch.Tensor
+    arrow: ArrowRouting
+    arrow_rows: torch.Tensor
+
+
+Plan = torch.Tensor | ArrowRouting | Hybrid
+"""How a method routes a task's examples: (B, bank) weights, Arrow for all of them, or a `Hybrid`."""
+
+
+def _routing_of(plan: Plan, b: int) -> torch.Tensor | ArrowRouting:
+    """Example b's routing: Arrow's, or its (bank,) weights."""
+    if isinstance(plan, Hybrid):
+        return plan.arrow if bool(plan.arrow_rows[b]) else plan.dense[b]
+    return plan if isinstance(plan, ArrowRouting) else plan[b]
+
+
 def _run_rows(
     dlp: DLPLoRA,
     task: Task,
     examples: Sequence[Example],
-    dense: torch.Tensor | ArrowRouting,
+    plan: Plan,
     cfg: EvalConfig,
     cache: dict,
 ) -> list[dict]:
     """Generate (and score options) for rows not in cache; cache maps (uid, routing key) -> row result.
-    dense: (B, bank) weights per example, or an `ArrowRouting` for every example (the `arrow` method)."""
-    keys = [(ex.uid, _key(dense, b)) for b, ex in enumerate(examples)]
+    Rows under Arrow and rows under mixtures are batched apart (Arrow routes a whole batch)."""
+    keys = [(ex.uid, _key(plan, b)) for b, ex in enumerate(examples)]
     todo = [b for b, k in enumerate(keys) if k not in cache]
     gen = GenerationConfig(max_new_tokens=task.max_new_tokens)
-    for i in range(0, len(todo), cfg.batch_size):
-        rows = todo[i : i + cfg.batch_size]
-        prompts = [examples[b].prompt for b in rows]
-        routing = dense if isinstance(dense, ArrowRouting) else Routing.from_dense(dense[rows])
-        outs = dlp.generate(prompts, config=gen, routing=routing)
-        opts = (
-            dlp.option_logprobs(prompts, [list(examples[b].options) for b in rows], routing)
-            if task.kind == "mcq" and cfg.loglik
-            else [None] * len(rows)
-        )
-        arrow = _arrow_record(dlp, dense) if isinstance(dense, ArrowRouting) else None
-        for b, out, lp in zip(rows, outs, opts):
-            cache[keys[b]] = {
-                "text": out.text,
-                "parsed": parse_answer(task, out.text, examples[b].choices, examples[b].options),
-                "option_logprobs": lp,
-                "adapters": out.adapters,
-                "weights": out.weights,
-                **({"arrow": arrow} if arrow else {}),
-            }
+    under_arrow = {b for b in todo if isinstance(_routing_of(plan, b), ArrowRouting)}
+    for group in ([b for b in todo if b in under_arrow], [b for b in todo if b not in under_arrow]):
+        for i in range(0, len(group), cfg.batch_size):
+            rows = group[i : i + cfg.batch_size]
+            prompts = [examples[b].prompt for b in rows]
+            first = _routing_of(plan, rows[0])
+            arrow = first if isinstance(first, ArrowRouting) else None
+            routing = arrow or Routing.from_dense(torch.stack([_routing_of(plan, b) for b in rows]))
+            outs = dlp.generate(prompts, config=gen, routing=routing)
+            opts = (
+                dlp.option_logprobs(prompts, [list(examples[b].options) for b in rows], routing)
+                if task.kind == "mcq" and cfg.loglik
+                else [None] * len(rows)
+            )
+            for b, out, lp in zip(rows, outs, opts):
+                cache[keys[b]] = {
+                    "text": out.text,
+                    "parsed": parse_answer(task, out.text, examples[b].choices, examples[b].options),
+                    "option_logprobs": lp,
+                    "adapters": out.adapters,
+                    "weights": out.weights,
+                    **({"arrow": _arrow_record(dlp, arrow)} if arrow else {}),
+                }
     return [cache[k] for k in keys]
 
 
@@ -94,9 +120,10 @@ def _arrow_record(dlp: DLPLoRA, arrow: ArrowRouting) -> dict:
     }
 
 
-def _key(dense: torch.Tensor | ArrowRouting, b: int) -> tuple:
+def _key(plan: Plan, b: int) -> tuple:
     """Routing key of example b: its mixture's, or Arrow's setting (every example under it alike)."""
-    return (("arrow", dense),) if isinstance(dense, ArrowRouting) else routing_key(dense[b])
+    routing = _routing_of(plan, b)
+    return (("arrow", routing),) if isinstance(routing, ArrowRouting) else routing_key(routing)
 
 
 def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
@@ -178,23 +205,35 @@ def evaluate_task(
     return results
 
 
-def _identities(dlp: DLPLoRA, dense: torch.Tensor | ArrowRouting, n: int) -> list[dict]:
+def _identities(dlp: DLPLoRA, plan: Plan, n: int) -> list[dict]:
     """What each example's stored row must hold to be read back: its mixture (adapters, weights), or under
     Arrow (per token: no mixture) the Arrow setting."""
-    if isinstance(dense, ArrowRouting):
-        return [{"adapters": [], "weights": [], "arrow": _arrow_record(dlp, dense)}] * n
-    return [{"adapters": list(a), "weights": list(w)} for a, w in map(dlp.mixture, dense)]
+    out = []
+    for b in range(n):
+        routing = _routing_of(plan, b)
+        if isinstance(routing, ArrowRouting):
+            out.append({"adapters": [], "weights": [], "arrow": _arrow_record(dlp, routing)})
+        else:
+            adapters, weights = dlp.mixture(routing)
+            out.append({"adapters": list(adapters), "weights": list(weights)})
+    return out
 
 
 def method_dense(
     dlp: DLPLoRA, method: str, probs: torch.Tensor, truth: torch.Tensor, arrow: ArrowConfig | None = None
-) -> torch.Tensor | ArrowRouting:
+) -> Plan:
     """(B, bank width) weights: a baseline adapter alone when `method` names one, else the method's routing
     over the router's classes mapped to the bank (classes the base model serves drop their weight); for
     `arrow` / `arrow-gks`, the Arrow routing of `arrow` (default: the pipeline's) without / with its general
-    adapters, the same for every example."""
+    adapters, the same for every example; for `dlp+arrow`, a `Hybrid` of `dlp` and `arrow`."""
     if method in (ARROW, ARROW_GKS):
         return dlp.arrow_routing(arrow_setting(dlp, method, arrow))
+    if method == DLP_ARROW:
+        dense = method_dense(dlp, "dlp", probs, truth)
+        # Arrow where `dlp` gives the prompt no adapter and its top class is in the pool (not `none`).
+        none = dlp.task_names.index(NONE) if NONE in dlp.task_names else -1
+        left = (dense.sum(1) == 0) & (probs.argmax(1) != none)
+        return Hybrid(dense, dlp.arrow_routing(arrow_setting(dlp, method, arrow)), left)
     if method in dlp.baselines:
         dense = torch.zeros(len(probs), len(dlp.adapter_names))
         dense[:, dlp.adapter_names.index(method)] = 1.0
@@ -203,8 +242,8 @@ def method_dense(
 
 
 def arrow_setting(dlp: DLPLoRA, method: str, arrow: ArrowConfig | None = None) -> ArrowConfig:
-    """The Arrow setting the `arrow` (no general adapters) or `arrow-gks` (its general adapters, at least
-    one) method runs with: `arrow`, else the pipeline's."""
+    """The Arrow setting the `arrow` and `dlp+arrow` (no general adapters) or `arrow-gks` (its general
+    adapters, at least one) methods run with: `arrow`, else the pipeline's."""
     arrow = arrow or dlp.arrow
     if arrow is None:
         raise ValueError(f"the {method} method routes with Arrow: pass arrow=ArrowConfig(...) (--arrow-* flags)")
@@ -213,7 +252,7 @@ def arrow_setting(dlp: DLPLoRA, method: str, arrow: ArrowConfig | None = None) -
             f"the {ARROW_GKS} method subtracts general adapters (GenKnowSub): name one with --arrow-general NAME "
             f"(ArrowConfig.general); loaded adapters: {dlp.adapter_names}"
         )
-    return arrow if method == ARROW_GKS else replace(arrow, general=())
+    return arrow if method == ARROW_GKS else replace(arrow, general=())  # arrow, dlp+arrow: no GenKnowSub
 
 
 def _read_complete(path: Path, examples: Sequence[Example], identities: list[dict]) -> list[dict] | None:

@@ -15,7 +15,7 @@ import torch
 from dlp_lora.config import SelectionConfig
 from dlp_lora.router import select_with
 
-__all__ = ["ARROW", "ARROW_GKS", "METHODS", "check_method", "method_weights"]
+__all__ = ["ARROW", "ARROW_GKS", "DLP_ARROW", "METHODS", "check_method", "method_weights"]
 
 ARROW = "arrow"
 """The method that routes with Arrow (per token, in the layers) instead of weights: the harness runs it under
@@ -23,6 +23,10 @@ ARROW = "arrow"
 ARROW_GKS = "arrow-gks"
 """Arrow with GenKnowSub: the same setting with its general adapters' mean subtracted from every expert
 (`ArrowConfig.general`, `--arrow-general NAME`), so one run reports Arrow with and without it."""
+DLP_ARROW = "dlp+arrow"
+"""The trained router and Arrow combined: the router's mixture where it picks an adapter; where it leaves a
+prompt of a pool class to the base model (a class the gate gave no adapter), Arrow (without general
+adapters); a prompt whose top class is `none` (out of the pool) stays with the base model."""
 
 MethodFn = Callable[[torch.Tensor, torch.Tensor, SelectionConfig, Sequence[int]], torch.Tensor]
 
@@ -65,8 +69,8 @@ def check_method(method: str, selection: SelectionConfig) -> tuple[MethodFn, Sel
     name, _, p = method.partition("@")
     if name not in METHODS or (p and name != "dlp"):
         raise ValueError(
-            f"unknown method {method!r}; known methods: {list(METHODS)}, {ARROW!r}, {ARROW_GKS!r} and dlp@P for a "
-            "p sweep"
+            f"unknown method {method!r}; known methods: {list(METHODS)}, {ARROW!r}, {ARROW_GKS!r}, {DLP_ARROW!r} "
+            "and dlp@P for a p sweep"
         )
     if p:
         try:

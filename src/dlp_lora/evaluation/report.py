@@ -37,6 +37,9 @@ PAIRS = (
     ("arrow-gks", "arrow"),
     ("arrow-gks", "dlp"),
     ("arrow-gks", "base"),
+    ("dlp+arrow", "dlp"),
+    ("dlp+arrow", "base"),
+    ("dlp+arrow", "multitask"),
 )
 """Method pairs compared over all tasks (when both were run): `a - b` with a stratified bootstrap interval."""
 

@@ -13,7 +13,7 @@ from dlp_lora.config import ArrowConfig, SplitConfig
 from dlp_lora.evaluation.composite import evaluate_composite, make_pairs
 from dlp_lora.evaluation.harness import EvalConfig, arrow_setting, config_record, evaluate_task, method_dense
 from dlp_lora.evaluation.leave_alone import evaluate_leave_alone
-from dlp_lora.evaluation.methods import ARROW, ARROW_GKS, check_method
+from dlp_lora.evaluation.methods import ARROW, ARROW_GKS, DLP_ARROW, check_method
 from dlp_lora.evaluation.report import write_report
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Task, get_task, load_splits
@@ -43,7 +43,7 @@ def run_evaluation(
     # Baselines in the assets (e.g. `multitask`) are always compared: they exist for that.
     cfg = replace(cfg, methods=cfg.methods + tuple(b for b in dlp.baselines if b not in cfg.methods))
     for method in cfg.all_methods:  # an unknown name fails now, not after hours of generation
-        if method in (ARROW, ARROW_GKS):
+        if method in (ARROW, ARROW_GKS, DLP_ARROW):
             dlp.arrow_routing(arrow_setting(dlp, method, arrow))  # `arrow`, else the pipeline's
         elif method not in dlp.baselines:
             check_method(method, dlp.selection)
