@@ -186,11 +186,11 @@ def evaluate_task(
         raise ValueError(f"task {task_name!r} is not a router class of these assets: {dlp.task_names}")
     probs = dlp.router.predict_proba([ex.prompt for ex in examples])
     truth = torch.full((len(examples),), dlp.task_names.index(task_name), dtype=torch.long)
-    dense = {m: method_dense(dlp, m, probs, truth, arrow) for m in cfg.all_methods}
+    plans = {m: method_dense(dlp, m, probs, truth, arrow) for m in cfg.all_methods}
     path = {m: out_dir / "predictions" / m / f"{task_name}.jsonl" for m in cfg.all_methods}
-    done = {m: _read_complete(path[m], examples, _identities(dlp, dense[m], len(examples))) for m in cfg.all_methods}
+    done = {m: _read_complete(path[m], examples, _identities(dlp, plans[m], len(examples))) for m in cfg.all_methods}
     cache = {
-        (ex.uid, _key(dense[m], b)): r
+        (ex.uid, _key(plans[m], b)): r
         for m, rows in done.items()
         if rows is not None
         for b, (ex, r) in enumerate(zip(examples, rows))
@@ -199,7 +199,7 @@ def evaluate_task(
     for method in tqdm(cfg.all_methods, desc=task_name, disable=not progress, leave=False):
         rows = done[method]
         if rows is None:
-            rows = _run_rows(dlp, task, examples, dense[method], cfg, cache)
+            rows = _run_rows(dlp, task, examples, plans[method], cfg, cache)
             _write_rows(path[method], examples, rows)
         results[method] = _score(task, examples, rows)
     return results
