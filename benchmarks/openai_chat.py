@@ -21,8 +21,7 @@ import httpx
 from openai import OpenAI
 
 from dlp_lora.bench import save_json, server_process
-from dlp_lora.evaluation.examples import headline_score
-from dlp_lora.evaluation.metrics import choice_accuracy
+from dlp_lora.evaluation.examples import generated_score
 from dlp_lora.evaluation.stats import bootstrap_mean, paired_difference
 from dlp_lora.tasks import get_task, load_splits, parse_answer
 
@@ -41,14 +40,6 @@ def ask(client: OpenAI, model: str, prompts: list[str], max_tokens: int) -> list
 
     with ThreadPoolExecutor(8) as pool:
         return list(pool.map(one, prompts))
-
-
-def score(task, ex, answer: str) -> float:
-    """0-100: the parsed choice's accuracy (multiple choice), else the task's free-form headline."""
-    parsed = parse_answer(task, answer, ex.choices, ex.options)
-    if task.kind == "mcq":
-        return choice_accuracy([parsed], [ex.references])
-    return headline_score(task.metric, parsed, ex.references)
 
 
 def _interval(d) -> list[float]:
@@ -74,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             test = load_splits(task, ns.data_dir).test
             answers = {m: ask(client, m, [ex.prompt for ex in test], ns.max_tokens or task.max_new_tokens)
                        for m in (ROUTED, base, *ns.models)}  # fmt: skip
-            scores = {m: [score(task, ex, a) for ex, (a, _) in zip(test, rows)] for m, rows in answers.items()}
+            scores = {
+                m: [generated_score(task, parse_answer(task, a, ex.choices, ex.options), ex.references)
+                    for ex, (a, _) in zip(test, rows)]
+                for m, rows in answers.items()
+            }  # fmt: skip
             served = Counter("+".join(ads) or "base model" for _, ads in answers[ROUTED])
             row = {"n": len(test), "max_tokens": ns.max_tokens or task.max_new_tokens,
                    "routed_served_by": dict(served.most_common())}  # fmt: skip

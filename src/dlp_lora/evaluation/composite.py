@@ -14,12 +14,12 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from dlp_lora.config import GenerationConfig
-from dlp_lora.evaluation.harness import method_dense
+from dlp_lora.evaluation.harness import method_dense, rows_routing
 from dlp_lora.evaluation.metrics import score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.router import select_with
 from dlp_lora.tasks import Example, Task, parse_answer
-from dlp_lora.types import ArrowRouting, Routing
+from dlp_lora.types import ArrowRouting
 
 __all__ = ["make_pairs", "evaluate_composite"]
 
@@ -78,17 +78,16 @@ def evaluate_composite(
     settings += [(name, arrow, 0.0) for name, arrow in (arrows or {}).items()]
     out["settings"] = [name for name, _, _ in settings]
     for name, dense, true_weight in settings:
-        arrow = isinstance(dense, ArrowRouting)
         texts: list[str] = []
         for i in range(0, len(parts), batch_size):
-            rows = slice(i, i + batch_size)
+            rows = range(i, min(i + batch_size, len(parts)))
             gen = GenerationConfig(
-                max_new_tokens=min(max_new_tokens, max(tasks[ex.task].max_new_tokens for ex in parts[rows]))
+                max_new_tokens=min(max_new_tokens, max(tasks[parts[b].task].max_new_tokens for b in rows))
             )
-            routing = dense if arrow else Routing.from_dense(dense[rows])
-            res = dlp.generate([ex.prompt for ex in parts[rows]], config=gen, routing=routing)
+            res = dlp.generate([parts[b].prompt for b in rows], config=gen, routing=rows_routing(dense, rows))
             texts += [r.text for r in res]
         out[f"{name}_score"] = sum(_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)) / len(parts)
         out[f"{name}_true_task_weight"] = true_weight
+        arrow = isinstance(dense, ArrowRouting)
         out[f"{name}_mean_k"] = float(dense.top_k) if arrow else float((dense > 0).sum(1).float().mean())
     return out

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dlp_lora.chat import prompt_ids
 from dlp_lora.config import GenerationConfig
 from dlp_lora.engine import Engine, Row
-from dlp_lora.evaluation.metrics import exact_match, numeric_match, token_f1
+from dlp_lora.evaluation.metrics import choice_accuracy, exact_match, numeric_match, token_f1
 from dlp_lora.evaluation.stats import Interval, bootstrap_auc
 from dlp_lora.scoring import continuation_logprobs, option_choice, per_byte
 from dlp_lora.tasks import Example, Task, parse_answer
@@ -56,6 +56,14 @@ def headline_score(metric: str, parsed: str, references: Sequence[str]) -> float
     if metric == "exact":
         return 100.0 * exact_match(parsed, references, squad=False)
     raise ValueError(f"no free-form headline for metric {metric!r}; expected squad|numeric|exact")
+
+
+def generated_score(task: Task, parsed: str, references: Sequence[str]) -> float:
+    """One generated answer's score in [0, 100]: the parsed choice's accuracy for multiple choice, else the
+    task's free-form headline."""
+    if task.kind == "mcq":
+        return choice_accuracy([parsed], [references])
+    return headline_score(task.metric, parsed, references)
 
 
 def example_scores(

@@ -20,15 +20,23 @@ from tqdm.auto import tqdm
 
 # EvalConfig lives in config (no torch) so `dlp-lora evaluate --help` can build its flags cheaply.
 from dlp_lora.config import ArrowConfig, EvalConfig, GenerationConfig, SplitConfig
-from dlp_lora.evaluation.examples import MCQ_HEADLINE, headline_score, majority_share, mcq_scores, option_auc
+from dlp_lora.evaluation.examples import MCQ_HEADLINE, generated_score, majority_share, mcq_scores, option_auc
 from dlp_lora.evaluation.methods import ARROW, ARROW_GKS, DLP_ARROW, method_weights
-from dlp_lora.evaluation.metrics import choice_accuracy, score_task
+from dlp_lora.evaluation.metrics import score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example, Task, get_task, load_splits, parse_answer
 from dlp_lora.tasks.out_of_pool import NONE
 from dlp_lora.types import ArrowRouting, Routing
 
-__all__ = ["EvalConfig", "evaluate_task", "routing_key", "HEADLINE_SCORES", "headline_key", "arrow_setting"]
+__all__ = [
+    "EvalConfig",
+    "evaluate_task",
+    "routing_key",
+    "rows_routing",
+    "HEADLINE_SCORES",
+    "headline_key",
+    "arrow_setting",
+]
 
 HEADLINE_SCORES = "headline_scores"
 """Key of a method's per-example headline scores (0-100, in test-example order) in `evaluate_task`'s result."""
@@ -68,6 +76,15 @@ def _routing_of(plan: Plan, b: int) -> torch.Tensor | ArrowRouting:
     return plan if isinstance(plan, ArrowRouting) else plan[b]
 
 
+def rows_routing(plan: Plan, rows: Sequence[int]) -> Routing | ArrowRouting:
+    """The routing of a group of examples under `plan`: Arrow's when they are under Arrow, else their
+    weights' (a group is all one or all the other: Arrow routes a whole batch)."""
+    routings = [_routing_of(plan, b) for b in rows]
+    if isinstance(routings[0], ArrowRouting):
+        return routings[0]
+    return Routing.from_dense(torch.stack(routings))
+
+
 def _run_rows(
     dlp: DLPLoRA,
     task: Task,
@@ -86,9 +103,8 @@ def _run_rows(
         for i in range(0, len(group), cfg.batch_size):
             rows = group[i : i + cfg.batch_size]
             prompts = [examples[b].prompt for b in rows]
-            first = _routing_of(plan, rows[0])
-            arrow = first if isinstance(first, ArrowRouting) else None
-            routing = arrow or Routing.from_dense(torch.stack([_routing_of(plan, b) for b in rows]))
+            routing = rows_routing(plan, rows)
+            arrow = routing if isinstance(routing, ArrowRouting) else None
             outs = dlp.generate(prompts, config=gen, routing=routing)
             opts = (
                 dlp.option_logprobs(prompts, [list(examples[b].options) for b in rows], routing)
@@ -142,12 +158,8 @@ def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
         scores.update({k: sum(v) / len(v) for k, v in per.metrics.items()})
         scores[HEADLINE_SCORES] = per.headline
         picked = per.chosen
-    elif task.kind == "mcq":
-        scores[HEADLINE_SCORES] = [choice_accuracy([r["parsed"]], [ex.references]) for ex, r in zip(examples, rows)]
     else:
-        scores[HEADLINE_SCORES] = [
-            headline_score(task.metric, r["parsed"], ex.references) for ex, r in zip(examples, rows)
-        ]
+        scores[HEADLINE_SCORES] = [generated_score(task, r["parsed"], ex.references) for ex, r in zip(examples, rows)]
     # The collapse check: the share of the most frequent answer (the option the headline picks, else the
     # parsed answer), beside the same share of the gold answers.
     scores["top_answer_share"] = majority_share(picked)

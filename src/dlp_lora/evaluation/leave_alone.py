@@ -14,15 +14,12 @@ import torch
 from tqdm.auto import tqdm
 
 from dlp_lora.config import GenerationConfig
+from dlp_lora.evaluation.harness import rows_routing
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example
-from dlp_lora.types import ArrowRouting, Routing
+from dlp_lora.types import ArrowRouting
 
 __all__ = ["evaluate_leave_alone"]
-
-
-def _routing(setting: torch.Tensor | ArrowRouting, rows: slice | list[int]) -> Routing | ArrowRouting:
-    return setting if isinstance(setting, ArrowRouting) else Routing.from_dense(setting[rows])
 
 
 def evaluate_leave_alone(
@@ -50,7 +47,9 @@ def evaluate_leave_alone(
             r.text
             for i in range(0, len(prompts), batch_size)
             for r in dlp.generate(
-                prompts[i : i + batch_size], config=gen, routing=_routing(setting, slice(i, i + batch_size))
+                prompts[i : i + batch_size],
+                config=gen,
+                routing=rows_routing(setting, range(i, min(i + batch_size, len(prompts)))),
             )
         ]
 
@@ -64,7 +63,9 @@ def evaluate_leave_alone(
         for i in range(0, len(scored), batch_size):
             rows = scored[i : i + batch_size]
             options = [[base_answers[b]] for b in rows]
-            lps += [lp[0] for lp in dlp.option_logprobs([prompts[b] for b in rows], options, _routing(setting, rows))]
+            lps += [
+                lp[0] for lp in dlp.option_logprobs([prompts[b] for b in rows], options, rows_routing(setting, rows))
+            ]
         return lps
 
     base_lp = logprobs(base)
