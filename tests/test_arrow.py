@@ -8,7 +8,7 @@ import torch
 from conftest import make_peft_adapter, padded_ids, tiny_llama
 
 from dlp_lora.fusion import ops
-from dlp_lora.fusion.inject import FusedLoRAModel
+from dlp_lora.fusion.inject import FusedLoRAModel, arrow_stacks
 from dlp_lora.types import ArrowRouting
 
 TARGETS = ("q_proj", "v_proj", "up_proj")
@@ -76,6 +76,11 @@ def test_fused_arrow_equals_peft_create_arrow_model(experts, top_k, temperature,
     real = mask.bool()
     assert (got - want)[real].abs().max() <= 1e-4
     assert (got - plain)[real].abs().max() > 1e-3  # the experts changed the answer
+    # The prototypes are PEFT's bit for bit (the same float32 power iteration, expert by expert).
+    theirs = {n.removeprefix("base_model.model."): m.lora_arrow["arrow_router"].prototypes
+              for n, m in peft_model.named_modules() if hasattr(m, "lora_arrow")}  # fmt: skip
+    ours = {name: stacks[0] for name, stacks in arrow_stacks(fused.bank, arrow, torch.device("cpu")).items()}
+    assert theirs.keys() == ours.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
     fused.remove()
 
 

@@ -15,6 +15,7 @@ from dlp_lora.config import SelectionConfig, SplitConfig
 from dlp_lora.evaluation.harness import EvalConfig, evaluate_task
 from dlp_lora.evaluation.methods import METHODS, method_weights
 from dlp_lora.evaluation.run import run_evaluation
+from dlp_lora.evaluation.stats import paired_difference
 from dlp_lora.models import load_tokenizer
 from dlp_lora.router import select_with
 from dlp_lora.tasks import Example, Task, load_splits
@@ -162,6 +163,9 @@ def test_harness_scores_resumes_and_reports(dlp, tmp_path):
     assert results["composite"]["pairs"] == 2
     composite_rows = re.findall(r"\| per (?:prompt|segment) \| ([\d.]+) \|", (out / "results.md").read_text())
     assert len(composite_rows) == 2 and all(0 <= float(v) <= 100 for v in composite_rows)  # percentages
+    c = results["composite"]
+    d = paired_difference(c["per_segment_prompt_scores"], c["base_prompt_scores"])
+    assert re.search(rf"\| per segment \| [\d.]+ \| {re.escape(d.fmt())}", (out / "results.md").read_text())
 
     # Resume: every (method, task) file is complete, so nothing is generated again.
     calls.clear()
@@ -299,6 +303,10 @@ def test_baseline_adapter_is_served_only_when_named_and_evaluated(tmp_path, tok)
     assert all(r.adapters == ["multitask"] for r in by_generalist)
     want = sum(_part_score(tasks[ex.task], ex, r.text) for ex, r in zip(parts, by_generalist)) / len(parts)
     assert composite["multitask_score"] == pytest.approx(want)
+    # Per prompt: the mean of its two parts (the unit the report's paired intervals resample).
+    by_prompt = [(_part_score(tasks[a.task], a, ra.text) + _part_score(tasks[b.task], b, rb.text)) / 2
+                 for (a, b), ra, rb in zip(pairs, by_generalist[::2], by_generalist[1::2])]  # fmt: skip
+    assert composite["multitask_prompt_scores"] == pytest.approx(by_prompt)
     with pytest.raises(ValueError, match="share names with routed adapters"):
         DLPLoRA(plain.model, tok, None, {"maths": root / "adapters/maths"}, baselines={"maths": extra})
     with pytest.raises(ValueError, match="unknown method 'nope'"):
@@ -363,6 +371,9 @@ def test_harness_arrow_methods_run_every_example_under_arrow(with_general, tmp_p
     arrow = ArrowConfig(top_k=1, general=("general",))
     summary = run_evaluation(dlp, list(tasks.values()), tmp_path / "eval", cfg, SPLIT, arrow=arrow)
     assert set(summary) == {"base", "arrow", "arrow-gks", "general"}
+    per_task = json.loads((tmp_path / "eval" / "results.json").read_text())["per_task"]
+    # Arrow rows count the top_k adapters each token uses, as the composite and out-of-pool tables do.
+    assert per_task["maths"]["arrow"]["mean_k"] == 1.0 and per_task["maths"]["arrow"]["fused_fraction"] == 0.0
     out = tmp_path / "eval" / "predictions"
     for task in ("maths", "science"):
         prompts = [ex.prompt for ex in load_splits(tasks[task], None, SPLIT).test[:3]]
@@ -385,6 +396,8 @@ def test_harness_arrow_methods_run_every_example_under_arrow(with_general, tmp_p
     assert (out / "base" / "maths.jsonl").stat().st_mtime_ns == stale[0]
     assert (out / "arrow" / "maths.jsonl").stat().st_mtime_ns != stale[1]
     assert all(r["arrow"]["top_k"] == 2 for r in _rows(out / "arrow" / "maths.jsonl"))
+    per_task = json.loads((tmp_path / "eval" / "results.json").read_text())["per_task"]
+    assert per_task["maths"]["arrow"]["mean_k"] == 2.0 and per_task["maths"]["arrow"]["fused_fraction"] == 1.0
 
 
 def test_dlp_plus_arrow_gives_arrow_the_pool_prompts_the_router_leaves_to_the_base_model(tmp_path, tok):

@@ -328,13 +328,13 @@ def test_bfloat16_model_error_no_larger_than_peft_own():
 
 def test_arrow_on_the_bundled_adapters_equals_peft(real):
     """Arrow over the bundled pool's deployed adapters: our fused layers against PEFT's own
-    `create_arrow_model` on the same directories, a mixed batch of real prompts, both in fp32.
+    `create_arrow_model` on the same directories, a mixed batch of real prompts.
 
-    Same prototypes (to 2e-8) and the same routing; the deltas are summed in another order (one dense
-    matmul against PEFT's per-expert einsums), so the two differ by fp32 rounding: measured 1.1e-4 at
-    most here, each about 8.5e-5 from the same computation in float64. The bounds are relative to PEFT's own
-    fp32 error in this run (no constant taken from one CPU): ours no further from the float64 result than
-    twice PEFT's distance, and the two no further apart than twice that distance."""
+    In float64 the two are the same computation: the prototypes equal PEFT's bit for bit (both made in
+    float32, PEFT's way) and the logits agree to 1e-10 (measured: 0.0). In fp32 the deltas are summed in
+    another order (one dense matmul against PEFT's per-expert einsums), so the two differ by fp32 rounding.
+    Those bounds are relative to PEFT's own fp32 error in this run (no constant taken from one CPU): ours no
+    further from the float64 result than twice PEFT's distance, and the two no further apart than twice that."""
     import copy
 
     from peft import ArrowConfig, create_arrow_model
@@ -356,16 +356,21 @@ def test_arrow_on_the_bundled_adapters_equals_peft(real):
         finally:
             fused.remove()
 
-    ours32, ours64 = ours(model), ours(copy.deepcopy(model).double())
-    peft_model = create_arrow_model(model, experts, ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0)).eval()
-    try:
-        with torch.no_grad():
-            theirs = peft_model(input_ids=ids, attention_mask=mask).logits.double()
-    finally:
-        peft_model.unload()
+    def peft(m):
+        peft_model = create_arrow_model(m, experts, ArrowConfig(top_k=3, router_temperature=1.0, rng_seed=0)).eval()
+        try:
+            with torch.no_grad():
+                return peft_model(input_ids=ids, attention_mask=mask).logits.double()
+        finally:
+            peft_model.unload()
+
+    model64 = copy.deepcopy(model).double()
+    ours32, ours64, theirs, theirs64 = ours(model), ours(model64), peft(model), peft(model64)
+    del model64
     with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits.double()
     tokens = mask.bool()
+    assert (ours64 - theirs64)[tokens].abs().max() <= 1e-10
     peft_error = (theirs - ours64)[tokens].abs().max()
     assert (ours32 - theirs)[tokens].abs().max() <= 2 * peft_error
     assert (ours32 - ours64)[tokens].abs().max() <= 2 * peft_error

@@ -56,7 +56,9 @@ def evaluate_composite(
 ) -> dict[str, float]:
     """Mean per-part score (percent), weight on the true task and mean k: per-prompt and per-segment
     routing, the base model, each baseline adapter and each of `arrows` (Arrow per token: no prompt-level
-    choice, so it is the same per prompt and per segment) (`<name>_score`, ... for name in `settings`).
+    choice, so it is the same per prompt and per segment) (`<name>_score`, ... for name in `settings`),
+    and each prompt's mean part score (`<name>_prompt_scores`, (P,): the unit a paired interval resamples,
+    since one prompt's parts share its routing).
 
     tasks: task name -> Task for every task the pairs draw from; arrows: setting name -> Arrow routing.
     """
@@ -86,7 +88,9 @@ def evaluate_composite(
             )
             res = dlp.generate([parts[b].prompt for b in rows], config=gen, routing=rows_routing(dense, rows))
             texts += [r.text for r in res]
-        out[f"{name}_score"] = sum(_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)) / len(parts)
+        scores = [_part_score(tasks[ex.task], ex, t) for ex, t in zip(parts, texts)]
+        out[f"{name}_score"] = sum(scores) / len(parts)
+        out[f"{name}_prompt_scores"] = [(a + b) / 2 for a, b in zip(scores[::2], scores[1::2])]
         out[f"{name}_true_task_weight"] = true_weight
         arrow = isinstance(dense, ArrowRouting)
         out[f"{name}_mean_k"] = float(dense.top_k) if arrow else float((dense > 0).sum(1).float().mean())

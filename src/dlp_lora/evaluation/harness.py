@@ -169,8 +169,11 @@ def _score(task: Task, examples: Sequence[Example], rows: list[dict]) -> dict:
     auc = option_auc([r["option_logprobs"] for r in rows], examples) if loglik else None
     if auc is not None:
         scores["option_auc"] = {"estimate": auc.estimate, "low": auc.low, "high": auc.high}
-    scores["mean_k"] = sum(len(r["adapters"]) for r in rows) / max(len(rows), 1)
-    scores["fused_fraction"] = sum(len(r["adapters"]) > 1 for r in rows) / max(len(rows), 1)
+    # Adapters a row's tokens use: its mixture's, or under Arrow the top_k each token is routed to (the
+    # composite and out-of-pool tables count Arrow the same way).
+    ks = [r["arrow"]["top_k"] if "arrow" in r else len(r["adapters"]) for r in rows]
+    scores["mean_k"] = sum(ks) / max(len(rows), 1)
+    scores["fused_fraction"] = sum(k > 1 for k in ks) / max(len(rows), 1)
     return scores
 
 

@@ -34,6 +34,7 @@ PAIRS = (
     ("arrow", "dlp"),
     ("arrow", "base"),
     ("arrow", "multitask"),
+    ("arrow", "oracle"),
     ("arrow-gks", "arrow"),
     ("arrow-gks", "dlp"),
     ("arrow-gks", "base"),
@@ -223,6 +224,9 @@ def _markdown(
         "",
         "## Averages",
         "",
+        "Mean k: adapters a row's tokens use (its mixture's, or Arrow's top_k per token); fused %: rows whose "
+        "tokens use more than one.",
+        "",
     ]
     lines += _averages_table(summary, main)
     if any("vs_base" in summary[m] for m in main):
@@ -314,19 +318,31 @@ def _markdown(
             f"{composite['pairs']} prompts, each two questions from different tasks joined by a blank line; "
             "each part is answered and scored on its own. Per prompt: one routing for the joined text; "
             "per segment: each part routed on its own text; base: no adapter; a baseline's name: that adapter "
-            "alone for every part (no routing); `arrow`, `arrow-gks`: Arrow per token (no choice per prompt).",
+            "alone for every part (no routing); `arrow`, `arrow-gks`: Arrow per token (no choice per prompt). "
+            "Differences: mean over prompts, 95% paired bootstrap interval over prompts (a prompt's two parts "
+            "share its routing, so prompts are resampled, not parts).",
             "",
-            "| routing | mean part score | weight on the true task | mean k |",
-            "|---|---|---|---|",
+            "| routing | mean part score | - base | - per prompt | weight on the true task | mean k |",
+            "|---|---|---|---|---|---|",
         ]
         for name in composite["settings"]:
             routed = name in ("per_prompt", "per_segment")
             label, weight = (name.replace("_", " "), f"{composite[f'{name}_true_task_weight']:.3f}") if routed else (
                 f"`{name}`", "-")  # fmt: skip
+            vs = [_composite_diff(composite, name, other) for other in ("base", "per_prompt")]
             lines.append(
-                f"| {label} | {composite[f'{name}_score']:.2f} | {weight} | {composite[f'{name}_mean_k']:.2f} |"
+                f"| {label} | {composite[f'{name}_score']:.2f} | {vs[0]} | {vs[1]} | {weight} | "
+                f"{composite[f'{name}_mean_k']:.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _composite_diff(composite: dict, name: str, other: str) -> str:
+    """`name - other` over the composite prompts with its interval; "-" for a setting against itself."""
+    if name == other:
+        return "-"
+    d = paired_difference(composite[f"{name}_prompt_scores"], composite[f"{other}_prompt_scores"])
+    return d.fmt() + ("" if d.excludes_zero else " (no difference)")
 
 
 def _leave_alone_markdown(leave_alone: dict | None) -> str:

@@ -271,9 +271,10 @@ def arrow_stacks(bank: AdapterBank, arrow: ArrowRouting, device: torch.device) -
         r = max(a.shape[0] for a in As)
         A = torch.stack([torch.nn.functional.pad(a, (0, 0, 0, r - a.shape[0])) for a in As])  # (E, r, d_in)
         B = torch.stack([torch.nn.functional.pad(b, (0, r - b.shape[1])) for b in Bs])  # (E, d_out, r)
-        scales = torch.tensor([w.scale for w in experts], dtype=torch.float32)
+        # The scale folded in float64, then rounded once to the bank's dtype (PEFT scales in the model's dtype).
+        scales = torch.tensor([w.scale for w in experts], dtype=torch.float64)
         P = ops.arrow_prototypes(A, B, arrow.seed, arrow.iters)
         dtype = bank.modules[module].A.dtype
-        Bt = (B * scales[:, None, None]).transpose(1, 2)
+        Bt = (B.double() * scales[:, None, None]).transpose(1, 2)
         out[module] = (P.to(device, dtype), A.to(device, dtype), Bt.contiguous().to(device, dtype))
     return out

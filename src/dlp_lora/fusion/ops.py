@@ -115,20 +115,24 @@ def merged_weight(W: torch.Tensor, A: torch.Tensor, Bt: torch.Tensor, mix: torch
 
 
 def arrow_prototypes(A: torch.Tensor, B: torch.Tensor, seed: int, iters: int, eps: float = 1e-8) -> torch.Tensor:
-    """Top right singular vector of each B_e A_e by power iteration on A^T (B^T B) A, as PEFT computes it
-    (float32, the same seeded start vector for every expert, `iters` steps).
+    """Top right singular vector of each B_e A_e by power iteration on A^T (B^T B) A, as PEFT computes it:
+    float32, the same seeded start vector for every expert, `iters` steps, expert by expert with PEFT's own
+    matrix-vector products (a batched product rounds differently, and a prototype 1e-8 off moves every later
+    layer's routing coefficients by as much: so the prototypes equal PEFT's bit for bit).
 
     A: (E, r, d_in); B: (E, d_out, r) -> (E, d_in). Unique up to sign; Arrow reads |x . p|.
     """
-    A32, B32 = A.float(), B.float()
-    gen = torch.Generator(device=A32.device.type).manual_seed(int(seed))
-    v0 = torch.randn(A32.shape[-1], dtype=torch.float32, device=A32.device, generator=gen)
-    v = (v0 / (v0.norm() + eps)).expand(A32.shape[0], -1)[:, :, None]  # (E, d_in, 1)
-    C = B32.transpose(1, 2) @ B32  # (E, r, r)
-    for _ in range(iters):
-        w = A32.transpose(1, 2) @ (C @ (A32 @ v))
-        v = w / (w.norm(dim=1, keepdim=True) + eps)
-    return v[:, :, 0]
+    protos = []
+    for a, b in zip(A.float(), B.float()):
+        gen = torch.Generator(device=a.device.type).manual_seed(int(seed))
+        v = torch.randn(a.shape[-1], dtype=torch.float32, device=a.device, generator=gen)
+        v = v / (v.norm() + eps)
+        c = b.T @ b  # (r, r)
+        for _ in range(iters):
+            w = a.T @ (c @ (a @ v))
+            v = w / (w.norm() + eps)
+        protos.append(v)
+    return torch.stack(protos)
 
 
 def arrow_coefficients(x: torch.Tensor, prototypes: torch.Tensor, top_k: int, temperature: float) -> torch.Tensor:
