@@ -29,12 +29,12 @@ from dlp_lora.models import load_base_model
 from dlp_lora.types import ArrowRouting
 
 
-def _time_all(model, prompts: dict[int, torch.Tensor], ns, times: dict, key: tuple, compile: bool) -> None:
-    """Time `model` as routed now at every batch size, eager and (with compile) compiled; medians later.
+def _time_all(model, prompts: dict[int, torch.Tensor], ns, times: dict, key: tuple) -> None:
+    """Time `model` as routed now at every batch size, eager and (with --compile) compiled, into `times`.
 
     Each batch size is warmed up first (the compiled one compiles there, outside the timing)."""
     decoders = {"eager": None}
-    if compile:
+    if ns.compile:
         torch._dynamo.reset()  # earlier models' graphs would count against dynamo's recompile limit
         # A fresh decoder per model: its graph is specialised to the modules it saw (base, PEFT's, ours).
         decoders["compiled"] = CompiledDecoder(model, length_step=ns.prompt_tokens + ns.new_tokens)
@@ -70,17 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     modes = ["eager", "compiled"] if ns.compile else ["eager"]
     times: dict[tuple, list[tuple[float, float]]] = {}
     # The ceiling: the base model alone, no adapter and no routing (neither Arrow can decode faster).
-    _time_all(model, prompts, ns, times, ("base",), ns.compile)
+    _time_all(model, prompts, ns, times, ("base",))
     with tempfile.TemporaryDirectory() as tmp:
         for n in ns.num_adapters:
             paths = random_adapters(model, n, 8, Path(tmp) / f"n{n}", seed=n)
             peft_model = create_arrow_model(model, [str(q) for q in paths.values()],
                                             ArrowConfig(top_k=ns.top_k, rng_seed=0)).eval()  # fmt: skip
-            _time_all(peft_model, prompts, ns, times, ("peft", n), ns.compile)
+            _time_all(peft_model, prompts, ns, times, ("peft", n))
             peft_model.unload()
             fused = FusedLoRAModel(model, paths)
             with fused.routed(ArrowRouting(tuple(range(n)), ns.top_k)):
-                _time_all(model, prompts, ns, times, ("ours", n), ns.compile)
+                _time_all(model, prompts, ns, times, ("ours", n))
             fused.remove()
     rows = []
     for mode in modes:
