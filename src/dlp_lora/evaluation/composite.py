@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from dlp_lora.config import GenerationConfig
-from dlp_lora.evaluation.harness import method_dense, rows_routing
+from dlp_lora.evaluation.harness import method_dense, plan_mean_k, rows_routing
 from dlp_lora.evaluation.metrics import score_task
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.router import select_with
@@ -92,6 +92,5 @@ def evaluate_composite(
         out[f"{name}_score"] = sum(scores) / len(parts)
         out[f"{name}_prompt_scores"] = [(a + b) / 2 for a, b in zip(scores[::2], scores[1::2])]
         out[f"{name}_true_task_weight"] = true_weight
-        arrow = isinstance(dense, ArrowRouting)
-        out[f"{name}_mean_k"] = float(dense.top_k) if arrow else float((dense > 0).sum(1).float().mean())
+        out[f"{name}_mean_k"] = plan_mean_k(dense)
     return out

@@ -33,6 +33,7 @@ __all__ = [
     "evaluate_task",
     "routing_key",
     "rows_routing",
+    "plan_mean_k",
     "HEADLINE_SCORES",
     "headline_key",
     "arrow_setting",
@@ -83,6 +84,14 @@ def rows_routing(plan: Plan, rows: Sequence[int]) -> Routing | ArrowRouting:
     if isinstance(routings[0], ArrowRouting):
         return routings[0]
     return Routing.from_dense(torch.stack(routings))
+
+
+def plan_mean_k(plan: torch.Tensor | ArrowRouting) -> float:
+    """Adapters per example under a plan of weights (B, N) or Arrow (its top_k, per token): the count
+    `_score` reads from stored rows, for the settings that keep no rows (composite, out-of-pool)."""
+    if isinstance(plan, ArrowRouting):
+        return float(plan.top_k)
+    return float((plan > 0).sum(1).float().mean())
 
 
 def _run_rows(

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dlp_lora.config import GenerationConfig
-from dlp_lora.evaluation.harness import rows_routing
+from dlp_lora.evaluation.harness import plan_mean_k, rows_routing
 from dlp_lora.pipeline import DLPLoRA
 from dlp_lora.tasks import Example
 from dlp_lora.types import ArrowRouting
@@ -77,8 +77,6 @@ def evaluate_leave_alone(
         out[name] = {
             "same_answer": sum(a == b for a, b in zip(texts, base_answers)) / len(prompts),
             "drift_nats": sum((b - s) / n for b, s, n in zip(base_lp, lp, tokens)) / max(len(scored), 1),
-            "mean_k": float(setting.top_k)
-            if isinstance(setting, ArrowRouting)
-            else float((setting > 0).sum(1).float().mean()),
+            "mean_k": plan_mean_k(setting),
         }
     return out
