@@ -32,6 +32,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -49,7 +50,9 @@ CLIENTS = (1, 4, 16, 32)
 
 
 def convert_adapters(llama_cpp: Path, assets: Path, out: Path) -> dict[str, Path]:
-    """Adapter name -> its GGUF LoRA (converted once with llama.cpp's converter, f32)."""
+    """Adapter name -> its GGUF LoRA (converted once with llama.cpp's converter, f32): every deployed
+    specialist, and every baseline some class is served by (the generalist), so a prompt our router sends
+    to the generalist costs llama.cpp its adapter too."""
     from dlp_lora.models import embedded_cache_dir, load_base_model
 
     load_base_model()  # makes the fp32 cache, whose config.json the converter reads
@@ -57,7 +60,9 @@ def convert_adapters(llama_cpp: Path, assets: Path, out: Path) -> dict[str, Path
     out.mkdir(parents=True, exist_ok=True)
     files = {}
     env = {**os.environ, "PYTHONPATH": f"{llama_cpp / 'gguf-py'}{os.pathsep}{llama_cpp}"}
-    for name, path in manifest.adapter_paths(assets).items():
+    serving = {n for mixture in manifest.serve.values() for n in mixture}
+    baselines = {n: p for n, p in manifest.baseline_paths(assets).items() if n in serving}
+    for name, path in {**manifest.adapter_paths(assets), **baselines}.items():
         if path is None:
             continue
         files[name] = out / f"{name}.gguf"
@@ -143,6 +148,11 @@ def markdown(result: dict) -> str:
         "client, prompts "
         "round robin over the pool's tasks. Time per token is p50 after the first token.",
         "Ours: eager decode" + (", and `--compile` (compiled)" if compiled else "") + ".",
+        *(
+            f"`--quantize auto` at the {variant} server's start: {line.split(': quantize auto on ')[-1]}."
+            for variant, lines in result.get("kernels", {}).items()
+            for line in lines
+        ),
         "",
         "| answer tokens | clients | ours tok/s | "
         + ("ours compiled tok/s | " if compiled else "")
@@ -207,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     for variant in ["eager", "compiled"] if ns.compile else ["eager"]:
         extra = ["--compile", "--compile-context", str(ns.compile_context)] if variant == "compiled" else []
         # Compiling takes about a minute per slot count at start.
-        with server_process(ns.assets, *flags, *extra, timeout=1800) as url:
+        log = Path(tempfile.mkdtemp()) / f"serve-{variant}.log"
+        with server_process(ns.assets, *flags, *extra, timeout=1800, log=log) as url:
             with httpx.Client(timeout=120) as http:
                 routes = [http.post(f"{url}/v1/route", json={"prompt": t}).json() for t in prompts]
             for length in ns.lengths:
@@ -216,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
                     bodies = [{**_body(t, length), "model": "dlp-lora"} for t in prompts[: c * ns.rounds]]
                     ours[(variant, length, c)] = level(url, bodies, c)
                     print("ours", variant, length, c, ours[(variant, length, c)], flush=True)
+        # What `--quantize auto` chose at this server's start (it times int8 against fp32 per shape).
+        result.setdefault("kernels", {})[variant] = [
+            ln.strip() for ln in log.read_text().splitlines() if "quantize " in ln
+        ]
     theirs: dict = {}
     with llama_server(binary, [files[n] for n in names], ns.threads, top, 1536) as url:
         for length in ns.lengths:

@@ -16,7 +16,7 @@ from dlp_lora.tasks import Task
 from dlp_lora.tasks.loaders import user_file
 from dlp_lora.training import choice as choice_mod
 from dlp_lora.training import crossval
-from dlp_lora.training.choice import BASE, apply_choices, choice_table
+from dlp_lora.training.choice import BASE, apply_choices, choice_table, cross_validated
 
 SPLIT = SplitConfig(train_cap=20, dev_size=5, test_size=6, gate_size=0)
 
@@ -165,6 +165,23 @@ def test_the_choice_takes_the_crossvalidated_generalist_for_a_small_class(env):
     assert out.serve == {"small": {"multitask": 1.0}} and out.adapters["small"] is None
     even = crossval.crossval_options(out.records["small"])["multitask"]["scores"]
     row = next(r for r in choice_table(out).splitlines() if r.startswith("| small |"))
-    assert f"| 4-fold, n=24: 0.0 -> {sum(even) / 24:.1f} (+{sum(even) / 24:.1f} [" in row and row.endswith(
+    assert f"| 4-fold, n=24: 0.0 -> `multitask` {sum(even) / 24:.1f} (+{sum(even) / 24:.1f} [" in row and row.endswith(
         "**multitask x1 (cross-validated)** |"
     )
+
+
+def test_a_second_generalist_keeps_the_crossvalidated_choice_of_the_first(env):
+    """choose-serving with another generalist (one never cross-validated) still gives a small class the
+    second look with the generalist that was."""
+    root, _, _, data = env
+    crossval.crossval_generalist(root, data / "work", data, SPLIT, k=4, progress=False)
+    manifest = Manifest.load(root)
+    assert cross_validated(manifest.records["small"], "multitask-v2") == ["multitask"]
+    manifest.records["small"]["candidates"] = {
+        name: {"mixture": {name: 1.0}, "split": "dev", "scores": [0.0] * 4, "chosen": []}
+        for name in ("multitask", "multitask-v2")
+    }
+    manifest.save(root)
+    choice = apply_choices(root, data, SPLIT, generalist="multitask-v2").records["small"]["choice"]
+    assert choice["served"] == "multitask" and choice["decided_on"] == "crossval"
+    assert choice["crossval"]["n"] == 24

@@ -14,6 +14,7 @@ from dlp_lora.chat import chat_prompt
 from dlp_lora.config import SelectionConfig, SplitConfig
 from dlp_lora.evaluation.harness import EvalConfig, evaluate_task
 from dlp_lora.evaluation.methods import METHODS, method_weights
+from dlp_lora.evaluation.report import PAIRS, pairs_for
 from dlp_lora.evaluation.run import run_evaluation
 from dlp_lora.evaluation.stats import paired_difference
 from dlp_lora.models import load_tokenizer
@@ -494,3 +495,11 @@ def test_report_shows_whether_two_option_tasks_are_told_apart(tmp_path):
     assert "## Two-option tasks: told apart, or a lean to one answer?" in text
     assert "| yn | 0.45 [0.35, 0.55] | 0.50 [0.40, 0.60] |" in text
     assert "| yn | dlp | 90% | 60% | 0.50 [0.40, 0.60] |" in text  # collapsed, and the AUC says it is a lean
+
+
+def test_every_generalist_gets_the_pairs_of_multitask():
+    pairs = pairs_for(("multitask", "multitask-v2"))
+    for g in ("multitask", "multitask-v2"):
+        assert ("dlp", g) in pairs and (g, "base") in pairs
+    assert ("multitask-v2", "multitask") in pairs and len(pairs) == len(set(pairs))
+    assert pairs_for(("multitask",)) == list(PAIRS)  # one generalist: the pairs as written

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import generate_ids, needs_exact_int8, padded_ids, tiny_llama
@@ -168,6 +170,31 @@ def test_choose_kernels_times_each_distinct_shape_once():
     choices = choose_kernels(model)
     assert {(c.d_in, c.d_out): c.layers for c in choices} == shapes
     assert all(c.fp32_ms > 0 and c.int8_ms > 0 for c in choices)
+
+
+def test_sweep_timing_keeps_each_calls_fastest_round():
+    """A stall that hits one round of a call (a busy neighbour) does not count; a call slow every round does,
+    and every sweep is timed in every round, so a stall spell cannot cover one sweep's rounds alone."""
+    order = []
+
+    def call(name: str, slow_on: set[int] | None, seconds: float = 0.003):
+        calls = 0
+
+        def run() -> None:
+            nonlocal calls
+            order.append(name)
+            if slow_on is None or calls in slow_on:
+                time.sleep(seconds)
+            calls += 1
+
+        return run
+
+    spiky = [call("spiky", {1}, 0.05) for _ in range(3)]  # slow in the first timed round only
+    slow = [call("slow", None) for _ in range(3)]
+    spiky_ms, slow_ms = quantize_module._sweep_ms([spiky, slow], rounds=4)
+    assert slow_ms >= 3 * 3.0  # every call sleeps 3 ms every round
+    assert spiky_ms < 3 * 3.0  # its 50 ms stall is one round of four
+    assert order == (["spiky"] * 3 + ["slow"] * 3) * 5  # the warm-up, then each round runs both sweeps
 
 
 def test_kernel_choice_needs_int8_clearly_faster():

@@ -168,9 +168,10 @@ def _tasks(ns: argparse.Namespace) -> None:
                 "interval]; ✗: within noise or collapsed, not eligible) and the option that serves the "
                 "class: by fewest adapters first, an eligible option that also beats the one chosen before it "
                 "beyond noise (`dlp_lora.training.choice`), else the base model. A class decided on dev (too "
-                "small for a gate split) that this leaves to the base model goes to the generalist when the "
+                "small for a gate split) that this leaves to the base model goes to a generalist when that "
                 "generalist's recipe, cross-validated on the class's train + dev examples (`choose-serving "
-                "--crossval K`), beats the base model by the same rule.\n\n" + choice_table(manifest)
+                "--crossval K`), beats the base model by the same rule. One pair of columns per generalist "
+                "offered (`--generalist`).\n\n" + choice_table(manifest)
             )
     print(table)
     if ns.markdown:

@@ -30,7 +30,7 @@ DEMO_PROMPTS: tuple[str, ...] = (
     "Complete the rest of the sequence, making sure that the parentheses are closed properly. Input: [ ( < [ ] >",
     "Today is the last day of March 2021. What is the date one week from today in MM/DD/YYYY?\n"
     "Options:\n(A) 04/07/2021\n(B) 04/06/2021\n(C) 03/24/2021\n(D) 04/08/2021",
-    # ... a task the multitask generalist serves (hyperbaton: chosen on its cross-validated scores) ...
+    # ... a task a generalist serves (hyperbaton: `multitask-v2`, chosen on its dev scores) ...
     "Which sentence has the correct adjective order?\nA. a big old red wooden car\nB. a red wooden old big car\n"
     "Answer with the letter of the correct option.",
     # ... and tasks the gate left to the base model (the router names them; no adapter is applied).

@@ -30,9 +30,10 @@ delta to the quantized layer's output, so every mixture is exact relative to the
 from __future__ import annotations
 
 import logging
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import get_args
 
 import torch
@@ -117,7 +118,7 @@ class KernelChoice:
     layers: int
     """How many layers of the model have this shape."""
     fp32_ms: float
-    """Median wall ms of fp32 F.linear through all `layers`, summed over TIMED_ROWS."""
+    """Wall ms of fp32 F.linear through all `layers` (each layer's fastest call), summed over TIMED_ROWS."""
     int8_ms: float
     """The same for Int8Linear (activation quantization included)."""
 
@@ -132,21 +133,29 @@ class KernelChoice:
         )
 
 
-def _paired_ms(fns: tuple, budget_s: float = 0.05) -> list[float]:
-    """Median wall ms of each of `fns`, called in turn (so a busy neighbour slows them alike): 3 to 9
-    rounds, as many as fit in about `budget_s` after a warm-up round."""
+def _sweep_ms(sweeps: list[list[Callable[[], object]]], rounds: int = 9) -> list[float]:
+    """Each sweep is a list of calls (one per layer, in forward order); its time: the sum over its calls of
+    each call's fastest of `rounds` rounds, every sweep run once per round.
+
+    Call by call, and every sweep (all shapes, fp32 and int8) in each round: on a shared CPU (another process
+    at load time, two torch thread teams on two cores) parallel regions now and then wait for a thread the
+    scheduler took, for a few seconds at a time, and the int8 path (more, smaller regions) much more than
+    one fp32 GEMM. Timing one shape's rounds back to back let such a spell cover all of them: with a
+    training job beside it, `auto` flipped shapes to fp32 at random (576->576 int8 486 vs fp32 32 ms, where
+    quiet it is 21 vs 31; the MLP's 297 vs 115 us per layer at batch 1). Spread over every round, a spell
+    costs a round or two of each sweep and the fastest call of each layer is the kernel's own time."""
     with torch.no_grad():
-        t0 = time.perf_counter()
-        for fn in fns:
-            fn()  # warm-up: first-call allocations and kernel selection
-        rounds = max(3, min(9, int(budget_s / max(time.perf_counter() - t0, 1e-6))))
-        samples: list[list[float]] = [[] for _ in fns]
+        for calls in sweeps:  # warm-up: first-call allocations and kernel selection
+            for call in calls:
+                call()
+        best = [[float("inf")] * len(calls) for calls in sweeps]
         for _ in range(rounds):
-            for fn, out in zip(fns, samples):
-                t = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t)
-    return [1000 * statistics.median(s) for s in samples]
+            for calls, times in zip(sweeps, best):
+                for i, call in enumerate(calls):
+                    t = time.perf_counter()
+                    call()
+                    times[i] = min(times[i], time.perf_counter() - t)
+    return [1000 * sum(times) for times in best]
 
 
 def choose_kernels(model: nn.Module, rows: tuple[int, ...] = TIMED_ROWS) -> list[KernelChoice]:
@@ -167,18 +176,18 @@ def _time_shapes(
     for i, m in enumerate(linears):
         shapes.setdefault((m.in_features, m.out_features), []).append(i)
     g = torch.Generator().manual_seed(0)
+    sweeps = []  # per shape, per row count: the fp32 sweep, then the int8 one
+    for (d_in, _), idx in shapes.items():
+        for m in rows:
+            x = torch.randn(m, d_in, generator=g)
+            sweeps.append([partial(F.linear, x, linears[i].weight, linears[i].bias) for i in idx])
+            sweeps.append([partial(quantized[i], x) for i in idx])
+    ms = iter(_sweep_ms(sweeps))
     out = []
     for (d_in, d_out), idx in shapes.items():
         fp32 = int8 = 0.0
-        for m in rows:
-            x = torch.randn(m, d_in, generator=g)
-            f_ms, q_ms = _paired_ms(
-                (
-                    lambda: [F.linear(x, linears[i].weight, linears[i].bias) for i in idx],
-                    lambda: [quantized[i](x) for i in idx],
-                )
-            )
-            fp32, int8 = fp32 + f_ms, int8 + q_ms
+        for _ in rows:
+            fp32, int8 = fp32 + next(ms), int8 + next(ms)
         out.append(KernelChoice(d_in, d_out, len(idx), round(fp32, 4), round(int8, 4)))
     return out
 

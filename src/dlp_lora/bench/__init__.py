@@ -80,12 +80,16 @@ def wait_healthy(url: str, proc: subprocess.Popen | None, timeout: float) -> Non
 
 
 @contextmanager
-def server_process(assets: str | Path, *flags: str, timeout: float = 300) -> Iterator[str]:
+def server_process(
+    assets: str | Path, *flags: str, timeout: float = 300, log: str | Path | None = None
+) -> Iterator[str]:
     """`dlp-lora serve --assets ASSETS FLAGS...` on a free local port, as a subprocess: yields its base URL
-    once /health answers, and stops it afterwards."""
+    once /health answers, and stops it afterwards. log: a file that receives the server's output (its kernel
+    choice under `--quantize auto`, for one), else it is dropped."""
     port = free_port()
     cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--port", str(port), *flags]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed below)
+    server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log is not None else out)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url, server, timeout)
@@ -93,3 +97,5 @@ def server_process(assets: str | Path, *flags: str, timeout: float = 300) -> Ite
     finally:
         server.terminate()
         server.wait(30)
+        if log is not None:
+            out.close()

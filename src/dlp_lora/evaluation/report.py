@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from statistics import mean
 
@@ -20,7 +20,7 @@ from dlp_lora.evaluation.harness import HEADLINE_SCORES, headline_key
 from dlp_lora.evaluation.stats import Interval, paired_difference, stratified_mean_difference
 from dlp_lora.tasks import Task
 
-__all__ = ["headline", "summarise", "differences", "method_pairs", "collapsed_rows", "write_report"]
+__all__ = ["headline", "summarise", "differences", "pairs_for", "method_pairs", "collapsed_rows", "write_report"]
 
 BASE = "base"
 PAIRS = (
@@ -42,7 +42,8 @@ PAIRS = (
     ("dlp+arrow", "base"),
     ("dlp+arrow", "multitask"),
 )
-"""Method pairs compared over all tasks (when both were run): `a - b` with a stratified bootstrap interval."""
+"""Method pairs compared over all tasks (when both were run): `a - b` with a stratified bootstrap interval.
+`multitask` stands for each generalist (baseline adapter) the run evaluated (`pairs_for`)."""
 
 _AVERAGES = (
     ("mcq_headline", "MCQ acc_norm"),
@@ -114,9 +115,22 @@ def differences(per_task: dict[str, dict[str, dict]]) -> dict[str, dict[str, dic
     return out
 
 
-def method_pairs(per_task: dict[str, dict[str, dict]]) -> dict[str, dict]:
+def pairs_for(generalists: Sequence[str]) -> list[tuple[str, str]]:
+    """PAIRS with `multitask` read as each of `generalists` in turn, then each generalist against those
+    before it (e.g. `multitask-v2 - multitask`)."""
+    out: list[tuple[str, str]] = []
+    for a, b in PAIRS:
+        for g in generalists if "multitask" in (a, b) else [None]:
+            pair = (g if a == "multitask" else a, g if b == "multitask" else b)
+            if pair not in out:
+                out.append(pair)
+    out += [(g, h) for i, g in enumerate(generalists) for h in generalists[:i]]
+    return out
+
+
+def method_pairs(per_task: dict[str, dict[str, dict]], generalists: Sequence[str] = ("multitask",)) -> dict[str, dict]:
     """ "a - b" -> stratified bootstrap interval (dict) of the headline difference over all tasks, for the
-    PAIRS whose two methods were both run."""
+    pairs (`pairs_for(generalists)`) whose two methods were both run."""
     methods = set(next(iter(per_task.values())))
     return {
         f"{a} - {b}": _as_dict(
@@ -125,7 +139,7 @@ def method_pairs(per_task: dict[str, dict[str, dict]]) -> dict[str, dict]:
                 {t: per_task[t][b][HEADLINE_SCORES] for t in per_task},
             )
         )
-        for a, b in PAIRS
+        for a, b in pairs_for(generalists)
         if {a, b} <= methods
     }
 
@@ -409,13 +423,15 @@ def write_report(
     meta: dict,
     composite: dict | None = None,
     leave_alone: dict | None = None,
+    generalists: Sequence[str] = ("multitask",),
 ) -> dict:
     """Write results.json, results.md, per_task.png and (with a sweep) p_sweep.png; returns the summary.
+    generalists: the baseline adapters evaluated, each compared as PAIRS compare `multitask`.
 
     results.json keeps the means and intervals; the per-example scores stay in the prediction files."""
     diffs = differences(per_task)
     summary = summarise(per_task, tasks, diffs)
-    pairs = method_pairs(per_task)
+    pairs = method_pairs(per_task, generalists)
     means = {
         t: {m: {k: v for k, v in s.items() if k != HEADLINE_SCORES} for m, s in by.items()}
         for t, by in per_task.items()

@@ -81,4 +81,4 @@ def run_evaluation(
         "selection": asdict(dlp.selection),
         **config_record(cfg, split_cfg),
     }
-    return write_report(out, per_task, task_map, meta, composite, leave_alone)
+    return write_report(out, per_task, task_map, meta, composite, leave_alone, tuple(dlp.baselines))

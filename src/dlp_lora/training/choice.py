@@ -13,7 +13,7 @@ too; with none eligible, the base model serves it. The choice is written to the 
 A small class (no gate split: decided on 12 to 17 dev examples, which resolve only gains of about 30
 points) that this leaves to the base model gets a second look where the generalist was cross-validated on
 its train + dev examples (`training.crossval`, about 120 examples): the same rule, base model against the
-generalist, on those scores. Its specialist is not cross-validated (that would train k adapters per class),
+generalist, on those scores (each cross-validated generalist in turn, the one named first). Its specialist is not cross-validated (that would train k adapters per class),
 so a specialist the dev gate deployed keeps the class.
 """
 
@@ -31,7 +31,7 @@ from dlp_lora.tasks import get_task, load_splits
 from dlp_lora.training.crossval import crossval_options, labelled
 from dlp_lora.training.gate import collapsed, decided_examples, decided_split
 
-__all__ = ["serving_options", "choose_option", "apply_choices", "choice_table", "BASE"]
+__all__ = ["serving_options", "choose_option", "cross_validated", "apply_choices", "choice_table", "BASE"]
 
 BASE = "base"
 """The option name of the base model alone."""
@@ -103,6 +103,13 @@ def choose_option(
     return {"served": served, "mixture": dict(options[served]["mixture"]), "n": len(base), "options": table}
 
 
+def cross_validated(record: dict[str, Any], first: str = "multitask") -> list[str]:
+    """The generalists with complete cross-validated scores in `record`, `first` first (then by name)."""
+    names = sorted(n for n, v in (record.get("crossval") or {}).items() if isinstance(v, dict) and n != "base")
+    complete = [n for n in names if crossval_options(record, n) is not None]
+    return sorted(complete, key=lambda n: n != first)
+
+
 def apply_choices(
     root: str | Path,
     data_dir: str | Path | None = None,
@@ -132,11 +139,13 @@ def apply_choices(
             gold = [ex.gold_index for ex in decided_examples(split, dev_limit)[1]]
             cv_gold = [ex.gold_index for ex in labelled(split)]
         choice = choose_option(options, gold)
-        cv = crossval_options(record, generalist) if decided_split(record) == "dev" else None
-        if cv is not None:
-            choice["crossval"] = choose_option(cv, cv_gold)
-            if choice["served"] == BASE and choice["crossval"]["served"] != BASE:
-                choice.update(served=generalist, mixture=dict(cv[generalist]["mixture"]), decided_on="crossval")
+        if decided_split(record) == "dev":
+            for name in cross_validated(record, generalist):
+                cv = crossval_options(record, name)
+                choice["crossval"] = choose_option(cv, cv_gold)
+                if choice["served"] == BASE and choice["crossval"]["served"] != BASE:
+                    choice.update(served=name, mixture=dict(cv[name]["mixture"]), decided_on="crossval")
+                    break
         record["choice"] = choice
         mixture = choice["mixture"]
         manifest.adapters[task] = f"adapters/{task}" if task in mixture else None
@@ -160,32 +169,35 @@ def _cell(row: dict[str, Any] | None) -> str:
 
 def choice_table(manifest: Manifest) -> str:
     """Markdown: for each class with a `choice` record, every option's mean on the examples decided on, its
-    difference with the base model [95% CI] (✗: not eligible: within noise or collapsed), the generalist's
-    cross-validated figures where a small class has them (base -> generalist), and what serves it."""
-    lines = [
-        "| task | decided on | base | specialist | generalist | specialist + generalist | "
-        "generalist, cross-validated on train + dev | served by |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for task in manifest.tasks:
-        choice = (manifest.records.get(task) or {}).get("choice")
-        if not choice:
-            continue
-        rows, options = choice["options"], (manifest.records[task].get("candidates") or {})
-        kinds = {"generalist": None, "mix": None}
-        for name, cand in options.items():
-            kinds["mix" if task in cand["mixture"] else "generalist"] = rows.get(name)
-        split = decided_split(manifest.records[task])
+    difference with the base model [95% CI] (✗: not eligible: within noise or collapsed), one pair of columns
+    per generalist offered (alone, and under the specialist), the cross-validated figures where a small
+    class has them (base -> generalist), and what serves it."""
+    tasks = [t for t in manifest.tasks if (manifest.records.get(t) or {}).get("choice")]
+    generalists: list[str] = []  # in the order they were offered
+    for task in tasks:
+        for cand in (manifest.records[task].get("candidates") or {}).values():
+            generalists += [n for n in cand["mixture"] if n != task and n not in generalists]
+    head = ["task", "decided on", "base", "specialist"]
+    for g in generalists:
+        head += [f"`{g}`", f"specialist + `{g}`"]
+    head += ["cross-validated on train + dev", "served by"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for task in tasks:
+        choice = manifest.records[task]["choice"]
+        rows = choice["options"]
+        by: dict[tuple[str, bool], dict[str, Any] | None] = {}  # (generalist, with the specialist) -> figures
+        for name, cand in (manifest.records[task].get("candidates") or {}).items():
+            g = next(n for n in cand["mixture"] if n != task)
+            by[(g, task in cand["mixture"])] = rows.get(name)
         served = " + ".join(f"{n} x{w:g}" for n, w in choice["mixture"].items()) or "base model"
         cv, cv_cell = choice.get("crossval"), ""
         if cv:
             k = manifest.records[task]["crossval"]["k"]
             gen = next(n for n in cv["options"] if n != BASE)
-            cv_cell = f"{k}-fold, n={cv['n']}: {_cell(cv['options'][BASE])} -> {_cell(cv['options'][gen])}"
+            cv_cell = f"{k}-fold, n={cv['n']}: {_cell(cv['options'][BASE])} -> `{gen}` {_cell(cv['options'][gen])}"
         if choice.get("decided_on") == "crossval":
             served += " (cross-validated)"
-        lines.append(
-            f"| {task} | {split}, n={choice['n']} | {_cell(rows[BASE])} | {_cell(rows.get(task))} | "
-            f"{_cell(kinds['generalist'])} | {_cell(kinds['mix'])} | {cv_cell} | **{served}** |"
-        )
+        cells = [task, f"{decided_split(manifest.records[task])}, n={choice['n']}", _cell(rows[BASE])]
+        cells += [_cell(rows.get(task))] + [_cell(by.get((g, mixed))) for g in generalists for mixed in (False, True)]
+        lines.append("| " + " | ".join([*cells, cv_cell, f"**{served}**"]) + " |")
     return "\n".join(lines) + "\n"
