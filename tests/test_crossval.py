@@ -176,7 +176,7 @@ def test_a_second_generalist_keeps_the_crossvalidated_choice_of_the_first(env):
     root, _, _, data = env
     crossval.crossval_generalist(root, data / "work", data, SPLIT, k=4, progress=False)
     manifest = Manifest.load(root)
-    assert cross_validated(manifest.records["small"], "multitask-v2") == ["multitask"]
+    assert list(cross_validated(manifest.records["small"], "multitask-v2")) == ["multitask"]
     manifest.records["small"]["candidates"] = {
         name: {"mixture": {name: 1.0}, "split": "dev", "scores": [0.0] * 4, "chosen": []}
         for name in ("multitask", "multitask-v2")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 __all__ = ["free_port", "rss_mb", "save_json", "server_process", "timed", "wait_healthy", "write_section"]
@@ -88,14 +88,12 @@ def server_process(
     choice under `--quantize auto`, for one), else it is dropped."""
     port = free_port()
     cmd = [sys.executable, "-m", "dlp_lora.cli", "serve", "--assets", str(assets), "--port", str(port), *flags]
-    out = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115 (closed below)
-    server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log is not None else out)
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_healthy(url, server, timeout)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(30)
-        if log is not None:
-            out.close()
+    with open(log, "w") if log is not None else nullcontext(subprocess.DEVNULL) as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            url = f"http://127.0.0.1:{port}"
+            wait_healthy(url, server, timeout)
+            yield url
+        finally:
+            server.terminate()
+            server.wait(30)

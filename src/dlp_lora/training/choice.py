@@ -13,8 +13,9 @@ too; with none eligible, the base model serves it. The choice is written to the 
 A small class (no gate split: decided on 12 to 17 dev examples, which resolve only gains of about 30
 points) that this leaves to the base model gets a second look where the generalist was cross-validated on
 its train + dev examples (`training.crossval`, about 120 examples): the same rule, base model against the
-generalist, on those scores (each cross-validated generalist in turn, the one named first). Its specialist is not cross-validated (that would train k adapters per class),
-so a specialist the dev gate deployed keeps the class.
+generalist, on those scores (each cross-validated generalist in turn, the one named first). Its specialist
+is not cross-validated (that would train k adapters per class), so a specialist the dev gate deployed keeps
+the class.
 """
 
 from __future__ import annotations
@@ -103,11 +104,12 @@ def choose_option(
     return {"served": served, "mixture": dict(options[served]["mixture"]), "n": len(base), "options": table}
 
 
-def cross_validated(record: dict[str, Any], first: str = "multitask") -> list[str]:
-    """The generalists with complete cross-validated scores in `record`, `first` first (then by name)."""
+def cross_validated(record: dict[str, Any], first: str = "multitask") -> dict[str, dict[str, dict[str, Any]]]:
+    """Generalist -> its `crossval_options`, for each generalist with complete cross-validated scores in
+    `record`, `first` first (then by name)."""
     names = sorted(n for n, v in (record.get("crossval") or {}).items() if isinstance(v, dict) and n != "base")
-    complete = [n for n in names if crossval_options(record, n) is not None]
-    return sorted(complete, key=lambda n: n != first)
+    options = {n: crossval_options(record, n) for n in sorted(names, key=lambda n: n != first)}
+    return {n: cv for n, cv in options.items() if cv is not None}
 
 
 def apply_choices(
@@ -140,8 +142,7 @@ def apply_choices(
             cv_gold = [ex.gold_index for ex in labelled(split)]
         choice = choose_option(options, gold)
         if decided_split(record) == "dev":
-            for name in cross_validated(record, generalist):
-                cv = crossval_options(record, name)
+            for name, cv in cross_validated(record, generalist).items():
                 choice["crossval"] = choose_option(cv, cv_gold)
                 if choice["served"] == BASE and choice["crossval"]["served"] != BASE:
                     choice.update(served=name, mixture=dict(cv[name]["mixture"]), decided_on="crossval")
