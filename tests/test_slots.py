@@ -118,6 +118,29 @@ def test_logprobs_equal_the_eager_batch(engine):
         )
 
 
+def test_the_step_after_the_cache_moves_left_sees_every_column(engine):
+    """Log-probabilities, not only tokens, equal each row's eager run when a full cache moves left mid-answer:
+    the step that moves must attend with the moved mask (a stale one hides the row's first columns)."""
+    refs = []
+    for i in (3, 0):
+        (row,) = _rows([i], logprobs=2)
+        batch = engine.prefill([row])
+        while batch is not None:
+            engine.decode(batch)
+            batch = Engine.drop_finished(batch)
+        engine.release()
+        refs.append(row)
+    slotted = _rows([3, 0], logprobs=2)
+    # 14 columns: row 3 (1 + 12 tokens) starts at column 0; row 0 (4 + 9) joins 8 steps later, so the write
+    # column reaches 14 while row 0 still answers and the cache moves left.
+    _drive(engine, SlotBatch(engine, sizes=(2,), length=14, backend="eager"), slotted, {0: 0, 1: 8})
+    for a, b in zip(refs, slotted):
+        assert [t.token for t in a.token_logprobs] == [t.token for t in b.token_logprobs]
+        torch.testing.assert_close(
+            torch.tensor([t.logprob for t in b.token_logprobs]), torch.tensor([t.logprob for t in a.token_logprobs])
+        )
+
+
 def test_rows_that_do_not_fit_are_refused_and_the_batch_converts_to_eager(engine):
     refs = _refs(engine)
     slots = SlotBatch(engine, sizes=(2,), length=16, backend="eager")

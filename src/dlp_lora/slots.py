@@ -139,6 +139,8 @@ class SlotBatch:
 
     def drop_finished(self) -> None:
         """Free the slots of rows that ended; move to a smaller size when the rest fit one."""
+        if not any(r is not None and r.done for r in self.rows):
+            return  # nothing left: the slots, the size and the mask stay (the server calls this every step)
         self.rows = [r if r is not None and not r.done else None for r in self.rows]
         if not self.live:
             self.rows, self._start, self._cache = [], [], None
@@ -257,6 +259,7 @@ class SlotBatch:
             layer.values.copy_(torch.roll(layer.values, shift, dims=2))
         self._start = [s + shift if r is not None else 0 for s, r in zip(self._start, self.rows)]
         self._t = t
+        self._remask()  # the rows' columns moved: the step about to run must see them where they are now
 
     def _remask(self) -> None:
         """Each live row sees its columns from its start on; a free slot sees every column (finite values,
