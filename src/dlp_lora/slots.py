@@ -140,7 +140,7 @@ class SlotBatch:
     def drop_finished(self) -> None:
         """Free the slots of rows that ended; move to a smaller size when the rest fit one."""
         if not any(r is not None and r.done for r in self.rows):
-            return  # nothing left: the slots, the size and the mask stay (the server calls this every step)
+            return  # no row ended: slots, size and mask stay as they are (the server calls this every step)
         self.rows = [r if r is not None and not r.done else None for r in self.rows]
         if not self.live:
             self.rows, self._start, self._cache = [], [], None
