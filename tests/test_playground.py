@@ -63,9 +63,12 @@ class _Page:
             msg = json.loads(self.ws.recv(30))
             if msg.get("id") == self.next_id:
                 if "error" in msg:
-                    # Evaluated while the page navigated (the polls race `location.href = ...`): nothing to
-                    # read yet, the caller polls again. Any other DevTools error is a failure.
-                    if "context" in msg["error"].get("message", "").lower():
+                    # Evaluated while the page navigated (the polls race `location.href = ...`): Chromium says
+                    # "Execution context was destroyed", "Cannot find context" or "Inspected target navigated
+                    # or closed", by timing. Nothing to read yet, the caller polls again. Any other DevTools
+                    # error is a failure.
+                    message = msg["error"].get("message", "").lower()
+                    if "context" in message or "navigated" in message:
                         return None
                     raise RuntimeError(f"DevTools refused {expression!r}: {msg['error']}")
                 return msg["result"]["result"].get("value")
