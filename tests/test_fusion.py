@@ -184,14 +184,45 @@ def test_model_level_paths_equal_each_row_alone_under_peft(adapter_dirs, dtype):
 
 
 def test_auto_path_choice(tiny_model, adapter_dirs):
-    fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(dense_max_rank=8))
-    cases = [(torch.zeros(2, 3), "base"), (torch.tensor([[1.0, 0, 0]] * 2), "merged"), (_mixed_weights(), "gathered")]
+    # Ranks a 4, b 2, c 8: the bank's gathered path reads k * 8 rank rows per row.
+    fused = FusedLoRAModel(tiny_model, adapter_dirs, FusionConfig(dense_max_rank=0))
+    one_each = torch.eye(3)  # k = 1, every adapter used: dense would read 14 rank rows, gathered 8
+    cases = [
+        (torch.zeros(2, 3), "base"),
+        (torch.tensor([[1.0, 0, 0]] * 2), "merged"),
+        (_mixed_weights(), "dense"),  # k = 2, a and b used: 6 rank rows dense, 16 gathered
+        (one_each, "gathered"),
+    ]
     for w, want in cases:
         with fused.routed(w) as active:
             assert active.path == want
     fused.config = FusionConfig(dense_max_rank=1000)
-    with fused.routed(_mixed_weights()) as active:
+    with fused.routed(one_each) as active:
         assert active.path == "dense"
+
+
+def test_unpinned_paths_compute_only_routed_rows_and_used_adapters(tiny_model, adapter_dirs):
+    """A base row (row 2) and an adapter no row uses (c) enter neither path's delta; pinned, both do."""
+    fused = FusedLoRAModel(tiny_model, adapter_dirs)
+    q = next(layer for layer in fused._layers if layer.name.endswith("0.self_attn.q_proj"))  # a: 4, b: 2
+    v = next(layer for layer in fused._layers if layer.name.endswith("0.self_attn.v_proj"))  # a: 4, c: 8
+    for path in ("dense", "gathered"):
+        fused.config = FusionConfig(path=path)
+        with fused.routed(_mixed_weights()) as active:
+            assert active.rows.tolist() == [0, 1]
+            if path == "dense":
+                A, Bt, mask = q.prepare(active)
+                assert A.shape[0] == Bt.shape[0] == 6 and mask.shape == (2, 6)
+                assert v.prepare(active)[0].shape[0] == 4  # c's 8 rows left out
+            else:
+                assert q.prepare(active)[0].shape[0] == 2
+    for pinned in ("dense", "gathered"):
+        with fused.routed(_mixed_weights(), path=pinned) as active:
+            assert active.rows is None
+            if pinned == "dense":
+                assert q.prepare(active)[0].shape == (3, 4 + 2)  # the mask alone, over every rank row
+            else:
+                assert q.prepare(active)[0].shape[0] == 3
 
 
 def test_zero_row_is_base_model(adapter_dirs, dtype):

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol, TypeVar
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dlp_lora.chat import left_pad
 from dlp_lora.config import GenerationConfig
 from dlp_lora.fusion.inject import FusedLoRAModel
 from dlp_lora.fusion.layer import PinnedPath
+from dlp_lora.kvcache import GrowingCache
 from dlp_lora.prefixes import CachedPrompt, PrefixCache
 from dlp_lora.sampling import cut_at_stop, eos_ids, sample_next, stop_reached
 from dlp_lora.types import ArrowRouting
@@ -82,7 +83,12 @@ class EagerDecoder:
         self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, max_new_tokens: int
     ) -> torch.Tensor:
         out = self.model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=GrowingCache(),
+            use_cache=True,
+            logits_to_keep=1,
         )
         self._mask, self._cache = mask, out.cache
         return out.logits[:, -1]
@@ -407,6 +413,7 @@ class Engine:
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions,
+            cache=GrowingCache(),
             use_cache=True,
             logits_to_keep=0 if echo else 1,
         )
@@ -492,7 +499,7 @@ class Engine:
         for i in range(len(hits[0][0].keys)):
             keys.append(torch.cat([_left_pad_to(e.keys[i][:, :, :p], width_p, 2) for (e, _), p in zip(hits, past)]))
             values.append(torch.cat([_left_pad_to(e.values[i][:, :, :p], width_p, 2) for (e, _), p in zip(hits, past)]))
-        cache = DynamicCache(ddp_cache_data=list(zip(keys, values)), config=self.model.config)
+        cache = GrowingCache(zip(keys, values))
         # Built on the host (filled row by row from Python), moved once.
         mask = torch.zeros(len(rows), width_p + width_s, dtype=torch.long, device="cpu")
         ids = torch.full((len(rows), width_s), self.pad, dtype=torch.long, device="cpu")

@@ -1,8 +1,8 @@
 """Compiled decoding of a running batch whose rows come and go (the server's continuous batching).
 
-The eager running batch (`Engine.prefill/merge/decode/drop_finished`) grows a DynamicCache by one column per
-step (a copy of the whole cache, `torch.cat`, every step) and every step has new shapes, so it cannot be
-compiled. Here the KV cache is a transformers `StaticCache` of fixed shape (S slots, L columns):
+The eager running batch (`Engine.prefill/merge/decode/drop_finished`) grows a KV cache by one column per
+step (`kvcache.GrowingCache`) and every step has new shapes, so it cannot be compiled. Here the KV cache is
+a transformers `StaticCache` of fixed shape (S slots, L columns):
 
 - every live row sits in a slot; its keys and values fill columns [start, t) and its attention mask opens
   [start, L) (columns after t are hidden by the causal mask: `compiled.CompiledDecoder` does the same);
@@ -30,11 +30,12 @@ import time
 from collections.abc import Callable, Sequence
 
 import torch
-from transformers import DynamicCache, StaticCache
+from transformers import StaticCache
 
 from dlp_lora.compiled import check_compile
 from dlp_lora.engine import Engine, Row, RunningBatch
 from dlp_lora.fusion.layer import PinnedPath
+from dlp_lora.kvcache import GrowingCache
 
 __all__ = ["SlotBatch"]
 
@@ -158,12 +159,10 @@ class SlotBatch:
         width = max(self._context(s) for s in live)
         index = torch.tensor(live, device=self._mask.device)
         cols = slice(self._t - width, self._t)
-        data = [
-            (layer.keys[index, :, cols].clone(), layer.values[index, :, cols].clone()) for layer in self._cache.layers
-        ]
+        data = [(layer.keys[index, :, cols], layer.values[index, :, cols]) for layer in self._cache.layers]
         batch = RunningBatch(
             rows=[self.rows[s] for s in live],
-            cache=DynamicCache(ddp_cache_data=data, config=self.model.config),
+            cache=GrowingCache(data),  # copies the columns into its own buffers
             mask=self._mask[index, cols].clone(),
             positions=self._positions[index].clone(),
         )

@@ -46,6 +46,7 @@ class ModuleStack(nn.Module):
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("Bt", Bt, persistent=False)
         rows = [(i, j) for i, r in enumerate(ranks) for j in range(r)] or [(0, 0)]  # one zero row when none
+        self.owners = [i for i, _ in rows]  # `owner` on the host: what a routing selects is chosen there
         owner, slot = (torch.tensor(c, dtype=torch.long, device=A.device) for c in zip(*rows))
         self.register_buffer("A_dense", A[owner, slot], persistent=False)
         self.register_buffer("Bt_dense", Bt[owner, slot], persistent=False)
@@ -156,9 +157,9 @@ class AdapterBank:
             raise ValueError(f"unknown adapter {name!r}; known adapters: {self.names}") from None
 
     @property
-    def total_rank(self) -> int:
-        """Width R (the sum of ranks) of the widest dense stack over modules."""
-        return max(s.owner.shape[0] for s in self.modules.values())
+    def ranks(self) -> list[int]:
+        """(N,) each adapter's rank: its largest over the modules it adapts."""
+        return [max((w.rank for w in a.modules.values()), default=0) for a in self.adapters]
 
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for s in self.modules.values() for t in (s.A, s.Bt))

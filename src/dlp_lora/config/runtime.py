@@ -56,10 +56,11 @@ class FusionConfig:
     """How fused LoRA deltas are computed."""
 
     path: Literal["auto", "gathered", "dense", "merged"] = "auto"
-    """Execution path. `auto` merges when every row shares one mixture, uses `dense` when the bank is
-    small, else `gathered`."""
+    """Execution path. `auto` merges when every row shares one mixture, uses `dense` when the adapters the
+    batch uses are few, else `gathered`."""
     dense_max_rank: int = 64
-    """`auto` picks `dense` only while the stacked rank of the whole bank (sum of ranks) is at most this."""
+    """`auto` picks `dense` while the stacked rank of the adapters the batch uses (sum of their ranks) is at
+    most this, or at most what `gathered` reads per row (k times the largest rank)."""
 
     def __post_init__(self) -> None:
         check_choices(self)

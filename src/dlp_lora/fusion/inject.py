@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path as FsPath
 from typing import get_args
@@ -21,8 +21,11 @@ from dlp_lora.types import ArrowRouting, Routing
 __all__ = ["FusedLoRAModel", "choose_path"]
 
 
-def choose_path(dense: torch.Tensor, bank_width: int, cfg: FusionConfig) -> Path:
-    """Execution path for a (B, N) weight matrix: base if all zero, merged if all rows equal, else by width."""
+def choose_path(dense: torch.Tensor, ranks: Sequence[int], cfg: FusionConfig) -> Path:
+    """Execution path for a (B, N) weight matrix over adapters of these ranks (N,): base if all zero, merged
+    if all rows equal, else `dense` while the rank rows it reads (those of the adapters some row uses) are
+    at most `cfg.dense_max_rank` or at most what `gathered` reads per row (k of the bank's padded rank), as
+    one plain matmul beats a batch of k*r-wide ones; `gathered` beyond."""
     uniform = bool((dense == dense[0]).all())
     if cfg.path == "merged" and not uniform:
         raise ValueError("path='merged' needs every row to share one mixture; got rows with different weights")
@@ -32,7 +35,9 @@ def choose_path(dense: torch.Tensor, bank_width: int, cfg: FusionConfig) -> Path
         return cfg.path
     if uniform:
         return "merged"
-    return "dense" if bank_width <= cfg.dense_max_rank else "gathered"
+    used = sum(r for r, on in zip(ranks, dense.any(0).tolist()) if on)
+    k = int((dense != 0).sum(1).max())
+    return "dense" if used <= max(cfg.dense_max_rank, k * max(ranks)) else "gathered"
 
 
 class _Unfused(nn.Module):
@@ -200,7 +205,7 @@ class FusedLoRAModel:
         if pinned is not None and pinned not in get_args(PinnedPath):
             raise ValueError(f"a pinned path must be one of {list(get_args(PinnedPath))}, got {pinned!r}")
         given = self._dense(weights)
-        path = pinned or choose_path(given, self.bank.total_rank, self.config)
+        path = pinned or choose_path(given, self.bank.ranks, self.config)
         # The choices that read values (path, k) are made on the caller's tensors; what the layers read
         # moves to the stacks' device here, once per routing: nothing crosses devices in a forward pass.
         # A pinned gathered path keeps k at least 2 (a mixture of two: the router's usual most), so a base row
@@ -214,7 +219,12 @@ class FusedLoRAModel:
             indices=routing.indices.to(device),
             weights=routing.weights.to(device),
             mix=dense[0] if path == "merged" else None,
+            pinned=pinned is not None,
         )
+        if pinned is None and path in ("dense", "gathered"):
+            routed, active.used = given.any(1), tuple(given.any(0).tolist())
+            if not bool(routed.all()):
+                active.rows = routed.nonzero()[:, 0].to(device)
         self._slot.active = active
         if pinned is not None:
             for layer in self._layers:

@@ -41,6 +41,15 @@ class ActiveRouting:
     arrow: ArrowRouting | None = None
     """Path `arrow`: per-token routing computed in each layer; `prepared` then holds every expert-bearing
     layer's (prototypes (E, d_in), A (E, r, d_in), Bt (E, r, d_out)), made by `FusedLoRAModel`."""
+    pinned: bool = False
+    """Held to its path's full shapes (a compiled forward): every row and, on `dense`, every adapter's rank
+    rows enter the delta. Unpinned, the delta is computed for `rows` only, and `dense` reads only the rank
+    rows of the adapters some row uses: the same sum without its zero terms."""
+    rows: torch.Tensor | None = None
+    """(B',) the rows with any weight, when some row has none and the path is unpinned (None: every row).
+    A server's batch mixes routed rows with rows the base model serves; those skip the delta."""
+    used: tuple[bool, ...] = ()
+    """(N,) whether some row uses adapter i (unpinned dense and gathered; read on the host)."""
 
 
 @dataclass
@@ -86,19 +95,19 @@ class FusedLoRALinear(nn.Module):
                 f"routing was set for a batch of {active.dense.shape[0]} rows, but layer {self.name} got "
                 f"{x.shape[0]} rows (beam search and num_return_sequences > 1 are not supported)"
             )
-        y = self.base(x)
-        compute = self._compute_dtype(x)
-        xc = x.to(compute)
+        y = self.base(x).to(self._compute_dtype(x))
+        xc = x.to(y.dtype) if active.rows is None else x[active.rows].to(y.dtype)
         if active.path == "merged":  # half precision: the shared mixture as one low-rank pair, unmerged
             A_mix, Bt_mix = prepared
             delta = torch.matmul(torch.matmul(xc, A_mix.T), Bt_mix)
         elif active.path == "dense":
-            (mask,) = prepared
-            delta = ops.lora_delta_dense(xc, self.stack.A_dense.to(compute), self.stack.Bt_dense.to(compute), mask)
+            A, Bt, mask = prepared if len(prepared) == 3 else (self.stack.A_dense, self.stack.Bt_dense, *prepared)
+            delta = ops.lora_delta_dense(xc, A.to(y.dtype), Bt.to(y.dtype), mask)
         else:
             A_sel, Bt_sel = prepared
             delta = ops.lora_delta_gathered(xc, A_sel, Bt_sel)
-        return (y.to(compute) + delta).to(x.dtype)
+        out = y + delta if active.rows is None else y.index_add(0, active.rows, delta)
+        return out.to(x.dtype)
 
     def _arrow(self, x: torch.Tensor, active: ActiveRouting) -> torch.Tensor:
         """Arrow: each token's own mixture of the experts, from this layer's prototypes (any batch size)."""
@@ -131,10 +140,20 @@ class FusedLoRALinear(nn.Module):
                     cached = factors
                 else:
                     cached = (ops.merge_into(self.base.weight, *factors),)
-            elif active.path == "dense":
+            elif active.path == "dense" and active.pinned:  # full width: the compiled graph's shapes
                 cached = (ops.dense_mask(active.dense.to(compute), self.stack.owner),)
+            elif active.path == "dense":  # only the rank rows of adapters some row uses, only the routed rows
+                dense = active.dense if active.rows is None else active.dense[active.rows]
+                keep = [j for j, i in enumerate(self.stack.owners) if active.used[i]]
+                keep = torch.tensor(keep, dtype=torch.long, device=dense.device)
+                cached = (
+                    self.stack.A_dense[keep].to(compute),
+                    self.stack.Bt_dense[keep].to(compute),
+                    ops.dense_mask(dense.to(compute), self.stack.owner[keep]),
+                )
             else:
-                cached = ops.gather_stacks(A.to(compute), Bt.to(compute), active.indices, active.weights)
+                rows = slice(None) if active.rows is None else active.rows
+                cached = ops.gather_stacks(A.to(compute), Bt.to(compute), active.indices[rows], active.weights[rows])
             active.prepared[self.name] = cached
         return cached
 
