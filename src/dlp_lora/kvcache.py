@@ -1,8 +1,8 @@
 """A dynamic KV cache that appends in place: the eager decode paths' cache.
 
 transformers' `DynamicCache` appends a step's keys and values with `torch.cat`, a copy of the whole cache
-every step: at 16 rows of about 250 columns that is 92 MB per step here, 16 of the 80 ms a step of the
-eager server took. `GrowingCache` keeps each layer's keys and values as views of buffers with spare
+every step: at 16 rows of about 250 columns that is 92 MB per step for SmolLM2-135M, 9 to 16 ms of a step
+of 80 to 105 ms on this project's 2-core CPU. `GrowingCache` keeps each layer's keys and values as views of buffers with spare
 columns, so a step writes its own column and copies nothing; the buffers grow by `HEADROOM` columns when
 full (one copy per that many steps).
 

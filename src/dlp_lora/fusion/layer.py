@@ -101,8 +101,7 @@ class FusedLoRALinear(nn.Module):
             A_mix, Bt_mix = prepared
             delta = torch.matmul(torch.matmul(xc, A_mix.T), Bt_mix)
         elif active.path == "dense":
-            A, Bt, mask = prepared if len(prepared) == 3 else (self.stack.A_dense, self.stack.Bt_dense, *prepared)
-            delta = ops.lora_delta_dense(xc, A.to(y.dtype), Bt.to(y.dtype), mask)
+            delta = ops.lora_delta_dense(xc, *prepared)
         else:
             A_sel, Bt_sel = prepared
             delta = ops.lora_delta_gathered(xc, A_sel, Bt_sel)
@@ -141,7 +140,9 @@ class FusedLoRALinear(nn.Module):
                 else:
                     cached = (ops.merge_into(self.base.weight, *factors),)
             elif active.path == "dense" and active.pinned:  # full width: the compiled graph's shapes
-                cached = (ops.dense_mask(active.dense.to(compute), self.stack.owner),)
+                stack = self.stack
+                mask = ops.dense_mask(active.dense.to(compute), stack.owner)
+                cached = (stack.A_dense.to(compute), stack.Bt_dense.to(compute), mask)
             elif active.path == "dense":  # only the rank rows of adapters some row uses, only the routed rows
                 dense = active.dense if active.rows is None else active.dense[active.rows]
                 keep = [j for j, i in enumerate(self.stack.owners) if active.used[i]]
