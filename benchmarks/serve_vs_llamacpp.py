@@ -41,9 +41,8 @@ import numpy as np
 
 from dlp_lora.assets import Manifest
 from dlp_lora.bench import free_port, save_json, server_process, wait_healthy, write_section
-from dlp_lora.bench.serving import client_load
+from dlp_lora.bench.serving import client_load, pool_prompts
 from dlp_lora.models import embedded_gguf_path
-from dlp_lora.tasks import get_task, load_splits
 
 LENGTHS = (128, 16)
 CLIENTS = (1, 4, 16, 32)
@@ -92,14 +91,6 @@ def llama_server(binary: Path, loras: list[Path], threads: int, slots: int, ctx_
     finally:
         proc.terminate()
         proc.wait(30)
-
-
-def workload(assets: Path, data_dir: str | None, n: int) -> list[str]:
-    """n test prompts, round robin over the pool's tasks."""
-    tasks = Manifest.load(assets).tasks
-    tests = {t: load_splits(get_task(t), data_dir).test for t in tasks if t != "none"}
-    names = sorted(tests)
-    return [tests[names[i % len(names)]][i // len(names)].prompt for i in range(n)]
 
 
 def level(url: str, bodies: list[dict], clients: int) -> dict:
@@ -202,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     files = convert_adapters(ns.llama_cpp, ns.assets, ns.work / "lora")
     names = list(files)
     top = max(ns.clients)
-    prompts = workload(ns.assets, ns.data_dir, top * ns.rounds)
+    prompts = pool_prompts(ns.assets, ns.data_dir, top * ns.rounds)
     batch = str(max(ns.clients))
     result: dict = {
         "command": "python benchmarks/serve_vs_llamacpp.py " + " ".join(sys.argv[1:] if argv is None else argv),

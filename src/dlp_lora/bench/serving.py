@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Streamed", "build_tiny_assets", "client_load", "stream_one"]
+__all__ = ["Streamed", "build_tiny_assets", "client_load", "pool_prompts", "stream_one"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,16 @@ def client_load(
     for t in threads:
         t.join()
     return done, errors[0], time.perf_counter() - start
+
+
+def pool_prompts(assets: str | Path, data_dir: str | None, n: int) -> list[str]:
+    """n test prompts of an assets folder's pool, round robin over its tasks (a mixed request stream)."""
+    from dlp_lora.assets import Manifest
+    from dlp_lora.tasks import get_task, load_splits
+
+    tests = {t: load_splits(get_task(t), data_dir).test for t in Manifest.load(assets).tasks if t != "none"}
+    names = sorted(tests)
+    return [tests[names[i % len(names)]][i // len(names)].prompt for i in range(n)]
 
 
 def build_tiny_assets(root: Path) -> Path:
